@@ -1,0 +1,380 @@
+// SPDX-License-Identifier: Apache-2.0 OR GPL-2.0-only
+//! Guest-physical layout table: which page frames are RAM and which bitmap
+//! bit each of them maps to.
+//!
+//! This file is self-contained (only `core`): the guest kernel module
+//! includes it with `#[path = ".../protocol/src/layout.rs"] mod layout;`.
+//!
+//! A [`Layout`] is a short, sorted table of [`LayoutRange`]s. Each range says
+//! "`nr_pages` page frames starting at `first_pfn` are RAM, and they map to
+//! bits `first_bit..first_bit + nr_pages`". Bits grow with pfns (a later range
+//! never maps below an earlier one), so holes in the physical address space,
+//! such as the x86 PCI hole below 4 GiB, are folded out of the bitmap.
+//!
+//! ```
+//! use freehint_protocol::layout::{Layout, PAGE_SHIFT};
+//! // x86 `pc` machine with 4 GiB: 3 GiB low RAM, 1 GiB above 4 GiB.
+//! let gib = 1u64 << 30;
+//! let l = Layout::from_ram_byte_ranges(&[(0, 3 * gib), (4 * gib, gib)]).unwrap();
+//! let pfn_gap = gib >> PAGE_SHIFT; // (4 GiB - low_mem) >> 12
+//! let pfn = (4 * gib >> PAGE_SHIFT) + 7;
+//! assert_eq!(l.pfn_to_bit(pfn), Some(pfn - pfn_gap));
+//! assert_eq!(l.total_bits(), 4 * gib >> PAGE_SHIFT);
+//! assert_eq!(l.pfn_to_bit(3 * gib >> PAGE_SHIFT), None); // in the hole
+//! ```
+
+use core::fmt;
+
+/// Page shift of the pfns and bits in a layout (4 KiB pages).
+pub const PAGE_SHIFT: u32 = 12;
+/// Page size in bytes.
+pub const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
+/// Most ranges a layout table may hold (on the wire and in memory).
+pub const MAX_LAYOUT_RANGES: usize = 32;
+/// Largest bitmap we accept: covers 16 TiB of RAM at 4 KiB pages.
+pub const MAX_TOTAL_BITS: u64 = 1 << 32;
+/// Pfns above this cannot be turned back into a 64-bit byte address.
+const MAX_PFN_END: u64 = 1 << (64 - PAGE_SHIFT);
+
+/// One entry of a layout table: `nr_pages` frames from `first_pfn` are RAM
+/// and map to bits `first_bit..first_bit + nr_pages`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LayoutRange {
+    /// First page frame number of the range.
+    pub first_pfn: u64,
+    /// Number of pages in the range (never 0 in a valid layout).
+    pub nr_pages: u64,
+    /// Bitmap bit of `first_pfn`.
+    pub first_bit: u64,
+}
+
+impl LayoutRange {
+    /// One past the last pfn (unchecked; valid layouts never overflow).
+    #[inline]
+    pub const fn end_pfn(&self) -> u64 {
+        self.first_pfn.wrapping_add(self.nr_pages)
+    }
+
+    /// One past the last bit (unchecked; valid layouts never overflow).
+    #[inline]
+    pub const fn end_bit(&self) -> u64 {
+        self.first_bit.wrapping_add(self.nr_pages)
+    }
+}
+
+/// Why a layout table was rejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayoutError {
+    /// More than [`MAX_LAYOUT_RANGES`] ranges.
+    TooManyRanges,
+    /// No range at all.
+    Empty,
+    /// A range of zero pages.
+    ZeroLength,
+    /// Ranges not sorted by ascending pfn.
+    Unsorted,
+    /// Two ranges cover the same pfn.
+    OverlappingPfns,
+    /// Two ranges map to the same bit, or bits do not grow with pfns.
+    OverlappingBits,
+    /// `first + nr` overflows (pfns, bits or byte addresses).
+    Overflow,
+    /// The bitmap would exceed [`MAX_TOTAL_BITS`].
+    TooManyBits,
+    /// Byte addresses or lengths that are not page aligned.
+    Unaligned,
+}
+
+impl fmt::Display for LayoutError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let msg = match self {
+            Self::TooManyRanges => "layout has more than 32 ranges",
+            Self::Empty => "layout has no ranges",
+            Self::ZeroLength => "layout range has zero pages",
+            Self::Unsorted => "layout ranges are not sorted by pfn",
+            Self::OverlappingPfns => "layout ranges overlap in pfn space",
+            Self::OverlappingBits => {
+                "layout ranges overlap in bit space or their bits do not grow with pfns"
+            }
+            Self::Overflow => "layout range end overflows",
+            Self::TooManyBits => "layout bitmap exceeds 2^32 bits (16 TiB of RAM)",
+            Self::Unaligned => "RAM range is not page aligned",
+        };
+        f.write_str(msg)
+    }
+}
+
+/// A validated layout table (see the module documentation).
+///
+/// Invariants: `1 <= len <= MAX_LAYOUT_RANGES` (or `len == 0` only for
+/// [`Layout::empty`]); ranges sorted by pfn, non-overlapping, each non-empty;
+/// bits non-overlapping and ascending with pfns; no end overflows;
+/// `total_bits` = end bit of the last range `<= MAX_TOTAL_BITS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    ranges: [LayoutRange; MAX_LAYOUT_RANGES],
+    len: usize,
+    total_bits: u64,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
+impl Layout {
+    /// A layout with no ranges (maps nothing; `total_bits() == 0`).
+    pub const fn empty() -> Self {
+        Self {
+            ranges: [LayoutRange {
+                first_pfn: 0,
+                nr_pages: 0,
+                first_bit: 0,
+            }; MAX_LAYOUT_RANGES],
+            len: 0,
+            total_bits: 0,
+        }
+    }
+
+    /// Appends RAM `[first_pfn, first_pfn + nr)` packed right after the
+    /// previous range's bits; merges with the previous range when contiguous.
+    fn push_ram(&mut self, first_pfn: u64, nr: u64) -> Result<(), LayoutError> {
+        if nr == 0 {
+            return Err(LayoutError::ZeroLength);
+        }
+        let end = first_pfn.checked_add(nr).ok_or(LayoutError::Overflow)?;
+        if end > MAX_PFN_END {
+            return Err(LayoutError::Overflow);
+        }
+        let first_bit = self.total_bits;
+        if self.len > 0 {
+            let prev = &mut self.ranges[self.len - 1];
+            if first_pfn < prev.first_pfn {
+                return Err(LayoutError::Unsorted);
+            }
+            if first_pfn < prev.end_pfn() {
+                return Err(LayoutError::OverlappingPfns);
+            }
+            if first_pfn == prev.end_pfn() {
+                let total = first_bit.checked_add(nr).ok_or(LayoutError::Overflow)?;
+                if total > MAX_TOTAL_BITS {
+                    return Err(LayoutError::TooManyBits);
+                }
+                prev.nr_pages += nr;
+                self.total_bits = total;
+                return Ok(());
+            }
+        }
+        if self.len == MAX_LAYOUT_RANGES {
+            return Err(LayoutError::TooManyRanges);
+        }
+        let total = first_bit.checked_add(nr).ok_or(LayoutError::Overflow)?;
+        if total > MAX_TOTAL_BITS {
+            return Err(LayoutError::TooManyBits);
+        }
+        self.ranges[self.len] = LayoutRange {
+            first_pfn,
+            nr_pages: nr,
+            first_bit,
+        };
+        self.len += 1;
+        self.total_bits = total;
+        Ok(())
+    }
+
+    /// RAM ranges in pfns `(first_pfn, nr_pages)` (sorted, non-overlapping);
+    /// bits are packed densely in order, so holes (the x86 PCI hole) are
+    /// folded out. Ranges that touch are merged into one table entry, so more
+    /// than [`MAX_LAYOUT_RANGES`] inputs are fine if they merge down.
+    ///
+    /// ```
+    /// use freehint_protocol::layout::{Layout, LayoutError};
+    /// let l = Layout::from_ram_pfn_ranges(&[(0, 16), (16, 16), (100, 4)]).unwrap();
+    /// assert_eq!(l.ranges().len(), 2);
+    /// assert_eq!(l.total_bits(), 36);
+    /// assert_eq!(l.pfn_to_bit(101), Some(33));
+    /// assert_eq!(Layout::from_ram_pfn_ranges(&[(8, 8), (0, 4)]), Err(LayoutError::Unsorted));
+    /// ```
+    pub fn from_ram_pfn_ranges(ranges: &[(u64, u64)]) -> Result<Self, LayoutError> {
+        if ranges.is_empty() {
+            return Err(LayoutError::Empty);
+        }
+        let mut l = Self::empty();
+        for &(first_pfn, nr) in ranges {
+            l.push_ram(first_pfn, nr)?;
+        }
+        Ok(l)
+    }
+
+    /// Byte-address variant of [`Layout::from_ram_pfn_ranges`]: `(start, len)`
+    /// pairs; rejects ranges whose start or length is not page aligned.
+    pub fn from_ram_byte_ranges(ranges: &[(u64, u64)]) -> Result<Self, LayoutError> {
+        if ranges.is_empty() {
+            return Err(LayoutError::Empty);
+        }
+        let mut l = Self::empty();
+        for &(start, len) in ranges {
+            if len == 0 {
+                return Err(LayoutError::ZeroLength);
+            }
+            if start % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+                return Err(LayoutError::Unaligned);
+            }
+            start.checked_add(len).ok_or(LayoutError::Overflow)?;
+            l.push_ram(start >> PAGE_SHIFT, len >> PAGE_SHIFT)?;
+        }
+        Ok(l)
+    }
+
+    /// Explicit table as received from a peer: validates every field (sorted
+    /// by pfn, non-overlapping pfns, non-overlapping bits ascending with pfns,
+    /// no overflow, total ≤ [`MAX_TOTAL_BITS`]). Gaps in bit space are allowed
+    /// (a host may use its own RAM offsets as bit numbers); such bits are
+    /// never set. Entries are kept as given (no merging).
+    ///
+    /// ```
+    /// use freehint_protocol::layout::{Layout, LayoutError, LayoutRange};
+    /// let r = |first_pfn, nr_pages, first_bit| LayoutRange { first_pfn, nr_pages, first_bit };
+    /// assert!(Layout::from_ranges(&[r(0, 8, 0), r(16, 8, 8)]).is_ok());
+    /// assert_eq!(
+    ///     Layout::from_ranges(&[r(0, 8, 0), r(16, 8, 4)]),
+    ///     Err(LayoutError::OverlappingBits)
+    /// );
+    /// ```
+    pub fn from_ranges(ranges: &[LayoutRange]) -> Result<Self, LayoutError> {
+        if ranges.is_empty() {
+            return Err(LayoutError::Empty);
+        }
+        if ranges.len() > MAX_LAYOUT_RANGES {
+            return Err(LayoutError::TooManyRanges);
+        }
+        let mut l = Self::empty();
+        for (i, r) in ranges.iter().enumerate() {
+            if r.nr_pages == 0 {
+                return Err(LayoutError::ZeroLength);
+            }
+            let end_pfn = r
+                .first_pfn
+                .checked_add(r.nr_pages)
+                .ok_or(LayoutError::Overflow)?;
+            if end_pfn > MAX_PFN_END {
+                return Err(LayoutError::Overflow);
+            }
+            let end_bit = r
+                .first_bit
+                .checked_add(r.nr_pages)
+                .ok_or(LayoutError::Overflow)?;
+            if i > 0 {
+                let prev = &ranges[i - 1];
+                if r.first_pfn < prev.first_pfn {
+                    return Err(LayoutError::Unsorted);
+                }
+                if r.first_pfn < prev.end_pfn() {
+                    return Err(LayoutError::OverlappingPfns);
+                }
+                if r.first_bit < prev.end_bit() {
+                    return Err(LayoutError::OverlappingBits);
+                }
+            }
+            if end_bit > MAX_TOTAL_BITS {
+                return Err(LayoutError::TooManyBits);
+            }
+            l.ranges[i] = *r;
+            l.total_bits = end_bit;
+        }
+        l.len = ranges.len();
+        Ok(l)
+    }
+
+    /// The table entries, sorted by pfn (and by bit).
+    #[inline]
+    pub fn ranges(&self) -> &[LayoutRange] {
+        &self.ranges[..self.len]
+    }
+
+    /// Bits in the bitmap (= end bit of the last range). For a layout built
+    /// from RAM ranges this is the number of RAM pages covered.
+    #[inline]
+    pub fn total_bits(&self) -> u64 {
+        self.total_bits
+    }
+
+    /// Number of RAM pages covered (sum of `nr_pages`).
+    pub fn ram_pages(&self) -> u64 {
+        self.ranges().iter().map(|r| r.nr_pages).sum()
+    }
+
+    /// Index of the range containing `pfn`, if any.
+    #[inline]
+    fn range_of_pfn(&self, pfn: u64) -> Option<&LayoutRange> {
+        let rs = self.ranges();
+        let i = rs.partition_point(|r| r.first_pfn <= pfn);
+        let r = rs.get(i.checked_sub(1)?)?;
+        (pfn < r.end_pfn()).then_some(r)
+    }
+
+    /// Bit of `pfn`, or `None` if the pfn is not RAM covered by the layout.
+    #[inline]
+    pub fn pfn_to_bit(&self, pfn: u64) -> Option<u64> {
+        let r = self.range_of_pfn(pfn)?;
+        Some(r.first_bit + (pfn - r.first_pfn))
+    }
+
+    /// Pfn of `bit`, or `None` if no range maps to that bit.
+    #[inline]
+    pub fn bit_to_pfn(&self, bit: u64) -> Option<u64> {
+        let rs = self.ranges();
+        let i = rs.partition_point(|r| r.first_bit <= bit);
+        let r = rs.get(i.checked_sub(1)?)?;
+        (bit < r.end_bit()).then(|| r.first_pfn + (bit - r.first_bit))
+    }
+
+    /// Calls `f(first_bit, nr_bits)` for every piece of `[pfn, pfn + nr)` that
+    /// lies in RAM covered by the layout (pieces outside are skipped; pieces
+    /// adjacent in bit space are merged into one call). Binary search for the
+    /// first range, then a walk: no per-page work.
+    ///
+    /// ```
+    /// use freehint_protocol::layout::Layout;
+    /// let l = Layout::from_ram_pfn_ranges(&[(0, 10), (20, 10)]).unwrap();
+    /// let mut runs = [(0u64, 0u64); 4];
+    /// let mut n = 0;
+    /// // pfns 5..25: 5..10 are bits 5..10, 10..20 is a hole, 20..25 are
+    /// // bits 10..15, adjacent to the first piece, so one call.
+    /// l.for_each_bit_run(5, 20, |b, k| { runs[n] = (b, k); n += 1; });
+    /// assert_eq!(&runs[..n], &[(5, 10)]);
+    /// ```
+    pub fn for_each_bit_run(&self, pfn: u64, nr: u64, mut f: impl FnMut(u64, u64)) {
+        if nr == 0 {
+            return;
+        }
+        let end = pfn.saturating_add(nr);
+        let rs = self.ranges();
+        let start = rs.partition_point(|r| r.end_pfn() <= pfn);
+        let mut pending: Option<(u64, u64)> = None;
+        for r in &rs[start..] {
+            if r.first_pfn >= end {
+                break;
+            }
+            let lo = if pfn > r.first_pfn { pfn } else { r.first_pfn };
+            let hi = if end < r.end_pfn() { end } else { r.end_pfn() };
+            if lo >= hi {
+                continue;
+            }
+            let bit = r.first_bit + (lo - r.first_pfn);
+            let n = hi - lo;
+            pending = match pending {
+                Some((pb, pn)) if pb + pn == bit => Some((pb, pn + n)),
+                Some((pb, pn)) => {
+                    f(pb, pn);
+                    Some((bit, n))
+                }
+                None => Some((bit, n)),
+            };
+        }
+        if let Some((pb, pn)) = pending {
+            f(pb, pn);
+        }
+    }
+}
