@@ -221,7 +221,8 @@ impl Layout {
             if start % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
                 return Err(LayoutError::Unaligned);
             }
-            start.checked_add(len).ok_or(LayoutError::Overflow)?;
+            // The last byte must be addressable (the end may be 2^64).
+            start.checked_add(len - 1).ok_or(LayoutError::Overflow)?;
             l.push_ram(start >> PAGE_SHIFT, len >> PAGE_SHIFT)?;
         }
         Ok(l)
