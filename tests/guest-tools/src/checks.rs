@@ -1,0 +1,544 @@
+//! The subcommands: each runs one check in the guest and reports it.
+
+use std::fs::{self, File};
+use std::time::{Duration, Instant};
+
+use freehint_protocol::bitmap::{count_ones, test_bit, words_for_bits};
+use freehint_protocol::layout::{Layout, LayoutRange};
+
+use crate::debugfs::Freehint;
+use crate::mem::{self, Region, PAGE};
+use crate::result::Report;
+use crate::{Args, Error};
+
+/// `KPF_BUDDY`: the head page of a free buddy block.
+const KPF_BUDDY: u64 = 1 << 10;
+/// `KPF_NOPAGE`: no struct page at this pfn.
+const KPF_NOPAGE: u64 = 1 << 20;
+/// Largest buddy order on x86-64 (`MAX_PAGE_ORDER`).
+const MAX_ORDER: u32 = 10;
+/// First pfn above 4 GiB.
+const PFN_4G: u64 = 1 << (32 - 12);
+
+/// Pages in `[0, pfn)` covered by `layout` (dense bits below `pfn`).
+fn pages_below(layout: &Layout, pfn: u64) -> u64 {
+    layout
+        .ranges()
+        .iter()
+        .map(|r| r.end_pfn().min(pfn).saturating_sub(r.first_pfn))
+        .sum()
+}
+
+/// `fhtool false-free --mib N`: no page we hold may be marked free.
+pub fn false_free(args: &Args) -> Result<bool, Error> {
+    let mib = args.num("mib", 64)?;
+    let fh = Freehint::open()?;
+    let region = Region::filled(mib as usize * 1024 * 1024, 0x5a, true)?;
+    let before = region.pfns()?;
+    fh.build()?;
+    let layout = fh.layout()?;
+    let mut words = Vec::new();
+    fh.read_bitmap(&mut words)?;
+    let after = region.pfns()?;
+
+    let (mut held, mut not_present, mut moved, mut outside, mut false_free) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
+    for (b, a) in before.iter().zip(&after) {
+        let (Some(b), Some(a)) = (b, a) else {
+            not_present += 1;
+            continue;
+        };
+        if b != a {
+            // Migrated during the build: the old frame may be free by now.
+            moved += 1;
+            continue;
+        }
+        held += 1;
+        match layout.pfn_to_bit(*b) {
+            None => outside += 1,
+            Some(bit) if test_bit(&words, bit) => false_free += 1,
+            Some(_) => {}
+        }
+    }
+
+    // Liveness of the check itself: once unmapped, (most of) the same frames
+    // are back on the free lists and a new bitmap shows them.
+    let locked = region.locked;
+    drop(region);
+    fh.build()?;
+    fh.read_bitmap(&mut words)?;
+    let refreed = before
+        .iter()
+        .flatten()
+        .filter(|p| {
+            layout
+                .pfn_to_bit(**p)
+                .is_some_and(|bit| test_bit(&words, bit))
+        })
+        .count() as u64;
+
+    let ok = false_free == 0 && outside == 0 && held * 10 >= before.len() as u64 * 9 && refreed > 0;
+    let mut r = Report::new("false-free");
+    r.num("mib", mib)
+        .num("pages", before.len() as u64)
+        .num("held", held)
+        .num("false_free", false_free)
+        .num("outside_layout", outside)
+        .num("moved", moved)
+        .num("not_present", not_present)
+        .flag("mlocked", locked)
+        .num("refreed_seen_free", refreed)
+        .float(
+            "refreed_fraction",
+            refreed as f64 / before.len().max(1) as f64,
+        );
+    Ok(r.emit(ok))
+}
+
+/// Ground truth from /proc/kpageflags: every `KPF_BUDDY` head expanded to the
+/// largest naturally aligned block (up to order 10) whose other pages carry
+/// no flags at all (tail pages of a free block have none).
+fn ground_truth_free(flags: &[u64], first_pfn: u64, out: &mut [u64], layout: &Layout) -> u64 {
+    let mut heads = 0;
+    let mut i = 0usize;
+    while i < flags.len() {
+        if flags[i] & KPF_BUDDY == 0 {
+            i += 1;
+            continue;
+        }
+        heads += 1;
+        let pfn = first_pfn + i as u64;
+        let max_order = pfn.trailing_zeros().min(MAX_ORDER);
+        let mut len = 1usize;
+        for order in (1..=max_order).rev() {
+            let n = 1usize << order;
+            if i + n <= flags.len() && flags[i + 1..i + n].iter().all(|&f| f == 0) {
+                len = n;
+                break;
+            }
+        }
+        layout.for_each_bit_run(pfn, len as u64, |b, n| {
+            freehint_protocol::bitmap::set_bit_run(out, b, n);
+        });
+        i += len;
+    }
+    heads
+}
+
+/// `fhtool kpageflags`: the bitmap agrees with /proc/kpageflags on a quiet guest.
+pub fn kpageflags(_args: &Args) -> Result<bool, Error> {
+    let fh = Freehint::open()?;
+    let layout = fh.layout()?;
+    let nwords = words_for_bits(layout.total_bits());
+    // Allocate and touch everything before the build so that this program's
+    // own allocations do not move pages between the two snapshots.
+    let mut words = Vec::with_capacity(nwords);
+    fh.read_bitmap(&mut words)?;
+    let mut flags_of: Vec<Vec<u64>> = Vec::new();
+    for r in layout.ranges() {
+        flags_of.push(vec![1; r.nr_pages as usize]);
+    }
+    let mut truth = vec![0u64; nwords];
+    let kpf = File::open("/proc/kpageflags").map_err(|e| Error::io("open /proc/kpageflags", e))?;
+    let buddyinfo_before = fs::read_to_string("/proc/buddyinfo").unwrap_or_default();
+
+    // The two snapshots, as close together as we can take them.
+    fh.build()?;
+    fh.read_bitmap(&mut words)?;
+    for (r, f) in layout.ranges().iter().zip(flags_of.iter_mut()) {
+        mem::read_kpageflags(&kpf, r.first_pfn, f)?;
+    }
+    let buddyinfo = fs::read_to_string("/proc/buddyinfo").unwrap_or(buddyinfo_before);
+
+    let mut heads = 0;
+    for (r, f) in layout.ranges().iter().zip(&flags_of) {
+        heads += ground_truth_free(f, r.first_pfn, &mut truth, &layout);
+    }
+    if words.len() != nwords {
+        return Err(Error::msg(format!(
+            "bitmap has {} words, layout needs {nwords}",
+            words.len()
+        )));
+    }
+    let (mut missing, mut extra, mut extra_flagged) = (0u64, 0u64, 0u64);
+    for (wi, (&b, &t)) in words.iter().zip(&truth).enumerate() {
+        missing += u64::from((t & !b).count_ones());
+        let ex = b & !t;
+        extra += u64::from(ex.count_ones());
+        let mut m = ex;
+        while m != 0 {
+            let bit = wi as u64 * 64 + u64::from(m.trailing_zeros());
+            m &= m - 1;
+            let Some(pfn) = layout.bit_to_pfn(bit) else {
+                continue;
+            };
+            let fl = layout
+                .ranges()
+                .iter()
+                .zip(&flags_of)
+                .find(|(r, _)| pfn >= r.first_pfn && pfn < r.end_pfn())
+                .map_or(0, |(r, f)| f[(pfn - r.first_pfn) as usize]);
+            if fl & !(KPF_BUDDY | KPF_NOPAGE) != 0 {
+                extra_flagged += 1;
+            }
+        }
+    }
+    let bitmap_free = count_ones(&words);
+    let truth_free = count_ones(&truth);
+    let limit = truth_free / 100;
+    let ok = truth_free > 0 && missing <= limit && extra <= limit;
+    let mut r = Report::new("kpageflags");
+    r.num("bitmap_free", bitmap_free)
+        .num("truth_free", truth_free)
+        .num("buddy_heads", heads)
+        .num("buddyinfo_free", mem::parse_buddyinfo(&buddyinfo))
+        .num("missing_free", missing)
+        .num("extra_free", extra)
+        .num("extra_free_flagged", extra_flagged)
+        .num("limit", limit)
+        .float(
+            "missing_pct",
+            missing as f64 * 100.0 / truth_free.max(1) as f64,
+        )
+        .float("extra_pct", extra as f64 * 100.0 / truth_free.max(1) as f64);
+    Ok(r.emit(ok))
+}
+
+/// Where QEMU ends low RAM when the guest has more than fits below the PCI hole.
+fn low_ram_end(machine: &str) -> Option<u64> {
+    match machine {
+        "pc" => Some(3 << 30),
+        "q35" => Some(2 << 30),
+        _ => None,
+    }
+}
+
+/// `fhtool bits [--machine pc|q35]`: one bit per RAM page, hole folded out.
+pub fn bits(args: &Args) -> Result<bool, Error> {
+    let fh = Freehint::open()?;
+    let iomem = fs::read_to_string("/proc/iomem").map_err(|e| Error::io("read /proc/iomem", e))?;
+    let ram = mem::parse_iomem(&iomem);
+    let ram_pages: u64 = ram.iter().map(|r| r.nr_pages).sum();
+    fh.build()?;
+    let layout = fh.layout()?;
+    let stats = fh.stats()?;
+    let mut words = Vec::new();
+    fh.read_bitmap(&mut words)?;
+    let total_bits = Freehint::stat(&stats, "total_bits")?;
+    let mut ok = ram_pages > 0
+        && layout.total_bits() == ram_pages
+        && total_bits == ram_pages
+        && words.len() == words_for_bits(ram_pages)
+        && layout.ram_pages() == ram_pages;
+    // Every iomem RAM page maps to a bit; bits are dense (no gap in bit space).
+    let mut unmapped = 0u64;
+    for r in &ram {
+        for pfn in [r.first_pfn, r.first_pfn + r.nr_pages - 1] {
+            if layout.pfn_to_bit(pfn).is_none() {
+                unmapped += 1;
+            }
+        }
+    }
+    ok &= unmapped == 0;
+
+    let mut rep = Report::new("bits");
+    let high = layout
+        .ranges()
+        .iter()
+        .find(|r| r.first_pfn >= PFN_4G)
+        .copied();
+    let low_end_pfn = layout
+        .ranges()
+        .iter()
+        .filter(|r| r.first_pfn < PFN_4G)
+        .map(|r| r.end_pfn())
+        .max();
+    if let Some(h) = high {
+        let below = pages_below(&layout, PFN_4G);
+        let gap_pages = PFN_4G - low_end_pfn.unwrap_or(0);
+        ok &= h.first_pfn == PFN_4G && layout.pfn_to_bit(PFN_4G) == Some(below);
+        rep.flag("gap", true)
+            .num(
+                "low_end_mib",
+                (low_end_pfn.unwrap_or(0) * PAGE as u64) >> 20,
+            )
+            .num("gap_pages", gap_pages)
+            .num("bit_of_4g", layout.pfn_to_bit(PFN_4G).unwrap_or(u64::MAX))
+            .num("pages_below_4g", below);
+        if let Some(end) = args.get("machine").and_then(low_ram_end) {
+            // Firmware reserves a little at the top of low RAM (SeaBIOS: 128 KiB).
+            let low_end = low_end_pfn.unwrap_or(0) * PAGE as u64;
+            let near = low_end <= end && end - low_end <= 16 << 20;
+            rep.num("expected_low_end_mib", end >> 20)
+                .flag("low_end_ok", near);
+            ok &= near;
+        }
+    } else {
+        rep.flag("gap", false);
+        // With more RAM than fits below 2 GiB there must be a high range.
+        if let Some(end) = args.get("machine").and_then(low_ram_end) {
+            let expect_gap = mem::mem_total_kib() * 1024 > end;
+            rep.flag("gap_expected", expect_gap);
+            ok &= !expect_gap;
+        }
+    }
+    rep.num("ram_pages", ram_pages)
+        .num("total_bits", total_bits)
+        .num("layout_ranges", layout.ranges().len() as u64)
+        .num("iomem_ranges", ram.len() as u64)
+        .num("bitmap_bytes", words.len() as u64 * 8)
+        .num("unmapped_ram", unmapped);
+    if let Some(m) = args.get("machine") {
+        rep.text("machine", m);
+    }
+    Ok(rep.emit(ok))
+}
+
+/// `fhtool host-layout`: a layout from outside is validated, used, and the
+/// kernel's own map is restored.
+pub fn host_layout(_args: &Args) -> Result<bool, Error> {
+    let fh = Freehint::open()?;
+    let own = fh.layout()?;
+    let io = |e: std::io::Error| Error::io("write layout", e);
+    // Malformed tables are refused and leave the layout alone.
+    let unsorted = [
+        LayoutRange {
+            first_pfn: 100,
+            nr_pages: 10,
+            first_bit: 0,
+        },
+        LayoutRange {
+            first_pfn: 0,
+            nr_pages: 10,
+            first_bit: 10,
+        },
+    ];
+    let overlapping = [
+        LayoutRange {
+            first_pfn: 0,
+            nr_pages: 10,
+            first_bit: 0,
+        },
+        LayoutRange {
+            first_pfn: 20,
+            nr_pages: 10,
+            first_bit: 5,
+        },
+    ];
+    let rejected = [&unsorted[..], &overlapping[..], &[]]
+        .iter()
+        .filter(|t| fh.set_layout(Some(t)).is_err())
+        .count() as u64;
+    let unchanged = fh.layout()? == own;
+
+    // The host's view: only the first half of the guest's first big range,
+    // placed at bit 64 (bits below it unused): the bitmap must follow it.
+    let big = own
+        .ranges()
+        .iter()
+        .max_by_key(|r| r.nr_pages)
+        .copied()
+        .unwrap_or_default();
+    let host = [LayoutRange {
+        first_pfn: big.first_pfn,
+        nr_pages: big.nr_pages / 2,
+        first_bit: 64,
+    }];
+    fh.set_layout(Some(&host)).map_err(io)?;
+    fh.build()?;
+    let stats = fh.stats()?;
+    let mut words = Vec::new();
+    fh.read_bitmap(&mut words)?;
+    let used = fh.layout()?;
+    let host_ok = used.ranges() == host
+        && crate::result::json_text(&stats, "layout_source").as_deref() == Some("host")
+        && words.len() == words_for_bits(64 + host[0].nr_pages)
+        && words[0] == 0
+        && count_ones(&words) > 0;
+    fh.set_layout(None).map_err(io)?;
+    let restored = fh.layout()? == own;
+    let ok = rejected == 3 && unchanged && host_ok && restored;
+    let mut r = Report::new("host-layout");
+    r.num("rejected", rejected)
+        .flag("unchanged_after_reject", unchanged)
+        .flag("host_layout_used", host_ok)
+        .num("host_free", count_ones(&words))
+        .flag("restored", restored);
+    Ok(r.emit(ok))
+}
+
+/// Small xorshift generator (reproducible churn without dependencies).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
+
+/// `fhtool churn --seconds S [--max-mib M]`: allocation churn.
+pub fn churn(args: &Args) -> Result<bool, Error> {
+    let secs = args.num("seconds", 10)?;
+    let max_bytes = args.num("max-mib", 64)? as usize * 1024 * 1024;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()));
+    let mut live: Vec<Region> = Vec::new();
+    let (mut held, mut maps, mut unmaps, mut bytes) = (0usize, 0u64, 0u64, 0u64);
+    while Instant::now() < deadline {
+        let grow = live.is_empty() || (held < max_bytes && rng.next() % 2 == 0);
+        if grow {
+            // 4 KiB .. 8 MiB, biased towards small sizes.
+            let pages = 1usize << (rng.next() % 12);
+            let pages = pages + (rng.next() as usize % pages);
+            let r = Region::filled(pages * PAGE, rng.next() as u8, false)?;
+            held += r.pages() * PAGE;
+            bytes += (r.pages() * PAGE) as u64;
+            maps += 1;
+            live.push(r);
+        } else {
+            let i = rng.next() as usize % live.len();
+            held -= live.swap_remove(i).pages() * PAGE;
+            unmaps += 1;
+        }
+    }
+    drop(live);
+    let mut r = Report::new("churn");
+    r.num("seconds", secs)
+        .num("maps", maps)
+        .num("unmaps", unmaps)
+        .num("mib_touched", bytes >> 20);
+    Ok(r.emit(maps > 0))
+}
+
+/// `fhtool builds --count N`: N builds; every one must succeed.
+pub fn builds(args: &Args) -> Result<bool, Error> {
+    let count = args.num("count", 1000)?;
+    let fh = Freehint::open()?;
+    let before = Freehint::stat(&fh.stats()?, "builds")?;
+    let t = Instant::now();
+    let mut failed = 0u64;
+    for _ in 0..count {
+        if fh.build().is_err() {
+            failed += 1;
+        }
+    }
+    let stats = fh.stats()?;
+    let done = Freehint::stat(&stats, "builds")? - before;
+    let mut r = Report::new("builds");
+    r.num("count", count)
+        .num("done", done)
+        .num("failed", failed)
+        .num("elapsed_ms", t.elapsed().as_millis() as u64)
+        .num(
+            "max_lock_hold_us_all",
+            Freehint::stat(&stats, "max_lock_hold_ns_all")? / 1000,
+        )
+        .num("restarts_last", Freehint::stat(&stats, "restarts")?)
+        .num(
+            "lists_truncated_last",
+            Freehint::stat(&stats, "lists_truncated")?,
+        );
+    Ok(r.emit(failed == 0 && done == count))
+}
+
+fn median(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+/// `fhtool bench [--builds N]`: builds on an idle guest, medians.
+pub fn bench(args: &Args) -> Result<bool, Error> {
+    let n = args.num("builds", 21)?.max(1);
+    let fh = Freehint::open()?;
+    let (mut walk, mut hold, mut memset) = (Vec::new(), Vec::new(), Vec::new());
+    let mut last = String::new();
+    for _ in 0..n {
+        fh.build()?;
+        last = fh.stats()?;
+        walk.push(Freehint::stat(&last, "walk_ns")?);
+        hold.push(Freehint::stat(&last, "max_lock_hold_ns")?);
+        memset.push(Freehint::stat(&last, "memset_ns")?);
+    }
+    let max_hold = hold.iter().copied().max().unwrap_or(0);
+    let (walk_min, walk_max) = (
+        walk.iter().copied().min().unwrap_or(0),
+        walk.iter().copied().max().unwrap_or(0),
+    );
+    let (w, h, m) = (median(&mut walk), median(&mut hold), median(&mut memset));
+    let mut r = Report::new("bench-bitmap");
+    r.num("mem_mib", mem::mem_total_kib() >> 10)
+        .num("total_bits", Freehint::stat(&last, "total_bits")?)
+        .num("bitmap_bytes", Freehint::stat(&last, "bitmap_bytes")?)
+        .num("pages_free", Freehint::stat(&last, "pages_free")?)
+        .num("budget", Freehint::stat(&last, "budget")?)
+        .num("builds", n)
+        .float("walk_us", w as f64 / 1000.0)
+        .float("walk_us_min", walk_min as f64 / 1000.0)
+        .float("walk_us_max", walk_max as f64 / 1000.0)
+        .float("lock_hold_us_median", h as f64 / 1000.0)
+        .float("max_lock_hold_us", max_hold as f64 / 1000.0)
+        .float("memset_us", m as f64 / 1000.0)
+        .float("walk_over_memset", w as f64 / m.max(1) as f64)
+        .num(
+            "lock_acquisitions",
+            Freehint::stat(&last, "lock_acquisitions")?,
+        )
+        .num("blocks", Freehint::stat(&last, "blocks")?)
+        .num("lists", Freehint::stat(&last, "lists")?);
+    Ok(r.emit(true))
+}
+
+/// `fhtool stats`: one build, its statistics as a result line.
+pub fn stats(_args: &Args) -> Result<bool, Error> {
+    let fh = Freehint::open()?;
+    fh.build()?;
+    let s = fh.stats()?;
+    let get = |k| Freehint::stat(&s, k);
+    let mut r = Report::new("stats");
+    r.float("walk_us", get("walk_ns")? as f64 / 1000.0)
+        .float("max_lock_hold_us", get("max_lock_hold_ns")? as f64 / 1000.0)
+        .float("memset_us", get("memset_ns")? as f64 / 1000.0)
+        .num("pages_free", get("pages_free")?)
+        .num("total_bits", get("total_bits")?)
+        .num("bitmap_bytes", get("bitmap_bytes")?)
+        .num("zones", get("zones")?)
+        .num("lists", get("lists")?)
+        .num("blocks", get("blocks")?)
+        .num("lock_acquisitions", get("lock_acquisitions")?)
+        .num("pages_outside_layout", get("pages_outside_layout")?);
+    let ok = get("pages_free")? > 0 && get("pages_outside_layout")? == 0;
+    Ok(r.emit(ok))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ground_truth_expands_heads_over_flagless_tails() {
+        // pfns 0..16: head at 0 followed by 7 clean pages then a flagged page;
+        // head at 9 (odd: order 0 only); head at 12 with 3 clean pages.
+        let mut flags = vec![0u64; 16];
+        flags[0] = KPF_BUDDY;
+        flags[8] = 1 << 5; // LRU
+        flags[9] = KPF_BUDDY;
+        flags[12] = KPF_BUDDY;
+        let layout = Layout::from_ram_pfn_ranges(&[(0, 16)]).unwrap();
+        let mut out = vec![0u64; 1];
+        let heads = ground_truth_free(&flags, 0, &mut out, &layout);
+        assert_eq!(heads, 3);
+        assert_eq!(out[0], 0b1111_0010_1111_1111);
+    }
+
+    #[test]
+    fn pages_below_counts_only_ram_under_the_limit() {
+        let l = Layout::from_ram_pfn_ranges(&[(1, 9), (PFN_4G, 100)]).unwrap();
+        assert_eq!(pages_below(&l, PFN_4G), 9);
+        assert_eq!(pages_below(&l, 5), 4);
+    }
+}
