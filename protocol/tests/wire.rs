@@ -530,3 +530,24 @@ proptest! {
         prop_assert_eq!(got, want);
     }
 }
+
+/// The worked example of docs/protocol.md §5.5.x.4, byte for byte.
+#[test]
+fn docs_example_8gib_pc_guest() {
+    let gib = 1u64 << 30;
+    let l = Layout::from_ram_byte_ranges(&[(0, 3 * gib), (4 * gib, 5 * gib)]).unwrap();
+    assert_eq!(
+        l.ranges(),
+        &[lr(0, 0xc0000, 0), lr(0x100000, 0x140000, 0xc0000)]
+    );
+    assert_eq!(l.total_bits(), 0x200000);
+    assert_eq!(words_for_bits(l.total_bits()) * 8, 256 << 10);
+    let pfn_gap = 0x40000;
+    let pfn = 0x100000 + 12345;
+    assert_eq!(l.pfn_to_bit(pfn), Some(pfn - pfn_gap));
+    let b = reply_bytes(l);
+    assert_eq!(&b[..4], b"FHLR");
+    assert_eq!(&b[4..8], &0x8000_0000u32.to_le_bytes());
+    assert_eq!(&b[8..12], &[12, 0, 2, 0]);
+    assert_eq!(&b[16..24], &0x200000u64.to_le_bytes());
+}
