@@ -1,0 +1,51 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * The interface between helpers.c and the Rust crate of freehint.ko.
+ * Rust declares the same functions in `extern "C"` blocks (zone.rs,
+ * debugfs.rs); keep both in sync.
+ */
+#ifndef FREEHINT_H
+#define FREEHINT_H
+
+#include <linux/fs.h>
+#include <linux/types.h>
+
+struct dentry;
+struct list_head;
+struct page;
+struct pglist_data;
+struct zone;
+
+/* helpers.c: shims around static inlines and macros. */
+unsigned long freehint_zone_lock_irqsave(struct zone *zone);
+void freehint_zone_unlock_irqrestore(struct zone *zone, unsigned long flags);
+int freehint_nr_node_ids(void);
+bool freehint_node_online(int nid);
+struct pglist_data *freehint_node_data(int nid);
+bool freehint_zone_populated(struct zone *zone);
+struct list_head *freehint_free_list_head(struct zone *zone, unsigned int order,
+					  unsigned int mt);
+struct page *freehint_buddy_list_page(struct list_head *entry);
+struct list_head *freehint_page_buddy_list(struct page *page);
+unsigned long freehint_page_to_pfn(const struct page *page);
+bool freehint_pfn_valid(unsigned long pfn);
+struct page *freehint_pfn_to_page(unsigned long pfn);
+bool freehint_page_buddy(const struct page *page);
+unsigned long freehint_page_private(const struct page *page);
+struct zone *freehint_page_zone(const struct page *page);
+unsigned int freehint_nr_page_orders(void);
+unsigned int freehint_migrate_types(void);
+u64 freehint_ktime_get_ns(void);
+void freehint_cond_resched(void);
+struct dentry *freehint_debugfs_dir(const char *name);
+struct dentry *freehint_debugfs_file(const char *name, umode_t mode,
+				     struct dentry *dir, void *ctx);
+void freehint_debugfs_remove(struct dentry *dir);
+bool freehint_is_err_or_null(const void *ptr);
+
+/* debugfs.rs: file operations implemented in Rust. */
+ssize_t freehint_rust_read(void *ctx, char __user *buf, size_t count, loff_t *ppos);
+ssize_t freehint_rust_write(void *ctx, const char __user *buf, size_t count,
+			    loff_t *ppos);
+
+#endif /* FREEHINT_H */

@@ -1,0 +1,166 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * C shims for freehint.ko: one-line wrappers around static inline functions
+ * and macros that Rust cannot call, in the style of the kernel's rust/helpers/, plus
+ * the debugfs plumbing that forwards file operations to Rust entry points.
+ * Nothing here makes a decision; every rule lives in the Rust code.
+ */
+
+#include <linux/debugfs.h>
+#include <linux/err.h>
+#include <linux/fs.h>
+#include <linux/ktime.h>
+#include <linux/list.h>
+#include <linux/mm.h>
+#include <linux/mmzone.h>
+#include <linux/module.h>
+#include <linux/nodemask.h>
+#include <linux/page-flags.h>
+#include <linux/sched.h>
+#include <linux/spinlock.h>
+
+#include "freehint.h"
+
+/* zone->lock, always with interrupts saved and disabled (as mm/page_alloc.c). */
+unsigned long freehint_zone_lock_irqsave(struct zone *zone)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(&zone->lock, flags);
+	return flags;
+}
+
+void freehint_zone_unlock_irqrestore(struct zone *zone, unsigned long flags)
+{
+	spin_unlock_irqrestore(&zone->lock, flags);
+}
+
+/* Nodes and zones (for_each_online_node / NODE_DATA are macros). */
+int freehint_nr_node_ids(void)
+{
+	return nr_node_ids;
+}
+
+bool freehint_node_online(int nid)
+{
+	return node_online(nid);
+}
+
+struct pglist_data *freehint_node_data(int nid)
+{
+	return NODE_DATA(nid);
+}
+
+bool freehint_zone_populated(struct zone *zone)
+{
+	return populated_zone(zone);
+}
+
+/* Free-list entries and the pages they are embedded in. */
+struct list_head *freehint_free_list_head(struct zone *zone, unsigned int order,
+					  unsigned int mt)
+{
+	return &zone->free_area[order].free_list[mt];
+}
+
+struct page *freehint_buddy_list_page(struct list_head *entry)
+{
+	return list_entry(entry, struct page, buddy_list);
+}
+
+struct list_head *freehint_page_buddy_list(struct page *page)
+{
+	return &page->buddy_list;
+}
+
+unsigned long freehint_page_to_pfn(const struct page *page)
+{
+	return page_to_pfn(page);
+}
+
+bool freehint_pfn_valid(unsigned long pfn)
+{
+	return pfn_valid(pfn);
+}
+
+struct page *freehint_pfn_to_page(unsigned long pfn)
+{
+	return pfn_to_page(pfn);
+}
+
+bool freehint_page_buddy(const struct page *page)
+{
+	return PageBuddy(page);
+}
+
+unsigned long freehint_page_private(const struct page *page)
+{
+	return page_private(page);
+}
+
+struct zone *freehint_page_zone(const struct page *page)
+{
+	return page_zone(page);
+}
+
+unsigned int freehint_nr_page_orders(void)
+{
+	return NR_PAGE_ORDERS;
+}
+
+unsigned int freehint_migrate_types(void)
+{
+	return MIGRATE_TYPES;
+}
+
+u64 freehint_ktime_get_ns(void)
+{
+	return ktime_get_ns();
+}
+
+void freehint_cond_resched(void)
+{
+	cond_resched();
+}
+
+/* debugfs plumbing: every file forwards to the Rust entry points. */
+static ssize_t freehint_fop_read(struct file *file, char __user *buf, size_t count,
+				 loff_t *ppos)
+{
+	return freehint_rust_read(file->private_data, buf, count, ppos);
+}
+
+static ssize_t freehint_fop_write(struct file *file, const char __user *buf,
+				  size_t count, loff_t *ppos)
+{
+	return freehint_rust_write(file->private_data, buf, count, ppos);
+}
+
+static const struct file_operations freehint_fops = {
+	.owner = THIS_MODULE,
+	.open = simple_open,
+	.read = freehint_fop_read,
+	.write = freehint_fop_write,
+	.llseek = default_llseek,
+};
+
+struct dentry *freehint_debugfs_dir(const char *name)
+{
+	return debugfs_create_dir(name, NULL);
+}
+
+struct dentry *freehint_debugfs_file(const char *name, umode_t mode,
+				     struct dentry *dir, void *ctx)
+{
+	return debugfs_create_file(name, mode, dir, ctx, &freehint_fops);
+}
+
+void freehint_debugfs_remove(struct dentry *dir)
+{
+	debugfs_remove_recursive(dir);
+}
+
+bool freehint_is_err_or_null(const void *ptr)
+{
+	return IS_ERR_OR_NULL(ptr);
+}

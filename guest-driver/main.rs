@@ -1,0 +1,82 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! freehint: free page hinting for live migration (guest side).
+//!
+//! This module builds a free-page bitmap on demand: it walks the buddy free
+//! lists of every populated zone under `zone->lock` (interrupts off for a
+//! bounded number of entries at a time) and sets one bit per free page, with
+//! holes of the physical address space (the x86 PCI hole) folded out by a
+//! layout table shared with the host (`freehint-protocol`). Until the virtio
+//! driver lands, `/sys/kernel/debug/freehint/` is the way in (see
+//! `debugfs.rs` and docs/guest-driver.md).
+//!
+//! Structure: `zone.rs` is the only module with raw access to zones, free
+//! lists and pages; `walk.rs` is the walk; `builder.rs` owns layout, bitmap
+//! and statistics; `debugfs.rs` is the diagnostic interface; `layout` and
+//! `bitmap` are included unchanged from the protocol crate.
+
+use kernel::prelude::*;
+use kernel::sync::Mutex;
+
+#[allow(dead_code, unreachable_pub, missing_docs)]
+#[path = "protocol/bitmap.rs"]
+mod bitmap;
+#[allow(dead_code, unreachable_pub, missing_docs)]
+#[path = "protocol/layout.rs"]
+mod layout;
+
+mod builder;
+mod debugfs;
+mod walk;
+mod zone;
+
+module! {
+    type: FreeHint,
+    name: "freehint",
+    author: "freehint developers",
+    description: "Free page hinting: free-page bitmap builder (virtio-balloon extension)",
+    license: "GPL",
+}
+
+/// Module state. Fields drop in declaration order: the debugfs directory
+/// first (which waits for file operations in flight), then the file
+/// contexts, then the builder they point to.
+struct FreeHint {
+    _debugfs: debugfs::Dir,
+    _ctxs: debugfs::FileCtxs,
+    builder: Pin<KBox<Mutex<builder::Builder>>>,
+}
+
+impl kernel::Module for FreeHint {
+    fn init(_module: &'static ThisModule) -> Result<Self> {
+        let b = builder::Builder::new()?;
+        let builder = KBox::pin_init(kernel::new_mutex!(b, "freehint::builder"), GFP_KERNEL)?;
+        let mut ctxs = debugfs::alloc_ctxs()?;
+        // SAFETY: `builder` is pinned and `ctxs` boxed; both are fields of
+        // the module declared after the directory, so they are dropped only
+        // after it is removed.
+        let dir = unsafe { debugfs::Dir::create(&builder, &mut ctxs)? };
+        {
+            let mut b = builder.lock();
+            b.build();
+            let (bits, free, walk_ns) = b.summary();
+            pr_info!(
+                "freehint: loaded: {} RAM pages in the layout, {} free, walk {} us; see /sys/kernel/debug/freehint\n",
+                bits,
+                free,
+                walk_ns / 1000
+            );
+        }
+        Ok(FreeHint {
+            _debugfs: dir,
+            _ctxs: ctxs,
+            builder,
+        })
+    }
+}
+
+impl Drop for FreeHint {
+    fn drop(&mut self) {
+        pr_info!("freehint: unloaded after {} builds\n", self.builder.lock().builds());
+    }
+}

@@ -1,0 +1,362 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Zones, their buddy free lists and the pages on them.
+//!
+//! This is the one module of freehint.ko with raw access to `struct zone`,
+//! `struct free_area` and `struct page` (through the C shims in helpers.c,
+//! because the accessors are static inlines and macros). Everything above it
+//! (`walk.rs`) sees only small safe types:
+//!
+//! - [`Zone`]: a populated zone of an online node;
+//! - [`ZoneLockGuard`]: `zone->lock` held with interrupts saved and disabled,
+//!   released in `Drop` (or by [`ZoneLockGuard::unlock`], which reports how
+//!   long it was held);
+//! - [`FreeListCursor`]: an iterator over the free blocks of one
+//!   `free_area[order].free_list[migratetype]`, borrowing the guard, so no
+//!   list pointer can outlive the lock hold that made it valid.
+//!
+//! Resuming a list after the lock was dropped never reuses a pointer: the
+//! walker keeps only a pfn (a number) and [`ZoneLockGuard::resume_after`]
+//! re-derives and re-validates the page from it under the new lock hold.
+
+use core::ffi::c_void;
+use core::marker::PhantomData;
+use core::ptr::NonNull;
+use kernel::bindings;
+use kernel::ffi::{c_int, c_uint, c_ulong};
+
+// `*mut bindings::zone` trips `improper_ctypes` on some configurations (a
+// zero-sized `spinlock_t` without SMP), so zones and nodes cross the C
+// boundary as `*mut c_void`; they are cast back only in this module.
+extern "C" {
+    fn freehint_zone_lock_irqsave(zone: *mut c_void) -> c_ulong;
+    fn freehint_zone_unlock_irqrestore(zone: *mut c_void, flags: c_ulong);
+    fn freehint_nr_node_ids() -> c_int;
+    fn freehint_node_online(nid: c_int) -> bool;
+    fn freehint_node_data(nid: c_int) -> *mut c_void;
+    fn freehint_zone_populated(zone: *mut c_void) -> bool;
+    fn freehint_free_list_head(zone: *mut c_void, order: c_uint, mt: c_uint) -> *mut c_void;
+    fn freehint_buddy_list_page(entry: *mut c_void) -> *mut c_void;
+    fn freehint_page_buddy_list(page: *mut c_void) -> *mut c_void;
+    fn freehint_page_to_pfn(page: *const c_void) -> c_ulong;
+    fn freehint_pfn_valid(pfn: c_ulong) -> bool;
+    fn freehint_pfn_to_page(pfn: c_ulong) -> *mut c_void;
+    fn freehint_page_buddy(page: *const c_void) -> bool;
+    fn freehint_page_private(page: *const c_void) -> c_ulong;
+    fn freehint_page_zone(page: *const c_void) -> *mut c_void;
+    fn freehint_nr_page_orders() -> c_uint;
+    fn freehint_migrate_types() -> c_uint;
+    fn freehint_ktime_get_ns() -> u64;
+    fn freehint_cond_resched();
+}
+
+/// Monotonic time in nanoseconds (`ktime_get_ns`).
+pub(crate) fn now_ns() -> u64 {
+    // SAFETY: `ktime_get_ns` has no preconditions and may be called with
+    // interrupts disabled.
+    unsafe { freehint_ktime_get_ns() }
+}
+
+/// Lets the scheduler run something else (`cond_resched`). Must not be
+/// called with a [`ZoneLockGuard`] alive; the borrow checker cannot see
+/// that, so every caller is in `walk.rs` between lock holds.
+pub(crate) fn cond_resched() {
+    // SAFETY: `cond_resched` may sleep; callers hold no spinlock (see above)
+    // and run in process context (debugfs write or module init).
+    unsafe { freehint_cond_resched() }
+}
+
+/// Number of buddy orders (`NR_PAGE_ORDERS`, 11 on x86-64).
+pub(crate) fn nr_orders() -> u32 {
+    // SAFETY: returns a compile-time constant of the kernel.
+    unsafe { freehint_nr_page_orders() }
+}
+
+/// Number of migrate types, i.e. free lists per order (`MIGRATE_TYPES`).
+pub(crate) fn nr_migrate_types() -> u32 {
+    // SAFETY: returns a compile-time constant of the kernel.
+    unsafe { freehint_migrate_types() }
+}
+
+/// A populated zone of an online node.
+///
+/// # Invariants
+///
+/// `ptr` points to a `struct zone` inside the `pglist_data` of an online
+/// node. Node data is never freed while the system runs (this kernel has no
+/// node hot-remove; `contig_page_data` is static without NUMA), so the
+/// pointer stays valid for the lifetime of the module.
+pub(crate) struct Zone {
+    ptr: NonNull<bindings::zone>,
+}
+
+impl Zone {
+    /// Every populated zone of every online node, in node then zone order.
+    pub(crate) fn for_each_populated(mut f: impl FnMut(&Zone)) {
+        // SAFETY: reads `nr_node_ids`, fixed after boot.
+        let nr_nodes = unsafe { freehint_nr_node_ids() };
+        for nid in 0..nr_nodes {
+            // SAFETY: `nid < nr_node_ids`, the range `node_online` accepts.
+            if !unsafe { freehint_node_online(nid) } {
+                continue;
+            }
+            // SAFETY: the node is online, so `NODE_DATA(nid)` is its
+            // permanent `pglist_data` (`&contig_page_data` without NUMA).
+            let pgdat = unsafe { freehint_node_data(nid) }.cast::<bindings::pglist_data>();
+            if pgdat.is_null() {
+                continue;
+            }
+            // SAFETY: `pgdat` is valid (above); `node_zones` is a fixed-size
+            // array, so taking its address and length reads no zone state.
+            let zones = unsafe { core::ptr::addr_of_mut!((*pgdat).node_zones) };
+            // SAFETY: as above, `zones` points to the array inside `pgdat`.
+            let nr_zones = unsafe { (*zones).len() };
+            for i in 0..nr_zones {
+                // SAFETY: `i < nr_zones`, so the element is in the array.
+                let zone = unsafe { zones.cast::<bindings::zone>().add(i) };
+                // SAFETY: `zone` is a zone of an online node;
+                // `populated_zone` reads `present_pages` only.
+                if !unsafe { freehint_zone_populated(zone.cast()) } {
+                    continue;
+                }
+                // INVARIANT: `zone` is in the `pglist_data` of an online node.
+                if let Some(ptr) = NonNull::new(zone) {
+                    f(&Zone { ptr });
+                }
+            }
+        }
+    }
+
+    fn raw(&self) -> *mut c_void {
+        self.ptr.as_ptr().cast()
+    }
+
+    /// Takes `zone->lock` with interrupts saved and disabled.
+    pub(crate) fn lock(&self) -> ZoneLockGuard<'_> {
+        // SAFETY: by the type invariant the zone is valid; its lock was
+        // initialised at boot. The matching unlock is in the guard's Drop.
+        let flags = unsafe { freehint_zone_lock_irqsave(self.raw()) };
+        // INVARIANT: the lock is held and `flags` are the saved IRQ flags.
+        ZoneLockGuard {
+            zone: self,
+            flags,
+            taken_ns: now_ns(),
+            _not_send: PhantomData,
+        }
+    }
+}
+
+/// `zone->lock` held with interrupts disabled; released on drop.
+///
+/// # Invariants
+///
+/// The lock of `zone` is held by this CPU and `flags` holds the interrupt
+/// state saved when it was taken.
+#[must_use = "the zone lock is released when the guard is dropped"]
+pub(crate) struct ZoneLockGuard<'a> {
+    zone: &'a Zone,
+    flags: c_ulong,
+    taken_ns: u64,
+    /// A spinlock must be released on the CPU that took it.
+    _not_send: PhantomData<*mut ()>,
+}
+
+impl<'a> ZoneLockGuard<'a> {
+    /// Releases the lock and returns for how long it was held (ns).
+    pub(crate) fn unlock(self) -> u64 {
+        let held = now_ns().saturating_sub(self.taken_ns);
+        drop(self);
+        held
+    }
+
+    /// The free list `free_area[order].free_list[mt]` from its head, or
+    /// `None` if `order`/`mt` are out of range.
+    pub(crate) fn free_list(&self, order: u32, mt: u32) -> Option<FreeListCursor<'_>> {
+        let head = self.head(order, mt)?;
+        // SAFETY: the lock is held (type invariant), so `head` and every
+        // entry linked from it are valid until the guard (which this cursor
+        // borrows) is dropped.
+        let first = unsafe { (*head.cast::<bindings::list_head>()).next }.cast::<c_void>();
+        Some(self.cursor(first))
+    }
+
+    /// Resumes a free list after the lock was dropped, from the block whose
+    /// first pfn is `pfn`, which the previous hold visited last.
+    ///
+    /// No pointer survives an unlock: the page is re-derived from the pfn and
+    /// used only if, under this lock hold, it is still the head of a free
+    /// block of `order` in this zone (so it is linked in one of this zone's
+    /// `free_area[order]` lists). If it moved to another migratetype's list,
+    /// the cursor stops at that list's head (every head of this zone stops
+    /// it), so it never walks beyond a list. Returns `None` when the block is
+    /// gone: the caller restarts the list from its head.
+    pub(crate) fn resume_after(&self, order: u32, mt: u32, pfn: u64) -> Option<FreeListCursor<'_>> {
+        self.head(order, mt)?;
+        let pfn = c_ulong::try_from(pfn).ok()?;
+        // SAFETY: `pfn_valid` accepts any pfn.
+        if !unsafe { freehint_pfn_valid(pfn) } {
+            return None;
+        }
+        // SAFETY: `pfn` is valid, so its `struct page` exists; without
+        // memory hot-remove it stays mapped.
+        let page = unsafe { freehint_pfn_to_page(pfn) };
+        // SAFETY: `page` is a valid `struct page`; reading its zone link is
+        // always allowed.
+        if unsafe { freehint_page_zone(page) } != self.zone.raw() {
+            return None;
+        }
+        // SAFETY: `page` is valid; PageBuddy and page_private of a page of
+        // this zone are stable while this zone's lock is held (the buddy
+        // allocator changes them only under it).
+        let is_head = unsafe { freehint_page_buddy(page) }
+            // SAFETY: as above.
+            && unsafe { freehint_page_private(page) } == order as c_ulong;
+        if !is_head {
+            return None;
+        }
+        // SAFETY: a PageBuddy page of this zone is linked through
+        // `buddy_list` into a free list of this zone while the lock is held.
+        let entry = unsafe { freehint_page_buddy_list(page) };
+        // SAFETY: as above, the entry is linked and valid under the lock.
+        let next = unsafe { (*entry.cast::<bindings::list_head>()).next }.cast::<c_void>();
+        Some(self.cursor(next))
+    }
+
+    fn head(&self, order: u32, mt: u32) -> Option<*mut c_void> {
+        if order >= nr_orders() || mt >= nr_migrate_types() {
+            return None;
+        }
+        // SAFETY: the zone is valid and `order`/`mt` are in range.
+        Some(unsafe { freehint_free_list_head(self.zone.raw(), order, mt) })
+    }
+
+    fn cursor(&self, first: *mut c_void) -> FreeListCursor<'_> {
+        // Every list head of this zone lies inside `zone->free_area`; an entry
+        // in that address range is a head, never a page.
+        // SAFETY: the zone is valid; this computes field addresses only.
+        let area = unsafe { core::ptr::addr_of!((*self.zone.ptr.as_ptr()).free_area) };
+        let start = area as usize;
+        let end = start + core::mem::size_of_val(
+            // SAFETY: as above; `size_of_val` reads no memory.
+            unsafe { &*area },
+        );
+        FreeListCursor {
+            pos: first,
+            heads: start..end,
+            _guard: PhantomData,
+        }
+    }
+}
+
+impl Drop for ZoneLockGuard<'_> {
+    fn drop(&mut self) {
+        // SAFETY: by the type invariant the lock is held by us with `flags`.
+        unsafe { freehint_zone_unlock_irqrestore(self.zone.raw(), self.flags) };
+    }
+}
+
+/// Iterates the first pfns of the free blocks on one free list.
+///
+/// # Invariants
+///
+/// `pos` is an entry of a free list of the zone whose lock the borrowed
+/// guard holds (a page's `buddy_list` or a list head in `heads`).
+pub(crate) struct FreeListCursor<'g> {
+    pos: *mut c_void,
+    heads: core::ops::Range<usize>,
+    _guard: PhantomData<&'g ZoneLockGuard<'g>>,
+}
+
+impl Iterator for FreeListCursor<'_> {
+    type Item = u64;
+
+    fn next(&mut self) -> Option<u64> {
+        if self.pos.is_null() || self.heads.contains(&(self.pos as usize)) {
+            return None;
+        }
+        // SAFETY: `pos` is not a head, so it is the `buddy_list` of a free
+        // page linked in this zone's lists, valid while the lock is held
+        // (type invariant; the guard outlives `self`).
+        let page = unsafe { freehint_buddy_list_page(self.pos) };
+        // SAFETY: `page` is a valid `struct page` (above).
+        let pfn = unsafe { freehint_page_to_pfn(page) };
+        // SAFETY: as above; the successor is linked in the same list.
+        self.pos = unsafe { (*self.pos.cast::<bindings::list_head>()).next }.cast();
+        // CAST: `unsigned long` is 64 bits on every target this builds for.
+        Some(pfn as u64)
+    }
+}
+
+extern "C" {
+    fn walk_system_ram_range(
+        start_pfn: c_ulong,
+        nr_pages: c_ulong,
+        arg: *mut c_void,
+        func: Option<unsafe extern "C" fn(c_ulong, c_ulong, *mut c_void) -> c_int>,
+    ) -> c_int;
+}
+
+/// Collects "System RAM" ranges for [`system_ram_ranges`].
+struct RamCollector<'a> {
+    out: &'a mut [(u64, u64)],
+    len: usize,
+    overflow: bool,
+}
+
+/// `walk_system_ram_range` callback: appends `(start_pfn, nr_pages)`,
+/// merging a range that starts where the previous one ends.
+///
+/// # Safety
+///
+/// `arg` must point to a live `RamCollector` not otherwise borrowed.
+unsafe extern "C" fn collect_ram(start_pfn: c_ulong, nr_pages: c_ulong, arg: *mut c_void) -> c_int {
+    // SAFETY: the caller (system_ram_ranges) passes its exclusive collector.
+    let c = unsafe { &mut *arg.cast::<RamCollector<'_>>() };
+    // CAST: `unsigned long` is 64 bits on every target this builds for.
+    let (start, nr) = (start_pfn as u64, nr_pages as u64);
+    if let Some(last) = c.len.checked_sub(1).and_then(|i| c.out.get_mut(i)) {
+        if last.0.checked_add(last.1) == Some(start) {
+            last.1 += nr;
+            return 0;
+        }
+    }
+    match c.out.get_mut(c.len) {
+        Some(slot) => {
+            *slot = (start, nr);
+            c.len += 1;
+            0
+        }
+        None => {
+            c.overflow = true;
+            1 // stops the walk
+        }
+    }
+}
+
+/// The kernel's "System RAM" resources as `(first_pfn, nr_pages)` ranges,
+/// sorted and with adjacent ranges merged, written to `out`; returns how many.
+/// Partial pages at the ends of a resource are left out (as the kernel's own
+/// `walk_system_ram_range` does).
+pub(crate) fn system_ram_ranges(out: &mut [(u64, u64)]) -> kernel::error::Result<usize> {
+    let mut c = RamCollector {
+        out,
+        len: 0,
+        overflow: false,
+    };
+    // Every pfn a 52-bit physical address space can hold.
+    let all_pages: c_ulong = 1 << 40;
+    // SAFETY: `collect_ram` matches the callback type; `c` outlives the call
+    // and is only accessed through `arg` while the walk runs.
+    let ret = unsafe {
+        walk_system_ram_range(0, all_pages, core::ptr::addr_of_mut!(c).cast(), Some(collect_ram))
+    };
+    if c.overflow {
+        kernel::pr_err!("freehint: more System RAM ranges than a layout can hold\n");
+        return Err(kernel::error::code::E2BIG);
+    }
+    if ret < 0 || c.len == 0 {
+        kernel::pr_err!("freehint: no System RAM found ({})\n", ret);
+        return Err(kernel::error::code::ENODEV);
+    }
+    Ok(c.len)
+}
