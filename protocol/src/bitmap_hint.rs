@@ -328,14 +328,16 @@ impl ChunkHeader {
     /// merged piece by piece without copying. Bits at or beyond `nr_bits` are
     /// ignored (masked), as the device requirements demand.
     ///
-    /// Fails without touching `words` if the piece runs past the payload or
-    /// the chunk does not fit in `words`.
+    /// Fails without touching `words` if the header is invalid (see
+    /// [`Message::parse`]), the piece runs past the payload, or the chunk does
+    /// not fit in `words`.
     pub fn or_payload(
         &self,
         words: &mut [u64],
         offset: usize,
         piece: &[u8],
     ) -> Result<(), WireError> {
+        self.validate()?;
         let payload_len = self.payload_len();
         let end = offset.saturating_add(piece.len());
         if end > payload_len {
@@ -369,6 +371,29 @@ impl ChunkHeader {
         }
         Ok(())
     }
+}
+
+/// Splits a bitmap of `total_bits` bits into chunk spans
+/// `(first_bit, nr_bits)` of at most `max_bits` bits each (clamped to
+/// 64..=[`MAX_CHUNK_BITS`] and rounded down to a multiple of 64), in order.
+///
+/// ```
+/// use freehint_protocol::bitmap_hint::{chunk_spans, MAX_CHUNK_BITS};
+/// assert!(chunk_spans(200, 128).eq([(0, 128), (128, 72)]));
+/// assert_eq!(chunk_spans(1 << 32, u32::MAX).count(), (1 << 32) / MAX_CHUNK_BITS as usize);
+/// ```
+pub fn chunk_spans(total_bits: u64, max_bits: u32) -> impl Iterator<Item = (u64, u32)> {
+    let step = u64::from(max_bits.clamp(64, MAX_CHUNK_BITS) & !63);
+    let mut first = 0u64;
+    core::iter::from_fn(move || {
+        if first >= total_bits {
+            return None;
+        }
+        let nr = (total_bits - first).min(step);
+        let span = (first, nr as u32);
+        first += nr;
+        Some(span)
+    })
 }
 
 /// A validated driver → device message.
@@ -547,16 +572,15 @@ impl LayoutReply {
             bytes.len(),
             LAYOUT_REPLY_HEADER_SIZE + nr * LAYOUT_RANGE_SIZE,
         )?;
-        let mut ranges = [LayoutRange::default(); MAX_LAYOUT_RANGES];
-        for (i, r) in ranges[..nr].iter_mut().enumerate() {
+        let mut layout = Layout::empty();
+        for i in 0..nr {
             let o = LAYOUT_REPLY_HEADER_SIZE + i * LAYOUT_RANGE_SIZE;
-            *r = LayoutRange {
+            layout.push_range(LayoutRange {
                 first_pfn: rd64(bytes, o),
                 nr_pages: rd64(bytes, o + 8),
                 first_bit: rd64(bytes, o + 16),
-            };
+            })?;
         }
-        let layout = Layout::from_ranges(&ranges[..nr])?;
         if layout.total_bits() != declared {
             return Err(WireError::TotalBitsMismatch {
                 declared,

@@ -251,41 +251,61 @@ impl Layout {
             return Err(LayoutError::TooManyRanges);
         }
         let mut l = Self::empty();
-        for (i, r) in ranges.iter().enumerate() {
-            if r.nr_pages == 0 {
-                return Err(LayoutError::ZeroLength);
-            }
-            let end_pfn = r
-                .first_pfn
-                .checked_add(r.nr_pages)
-                .ok_or(LayoutError::Overflow)?;
-            if end_pfn > MAX_PFN_END {
-                return Err(LayoutError::Overflow);
-            }
-            let end_bit = r
-                .first_bit
-                .checked_add(r.nr_pages)
-                .ok_or(LayoutError::Overflow)?;
-            if i > 0 {
-                let prev = &ranges[i - 1];
-                if r.first_pfn < prev.first_pfn {
-                    return Err(LayoutError::Unsorted);
-                }
-                if r.first_pfn < prev.end_pfn() {
-                    return Err(LayoutError::OverlappingPfns);
-                }
-                if r.first_bit < prev.end_bit() {
-                    return Err(LayoutError::OverlappingBits);
-                }
-            }
-            if end_bit > MAX_TOTAL_BITS {
-                return Err(LayoutError::TooManyBits);
-            }
-            l.ranges[i] = *r;
-            l.total_bits = end_bit;
+        for r in ranges {
+            l.push_range(*r)?;
         }
-        l.len = ranges.len();
         Ok(l)
+    }
+
+    /// Appends one explicit entry after validating it against the entries
+    /// already present (the rules of [`Layout::from_ranges`]). On error the
+    /// layout is unchanged. Lets a parser build a layout without a
+    /// temporary table.
+    ///
+    /// ```
+    /// use freehint_protocol::layout::{Layout, LayoutError, LayoutRange};
+    /// let mut l = Layout::empty();
+    /// l.push_range(LayoutRange { first_pfn: 0, nr_pages: 4, first_bit: 0 }).unwrap();
+    /// let bad = LayoutRange { first_pfn: 2, nr_pages: 4, first_bit: 4 };
+    /// assert_eq!(l.push_range(bad), Err(LayoutError::OverlappingPfns));
+    /// assert_eq!(l.total_bits(), 4);
+    /// ```
+    pub fn push_range(&mut self, r: LayoutRange) -> Result<(), LayoutError> {
+        if self.len == MAX_LAYOUT_RANGES {
+            return Err(LayoutError::TooManyRanges);
+        }
+        if r.nr_pages == 0 {
+            return Err(LayoutError::ZeroLength);
+        }
+        let end_pfn = r
+            .first_pfn
+            .checked_add(r.nr_pages)
+            .ok_or(LayoutError::Overflow)?;
+        if end_pfn > MAX_PFN_END {
+            return Err(LayoutError::Overflow);
+        }
+        let end_bit = r
+            .first_bit
+            .checked_add(r.nr_pages)
+            .ok_or(LayoutError::Overflow)?;
+        if let Some(prev) = self.ranges().last() {
+            if r.first_pfn < prev.first_pfn {
+                return Err(LayoutError::Unsorted);
+            }
+            if r.first_pfn < prev.end_pfn() {
+                return Err(LayoutError::OverlappingPfns);
+            }
+            if r.first_bit < prev.end_bit() {
+                return Err(LayoutError::OverlappingBits);
+            }
+        }
+        if end_bit > MAX_TOTAL_BITS {
+            return Err(LayoutError::TooManyBits);
+        }
+        self.ranges[self.len] = r;
+        self.len += 1;
+        self.total_bits = end_bit;
+        Ok(())
     }
 
     /// The table entries, sorted by pfn (and by bit).

@@ -200,6 +200,41 @@ fn or_payload_masks_bits_beyond_nr_bits() {
         })
     );
     assert_eq!(small, [0]);
+    // Unvalidated headers are refused.
+    let mut w3 = [0u64; 4];
+    assert_eq!(
+        chunk(8, 8).or_payload(&mut w3, 0, &[0xff]),
+        Err(WireError::MisalignedFirstBit(8))
+    );
+    assert_eq!(
+        chunk(0, 0).or_payload(&mut w3, 0, &[]),
+        Err(WireError::EmptyChunk)
+    );
+    assert_eq!(w3, [0; 4]);
+}
+
+#[test]
+fn chunk_spans_cover_the_bitmap() {
+    assert!(chunk_spans(0, 64).eq([]));
+    assert!(chunk_spans(64, 0).eq([(0, 64)]));
+    assert!(chunk_spans(130, 100).eq([(0, 64), (64, 64), (128, 2)]));
+    let total = 3 * u64::from(MAX_CHUNK_BITS) + 5;
+    let spans: Vec<_> = chunk_spans(total, u32::MAX).collect();
+    assert_eq!(spans.len(), 4);
+    assert_eq!(spans[3], (3 * u64::from(MAX_CHUNK_BITS), 5));
+    for (first, nr) in spans {
+        let m = Message::Chunk(ChunkHeader {
+            cmd_id: ID,
+            first_bit: first,
+            nr_bits: nr,
+        });
+        let mut b = [0u8; MSG_HEADER_SIZE];
+        m.encode(&mut b).unwrap();
+        let Message::Chunk(c) = Message::parse(&b).unwrap() else {
+            panic!()
+        };
+        c.check_bounds(total).unwrap();
+    }
 }
 
 fn layout_4g() -> Layout {
