@@ -50,6 +50,11 @@ extern "C" {
     fn freehint_cond_resched();
 }
 
+/// Length of the array behind a raw pointer, without dereferencing it.
+const fn array_len<T, const N: usize>(_: *const [T; N]) -> usize {
+    N
+}
+
 /// Monotonic time in nanoseconds (`ktime_get_ns`).
 pub(crate) fn now_ns() -> u64 {
     // SAFETY: `ktime_get_ns` has no preconditions and may be called with
@@ -106,12 +111,10 @@ impl Zone {
             if pgdat.is_null() {
                 continue;
             }
-            // SAFETY: `pgdat` is valid (above); `node_zones` is a fixed-size
-            // array, so taking its address and length reads no zone state.
+            // SAFETY: `pgdat` is valid (above); this computes the address of
+            // its `node_zones` array without reading or referencing it.
             let zones = unsafe { core::ptr::addr_of_mut!((*pgdat).node_zones) };
-            // SAFETY: as above, `zones` points to the array inside `pgdat`.
-            let nr_zones = unsafe { (*zones).len() };
-            for i in 0..nr_zones {
+            for i in 0..array_len(zones) {
                 // SAFETY: `i < nr_zones`, so the element is in the array.
                 let zone = unsafe { zones.cast::<bindings::zone>().add(i) };
                 // SAFETY: `zone` is a zone of an online node;
@@ -233,13 +236,11 @@ impl<'a> ZoneLockGuard<'a> {
     fn cursor(&self, first: *mut c_void) -> FreeListCursor<'_> {
         // Every list head of this zone lies inside `zone->free_area`; an entry
         // in that address range is a head, never a page.
-        // SAFETY: the zone is valid; this computes field addresses only.
+        // SAFETY: the zone is valid; this computes a field address only (no
+        // reference to memory other CPUs may be changing).
         let area = unsafe { core::ptr::addr_of!((*self.zone.ptr.as_ptr()).free_area) };
         let start = area as usize;
-        let end = start + core::mem::size_of_val(
-            // SAFETY: as above; `size_of_val` reads no memory.
-            unsafe { &*area },
-        );
+        let end = start + array_len(area) * core::mem::size_of::<bindings::free_area>();
         FreeListCursor {
             pos: first,
             heads: start..end,
