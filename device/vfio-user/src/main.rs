@@ -1,2 +1,2 @@
-//! Placeholder, replaced by its owner.
+//! Placeholder until the balloon lands.
 fn main() {}

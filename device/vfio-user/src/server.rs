@@ -1,0 +1,688 @@
+//! The vfio-user [`ServerBackend`]: one modern virtio-pci function around a
+//! [`VirtioDevice`], plus the accept/serve loop.
+//!
+//! vfio regions: 0 = BAR0 (virtio structures), 1 = BAR1 (MSI-X table and
+//! PBA), 7 = PCI config space; the others have size 0. IRQ indices: INTx
+//! (1, maskable), MSI-X ([`VfioUserDevice::msix_vectors`]), MSI/ERR/REQ (0).
+//!
+//! **Migration:** QEMU migrates no state for a vfio-user device and tells
+//! the server nothing; on a migration destination this device is dead.
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use freehint_device::VirtioDevice;
+use log::{debug, error, info, warn};
+use vfio_bindings::bindings::vfio::{
+    vfio_region_info, VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE,
+    VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_TYPE_MASK,
+    VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
+    VFIO_IRQ_SET_DATA_TYPE_MASK, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_INTX_IRQ_INDEX,
+    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_NUM_REGIONS, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
+};
+use vfio_user::{DmaMapFlags, DmaUnmapFlags, IrqInfo, Server, ServerBackend, ServerRegion};
+
+use crate::interrupt::InterruptRouter;
+use crate::memory::DmaMemory;
+use crate::pci::{
+    PciConfigSpace, PciIdentity, BAR0_SIZE, BAR1_SIZE, CAP_MSIX_CONTROL, CAP_PCI_CFG_DATA,
+    CONFIG_SPACE_SIZE, MSIX_BAR, MSIX_CONTROL_ENABLE, MSIX_CONTROL_FUNCTION_MASK, PCI_COMMAND,
+    PCI_COMMAND_INTX_DISABLE, VIRTIO_BAR,
+};
+use crate::virtio_pci::VirtioPciTransport;
+
+/// The warning printed at start-up and in docs/vfio-user.md.
+pub const MIGRATION_WARNING: &str = "QEMU migrates NO state for a vfio-user device: \
+     after a live migration the device is dead on the destination. Do not migrate a VM \
+     with this device attached (the freehint tooling refuses to).";
+
+/// Errors of the serve loop.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The socket path exists already.
+    #[error("socket {0} exists: another server runs there, or a stale socket (remove it or pass --force)")]
+    SocketExists(String),
+    /// vfio-user library error (bind, accept).
+    #[error("vfio-user: {0}")]
+    VfioUser(#[from] vfio_user::Error),
+}
+
+fn invalid(msg: String) -> io::Error {
+    warn!("{msg}");
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
+
+/// Counters a test or log can look at.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Region accesses refused (bad region, offset or length).
+    pub bad_accesses: u64,
+    /// DMA requests refused.
+    pub bad_dma: u64,
+    /// Clients served so far.
+    pub clients: u64,
+}
+
+/// A virtio device presented as a vfio-user PCI function.
+#[derive(Debug)]
+pub struct VfioUserDevice {
+    config: PciConfigSpace,
+    transport: VirtioPciTransport,
+    irq: Arc<InterruptRouter>,
+    memory: DmaMemory,
+    msix_vectors: u16,
+    stats: ServerStats,
+}
+
+impl VfioUserDevice {
+    /// Wraps `device` with one MSI-X vector per queue plus one for config.
+    pub fn new(device: Box<dyn VirtioDevice>) -> Self {
+        let num_queues = device.num_queues();
+        let msix_vectors = u16::try_from(num_queues + 1)
+            .unwrap_or(u16::MAX)
+            .clamp(1, crate::pci::MSIX_MAX_VECTORS);
+        let config = PciConfigSpace::new(PciIdentity {
+            virtio_device_type: u16::try_from(device.device_type()).unwrap_or(0),
+            msix_vectors,
+        });
+        let irq = Arc::new(InterruptRouter::new(num_queues, msix_vectors));
+        let memory = DmaMemory::new();
+        let transport = VirtioPciTransport::new(device, irq.clone(), memory.handle());
+        VfioUserDevice {
+            config,
+            transport,
+            irq,
+            memory,
+            msix_vectors,
+            stats: ServerStats::default(),
+        }
+    }
+
+    /// Number of MSI-X vectors.
+    pub fn msix_vectors(&self) -> u16 {
+        self.msix_vectors
+    }
+
+    /// The virtio transport (status, negotiated features, counters).
+    pub fn transport(&self) -> &VirtioPciTransport {
+        &self.transport
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> ServerStats {
+        self.stats
+    }
+
+    /// Mapped guest memory ranges (address, size).
+    pub fn dma_ranges(&self) -> Vec<(u64, u64)> {
+        self.memory.ranges()
+    }
+
+    /// Region table for [`Server::new`].
+    pub fn regions(&self) -> Vec<ServerRegion> {
+        (0..VFIO_PCI_NUM_REGIONS)
+            .map(|index| {
+                let size = match index {
+                    i if i == u32::from(VIRTIO_BAR) => BAR0_SIZE,
+                    i if i == u32::from(MSIX_BAR) => BAR1_SIZE,
+                    VFIO_PCI_CONFIG_REGION_INDEX => CONFIG_SPACE_SIZE as u64,
+                    _ => 0,
+                };
+                let flags = if size > 0 {
+                    VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE
+                } else {
+                    0
+                };
+                ServerRegion {
+                    region_info: vfio_region_info {
+                        argsz: std::mem::size_of::<vfio_region_info>() as u32,
+                        flags,
+                        index,
+                        cap_offset: 0,
+                        size,
+                        offset: 0,
+                    },
+                    sparse_areas: Vec::new(),
+                    mmap_fd: None,
+                }
+            })
+            .collect()
+    }
+
+    /// IRQ table for [`Server::new`].
+    pub fn irqs(&self) -> Vec<IrqInfo> {
+        (0..VFIO_PCI_NUM_IRQS)
+            .map(|index| {
+                let (count, flags) = match index {
+                    VFIO_PCI_INTX_IRQ_INDEX => (1, VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE),
+                    VFIO_PCI_MSIX_IRQ_INDEX => (
+                        u32::from(self.msix_vectors),
+                        VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_NORESIZE,
+                    ),
+                    _ => (0, 0),
+                };
+                IrqInfo {
+                    index,
+                    flags,
+                    count,
+                }
+            })
+            .collect()
+    }
+
+    fn region_size(region: u32) -> u64 {
+        match region {
+            r if r == u32::from(VIRTIO_BAR) => BAR0_SIZE,
+            r if r == u32::from(MSIX_BAR) => BAR1_SIZE,
+            VFIO_PCI_CONFIG_REGION_INDEX => CONFIG_SPACE_SIZE as u64,
+            _ => 0,
+        }
+    }
+
+    fn check_access(&mut self, region: u32, offset: u64, len: usize) -> io::Result<()> {
+        let size = Self::region_size(region);
+        let ok = len <= 8 || region == VFIO_PCI_CONFIG_REGION_INDEX;
+        let end = offset.checked_add(len as u64);
+        if !ok || size == 0 || end.is_none_or(|e| e > size) {
+            self.stats.bad_accesses += 1;
+            return Err(invalid(format!(
+                "bad region access: region {region} offset {offset:#x} len {len} (region size {size:#x})"
+            )));
+        }
+        Ok(())
+    }
+
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) {
+        match bar {
+            VIRTIO_BAR => self.transport.read(offset, data),
+            MSIX_BAR => self.irq.msix_read(offset, data),
+            _ => data.fill(0),
+        }
+    }
+
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) {
+        match bar {
+            VIRTIO_BAR => self.transport.write(offset, data),
+            MSIX_BAR => self.irq.msix_write(offset, data),
+            _ => debug!("write to unimplemented BAR {bar} ignored"),
+        }
+    }
+
+    /// The `VIRTIO_PCI_CAP_PCI_CFG` window: (bar, offset, length) if usable.
+    fn pci_cfg_window(&self) -> Option<(u8, u64, usize)> {
+        let (bar, off, len) = self.config.pci_cfg_window();
+        let size = Self::region_size(u32::from(bar));
+        let len_ok = matches!(len, 1 | 2 | 4);
+        (bar <= MSIX_BAR && len_ok && u64::from(off) + u64::from(len) <= size).then_some((
+            bar,
+            u64::from(off),
+            len as usize,
+        ))
+    }
+
+    fn overlaps(offset: u64, len: usize, start: usize, size: usize) -> bool {
+        offset < (start + size) as u64 && offset + len as u64 > start as u64
+    }
+
+    fn config_read(&mut self, offset: u64, data: &mut [u8]) {
+        self.config
+            .read(offset as usize, data, self.irq.intx_asserted());
+        if Self::overlaps(offset, data.len(), CAP_PCI_CFG_DATA, 4) {
+            let mut window = [0u8; 4];
+            match self.pci_cfg_window() {
+                Some((bar, off, len)) => self.bar_read(bar, off, &mut window[..len]),
+                None => warn!("pci_cfg_data read with an invalid window"),
+            }
+            for (i, b) in data.iter_mut().enumerate() {
+                let at = offset as usize + i;
+                if (CAP_PCI_CFG_DATA..CAP_PCI_CFG_DATA + 4).contains(&at) {
+                    *b = window[at - CAP_PCI_CFG_DATA];
+                }
+            }
+        }
+    }
+
+    fn config_write(&mut self, offset: u64, data: &[u8]) {
+        self.config.write(offset as usize, data);
+        if Self::overlaps(offset, data.len(), PCI_COMMAND, 2) {
+            let cmd = self.config.command();
+            self.irq
+                .set_intx_disabled(cmd & PCI_COMMAND_INTX_DISABLE != 0);
+        }
+        if Self::overlaps(offset, data.len(), CAP_MSIX_CONTROL, 2) {
+            let ctl = self.config.msix_control();
+            let enabled = ctl & MSIX_CONTROL_ENABLE != 0;
+            info!(
+                "MSI-X {} (function mask {})",
+                if enabled { "enabled" } else { "disabled" },
+                ctl & MSIX_CONTROL_FUNCTION_MASK != 0
+            );
+            self.irq
+                .set_msix_control(enabled, ctl & MSIX_CONTROL_FUNCTION_MASK != 0);
+        }
+        if Self::overlaps(offset, data.len(), CAP_PCI_CFG_DATA, 4) {
+            match self.pci_cfg_window() {
+                Some((bar, off, len)) => {
+                    let mut window = [0u8; 4];
+                    self.config.read(CAP_PCI_CFG_DATA, &mut window, false);
+                    self.bar_write(bar, off, &window[..len]);
+                }
+                None => warn!("pci_cfg_data write with an invalid window ignored"),
+            }
+        }
+    }
+
+    /// PCI-level reset (vfio-user DEVICE_RESET): config space, MSI-X, virtio
+    /// state. DMA mappings stay (they belong to the client, not the device).
+    pub fn pci_reset(&mut self) {
+        info!("device reset");
+        self.transport.reset();
+        self.irq.pci_reset();
+        self.config.reset();
+    }
+
+    /// The client went away: reset everything and drop its eventfds and
+    /// guest memory, ready for the next client.
+    pub fn client_gone(&mut self) {
+        self.pci_reset();
+        self.irq.drop_eventfds();
+        self.memory.unmap_all();
+    }
+
+    fn set_irqs_inner(
+        &mut self,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        fds: Vec<File>,
+    ) -> io::Result<()> {
+        let action = flags & VFIO_IRQ_SET_ACTION_TYPE_MASK;
+        let data = flags & VFIO_IRQ_SET_DATA_TYPE_MASK;
+        let nfds = fds.len();
+        let bad = |what: &str| {
+            invalid(format!(
+                "SET_IRQS {what}: index {index} flags {flags:#x} start {start} count {count} fds {nfds}"
+            ))
+        };
+        match (index, action) {
+            (VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER) => {
+                if start != 0 || count > 1 || fds.len() > 1 {
+                    return Err(bad("INTx range"));
+                }
+                if data == VFIO_IRQ_SET_DATA_EVENTFD || count == 0 {
+                    let fd = fds.into_iter().next();
+                    info!(
+                        "INTx eventfd {}",
+                        if fd.is_some() { "set" } else { "cleared" }
+                    );
+                    self.irq.set_intx_eventfd(fd);
+                }
+                Ok(())
+            }
+            (VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_MASK) => {
+                self.irq.set_intx_masked(true);
+                Ok(())
+            }
+            (VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_UNMASK) => {
+                self.irq.set_intx_masked(false);
+                Ok(())
+            }
+            (VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER) => {
+                if data == VFIO_IRQ_SET_DATA_NONE && count == 0 {
+                    let all = u32::from(self.msix_vectors);
+                    self.irq.set_msix_eventfds(0, all, Vec::new());
+                    info!("MSI-X eventfds cleared");
+                    return Ok(());
+                }
+                if data != VFIO_IRQ_SET_DATA_EVENTFD {
+                    return Err(bad("MSI-X trigger without eventfd data"));
+                }
+                let n = fds.len();
+                if !self.irq.set_msix_eventfds(start, count, fds) {
+                    return Err(bad("MSI-X range"));
+                }
+                debug!("MSI-X vectors {start}..{}: {n} eventfds", start + count);
+                Ok(())
+            }
+            (VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_MASK | VFIO_IRQ_SET_ACTION_UNMASK) => {
+                // The client masks MSI-X vectors itself (QEMU re-routes the
+                // eventfd); nothing to do here.
+                Ok(())
+            }
+            (_, _) if count == 0 => Ok(()),
+            _ => Err(bad("unsupported")),
+        }
+    }
+}
+
+impl ServerBackend for VfioUserDevice {
+    fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> io::Result<()> {
+        self.check_access(region, offset, data.len())?;
+        match region {
+            VFIO_PCI_CONFIG_REGION_INDEX => self.config_read(offset, data),
+            r => self.bar_read(r as u8, offset, data),
+        }
+        Ok(())
+    }
+
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.check_access(region, offset, data.len())?;
+        match region {
+            VFIO_PCI_CONFIG_REGION_INDEX => self.config_write(offset, data),
+            r => self.bar_write(r as u8, offset, data),
+        }
+        Ok(())
+    }
+
+    fn dma_map(
+        &mut self,
+        flags: DmaMapFlags,
+        offset: u64,
+        address: u64,
+        size: u64,
+        fd: Option<File>,
+    ) -> io::Result<()> {
+        let writable = flags.contains(DmaMapFlags::WRITE);
+        self.memory
+            .map(address, size, offset, writable, fd)
+            .map_err(|e| {
+                self.stats.bad_dma += 1;
+                invalid(format!("DMA_MAP refused: {e}"))
+            })
+    }
+
+    fn dma_unmap(&mut self, flags: DmaUnmapFlags, address: u64, size: u64) -> io::Result<()> {
+        if flags.contains(DmaUnmapFlags::GET_DIRTY_PAGE_INFO) {
+            self.stats.bad_dma += 1;
+            return Err(invalid(
+                "DMA_UNMAP with dirty page info: not supported".into(),
+            ));
+        }
+        if flags.contains(DmaUnmapFlags::UNMAP_ALL) {
+            self.memory.unmap_all();
+            return Ok(());
+        }
+        self.memory.unmap(address, size).map_err(|e| {
+            self.stats.bad_dma += 1;
+            invalid(format!("DMA_UNMAP refused: {e}"))
+        })
+    }
+
+    fn reset(&mut self) -> io::Result<()> {
+        self.pci_reset();
+        Ok(())
+    }
+
+    fn set_irqs(
+        &mut self,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        fds: Vec<File>,
+    ) -> io::Result<()> {
+        self.set_irqs_inner(index, flags, start, count, fds)
+    }
+}
+
+/// Serves clients on `socket` until the first one leaves (or forever with
+/// `persist`). Each disconnect resets the device and drops the client's
+/// memory and eventfds.
+pub fn serve(
+    socket: &Path,
+    device: &mut VfioUserDevice,
+    persist: bool,
+    force: bool,
+) -> Result<(), ServerError> {
+    if socket.exists() {
+        if !force {
+            return Err(ServerError::SocketExists(socket.display().to_string()));
+        }
+        warn!("removing existing socket {}", socket.display());
+        let _ = std::fs::remove_file(socket);
+    }
+    let server = Server::new(socket, true, device.irqs(), device.regions())?;
+    info!("listening on {}", socket.display());
+    loop {
+        let result = server.run(device);
+        device.stats.clients += 1;
+        match result {
+            Ok(()) => info!("client disconnected"),
+            Err(vfio_user::Error::SocketAccept(e)) => {
+                return Err(vfio_user::Error::SocketAccept(e).into())
+            }
+            Err(e) => error!("client connection ended with an error: {e}"),
+        }
+        info!(
+            "resetting device after disconnect (final status {:#x}, stats {:?})",
+            device.transport.status(),
+            device.transport.stats()
+        );
+        device.client_gone();
+        if !persist {
+            return Ok(());
+        }
+        info!("waiting for the next client on {}", socket.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::interrupt::tests::{count, eventfd};
+    use crate::pci::{
+        CAP_PCI_CFG, ISR_CFG_OFFSET, MSIX_PBA_OFFSET, NOTIFY_CFG_OFFSET, PCI_STATUS,
+        PCI_STATUS_INTERRUPT,
+    };
+    use crate::virtio_pci::common;
+    use crate::virtio_pci::tests::StubDevice;
+    use std::os::fd::FromRawFd;
+
+    const CFG: u32 = VFIO_PCI_CONFIG_REGION_INDEX;
+
+    fn dev() -> VfioUserDevice {
+        VfioUserDevice::new(Box::new(StubDevice {
+            seen: Default::default(),
+            fail_notify: false,
+            irq: None,
+        }))
+    }
+
+    fn cfg_read(d: &mut VfioUserDevice, off: u64, len: usize) -> u64 {
+        let mut b = vec![0u8; len];
+        d.region_read(CFG, off, &mut b).unwrap();
+        let mut w = [0u8; 8];
+        w[..len].copy_from_slice(&b);
+        u64::from_le_bytes(w)
+    }
+
+    fn bar0_write(d: &mut VfioUserDevice, off: u64, len: usize, v: u64) {
+        d.region_write(0, off, &v.to_le_bytes()[..len]).unwrap();
+    }
+
+    #[test]
+    fn region_and_irq_tables() {
+        let d = dev();
+        let regions = d.regions();
+        assert_eq!(regions.len(), VFIO_PCI_NUM_REGIONS as usize);
+        assert_eq!(regions[0].region_info.size, BAR0_SIZE);
+        assert_eq!(regions[1].region_info.size, BAR1_SIZE);
+        assert_eq!(regions[7].region_info.size, 256);
+        assert_eq!(regions[2].region_info.size, 0);
+        let irqs = d.irqs();
+        assert_eq!(irqs[0].count, 1);
+        assert_eq!(irqs[2].count, 4, "3 queues + config");
+        assert_eq!(irqs[1].count, 0);
+    }
+
+    #[test]
+    fn bad_region_accesses_are_refused_without_panic() {
+        let mut d = dev();
+        let mut b = [0u8; 4];
+        assert!(d.region_read(9, 0, &mut b).is_err());
+        assert!(d.region_read(2, 0, &mut b).is_err());
+        assert!(d.region_read(0, BAR0_SIZE - 2, &mut b).is_err());
+        assert!(d.region_read(0, u64::MAX - 1, &mut b).is_err());
+        assert!(d.region_write(CFG, 254, &b).is_err());
+        let mut big = vec![0u8; 64];
+        assert!(d.region_read(0, 0, &mut big).is_err());
+        assert_eq!(d.stats().bad_accesses, 6);
+        // Whole config space in one read is fine (QEMU does this).
+        let mut all = vec![0u8; 256];
+        d.region_read(CFG, 0, &mut all).unwrap();
+        assert_eq!(&all[0..4], &[0xf4, 0x1a, 0x45, 0x10]);
+    }
+
+    #[test]
+    fn intx_path_end_to_end_with_status_bit() {
+        let mut d = dev();
+        let (fd, mut rd) = eventfd();
+        d.set_irqs(
+            VFIO_PCI_INTX_IRQ_INDEX,
+            VFIO_IRQ_SET_ACTION_TRIGGER | VFIO_IRQ_SET_DATA_EVENTFD,
+            0,
+            1,
+            vec![fd],
+        )
+        .unwrap();
+        // Linux: reset, ack, driver, features, FEATURES_OK, enable queue 0, DRIVER_OK.
+        use common::*;
+        bar0_write(&mut d, DEVICE_STATUS, 1, 0);
+        bar0_write(&mut d, DEVICE_STATUS, 1, 3);
+        bar0_write(&mut d, DRIVER_FEATURE_SELECT, 4, 1);
+        bar0_write(&mut d, DRIVER_FEATURE, 4, 1);
+        bar0_write(&mut d, DEVICE_STATUS, 1, 0xb);
+        bar0_write(&mut d, QUEUE_ENABLE, 2, 1);
+        bar0_write(&mut d, DEVICE_STATUS, 1, 0xf);
+        bar0_write(&mut d, NOTIFY_CFG_OFFSET, 2, 0);
+        assert_eq!(count(&mut rd), 1);
+        assert_ne!(
+            cfg_read(&mut d, PCI_STATUS as u64, 2) as u16 & PCI_STATUS_INTERRUPT,
+            0
+        );
+        let mut isr = [0u8; 1];
+        d.region_read(0, ISR_CFG_OFFSET, &mut isr).unwrap();
+        assert_eq!(isr[0], 1);
+        assert_eq!(
+            cfg_read(&mut d, PCI_STATUS as u64, 2) as u16 & PCI_STATUS_INTERRUPT,
+            0
+        );
+        // INTx disable in the command register stops delivery.
+        d.region_write(
+            CFG,
+            PCI_COMMAND as u64,
+            &PCI_COMMAND_INTX_DISABLE.to_le_bytes(),
+        )
+        .unwrap();
+        bar0_write(&mut d, NOTIFY_CFG_OFFSET, 2, 0);
+        assert_eq!(count(&mut rd), 0);
+    }
+
+    #[test]
+    fn msix_enable_via_config_and_qemu_placeholder() {
+        let mut d = dev();
+        // QEMU's first SET_IRQS: one vector, no fd.
+        d.set_irqs(
+            VFIO_PCI_MSIX_IRQ_INDEX,
+            VFIO_IRQ_SET_ACTION_TRIGGER | VFIO_IRQ_SET_DATA_EVENTFD,
+            0,
+            1,
+            vec![],
+        )
+        .unwrap();
+        let (f1, mut r1) = eventfd();
+        d.set_irqs(
+            VFIO_PCI_MSIX_IRQ_INDEX,
+            VFIO_IRQ_SET_ACTION_TRIGGER | VFIO_IRQ_SET_DATA_EVENTFD,
+            1,
+            1,
+            vec![f1],
+        )
+        .unwrap();
+        assert!(d
+            .set_irqs(
+                VFIO_PCI_MSIX_IRQ_INDEX,
+                VFIO_IRQ_SET_ACTION_TRIGGER | VFIO_IRQ_SET_DATA_EVENTFD,
+                3,
+                2,
+                vec![],
+            )
+            .is_err());
+        d.region_write(
+            CFG,
+            CAP_MSIX_CONTROL as u64,
+            &MSIX_CONTROL_ENABLE.to_le_bytes(),
+        )
+        .unwrap();
+        use common::*;
+        bar0_write(&mut d, CONFIG_MSIX_VECTOR, 2, 1);
+        freehint_device::Interrupt::signal_config(d.irq.as_ref());
+        assert_eq!(count(&mut r1), 1);
+        // PBA readable through BAR1.
+        let mut pba = [0u8; 8];
+        d.region_read(1, MSIX_PBA_OFFSET, &mut pba).unwrap();
+        assert_eq!(pba, [0; 8]);
+    }
+
+    #[test]
+    fn pci_cfg_access_window_reaches_bar0() {
+        let mut d = dev();
+        // bar 0, offset NUM_QUEUES, length 2.
+        d.region_write(CFG, CAP_PCI_CFG as u64 + 4, &[0]).unwrap();
+        d.region_write(
+            CFG,
+            CAP_PCI_CFG as u64 + 8,
+            &(common::NUM_QUEUES as u32).to_le_bytes(),
+        )
+        .unwrap();
+        d.region_write(CFG, CAP_PCI_CFG as u64 + 12, &2u32.to_le_bytes())
+            .unwrap();
+        assert_eq!(cfg_read(&mut d, CAP_PCI_CFG_DATA as u64, 4), 3);
+        // Write device_status = ACKNOWLEDGE through the window.
+        d.region_write(
+            CFG,
+            CAP_PCI_CFG as u64 + 8,
+            &(common::DEVICE_STATUS as u32).to_le_bytes(),
+        )
+        .unwrap();
+        d.region_write(CFG, CAP_PCI_CFG as u64 + 12, &1u32.to_le_bytes())
+            .unwrap();
+        d.region_write(CFG, CAP_PCI_CFG_DATA as u64, &[1, 0, 0, 0])
+            .unwrap();
+        assert_eq!(d.transport().status(), 1);
+        // Invalid window (length 3): ignored.
+        d.region_write(CFG, CAP_PCI_CFG as u64 + 12, &3u32.to_le_bytes())
+            .unwrap();
+        d.region_write(CFG, CAP_PCI_CFG_DATA as u64, &[0, 0, 0, 0])
+            .unwrap();
+        assert_eq!(d.transport().status(), 1);
+    }
+
+    #[test]
+    fn dma_errors_and_reset_keep_serving() {
+        let mut d = dev();
+        assert!(d
+            .dma_map(DmaMapFlags::READ_WRITE, 0, 0x1000, 0, None)
+            .is_ok());
+        // SAFETY: memfd_create with a valid C string; the fd is owned here.
+        let fd = unsafe { libc::memfd_create(c"t".as_ptr(), 0) };
+        // SAFETY: fresh fd.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(0x2000).unwrap();
+        assert!(d
+            .dma_map(DmaMapFlags::READ_WRITE, 0, 0, 0x4000, Some(f))
+            .is_err());
+        assert!(d
+            .dma_unmap(DmaUnmapFlags::GET_DIRTY_PAGE_INFO, 0, 0x1000)
+            .is_err());
+        assert_eq!(d.stats().bad_dma, 2);
+        d.reset().unwrap();
+        d.client_gone();
+        assert!(d.dma_ranges().is_empty());
+        assert_eq!(cfg_read(&mut d, 0, 4), 0x1045_1af4);
+    }
+}
