@@ -1,0 +1,1 @@
+//! Driver model for tests (filled in below).
