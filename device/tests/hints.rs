@@ -1,0 +1,275 @@
+// SPDX-License-Identifier: Apache-2.0 OR GPL-2.0-only
+//! Free page hints through real virtqueues: the standard protocol as Linux's
+//! `virtio_balloon` drives it, the bitmap protocol as the freehint driver
+//! drives it, and the epoch rule.
+
+use std::sync::atomic::Ordering;
+
+use freehint_device::balloon::*;
+use freehint_device::test_utils::*;
+use freehint_protocol::bitmap_hint::Message;
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+/// x86 pc-like RAM: 16 MiB low, 16 MiB above the 4 GiB line.
+fn pc_layout() -> Layout {
+    Layout::from_ram_byte_ranges(&[(0, 16 * MIB), (4 * GIB, 16 * MIB)]).unwrap()
+}
+
+fn bit_of(gpa: u64) -> u64 {
+    pc_layout().pfn_to_bit(gpa >> 12).unwrap()
+}
+
+fn standard_driver(queue_size: u16) -> BalloonDriver {
+    let feats = !feature(VIRTIO_BALLOON_F_FREE_PAGE_BITMAP);
+    BalloonDriver::new(BalloonConfig::all_features(pc_layout()), feats, queue_size)
+}
+
+#[test]
+fn standard_round_like_linux() {
+    let mut drv = standard_driver(64);
+    let h = drv.hints();
+    let id = h.start_round(h.epoch()).unwrap();
+    assert_eq!(id, FREE_PAGE_HINT_CMD_ID_MIN);
+    assert_eq!(drv.irq.config.load(Ordering::SeqCst), 1);
+    assert_eq!(h.status().state, HintState::Requested);
+    let blocks = [4 * MIB, 8 * MIB, 4 * GIB + 4 * MIB];
+    let rep = drv.on_config_change(&blocks);
+    assert_eq!(rep.cmd_id, id);
+    assert_eq!((rep.blocks_sent, rep.stopped), (3, true));
+    let st = h.status();
+    assert_eq!(st.state, HintState::Stopped);
+    assert_eq!(st.free_pages, 3 * 1024);
+    let set = h.snapshot();
+    assert!(set.is_complete());
+    for &b in &blocks {
+        for off in [0, HINT_BLOCK_SIZE - 4096] {
+            assert!(set.contains(bit_of(b + off)), "block {b:#x}+{off:#x}");
+        }
+        assert!(!set.contains(bit_of(b + HINT_BLOCK_SIZE) % 8192) || b == 4 * MIB);
+    }
+    // High RAM folds onto bits 4096.. (the gap is folded out).
+    assert_eq!(bit_of(4 * GIB + 4 * MIB), 4096 + 1024);
+    assert!(!set.contains(0));
+    // Apply to an all-dirty bitmap.
+    let mut to_send = vec![!0u64; 8192 / 64];
+    assert_eq!(set.apply_to(&mut to_send), Ok(3 * 1024));
+    assert_eq!(
+        freehint_protocol::bitmap::count_ones(&to_send),
+        8192 - 3 * 1024
+    );
+    // DONE: the driver gives its blocks back.
+    h.finish();
+    assert_eq!(
+        drv.config().free_page_hint_cmd_id,
+        FREE_PAGE_HINT_CMD_ID_DONE
+    );
+    let rep = drv.on_config_change(&[]);
+    assert!(rep.done);
+    assert!(drv.held_blocks.is_empty());
+    assert_eq!(h.status().state, HintState::Done);
+    let m = drv.handle().metrics().snapshot();
+    assert_eq!((m.hint_rounds, m.hint_pages, m.hint_stale), (1, 3072, 0));
+}
+
+#[test]
+fn standard_round_keeps_one_slot_for_stop() {
+    let mut drv = standard_driver(8);
+    let h = drv.hints();
+    h.start_round(0).unwrap();
+    let blocks: Vec<u64> = (0..4)
+        .map(|i| i * HINT_BLOCK_SIZE)
+        .chain((0..4).map(|i| 4 * GIB + i * HINT_BLOCK_SIZE))
+        .chain([4 * GIB])
+        .collect();
+    let rep = drv.on_config_change_with(&blocks, false);
+    // 8 slots (the id outbuf was already used and returned): 7 blocks, and
+    // the last slot is the reserve for STOP; 2 blocks stay back.
+    assert_eq!((rep.blocks_sent, rep.blocks_held_back), (7, 2));
+    assert!(rep.stopped);
+    assert_eq!(h.status().state, HintState::Stopped);
+    assert_eq!(h.status().free_pages, 7 * 1024);
+}
+
+#[test]
+fn stale_cmd_id_and_late_blocks_are_dropped() {
+    let mut drv = standard_driver(64);
+    let h = drv.hints();
+    let id = h.start_round(0).unwrap();
+    // A block before the id outbuf: no round accepting yet.
+    drv.send_block(0, 4096);
+    drv.send_cmd_id(id + 5);
+    assert_eq!(h.status().state, HintState::Requested);
+    drv.send_cmd_id(id);
+    drv.send_block(4096, 4096);
+    drv.send_cmd_id(FREE_PAGE_HINT_CMD_ID_STOP);
+    drv.send_block(8192, 4096); // after STOP
+    let m = drv.handle().metrics().snapshot();
+    assert_eq!(m.hint_stale, 3);
+    assert_eq!(h.status().free_pages, 1);
+    assert!(h.snapshot().contains(1));
+    // A new round gets a new id; the old id is now stale.
+    let id2 = h.start_round(0).unwrap();
+    assert_eq!(id2, id + 1);
+    drv.send_cmd_id(id);
+    assert_eq!(drv.handle().metrics().snapshot().hint_stale, 4);
+    assert_eq!(h.status().free_pages, 0, "a new round starts empty");
+}
+
+#[test]
+fn new_epoch_stops_the_round_and_drops_late_hints() {
+    let mut drv = standard_driver(64);
+    let h = drv.hints();
+    let id = h.start_round(0).unwrap();
+    drv.send_cmd_id(id);
+    drv.send_block(0, 4 * MIB as u32);
+    let old = h.snapshot();
+    assert_eq!(old.free_pages(), 1024);
+    let irqs = drv.irq.config.load(Ordering::SeqCst);
+    assert_eq!(h.new_epoch(), 1);
+    // The guest is told to stop.
+    assert_eq!(drv.irq.config.load(Ordering::SeqCst), irqs + 1);
+    assert_eq!(
+        drv.config().free_page_hint_cmd_id,
+        FREE_PAGE_HINT_CMD_ID_STOP
+    );
+    // Hints still in flight for the old round are dropped as epoch drops.
+    drv.send_block(4 * MIB, 4 * MIB as u32);
+    assert_eq!(drv.handle().metrics().snapshot().hint_epoch_dropped, 1);
+    assert_eq!(h.status().free_pages, 0);
+    let mut to_send = vec![!0u64; 128];
+    assert_eq!(
+        old.apply_to(&mut to_send),
+        Err(HintError::StaleEpoch {
+            given: 0,
+            current: 1
+        })
+    );
+    assert_eq!(h.apply_to(&mut to_send), Ok(0));
+    assert_eq!(
+        h.start_round(0),
+        Err(HintError::StaleEpoch {
+            given: 0,
+            current: 1
+        })
+    );
+    let id2 = h.start_round(1).unwrap();
+    assert_ne!(id2, id);
+}
+
+#[test]
+fn bitmap_round_over_the_pci_gap() {
+    let mut drv = BalloonDriver::new(BalloonConfig::all_features(pc_layout()), !0, 64);
+    assert!(freehint_protocol::balloon::bitmap_hints(drv.features));
+    let h = drv.hints();
+    let id = h.start_round(0).unwrap();
+    // Free: pfns 10..20, a run across the low/high boundary of bits, and a
+    // high range; plus a range outside RAM (ignored by the driver's layout).
+    let high = (4 * GIB) >> 12;
+    let free = [
+        (10, 10),
+        (4000, 96),
+        (high, 100),
+        (high + 4000, 96),
+        (0x50000, 10),
+    ];
+    let layout = drv.bitmap_round(id, &free, 1024).unwrap();
+    assert_eq!(layout, pc_layout());
+    let st = h.status();
+    assert_eq!(st.state, HintState::Stopped);
+    assert_eq!(st.free_pages, 10 + 96 + 100 + 96);
+    let set = h.snapshot();
+    let expect = |bit: u64| {
+        (10..20).contains(&bit)
+            || (4000..4096).contains(&bit)
+            || (4096..4196).contains(&bit)
+            || (8096..8192).contains(&bit)
+    };
+    for bit in 0..8192 {
+        assert_eq!(set.contains(bit), expect(bit), "bit {bit}");
+    }
+    assert_eq!(drv.handle().metrics().snapshot().bitmap_bad_message, 0);
+}
+
+#[test]
+fn bitmap_and_standard_protocols_build_the_same_set() {
+    let blocks = [0, 8 * MIB, 4 * GIB + 12 * MIB];
+    let mut std_drv = standard_driver(64);
+    let h = std_drv.hints();
+    h.start_round(0).unwrap();
+    std_drv.on_config_change(&blocks);
+    let a = h.snapshot();
+
+    let mut bm = BalloonDriver::new(BalloonConfig::all_features(pc_layout()), !0, 64);
+    let h2 = bm.hints();
+    let id = h2.start_round(0).unwrap();
+    let free: Vec<(u64, u64)> = blocks.iter().map(|&b| (b >> 12, 1024)).collect();
+    bm.bitmap_round(id, &free, 1 << 23).unwrap();
+    let b = h2.snapshot();
+    assert_eq!(a.words(), b.words());
+    assert_eq!(a.free_pages(), 3072);
+}
+
+#[test]
+fn bitmap_stale_id_and_after_round_end_are_dropped() {
+    let mut drv = BalloonDriver::new(BalloonConfig::all_features(pc_layout()), !0, 64);
+    let h = drv.hints();
+    let id = h.start_round(0).unwrap();
+    assert!(
+        drv.layout_query(id + 1).is_none(),
+        "stale query gets no reply"
+    );
+    let words = vec![!0u64; 128];
+    drv.send_chunk(id, &words, 0, 64); // before the query: not started
+    assert!(drv.layout_query(id).is_some());
+    drv.send_chunk(id + 1, &words, 0, 64);
+    drv.send_chunk(id, &words, 64, 64);
+    drv.send_msg(
+        &Message::RoundEnd {
+            cmd_id: id,
+            free_pages: 64,
+        }
+        .header(),
+        &[],
+        0,
+        0,
+    );
+    drv.send_chunk(id, &words, 128, 64); // after ROUND_END
+    let m = drv.handle().metrics().snapshot();
+    assert_eq!(m.hint_stale, 4);
+    assert_eq!(h.status().free_pages, 64);
+    assert!(h.snapshot().contains(64) && !h.snapshot().contains(0));
+}
+
+#[test]
+fn chunk_payload_split_over_many_descriptors_and_masked() {
+    let mut drv = BalloonDriver::new(BalloonConfig::all_features(pc_layout()), !0, 64);
+    let h = drv.hints();
+    let id = h.start_round(0).unwrap();
+    drv.layout_query(id).unwrap();
+    // 100 bits from bit 64, payload 2 words of all ones: bits beyond
+    // nr_bits must be ignored. Payload in 3-byte descriptors.
+    let hdr = Message::Chunk(freehint_protocol::ChunkHeader {
+        cmd_id: id,
+        first_bit: 64,
+        nr_bits: 100,
+    })
+    .header();
+    drv.send_msg(&hdr, &[0xff; 16], 3, 0);
+    let s = h.snapshot();
+    assert_eq!(s.free_pages(), 100);
+    assert!(s.contains(64) && s.contains(163) && !s.contains(164) && !s.contains(63));
+}
+
+#[test]
+fn cmd_ids_wrap_without_reaching_stop_or_done() {
+    let mut drv = standard_driver(64);
+    let h = drv.hints();
+    let mut last = 0;
+    for _ in 0..3 {
+        last = h.start_round(0).unwrap();
+        drv.on_config_change(&[0]);
+    }
+    assert_eq!(last, FREE_PAGE_HINT_CMD_ID_MIN + 2);
+}
