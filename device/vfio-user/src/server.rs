@@ -234,7 +234,8 @@ impl VfioUserDevice {
             let mut window = [0u8; 4];
             match self.pci_cfg_window() {
                 Some((bar, off, len)) => self.bar_read(bar, off, &mut window[..len]),
-                None => warn!("pci_cfg_data read with an invalid window"),
+                // QEMU reads the whole config space at start-up.
+                None => debug!("pci_cfg_data read with an invalid window"),
             }
             for (i, b) in data.iter_mut().enumerate() {
                 let at = offset as usize + i;
@@ -335,7 +336,7 @@ impl VfioUserDevice {
                 if data == VFIO_IRQ_SET_DATA_NONE && count == 0 {
                     let all = u32::from(self.msix_vectors);
                     self.irq.set_msix_eventfds(0, all, Vec::new());
-                    info!("MSI-X eventfds cleared");
+                    debug!("MSI-X eventfds cleared");
                     return Ok(());
                 }
                 if data != VFIO_IRQ_SET_DATA_EVENTFD {

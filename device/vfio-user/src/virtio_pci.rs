@@ -109,6 +109,9 @@ pub struct VirtioPciTransport {
     status: u8,
     queue_select: u16,
     queues: Vec<QueueRegs>,
+    /// Queues kicked before DRIVER_OK (Linux's virtio_balloon kicks the
+    /// stats queue during probe, before DRIVER_OK); delivered at activation.
+    early_kicks: Vec<bool>,
     stats: TransportStats,
 }
 
@@ -162,6 +165,7 @@ impl VirtioPciTransport {
                 };
                 n
             ],
+            early_kicks: vec![false; n],
             stats: TransportStats::default(),
         }
     }
@@ -199,6 +203,7 @@ impl VirtioPciTransport {
         self.driver_features = 0;
         self.status = 0;
         self.queue_select = 0;
+        self.early_kicks.fill(false);
         for q in &mut self.queues {
             *q = QueueRegs {
                 size: max,
@@ -260,6 +265,15 @@ impl VirtioPciTransport {
     }
 
     fn notify(&mut self, index: u64) {
+        let early = self.status & status::DRIVER_OK == 0
+            && self.status & status::FEATURES_OK != 0
+            && (index as usize) < self.queues.len()
+            && self.queues[index as usize].enabled;
+        if early {
+            debug!("queue {index} kicked before DRIVER_OK: delivered at activation");
+            self.early_kicks[index as usize] = true;
+            return;
+        }
         let ok = self.status & status::DRIVER_OK != 0
             && self.status & status::DEVICE_NEEDS_RESET == 0
             && (index as usize) < self.queues.len()
@@ -502,11 +516,18 @@ impl VirtioPciTransport {
         }
         let irq: Arc<dyn freehint_device::Interrupt> = self.irq.clone();
         match self.device.activate(self.mem.clone(), irq, queues) {
-            Ok(()) => info!(
-                "DRIVER_OK: device activated with {} queues ({} enabled)",
-                self.queues.len(),
-                self.queues.iter().filter(|q| q.enabled).count()
-            ),
+            Ok(()) => {
+                info!(
+                    "DRIVER_OK: device activated with {} queues ({} enabled)",
+                    self.queues.len(),
+                    self.queues.iter().filter(|q| q.enabled).count()
+                );
+                let early =
+                    std::mem::replace(&mut self.early_kicks, vec![false; self.queues.len()]);
+                for (i, _) in early.iter().enumerate().filter(|(_, &k)| k) {
+                    self.notify(i as u64);
+                }
+            }
             Err(e) => {
                 error!("device activation failed: {e}; setting DEVICE_NEEDS_RESET");
                 self.needs_reset();
@@ -762,12 +783,17 @@ pub(crate) mod tests {
         negotiate(&mut t, VIRTIO_F_VERSION_1);
         w(&mut t, QUEUE_SELECT, 2, 0);
         w(&mut t, QUEUE_ENABLE, 2, 1);
+        // A kick between FEATURES_OK and DRIVER_OK (Linux's stats queue) is
+        // held and delivered at activation.
+        notify(&mut t, 0);
+        assert!(seen.lock().unwrap().notified.is_empty());
         w(&mut t, DEVICE_STATUS, 1, 0xf);
+        assert_eq!(seen.lock().unwrap().notified, vec![0]);
         notify(&mut t, 0);
         notify(&mut t, 1); // not enabled
         notify(&mut t, 500); // absent
         t.write(NOTIFY_CFG_OFFSET + 2, &[0, 0]); // unaligned
-        assert_eq!(seen.lock().unwrap().notified, vec![0]);
+        assert_eq!(seen.lock().unwrap().notified, vec![0, 0]);
         assert_eq!(t.stats().bad_notifies, 4);
     }
 
