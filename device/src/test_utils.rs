@@ -253,16 +253,22 @@ impl DriverQueue {
     }
 }
 
-/// Simple bump allocator over the driver area.
+/// Bump allocator over the driver area. Buffers above `scratch` are
+/// short-lived (the device consumes them on the kick that follows), so the
+/// allocator wraps back to `scratch` when the area is exhausted.
 #[derive(Debug)]
 struct Bump {
     next: u64,
     end: u64,
+    scratch: u64,
 }
 
 impl Bump {
     fn alloc(&mut self, len: u64) -> u64 {
-        let a = (self.next + 63) & !63;
+        let mut a = (self.next + 63) & !63;
+        if a + len > self.end {
+            a = self.scratch;
+        }
         assert!(a + len <= self.end, "driver area exhausted");
         self.next = a + len;
         a
@@ -297,7 +303,8 @@ pub struct BalloonDriver {
     cmd_id_active: u32,
     /// Blocks held until DONE (Linux's `free_page_list`).
     pub held_blocks: Vec<u64>,
-    /// Address of the stats buffer the driver keeps with the device.
+    /// Address of the stats buffer the driver keeps with the device
+    /// (1024 bytes).
     stats_buf: Option<u64>,
 }
 
@@ -350,6 +357,7 @@ impl BalloonDriver {
         let mut bump = Bump {
             next: DRIVER_AREA,
             end: DRIVER_AREA + DRIVER_AREA_SIZE,
+            scratch: DRIVER_AREA,
         };
         let mut queues = Vec::new();
         for _ in 0..layout.num_queues() {
@@ -360,6 +368,8 @@ impl BalloonDriver {
             .iter()
             .map(|q| q.device_queue(dev.queue_max_size()))
             .collect();
+        let stats_buf = Some(bump.alloc(1024));
+        bump.scratch = bump.next;
         let mem = GuestMemoryAtomic::new(mem);
         let irq = Arc::new(TestInterrupt::default());
         dev.activate(mem.clone(), irq.clone(), dq)
@@ -374,7 +384,7 @@ impl BalloonDriver {
             bump,
             cmd_id_active: FREE_PAGE_HINT_CMD_ID_STOP,
             held_blocks: Vec::new(),
-            stats_buf: None,
+            stats_buf,
         }
     }
 
@@ -466,14 +476,8 @@ impl BalloonDriver {
             .iter()
             .flat_map(|&(t, v)| encode_stat(t, v))
             .collect();
-        let a = match self.stats_buf {
-            Some(a) => a,
-            None => {
-                let a = self.alloc(1024);
-                self.stats_buf = Some(a);
-                a
-            }
-        };
+        let a = self.stats_buf.expect("allocated at construction");
+        assert!(bytes.len() <= 1024, "stats buffer holds 1024 bytes");
         self.m()
             .write_slice(&bytes, GuestAddress(a))
             .expect("stats");
