@@ -1,0 +1,16 @@
+//! freehint VM test harness: boots the guest image built by
+//! `tests/vm/build-image` under QEMU (TCG), runs scenario scripts inside the
+//! guest and turns their console output into JSON results.
+//!
+//! Layout: [`manifest`] (where the image is), [`qemu`] (one QEMU process),
+//! [`qmp`] (QMP client), [`guest`] (console protocol and splat detection),
+//! [`runner`] (boot + report), [`scenarios`] (the registry).
+#![warn(missing_docs)]
+
+pub mod guest;
+pub mod manifest;
+pub mod migrate;
+pub mod qemu;
+pub mod qmp;
+pub mod runner;
+pub mod scenarios;

@@ -1,0 +1,123 @@
+//! `target/vm/manifest.json`, written by `tests/vm/build-image`: where the
+//! kernel, initramfs and modules of each flavour are, and which QEMU to run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+/// Errors of reading the manifest.
+#[derive(Debug, Error)]
+pub enum ManifestError {
+    /// The manifest file could not be read.
+    #[error("cannot read {path}: {source} (run tests/vm/build-image first)")]
+    Read {
+        /// The manifest path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The manifest is not valid JSON of the expected shape.
+    #[error("malformed {path}: {source} (rerun tests/vm/build-image)")]
+    Parse {
+        /// The manifest path.
+        path: PathBuf,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The requested flavour was not built.
+    #[error("flavour '{0}' is not in the manifest (run tests/vm/build-image --flavour {0})")]
+    NoFlavour(String),
+}
+
+/// The boot files of one flavour.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FlavourImage {
+    /// The kernel (`bzImage`).
+    pub kernel: PathBuf,
+    /// The initramfs (gzip'd newc cpio).
+    pub initramfs: PathBuf,
+}
+
+/// Per-flavour entry of the manifest.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FlavourEntry {
+    /// The kernel (`bzImage`).
+    pub kernel: PathBuf,
+    /// The initramfs.
+    pub initramfs: PathBuf,
+    /// The kernel build tree (O=), for module builds.
+    #[serde(default)]
+    pub kdir: Option<PathBuf>,
+    /// Host copies of the modules that are inside the initramfs, by name.
+    #[serde(default)]
+    pub modules: BTreeMap<String, PathBuf>,
+}
+
+/// The whole manifest.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Manifest {
+    /// The QEMU binary or wrapper (`tests/vm/qemu`).
+    pub qemu: PathBuf,
+    /// Flavours by name (`normal`, `debug`).
+    pub flavours: BTreeMap<String, FlavourEntry>,
+    /// Host copies of the static guest tools, by name.
+    #[serde(default)]
+    pub guest_tools: BTreeMap<String, PathBuf>,
+}
+
+impl Manifest {
+    /// Reads the manifest at `path`.
+    pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| ManifestError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// The boot files of `flavour`.
+    pub fn flavour(&self, flavour: &str) -> Result<FlavourImage, ManifestError> {
+        self.flavours
+            .get(flavour)
+            .map(|f| FlavourImage {
+                kernel: f.kernel.clone(),
+                initramfs: f.initramfs.clone(),
+            })
+            .ok_or_else(|| ManifestError::NoFlavour(flavour.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_and_finds_flavours() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("manifest.json");
+        std::fs::write(
+            &p,
+            r#"{"qemu":"/q","flavours":{"normal":{"kernel":"/k","initramfs":"/i",
+               "kdir":"/kd","modules":{"freehint":"/f.ko"}}},"guest_tools":{}}"#,
+        )
+        .unwrap();
+        let m = Manifest::load(&p).unwrap();
+        assert_eq!(m.qemu, PathBuf::from("/q"));
+        assert_eq!(m.flavour("normal").unwrap().kernel, PathBuf::from("/k"));
+        assert!(matches!(
+            m.flavour("debug"),
+            Err(ManifestError::NoFlavour(f)) if f == "debug"
+        ));
+        assert!(matches!(
+            Manifest::load(&dir.path().join("nope")),
+            Err(ManifestError::Read { .. })
+        ));
+    }
+}

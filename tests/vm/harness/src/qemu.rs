@@ -1,0 +1,321 @@
+//! Launching a QEMU (TCG) guest that boots the freehint image.
+//!
+//! One [`Vm`] is one QEMU process: serial console to a log file, an optional
+//! QMP socket, a hard timeout, and the process killed when the value is
+//! dropped (a failing test never leaves a QEMU behind).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::manifest::{FlavourImage, Manifest};
+
+/// Errors of launching or waiting for QEMU.
+#[derive(Debug, Error)]
+pub enum QemuError {
+    /// QEMU could not be started.
+    #[error("cannot start QEMU {qemu}: {source}")]
+    Spawn {
+        /// The QEMU command.
+        qemu: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The serial log file could not be created.
+    #[error("cannot create serial log {path}: {source}")]
+    Log {
+        /// The log path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Waiting for the process failed.
+    #[error("waiting for QEMU failed: {0}")]
+    Wait(#[source] std::io::Error),
+    /// The manifest lacks the requested flavour.
+    #[error(transparent)]
+    Manifest(#[from] crate::manifest::ManifestError),
+    /// The guest did not power off in time.
+    #[error("QEMU did not exit within {0:?} (killed)")]
+    Timeout(Duration),
+}
+
+/// x86 machine type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Machine {
+    /// i440FX: RAM above 3 GiB is moved above 4 GiB (gap 3–4 GiB).
+    Pc,
+    /// Q35: RAM above 2 GiB is moved above 4 GiB (gap 2–4 GiB).
+    Q35,
+}
+
+impl Machine {
+    /// The `-machine` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Machine::Pc => "pc",
+            Machine::Q35 => "q35",
+        }
+    }
+}
+
+/// Everything one boot needs.
+#[derive(Debug, Clone)]
+pub struct BootSpec {
+    /// Kernel flavour (`normal` or `debug`).
+    pub flavour: String,
+    /// Machine type.
+    pub machine: Machine,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// Number of vCPUs.
+    pub smp: u32,
+    /// Guest scenario script (`/scenarios/NAME.sh`), passed as `fh.scenario=`.
+    pub guest_scenario: String,
+    /// Arguments of the guest script, passed as `fh.args=` (joined with commas;
+    /// the guest init splits them back on commas, so no spaces or commas inside).
+    pub guest_args: Vec<String>,
+    /// Extra kernel command line words.
+    pub extra_cmdline: Vec<String>,
+    /// Extra QEMU arguments (devices, memory backends, ...).
+    pub extra_qemu_args: Vec<String>,
+    /// Hard timeout for the whole boot.
+    pub timeout: Duration,
+    /// Start QMP on a UNIX socket next to the log.
+    pub qmp: bool,
+}
+
+impl BootSpec {
+    /// A boot of `guest_scenario` with defaults: normal flavour, pc, 1 GiB, 2 vCPUs, 300 s.
+    pub fn new(guest_scenario: &str) -> Self {
+        BootSpec {
+            flavour: "normal".into(),
+            machine: Machine::Pc,
+            mem_mib: 1024,
+            smp: 2,
+            guest_scenario: guest_scenario.into(),
+            guest_args: Vec::new(),
+            extra_cmdline: Vec::new(),
+            extra_qemu_args: Vec::new(),
+            timeout: Duration::from_secs(300),
+            qmp: false,
+        }
+    }
+
+    /// A short label used for file names and progress lines.
+    pub fn label(&self) -> String {
+        format!(
+            "{}-{}-{}-{}m",
+            self.guest_scenario,
+            self.flavour,
+            self.machine.name(),
+            self.mem_mib
+        )
+    }
+
+    /// The kernel command line.
+    pub fn cmdline(&self) -> String {
+        let mut words = vec![
+            "console=ttyS0".to_string(),
+            "panic=-1".to_string(),
+            "oops=panic".to_string(),
+            "printk.time=1".to_string(),
+            format!("fh.scenario={}", self.guest_scenario),
+        ];
+        if !self.guest_args.is_empty() {
+            words.push(format!("fh.args={}", self.guest_args.join(",")));
+        }
+        words.extend(self.extra_cmdline.iter().cloned());
+        words.join(" ")
+    }
+
+    /// The full QEMU argument list for `image`.
+    pub fn qemu_args(&self, image: &FlavourImage, qmp_socket: Option<&Path>) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "-accel".into(),
+            "tcg".into(),
+            "-machine".into(),
+            self.machine.name().into(),
+            "-m".into(),
+            format!("{}M", self.mem_mib),
+            "-smp".into(),
+            self.smp.to_string(),
+            "-nographic".into(),
+            "-no-reboot".into(),
+            "-nodefaults".into(),
+            "-serial".into(),
+            "stdio".into(),
+            "-kernel".into(),
+            image.kernel.display().to_string(),
+            "-initrd".into(),
+            image.initramfs.display().to_string(),
+            "-append".into(),
+            self.cmdline(),
+        ];
+        if let Some(sock) = qmp_socket {
+            args.push("-qmp".into());
+            args.push(format!("unix:{},server=on,wait=off", sock.display()));
+        }
+        args.extend(self.extra_qemu_args.iter().cloned());
+        args
+    }
+}
+
+/// A running QEMU. Killed on drop.
+#[derive(Debug)]
+pub struct Vm {
+    child: Option<Child>,
+    started: Instant,
+    timeout: Duration,
+    /// The serial console log.
+    pub serial_log: PathBuf,
+    /// The QMP socket, if requested.
+    pub qmp_socket: Option<PathBuf>,
+}
+
+/// How a boot ended.
+#[derive(Debug, Clone)]
+pub struct BootExit {
+    /// QEMU's exit status (None when killed on timeout).
+    pub status: Option<ExitStatus>,
+    /// Whether the hard timeout fired.
+    pub timed_out: bool,
+    /// Wall-clock time of the boot.
+    pub elapsed: Duration,
+}
+
+impl Vm {
+    /// Starts QEMU for `spec`, writing the serial console to `log_dir/<label>.log`.
+    pub fn start(manifest: &Manifest, spec: &BootSpec, log_dir: &Path) -> Result<Vm, QemuError> {
+        let image = manifest.flavour(&spec.flavour)?;
+        let serial_log = log_dir.join(format!("{}.log", spec.label()));
+        let qmp_socket = spec
+            .qmp
+            .then(|| log_dir.join(format!("{}.qmp", spec.label())));
+        if let Some(s) = &qmp_socket {
+            let _ = std::fs::remove_file(s);
+        }
+        let out = File::create(&serial_log).map_err(|source| QemuError::Log {
+            path: serial_log.clone(),
+            source,
+        })?;
+        let err = out.try_clone().map_err(|source| QemuError::Log {
+            path: serial_log.clone(),
+            source,
+        })?;
+        let args = spec.qemu_args(&image, qmp_socket.as_deref());
+        log::debug!("{} {}", manifest.qemu.display(), args.join(" "));
+        let child = Command::new(&manifest.qemu)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(|source| QemuError::Spawn {
+                qemu: manifest.qemu.clone(),
+                source,
+            })?;
+        Ok(Vm {
+            child: Some(child),
+            started: Instant::now(),
+            timeout: spec.timeout,
+            serial_log,
+            qmp_socket,
+        })
+    }
+
+    /// The QEMU process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether QEMU is still running.
+    pub fn running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Waits for QEMU to exit, killing it when the hard timeout expires.
+    pub fn wait(&mut self) -> Result<BootExit, QemuError> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(BootExit {
+                status: None,
+                timed_out: false,
+                elapsed: self.started.elapsed(),
+            });
+        };
+        loop {
+            if let Some(status) = child.try_wait().map_err(QemuError::Wait)? {
+                self.child = None;
+                return Ok(BootExit {
+                    status: Some(status),
+                    timed_out: false,
+                    elapsed: self.started.elapsed(),
+                });
+            }
+            if self.started.elapsed() >= self.timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                self.child = None;
+                return Ok(BootExit {
+                    status: None,
+                    timed_out: true,
+                    elapsed: self.started.elapsed(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(s) = &self.qmp_socket {
+            let _ = std::fs::remove_file(s);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_carries_scenario_and_args() {
+        let mut spec = BootSpec::new("bitmap");
+        spec.guest_args = vec!["fill=64".into(), "rounds=3".into()];
+        let c = spec.cmdline();
+        assert!(c.starts_with("console=ttyS0 panic=-1"));
+        assert!(c.contains(" fh.scenario=bitmap"));
+        assert!(c.ends_with(" fh.args=fill=64,rounds=3"));
+        assert_eq!(spec.label(), "bitmap-normal-pc-1024m");
+    }
+
+    #[test]
+    fn qemu_args_are_tcg_and_no_reboot() {
+        let mut spec = BootSpec::new("x");
+        spec.machine = Machine::Q35;
+        spec.mem_mib = 6144;
+        let image = FlavourImage {
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+        };
+        let a = spec.qemu_args(&image, Some(Path::new("/s.qmp")));
+        let joined = a.join(" ");
+        assert!(joined.contains("-accel tcg -machine q35 -m 6144M -smp 2"));
+        assert!(joined.contains("-no-reboot"));
+        assert!(joined.contains("-kernel /k -initrd /i"));
+        assert!(joined.contains("-qmp unix:/s.qmp,server=on,wait=off"));
+    }
+}

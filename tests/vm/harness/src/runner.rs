@@ -1,0 +1,271 @@
+//! The scenario context: boots guests, turns their output into results,
+//! prints one JSON object per result on stdout and keeps the tally.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Map, Value};
+use thiserror::Error;
+
+use crate::guest::{result_ok, GuestOutput};
+use crate::manifest::{Manifest, ManifestError};
+use crate::qemu::{BootSpec, QemuError, Vm};
+
+/// Errors that abort a scenario (as opposed to failed results, which are
+/// reported and counted).
+#[derive(Debug, Error)]
+pub enum HarnessError {
+    /// The manifest is missing or broken.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// QEMU could not be run.
+    #[error(transparent)]
+    Qemu(#[from] QemuError),
+    /// QMP failed.
+    #[error(transparent)]
+    Qmp(#[from] crate::qmp::QmpError),
+    /// A file could not be read or written.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Anything else, with a message.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What one boot produced, after its results were printed.
+#[derive(Debug, Clone)]
+pub struct BootReport {
+    /// The boot that ran.
+    pub spec: BootSpec,
+    /// Guest results, each already carrying the boot fields.
+    pub results: Vec<Map<String, Value>>,
+    /// Whether the boot as a whole was clean (exit, rc 0, no splat, no timeout).
+    pub ok: bool,
+    /// Serial log path.
+    pub serial_log: PathBuf,
+    /// Wall-clock seconds.
+    pub elapsed_s: f64,
+}
+
+impl BootReport {
+    /// All numeric values of `field` over this boot's results.
+    pub fn numbers(&self, field: &str) -> Vec<f64> {
+        self.results
+            .iter()
+            .filter_map(|r| r.get(field).and_then(Value::as_f64))
+            .collect()
+    }
+}
+
+/// Context handed to every scenario.
+#[derive(Debug)]
+pub struct Ctx {
+    /// Repository root.
+    pub repo: PathBuf,
+    /// The image manifest.
+    pub manifest: Manifest,
+    /// Where serial logs and sockets go (`target/vm/logs/<scenario>/`).
+    pub log_dir: PathBuf,
+    /// Multiplier for every boot timeout (slow machines).
+    pub timeout_scale: f64,
+    /// Flavour override from the command line, if any.
+    pub flavour_override: Option<String>,
+    passed: usize,
+    failed: usize,
+    failed_logs: Vec<PathBuf>,
+    boots: usize,
+}
+
+/// Emits one JSON line on stdout.
+pub fn emit(obj: &Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{obj}");
+    let _ = out.flush();
+}
+
+impl Ctx {
+    /// A context for `scenario`, logs under `repo/target/vm/logs/<scenario>`.
+    pub fn new(repo: &Path, manifest: Manifest, scenario: &str) -> Result<Ctx, HarnessError> {
+        let log_dir = repo.join("target/vm/logs").join(scenario);
+        std::fs::create_dir_all(&log_dir).map_err(|source| HarnessError::Io {
+            what: "cannot create log dir",
+            path: log_dir.clone(),
+            source,
+        })?;
+        Ok(Ctx {
+            repo: repo.to_path_buf(),
+            manifest,
+            log_dir,
+            timeout_scale: 1.0,
+            flavour_override: None,
+            passed: 0,
+            failed: 0,
+            failed_logs: Vec::new(),
+            boots: 0,
+        })
+    }
+
+    /// Number of passed results so far.
+    pub fn passed(&self) -> usize {
+        self.passed
+    }
+
+    /// Number of failed results so far.
+    pub fn failed(&self) -> usize {
+        self.failed
+    }
+
+    /// Number of boots so far.
+    pub fn boots(&self) -> usize {
+        self.boots
+    }
+
+    /// Serial logs of boots that had a failure.
+    pub fn failed_logs(&self) -> &[PathBuf] {
+        &self.failed_logs
+    }
+
+    /// Prints and counts one result (must have `"name"` and `"ok"`).
+    pub fn record(&mut self, result: Map<String, Value>) {
+        if result_ok(&result) {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+        }
+        emit(&Value::Object(result));
+    }
+
+    /// Boots `spec`, waits for it, prints its results (with the boot fields
+    /// `flavour`, `machine`, `mem_mib` added) and a `boot` result that fails on
+    /// timeout, splat, missing `@@DONE`, non-zero rc, malformed or no results.
+    pub fn boot(&mut self, mut spec: BootSpec) -> Result<BootReport, HarnessError> {
+        if let Some(f) = &self.flavour_override {
+            spec.flavour = f.clone();
+        }
+        spec.timeout = spec.timeout.mul_f64(self.timeout_scale.max(0.1));
+        self.boots += 1;
+        let label = spec.label();
+        eprintln!(
+            "[vmtest] boot {}: {} ({} MiB, {}, {} flavour, timeout {}s)",
+            self.boots,
+            spec.guest_scenario,
+            spec.mem_mib,
+            spec.machine.name(),
+            spec.flavour,
+            spec.timeout.as_secs()
+        );
+        let mut vm = Vm::start(&self.manifest, &spec, &self.log_dir)?;
+        let exit = vm.wait()?;
+        let serial_log = vm.serial_log.clone();
+        drop(vm);
+        let text = std::fs::read(&serial_log).map_err(|source| HarnessError::Io {
+            what: "cannot read serial log",
+            path: serial_log.clone(),
+            source,
+        })?;
+        let out = GuestOutput::parse(&String::from_utf8_lossy(&text));
+        self.finish_boot(spec, out, exit, serial_log, &label)
+    }
+
+    fn boot_fields(spec: &BootSpec) -> [(&'static str, Value); 3] {
+        [
+            ("flavour", json!(spec.flavour)),
+            ("machine", json!(spec.machine.name())),
+            ("mem_mib", json!(spec.mem_mib)),
+        ]
+    }
+
+    fn finish_boot(
+        &mut self,
+        spec: BootSpec,
+        out: GuestOutput,
+        exit: crate::qemu::BootExit,
+        serial_log: PathBuf,
+        label: &str,
+    ) -> Result<BootReport, HarnessError> {
+        let mut results = Vec::new();
+        let mut all_ok = true;
+        for mut r in out.results.iter().cloned() {
+            for (k, v) in Self::boot_fields(&spec) {
+                r.entry(k).or_insert(v);
+            }
+            all_ok &= result_ok(&r);
+            results.push(r.clone());
+            self.record(r);
+        }
+        let mut problems = Vec::new();
+        if exit.timed_out {
+            problems.push(format!("timeout after {}s", exit.elapsed.as_secs()));
+        }
+        match out.done_rc {
+            None => problems.push("no @@DONE (guest did not finish)".into()),
+            Some(0) => {}
+            Some(rc) => problems.push(format!("guest scenario exited rc={rc}")),
+        }
+        if out.splat_count > 0 {
+            problems.push(format!("{} kernel splat line(s)", out.splat_count));
+        }
+        if !out.malformed.is_empty() {
+            problems.push(format!(
+                "{} malformed @@RESULT line(s)",
+                out.malformed.len()
+            ));
+        }
+        if out.results.is_empty() {
+            problems.push("no @@RESULT lines".into());
+        }
+        let boot_ok = problems.is_empty();
+        let mut b = Map::new();
+        b.insert("name".into(), json!("boot"));
+        b.insert("ok".into(), json!(boot_ok));
+        b.insert("scenario".into(), json!(spec.guest_scenario));
+        for (k, v) in Self::boot_fields(&spec) {
+            b.insert(k.into(), v);
+        }
+        b.insert("rc".into(), json!(out.done_rc));
+        b.insert(
+            "elapsed_s".into(),
+            json!((exit.elapsed.as_secs_f64() * 10.0).round() / 10.0),
+        );
+        if !boot_ok {
+            b.insert("problems".into(), json!(problems));
+            b.insert("splats".into(), json!(out.splats));
+            b.insert("malformed".into(), json!(out.malformed));
+            b.insert("log".into(), json!(serial_log.display().to_string()));
+        }
+        self.record(b);
+        let ok = boot_ok && all_ok;
+        if !ok {
+            self.failed_logs.push(serial_log.clone());
+        }
+        eprintln!(
+            "[vmtest]   {label}: {} in {:.1}s{}",
+            if ok { "ok" } else { "FAILED" },
+            exit.elapsed.as_secs_f64(),
+            if ok {
+                String::new()
+            } else {
+                format!(
+                    " ({}; serial log {})",
+                    problems.join("; "),
+                    serial_log.display()
+                )
+            }
+        );
+        Ok(BootReport {
+            spec,
+            results,
+            ok,
+            serial_log,
+            elapsed_s: exit.elapsed.as_secs_f64(),
+        })
+    }
+}

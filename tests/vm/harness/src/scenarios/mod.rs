@@ -1,0 +1,159 @@
+//! The scenario registry.
+//!
+//! A scenario is a host-side function that boots one or more guests through
+//! [`Ctx::boot`] and returns its summary object (printed as the scenario's
+//! last JSON line, `{"scenario": NAME, "ok": ..., ...}`). To add one: write a
+//! module here with a `pub fn run(ctx: &mut Ctx) -> Result<Map, HarnessError>`,
+//! add it to [`SCENARIOS`], and put the guest half in
+//! `tests/vm/guest/scenarios/<guest-script>.sh` (it prints `@@RESULT {json}`
+//! lines; the init prints `@@DONE rc=N` when it returns).
+
+use serde_json::{Map, Value};
+
+use crate::runner::{Ctx, HarnessError};
+
+pub mod bench_bitmap;
+pub mod bitmap;
+pub mod demo;
+pub mod qemu_hint;
+pub mod qemu_migrate;
+pub mod qemu_pingpong;
+pub mod smoke;
+
+/// A scenario's entry point: returns the summary fields (`ok` included).
+pub type RunFn = fn(&mut Ctx) -> Result<Map<String, Value>, HarnessError>;
+
+/// One registered scenario.
+#[derive(Debug, Clone, Copy)]
+pub struct Scenario {
+    /// Name on the command line (`tests/vm/run NAME`).
+    pub name: &'static str,
+    /// One-line description for `--list`.
+    pub description: &'static str,
+    /// Whether `tests/all` (CI) runs it (`--list-ci`).
+    pub ci: bool,
+    /// The entry point.
+    pub run: RunFn,
+}
+
+/// Every scenario, in the order CI runs them.
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "smoke",
+        description: "boot normal and debug kernels, load/unload virtio_balloon.ko and freehint.ko",
+        ci: true,
+        run: smoke::run,
+    },
+    Scenario {
+        name: "bitmap",
+        description: "freehint bitmap builder: {1,6} GiB x {pc,q35} + lockdep churn (issue 2)",
+        ci: true,
+        run: bitmap::run,
+    },
+    Scenario {
+        name: "qemu-hint",
+        description: "one free page hint round against QEMU's virtio-balloon, hints consumed (issue 5)",
+        ci: true,
+        run: qemu_hint::run,
+    },
+    Scenario {
+        name: "qemu-migrate",
+        description: "live migration matrix {idle,dirty-keep,dirty-free} x driver x init_on_alloc, 4 GiB (issue 5)",
+        ci: true,
+        run: qemu_migrate::run,
+    },
+    Scenario {
+        name: "qemu-pingpong",
+        description: "10 migrations back and forth under the integrity workload (issue 5)",
+        ci: true,
+        run: qemu_pingpong::run,
+    },
+    Scenario {
+        name: "bench-migrate",
+        description: "migration matrix at 4+8 GiB, 3 runs per cell -> target/bench/migrate.json",
+        ci: false,
+        run: qemu_migrate::bench,
+    },
+    Scenario {
+        name: "bench-pingpong",
+        description: "20 migrations back and forth under the integrity workload",
+        ci: false,
+        run: qemu_pingpong::bench,
+    },
+    Scenario {
+        name: "demo",
+        description: "main job: 4 GiB dirtied-then-freed guest migrated without/with hints, side-by-side table",
+        ci: false,
+        run: demo::run,
+    },
+    Scenario {
+        name: "bench-bitmap",
+        description: "bitmap walk time / lock hold at idle 1, 4, 8 GiB -> target/bench/bitmap.json",
+        ci: false,
+        run: bench_bitmap::run,
+    },
+];
+
+/// Looks a scenario up by name.
+pub fn find(name: &str) -> Option<&'static Scenario> {
+    SCENARIOS.iter().find(|s| s.name == name)
+}
+
+/// Largest value of `field` over `reports`' results (None if absent everywhere).
+pub fn max_of(reports: &[crate::runner::BootReport], field: &str) -> Option<f64> {
+    reports
+        .iter()
+        .flat_map(|r| r.numbers(field))
+        .fold(None, |m, v| Some(m.map_or(v, |m: f64| m.max(v))))
+}
+
+/// Sum of `field` over `reports`' results (None if absent everywhere).
+pub fn sum_of(reports: &[crate::runner::BootReport], field: &str) -> Option<f64> {
+    reports
+        .iter()
+        .flat_map(|r| r.numbers(field))
+        .fold(None, |s, v| Some(s.unwrap_or(0.0) + v))
+}
+
+/// Walk time in ms of one boot: `walk_ms`, else `walk_us` / 1000 (largest seen).
+pub fn walk_ms(report: &crate::runner::BootReport) -> Option<f64> {
+    let ms = report.numbers("walk_ms").into_iter().reduce(f64::max);
+    ms.or_else(|| {
+        report
+            .numbers("walk_us")
+            .into_iter()
+            .reduce(f64::max)
+            .map(|us| us / 1000.0)
+    })
+}
+
+/// Converts an f64 that holds an integer to a JSON integer, else a float.
+pub fn num(v: f64) -> Value {
+    if v.fract() == 0.0 && v.abs() < 9.0e15 {
+        Value::from(v as i64)
+    } else {
+        Value::from((v * 1000.0).round() / 1000.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_findable() {
+        for s in SCENARIOS {
+            assert_eq!(SCENARIOS.iter().filter(|o| o.name == s.name).count(), 1);
+            assert!(find(s.name).is_some());
+        }
+        assert!(find("bitmap").is_some_and(|s| s.ci));
+        assert!(find("bench-bitmap").is_some_and(|s| !s.ci));
+        assert!(find("nope").is_none());
+    }
+
+    #[test]
+    fn num_keeps_integers() {
+        assert_eq!(num(3.0), Value::from(3));
+        assert_eq!(num(1.23456), Value::from(1.235));
+    }
+}

@@ -1,0 +1,251 @@
+//! `qemu-migrate` (CI) and `bench-migrate` (benchmark): live migration of a
+//! TCG guest between two QEMUs on 127.0.0.1, matrix workload {idle,
+//! dirty-keep, dirty-free} × driver {none, stock `virtio_balloon`, freehint}
+//! × `init_on_alloc` {1, 0}. CI: 4 GiB, one run per cell. Benchmark: 4 and
+//! 8 GiB, `FREEHINT_BENCH_REPS` (default 3) runs per cell, medians, JSON in
+//! `target/bench/migrate.json`.
+//!
+//! Every cell prints one JSON line (bytes, total ms, downtime, integrity
+//! verdict of the destination guest); the summary carries the ratios of
+//! issue 5 (`null` while a column is not measurable, e.g. freehint pending).
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Map, Value};
+
+use crate::migrate::{cell_json, median, qemu_version, run_cell, Cell, Driver, Workload};
+use crate::runner::{emit, Ctx, HarnessError};
+
+/// All drivers, in column order.
+pub const DRIVERS: [Driver; 3] = [Driver::None, Driver::Stock, Driver::Freehint];
+/// All workloads, in row order.
+pub const WORKLOADS: [Workload; 3] = [Workload::Idle, Workload::DirtyKeep, Workload::DirtyFree];
+
+/// Key of a cell in the result table: (mem MiB, driver, workload, init_on_alloc).
+pub type Key = (u64, &'static str, &'static str, bool);
+
+/// Measured figures per cell (one entry per run).
+#[derive(Debug, Default)]
+pub struct Table {
+    /// Bytes sent per run.
+    pub bytes: BTreeMap<Key, Vec<f64>>,
+    /// Total ms per run.
+    pub total_ms: BTreeMap<Key, Vec<f64>>,
+    /// Downtime ms per run.
+    pub downtime_ms: BTreeMap<Key, Vec<f64>>,
+    /// Guest used MiB at ready time per run.
+    pub used_mib: BTreeMap<Key, Vec<f64>>,
+    /// Failed integrity verdicts / broken runs.
+    pub failures: usize,
+    /// Runs done.
+    pub runs: usize,
+}
+
+impl Table {
+    fn med(m: &BTreeMap<Key, Vec<f64>>, k: &Key) -> Option<f64> {
+        m.get(k).and_then(|v| median(v))
+    }
+
+    /// Median bytes of a cell.
+    pub fn bytes_med(&self, k: &Key) -> Option<f64> {
+        Self::med(&self.bytes, k)
+    }
+
+    /// Median total ms of a cell.
+    pub fn total_med(&self, k: &Key) -> Option<f64> {
+        Self::med(&self.total_ms, k)
+    }
+
+    /// Median downtime of a cell.
+    pub fn downtime_med(&self, k: &Key) -> Option<f64> {
+        Self::med(&self.downtime_ms, k)
+    }
+
+    /// Median used MiB of a cell.
+    pub fn used_med(&self, k: &Key) -> Option<f64> {
+        Self::med(&self.used_mib, k)
+    }
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Value {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => json!((a / b * 1000.0).round() / 1000.0),
+        _ => Value::Null,
+    }
+}
+
+/// Runs the cells for `sizes` × `reps`, records every line, fills a table.
+pub fn run_matrix(
+    ctx: &mut Ctx,
+    sizes: &[u64],
+    reps: usize,
+    ioas: &[bool],
+) -> Result<Table, HarnessError> {
+    let mut t = Table::default();
+    for d in DRIVERS {
+        if !d.enabled() {
+            let note = "pending: freehint.ko cannot answer free page hints yet; \
+                        set FREEHINT_MIGRATE_DRIVERS=none,stock,freehint to measure it";
+            eprintln!("[migrate] driver {}: {note}", d.name());
+            emit(&json!({"name": format!("migrate/{}", d.name()), "ok": null,
+                         "pending": true, "note": note}));
+        }
+    }
+    for rep in 0..reps {
+        for &mem in sizes {
+            for &ioa in ioas {
+                for w in WORKLOADS {
+                    for d in DRIVERS.into_iter().filter(|d| d.enabled()) {
+                        let cell = Cell::new(mem, d, w, ioa);
+                        eprintln!("[migrate] run {}/{reps}: {}", rep + 1, cell.label());
+                        let out = run_cell(
+                            &ctx.manifest,
+                            &ctx.log_dir,
+                            &cell,
+                            ctx.timeout_scale,
+                            &mut |l| eprintln!("[migrate]   {l}"),
+                        )?;
+                        let mut line = cell_json(&cell, &out, 0);
+                        line.insert("rep".into(), json!(rep + 1));
+                        if let Some(v) = out.hint_vq.first() {
+                            line.insert("free_page_vq".into(), v.clone());
+                        }
+                        ctx.record(line);
+                        t.runs += 1;
+                        if !out.ok() {
+                            t.failures += 1;
+                            continue;
+                        }
+                        let k: Key = (mem, d.name(), w.name(), ioa);
+                        if let Some(s) = out.migrations.first() {
+                            t.bytes.entry(k).or_default().push(s.transferred as f64);
+                            t.total_ms.entry(k).or_default().push(s.total_ms as f64);
+                            t.downtime_ms
+                                .entry(k)
+                                .or_default()
+                                .push(s.downtime_ms as f64);
+                        }
+                        if let Some(u) = out.ready.get("used_mib").and_then(Value::as_f64) {
+                            t.used_mib.entry(k).or_default().push(u);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(t)
+}
+
+/// The issue-5 summary fields from a table (4 GiB, `init_on_alloc=1` for the
+/// byte ratios; the worst workload and both `init_on_alloc` for time).
+pub fn summary(ctx: &Ctx, t: &Table, sizes: &[u64], ioas: &[bool]) -> Map<String, Value> {
+    let df = |d: &'static str| -> Key { (4096, d, "dirty-free", true) };
+    let used_bytes = |k: &Key| t.used_med(k).map(|u| u * 1048576.0);
+    let time_max = |d: &'static str| -> Value {
+        let mut worst: Option<f64> = None;
+        for &mem in sizes {
+            for &ioa in ioas {
+                for w in WORKLOADS {
+                    let h = t.total_med(&(mem, d, w.name(), ioa));
+                    let n = t.total_med(&(mem, "none", w.name(), ioa));
+                    if let (Some(h), Some(n)) = (h, n) {
+                        if n > 0.0 {
+                            worst = Some(worst.map_or(h / n, |x: f64| x.max(h / n)));
+                        }
+                    }
+                }
+            }
+        }
+        worst.map_or(Value::Null, |x| json!((x * 1000.0).round() / 1000.0))
+    };
+    let mut s = Map::new();
+    s.insert(
+        "bytes_freehint_over_stock".into(),
+        ratio(t.bytes_med(&df("freehint")), t.bytes_med(&df("stock"))),
+    );
+    s.insert(
+        "bytes_freehint_over_used".into(),
+        ratio(t.bytes_med(&df("freehint")), used_bytes(&df("freehint"))),
+    );
+    s.insert("time_hints_over_nohints_max".into(), time_max("freehint"));
+    s.insert("integrity_failures".into(), json!(t.failures));
+    s.insert(
+        "bytes_stock_over_nohints".into(),
+        ratio(t.bytes_med(&df("stock")), t.bytes_med(&df("none"))),
+    );
+    s.insert(
+        "bytes_stock_over_used".into(),
+        ratio(t.bytes_med(&df("stock")), used_bytes(&df("stock"))),
+    );
+    s.insert("time_stock_over_nohints_max".into(), time_max("stock"));
+    s.insert(
+        "freehint".into(),
+        json!(if Driver::Freehint.enabled() {
+            "measured"
+        } else {
+            "pending"
+        }),
+    );
+    s.insert("runs".into(), json!(t.runs));
+    s.insert("qemu".into(), json!(qemu_version(&ctx.manifest)));
+    s.insert("ok".into(), json!(t.failures == 0 && t.runs > 0));
+    s
+}
+
+/// The per-cell medians as JSON rows (for the benchmark file).
+pub fn rows(t: &Table) -> Vec<Value> {
+    t.bytes
+        .keys()
+        .map(|k| {
+            let n = t.bytes.get(k).map_or(0, Vec::len);
+            json!({
+                "mem_mib": k.0, "driver": k.1, "workload": k.2,
+                "init_on_alloc": u8::from(k.3), "runs": n,
+                "bytes_median": t.bytes_med(k), "mb_sent_median": t.bytes_med(k).map(|b| (b / 1e5).round() / 10.0),
+                "total_ms_median": t.total_med(k), "downtime_ms_median": t.downtime_med(k),
+                "guest_used_mib_median": t.used_med(k),
+                "bytes": t.bytes.get(k), "total_ms": t.total_ms.get(k),
+            })
+        })
+        .collect()
+}
+
+/// CI: 4 GiB, one run per cell.
+pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
+    let sizes = [4096];
+    let ioas = [true, false];
+    let t = run_matrix(ctx, &sizes, 1, &ioas)?;
+    Ok(summary(ctx, &t, &sizes, &ioas))
+}
+
+/// Benchmark: 4 and 8 GiB, `FREEHINT_BENCH_REPS` (≥ 3) runs per cell,
+/// written to `target/bench/migrate.json`.
+pub fn bench(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
+    let reps = std::env::var("FREEHINT_BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3usize)
+        .max(1);
+    let sizes = [4096, 8192];
+    let ioas = [true, false];
+    let t = run_matrix(ctx, &sizes, reps, &ioas)?;
+    let s = summary(ctx, &t, &sizes, &ioas);
+    let dir = ctx.repo.join("target/bench");
+    let path = dir.join("migrate.json");
+    let doc = json!({
+        "benchmark": "migrate",
+        "command": "tests/vm/run bench-migrate",
+        "reps": reps,
+        "summary": s,
+        "cells": rows(&t),
+    });
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&path, format!("{doc:#}\n")))
+        .map_err(|source| HarnessError::Io {
+            what: "cannot write",
+            path: path.clone(),
+            source,
+        })?;
+    eprintln!("[migrate] wrote {}", path.display());
+    Ok(s)
+}

@@ -1,0 +1,75 @@
+//! `qemu-pingpong` (CI: 5 round trips = 10 migrations) and `bench-pingpong`
+//! (20 migrations): one guest migrated back and forth under the integrity
+//! workload with the hinting driver under test (freehint when enabled, else
+//! the stock `virtio_balloon`), `init_on_alloc=1`. Every destination verifies
+//! every live page; the guest must be alive and power off cleanly at the end.
+
+use serde_json::{json, Map, Value};
+
+use crate::migrate::{cell_json, qemu_version, run_cell, Cell, Driver, Workload};
+use crate::runner::{Ctx, HarnessError};
+
+fn pingpong(ctx: &mut Ctx, migrations: usize) -> Result<Map<String, Value>, HarnessError> {
+    let driver = if Driver::Freehint.enabled() {
+        Driver::Freehint
+    } else {
+        Driver::Stock
+    };
+    let mut cell = Cell::new(4096, driver, Workload::DirtyFree, true);
+    cell.migrations = migrations;
+    cell.churn_mib = 64;
+    cell.pace_us = 50;
+    eprintln!(
+        "[pingpong] {} migrations, driver {}",
+        migrations,
+        driver.name()
+    );
+    let out = run_cell(
+        &ctx.manifest,
+        &ctx.log_dir,
+        &cell,
+        ctx.timeout_scale,
+        &mut |l| eprintln!("[pingpong]   {l}"),
+    )?;
+    for i in 0..out.migrations.len().max(1) {
+        let mut line = cell_json(&cell, &out, i);
+        line.insert("name".into(), json!(format!("pingpong/{}", i + 1)));
+        if let Some(v) = out.hint_vq.get(i) {
+            line.insert("free_page_vq".into(), v.clone());
+        }
+        ctx.record(line);
+    }
+    let mut s = Map::new();
+    s.insert("migrations".into(), json!(out.migrations.len()));
+    s.insert("integrity_failures".into(), json!(out.integrity_failures()));
+    s.insert("corrupt_pages".into(), json!(out.corrupt_pages()));
+    s.insert("driver".into(), json!(driver.name()));
+    s.insert("guest_alive_at_end".into(), json!(out.problems.is_empty()));
+    s.insert(
+        "pages_checked".into(),
+        json!(out
+            .integrity
+            .iter()
+            .filter_map(|r| r.get("pages_checked").and_then(Value::as_u64))
+            .sum::<u64>()),
+    );
+    s.insert("qemu".into(), json!(qemu_version(&ctx.manifest)));
+    if !out.problems.is_empty() {
+        s.insert("problems".into(), json!(out.problems));
+    }
+    s.insert(
+        "ok".into(),
+        json!(out.ok() && out.migrations.len() == migrations),
+    );
+    Ok(s)
+}
+
+/// CI: 10 migrations.
+pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
+    pingpong(ctx, 10)
+}
+
+/// Benchmark: 20 migrations.
+pub fn bench(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
+    pingpong(ctx, 20)
+}
