@@ -478,6 +478,12 @@ impl Ctx<'_> {
                 break;
             };
             let head = chain.head_index();
+            if head >= q.size() {
+                // Cannot be returned through the used ring either.
+                BalloonMetrics::inc(&self.metrics().bad_head_index);
+                warn!("{kind}: available ring names descriptor {head} beyond the queue; skipped");
+                continue;
+            }
             let mut descs = std::mem::take(&mut st.descs);
             let collected = collect_chain(chain, self.mem, &mut descs);
             let used_len = match collected {

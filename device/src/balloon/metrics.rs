@@ -62,6 +62,9 @@ metrics! {
     /// Chains rejected because they had more than `MAX_CHAIN_DESCRIPTORS`
     /// descriptors or ended in a cut-off loop.
     chain_too_long,
+    /// Available ring entries naming a descriptor beyond the queue size
+    /// (skipped; they cannot be returned used).
+    bad_head_index,
     /// Chains with a descriptor outside guest memory.
     descriptor_out_of_memory,
     /// Chains whose descriptors go the wrong direction for their queue.
