@@ -245,7 +245,7 @@ fn cmd_id_outbuf_not_4_bytes() {
 fn bitmap_chunk_beyond_ram() {
     let mut d = drv();
     let id = started_round(&mut d);
-    let total = 16 * MIB >> 12; // 4096 bits
+    let total = (16 * MIB) >> 12; // 4096 bits
     let words = vec![!0u64; 200];
     d.send_chunk(id, &words, total, 64);
     d.send_chunk(id, &words, total - 64, 128);
