@@ -686,4 +686,185 @@ mod tests {
         assert!(d.dma_ranges().is_empty());
         assert_eq!(cfg_read(&mut d, 0, 4), 0x1045_1af4);
     }
+
+    /// xorshift64*: a tiny deterministic PRNG for the hostile-driver test.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n.max(1)
+        }
+    }
+
+    /// A hostile driver against the real Balloon: random register writes,
+    /// status sequences, queue addresses into (random) guest memory and
+    /// notifies. The server must never panic and must come back clean after
+    /// a reset.
+    #[test]
+    fn hostile_driver_against_the_real_balloon() {
+        use freehint_device::balloon::Layout;
+        use freehint_device::{Balloon, BalloonConfig};
+        use std::io::Write;
+
+        const MEM: u64 = 1 << 20;
+        const RING_STRIDE: u64 = 0x10000;
+        let layout = Layout::from_ram_byte_ranges(&[(0, MEM)]).unwrap();
+        let balloon = Balloon::new(BalloonConfig::all_features(layout)).unwrap();
+        let handle = balloon.handle();
+        let hints = balloon.hint_handle();
+        let mut d = VfioUserDevice::new(Box::new(balloon));
+        // SAFETY: memfd_create with a valid C string; the fd is owned here.
+        let fd = unsafe { libc::memfd_create(c"hostile".as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: fresh fd owned by nobody else.
+        let mut f = unsafe { File::from_raw_fd(fd) };
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let garbage: Vec<u8> = (0..MEM).map(|_| rng.next() as u8).collect();
+        f.write_all(&garbage).unwrap();
+        d.dma_map(
+            DmaMapFlags::READ_WRITE,
+            0,
+            0,
+            MEM,
+            Some(f.try_clone().unwrap()),
+        )
+        .unwrap();
+        let (irq_fd, _keep) = eventfd();
+        d.set_irqs(
+            VFIO_PCI_MSIX_IRQ_INDEX,
+            VFIO_IRQ_SET_ACTION_TRIGGER | VFIO_IRQ_SET_DATA_EVENTFD,
+            0,
+            1,
+            vec![irq_fd],
+        )
+        .unwrap();
+        let regs = [
+            common::DEVICE_FEATURE_SELECT,
+            common::DRIVER_FEATURE_SELECT,
+            common::DRIVER_FEATURE,
+            common::CONFIG_MSIX_VECTOR,
+            common::DEVICE_STATUS,
+            common::QUEUE_SELECT,
+            common::QUEUE_SIZE,
+            common::QUEUE_MSIX_VECTOR,
+            common::QUEUE_ENABLE,
+            common::QUEUE_DESC,
+            common::QUEUE_DRIVER,
+            common::QUEUE_DEVICE,
+        ];
+        let mut driver_ok_seen = 0;
+        for round in 0..20000u64 {
+            // A plausible negotiation now and then, so queues go live.
+            if round % 50 == 0 {
+                for (reg, len, v) in [
+                    (common::DEVICE_STATUS, 1, 0u64),
+                    (common::DEVICE_STATUS, 1, 3),
+                    (common::DRIVER_FEATURE_SELECT, 4, 0),
+                    (common::DRIVER_FEATURE, 4, rng.next() & 0x3e),
+                    (common::DRIVER_FEATURE_SELECT, 4, 1),
+                    (common::DRIVER_FEATURE, 4, 1),
+                    (common::DEVICE_STATUS, 1, 0xb),
+                ] {
+                    bar0_write(&mut d, reg, len, v);
+                }
+                if rng.below(2) == 0 {
+                    f.set_len(0).unwrap();
+                    f.set_len(MEM).unwrap();
+                }
+                for q in 0..6u64 {
+                    bar0_write(&mut d, common::QUEUE_SELECT, 2, q);
+                    bar0_write(&mut d, common::QUEUE_SIZE, 2, 1 << rng.below(9));
+                    let base = if rng.below(8) == 0 {
+                        rng.below(MEM + 0x2000) & !0xf
+                    } else {
+                        q * RING_STRIDE
+                    };
+                    bar0_write(&mut d, common::QUEUE_DESC, 8, base);
+                    bar0_write(&mut d, common::QUEUE_DRIVER, 8, base + 0x4000);
+                    bar0_write(&mut d, common::QUEUE_DEVICE, 8, base + 0x8000);
+                    bar0_write(&mut d, common::QUEUE_ENABLE, 2, 1);
+                }
+                bar0_write(&mut d, common::DEVICE_STATUS, 1, 0xf);
+                if d.transport().status() & 4 != 0 {
+                    driver_ok_seen += 1;
+                }
+            }
+            match rng.below(10) {
+                0..=3 => {
+                    let q = rng.below(8);
+                    let _ = d.region_write(0, NOTIFY_CFG_OFFSET + 4 * q, &[0, 0]);
+                }
+                4 => {
+                    let reg = regs[rng.below(regs.len() as u64) as usize];
+                    let len = [1usize, 2, 4, 8][rng.below(4) as usize];
+                    let v = rng.next().to_le_bytes();
+                    let _ = d.region_write(0, reg, &v[..len]);
+                }
+                5 => {
+                    // Scribble on the rings: a small avail index, an avail
+                    // entry, or a random descriptor (addr, len, flags, next).
+                    let base = rng.below(6) * RING_STRIDE;
+                    let (at, v): (u64, Vec<u8>) = match rng.below(3) {
+                        0 => (base + 0x4002, (rng.below(8) as u16).to_le_bytes().to_vec()),
+                        1 => (
+                            base + 0x4004 + 2 * rng.below(8),
+                            (rng.below(300) as u16).to_le_bytes().to_vec(),
+                        ),
+                        _ => {
+                            let mut desc = Vec::with_capacity(16);
+                            let addr = if rng.below(4) == 0 {
+                                rng.next()
+                            } else {
+                                rng.below(MEM)
+                            };
+                            desc.extend_from_slice(&addr.to_le_bytes());
+                            desc.extend_from_slice(&(rng.below(0x3000) as u32).to_le_bytes());
+                            desc.extend_from_slice(&(rng.below(8) as u16).to_le_bytes());
+                            desc.extend_from_slice(&(rng.below(300) as u16).to_le_bytes());
+                            (base + 16 * rng.below(256), desc)
+                        }
+                    };
+                    let _ = std::os::unix::fs::FileExt::write_at(&f, &v, at);
+                }
+                6 => {
+                    let off = rng.below(0x40);
+                    let len = [1usize, 2, 4, 8][rng.below(4) as usize];
+                    let v = rng.next().to_le_bytes();
+                    let _ = d.region_write(0, crate::pci::DEVICE_CFG_OFFSET + off, &v[..len]);
+                }
+                7 => {
+                    let mut b = [0u8; 8];
+                    let len = 1 + rng.below(8) as usize;
+                    let _ = d.region_read(rng.below(8) as u32, rng.below(0x5000), &mut b[..len]);
+                }
+                8 => {
+                    let v = rng.next().to_le_bytes();
+                    let len = 1 + rng.below(4) as usize;
+                    let _ = d.region_write(CFG, rng.below(260), &v[..len]);
+                }
+                _ => {
+                    handle.set_target_pages(rng.below(300) as u32);
+                    if rng.below(4) == 0 {
+                        let _ = hints.start_round(hints.new_epoch());
+                    }
+                    let _ = handle.request_stats();
+                }
+            }
+        }
+        assert!(driver_ok_seen > 0, "the test never got a live device");
+        // Still serving: a reset brings back a clean, negotiable device.
+        d.reset().unwrap();
+        assert_eq!(d.transport().status(), 0);
+        assert_eq!(cfg_read(&mut d, 0, 4), 0x1045_1af4);
+        let m = handle.metrics().snapshot();
+        println!(
+            "after hostile run: {m:?} transport {:?}",
+            d.transport().stats()
+        );
+    }
 }
