@@ -30,6 +30,14 @@ mod debugfs;
 mod walk;
 mod zone;
 
+// The virtio-balloon driver (see balloon.rs; written by the "driver" helper).
+#[allow(dead_code, unreachable_pub, missing_docs)]
+#[path = "protocol/balloon.rs"]
+mod abi;
+mod balloon;
+mod hint;
+mod virtio;
+
 module! {
     type: FreeHint,
     name: "freehint",
@@ -42,6 +50,8 @@ module! {
 /// first (which waits for file operations in flight), then the file
 /// contexts, then the builder they point to.
 struct FreeHint {
+    /// The virtio-balloon driver; unregistered first (removes bound devices).
+    _virtio: Option<virtio::Registration>,
     _debugfs: debugfs::Dir,
     _ctxs: debugfs::FileCtxs,
     builder: Pin<KBox<Mutex<builder::Builder>>>,
@@ -67,7 +77,12 @@ impl kernel::Module for FreeHint {
                 walk_ns / 1000
             );
         }
+        // Harmless without a balloon device; a failure only disables it.
+        let virtio = virtio::Registration::new()
+            .inspect_err(|e| pr_warn!("virtio driver not registered ({:?})\n", e))
+            .ok();
         Ok(FreeHint {
+            _virtio: virtio,
             _debugfs: dir,
             _ctxs: ctxs,
             builder,

@@ -1,0 +1,524 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! The virtio-balloon driver logic (no `bindings::`, no `unsafe`: the
+//! virtio core is reached through `virtio.rs`).
+//!
+//! Behaviour follows Linux 6.12's `drivers/virtio/virtio_balloon.c` so the
+//! module can replace `virtio_balloon` (never load both: the first one bound
+//! keeps the device):
+//!
+//! - features: MUST_TELL_HOST, STATS_VQ, DEFLATE_ON_OOM, FREE_PAGE_HINT,
+//!   PAGE_POISON (free page reporting is not offered); queues are numbered
+//!   with the compacted rule of the protocol crate (`QueueLayout`);
+//! - inflate/deflate towards config `num_pages` in steps of 256 pfns (le32)
+//!   per buffer, `actual` written back after each step; deflate tells the
+//!   host before the pages are reused (required with MUST_TELL_HOST);
+//! - DEFLATE_ON_OOM: an OOM notifier gives back 256 pages per call; without
+//!   it, inflated pages leave the managed page count (as Linux);
+//! - stats queue: free, total, available memory and caches, plus faults,
+//!   swap and OOM kills when the kernel counts VM events;
+//! - PAGE_POISON: `poison_val` reported; hinting is refused (the feature is
+//!   not negotiated) if the kernel poisons free pages with a non-zero value
+//!   and the device does not offer PAGE_POISON, because pages the host
+//!   skipped would arrive as zeroes, not poison;
+//! - free page hinting: `hint.rs`, without allocating.
+
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use kernel::prelude::*;
+use kernel::sync::Mutex;
+use kernel::{c_str, new_mutex};
+
+use crate::abi;
+use crate::hint;
+use crate::virtio::{
+    self, BalloonPage, Callback, Device, DmaBuf, HintQueue, PageList, StatsQueue, Validator, Virtqueue, Work,
+};
+
+/// Pfns per inflate/deflate buffer (as Linux).
+const PFNS_PER_BUF: usize = 256;
+/// Bytes of one pfn buffer (le32 pfns).
+const PFN_BUF_BYTES: usize = PFNS_PER_BUF * 4;
+/// Pages given back per OOM notification (as Linux).
+const OOM_NR_PAGES: usize = 256;
+/// Linux's PAGE_POISON byte (include/linux/poison.h).
+const PAGE_POISON: u8 = 0xaa;
+/// Retry delay after a failed balloon page allocation (as Linux).
+const OUT_OF_PUFF_MS: u32 = 200;
+
+/// Feature negotiation, before the features are final: what to refuse.
+pub(crate) fn validate(v: &Validator) {
+    let p = virtio::poisoning();
+    if !p.page_poisoning && !p.init_on_free {
+        // Free pages hold no particular value: nothing to report.
+        v.clear(abi::VIRTIO_BALLOON_F_PAGE_POISON);
+    } else if p.page_poisoning && !v.has(abi::VIRTIO_BALLOON_F_PAGE_POISON) {
+        // Pages the host skips because they were hinted arrive as zeroes on
+        // the destination, and the poison check would report them corrupt.
+        pr_warn!("page poisoning is on and the device lacks PAGE_POISON: free page hinting refused\n");
+        v.clear(abi::VIRTIO_BALLOON_F_FREE_PAGE_HINT);
+    }
+    // As Linux: no indirect descriptors (no allocation when adding buffers),
+    // guest-physical addresses in descriptors.
+    v.clear(virtio::VIRTIO_RING_F_INDIRECT_DESC);
+    v.clear(virtio::VIRTIO_F_ACCESS_PLATFORM);
+}
+
+/// Negotiated features the driver acts on.
+#[derive(Clone, Copy, Debug)]
+struct Features {
+    bits: u64,
+    must_tell_host: bool,
+    deflate_on_oom: bool,
+    hint: bool,
+    poison: bool,
+}
+
+impl Features {
+    fn read(dev: &Device) -> Self {
+        let mut bits = 0u64;
+        for bit in [
+            abi::VIRTIO_BALLOON_F_MUST_TELL_HOST,
+            abi::VIRTIO_BALLOON_F_STATS_VQ,
+            abi::VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+            abi::VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+            abi::VIRTIO_BALLOON_F_PAGE_POISON,
+        ] {
+            if dev.has_feature(bit) {
+                bits |= abi::feature(bit);
+            }
+        }
+        Self {
+            bits,
+            must_tell_host: abi::has_feature(bits, abi::VIRTIO_BALLOON_F_MUST_TELL_HOST),
+            deflate_on_oom: abi::has_feature(bits, abi::VIRTIO_BALLOON_F_DEFLATE_ON_OOM),
+            hint: abi::has_feature(bits, abi::VIRTIO_BALLOON_F_FREE_PAGE_HINT),
+            poison: abi::has_feature(bits, abi::VIRTIO_BALLOON_F_PAGE_POISON),
+        }
+    }
+}
+
+/// Inflate/deflate state, under one lock (size work, OOM notifier, remove).
+struct Inflated {
+    inflate_vq: Virtqueue,
+    deflate_vq: Virtqueue,
+    pages: PageList,
+    pfns: DmaBuf<PFN_BUF_BYTES>,
+    /// Pages being deflated (capacity [`PFNS_PER_BUF`], allocated at probe:
+    /// the OOM path must not allocate).
+    leaking: KVec<BalloonPage>,
+}
+
+/// Free page hinting state (hint work only).
+struct HintState {
+    q: HintQueue,
+    batch: KVec<(u64, u32)>,
+    /// The id of the last round started (STOP before the first).
+    active: u32,
+    rounds: u64,
+}
+
+/// One bound balloon device.
+#[pin_data]
+pub(crate) struct Balloon {
+    dev: Device,
+    feat: Features,
+    #[pin]
+    inflated: Mutex<Inflated>,
+    #[pin]
+    stats: Mutex<Option<StatsQueue>>,
+    #[pin]
+    hint: Mutex<Option<HintState>>,
+    /// Config changed since the command id was last read.
+    cmd_dirty: AtomicBool,
+    /// Last command id read from config.
+    cmd_cache: AtomicU32,
+    /// Removal started: long work ends early.
+    stopping: AtomicBool,
+    oom_registered: AtomicBool,
+    torn_down: AtomicBool,
+}
+
+impl Balloon {
+    /// Sets up queues and state (the device is not ready yet and holds no
+    /// buffer of ours). On error the caller resets the device.
+    pub(crate) fn new(dev: Device) -> Result<Pin<KBox<Self>>> {
+        let feat = Features::read(&dev);
+        let layout = abi::QueueLayout::for_features(feat.bits);
+        let mut specs: KVec<(&'static CStr, Option<Callback>)> = KVec::with_capacity(abi::MAX_QUEUES, GFP_KERNEL)?;
+        for kind in layout.kinds() {
+            let spec = match kind {
+                abi::QueueKind::Inflate => (c_str!("inflate"), Some(Callback::Ack)),
+                abi::QueueKind::Deflate => (c_str!("deflate"), Some(Callback::Ack)),
+                abi::QueueKind::Stats => (c_str!("stats"), Some(Callback::Stats)),
+                abi::QueueKind::FreePage => (c_str!("free_page_vq"), Some(Callback::Ack)),
+                abi::QueueKind::Reporting => (c_str!("reporting_vq"), Some(Callback::Ack)),
+            };
+            specs.push(spec, GFP_KERNEL)?;
+        }
+        let vqs = dev.find_vqs(&specs)?;
+        let (mut inflate_vq, mut deflate_vq, mut stats_vq, mut free_vq) = (None, None, None, None);
+        for (kind, vq) in layout.kinds().iter().zip(vqs) {
+            match kind {
+                abi::QueueKind::Inflate => inflate_vq = Some(vq),
+                abi::QueueKind::Deflate => deflate_vq = Some(vq),
+                abi::QueueKind::Stats => stats_vq = Some(vq),
+                abi::QueueKind::FreePage => free_vq = Some(vq),
+                abi::QueueKind::Reporting => {}
+            }
+        }
+        let (Some(inflate_vq), Some(deflate_vq)) = (inflate_vq, deflate_vq) else {
+            return Err(ENODEV);
+        };
+        let stats = match stats_vq {
+            Some(vq) => Some(StatsQueue::new(vq)?),
+            None => None,
+        };
+        let hint = match free_vq {
+            Some(vq) => {
+                let q = HintQueue::new(vq)?;
+                dev.alloc_hint_wq()?;
+                Some(HintState {
+                    q,
+                    batch: KVec::with_capacity(hint::BATCH, GFP_KERNEL)?,
+                    active: abi::FREE_PAGE_HINT_CMD_ID_STOP,
+                    rounds: 0,
+                })
+            }
+            None => None,
+        };
+        let pages = dev.take_page_list().ok_or(EINVAL)?;
+        let inflated = Inflated {
+            inflate_vq,
+            deflate_vq,
+            pages,
+            pfns: DmaBuf::new()?,
+            leaking: KVec::with_capacity(PFNS_PER_BUF, GFP_KERNEL)?,
+        };
+        KBox::pin_init(
+            try_pin_init!(Self {
+                dev,
+                feat,
+                inflated <- new_mutex!(inflated, "freehint::inflated"),
+                stats <- new_mutex!(stats, "freehint::stats"),
+                hint <- new_mutex!(hint, "freehint::hint"),
+                cmd_dirty: AtomicBool::new(false),
+                cmd_cache: AtomicU32::new(abi::FREE_PAGE_HINT_CMD_ID_STOP),
+                stopping: AtomicBool::new(false),
+                oom_registered: AtomicBool::new(false),
+                torn_down: AtomicBool::new(false),
+            }),
+            GFP_KERNEL,
+        )
+    }
+
+    /// Lends the stats buffer, registers the OOM notifier, reports the
+    /// poison value, sets DRIVER_OK and starts towards the target. On error
+    /// the caller runs [`Balloon::teardown`].
+    pub(crate) fn start(&self) -> Result {
+        if let Some(s) = self.stats.lock().as_mut() {
+            s.post(fill_stats)?;
+        }
+        if self.feat.deflate_on_oom {
+            self.dev.register_oom()?;
+            self.oom_registered.store(true, Ordering::Release);
+        }
+        let poison_val = if self.feat.poison {
+            // 0 stands for init_on_free (pages are zeroed), else the poison
+            // byte repeated (a single byte, so no byte order issue).
+            let v = if virtio::poisoning().init_on_free {
+                0
+            } else {
+                u32::from_le_bytes([PAGE_POISON; 4])
+            };
+            self.dev.set_poison_val(v);
+            Some(v)
+        } else {
+            None
+        };
+        self.dev.ready();
+        let hint_ring = self.hint.lock().as_ref().map(|h| h.q.ring_size());
+        pr_info!(
+            "virtio-balloon bound: features {:#x} (must_tell_host={} deflate_on_oom={} hint={} poison={:?}), hint ring {:?}\n",
+            self.feat.bits,
+            self.feat.must_tell_host,
+            self.feat.deflate_on_oom,
+            self.feat.hint,
+            poison_val,
+            hint_ring
+        );
+        self.config_changed();
+        Ok(())
+    }
+
+    /// Stops everything, deflates fully, resets the device and deletes its
+    /// queues. Idempotent. After it returns nothing uses the state.
+    pub(crate) fn teardown(&self) {
+        if self.torn_down.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.stopping.store(true, Ordering::Release);
+        if self.oom_registered.swap(false, Ordering::AcqRel) {
+            self.dev.unregister_oom();
+        }
+        // Waits for the size, stats and hint work (the hint round sees
+        // `stopping` and ends within one wait).
+        self.dev.stop_and_cancel();
+        let returned = {
+            let mut inf = self.inflated.lock();
+            let mut total = 0;
+            while inf.pages.len() > 0 {
+                let n = self.leak_locked(&mut inf, PFNS_PER_BUF);
+                if n == 0 {
+                    break;
+                }
+                total += n;
+            }
+            self.dev.set_actual(clamp_u32(inf.pages.len()));
+            total
+        };
+        self.dev.reset_and_del_vqs();
+        let rounds = self.hint.lock().as_ref().map_or(0, |h| h.rounds);
+        pr_info!(
+            "virtio-balloon removed: {} pages returned, {} hint rounds\n",
+            returned,
+            rounds
+        );
+    }
+
+    /// Config space changed (interrupt context): queue the work it needs.
+    pub(crate) fn config_changed(&self) {
+        self.dev.queue_work(Work::Size);
+        if self.feat.hint && !self.cmd_dirty.swap(true, Ordering::AcqRel) {
+            self.dev.queue_work(Work::Hint);
+        }
+    }
+
+    /// The command id from config, read again only after a config change.
+    fn cmd_id_received(&self) -> u32 {
+        if self.cmd_dirty.swap(false, Ordering::AcqRel) {
+            self.cmd_cache.store(self.dev.cmd_id(), Ordering::Release);
+        }
+        self.cmd_cache.load(Ordering::Acquire)
+    }
+
+    /// Inflate or deflate one step towards `num_pages`, write `actual`,
+    /// requeue while not there.
+    pub(crate) fn size_work(&self) {
+        if self.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let target = i64::from(self.dev.num_pages());
+        let have = self.inflated.lock().pages.len() as i64;
+        let diff = target - have;
+        if diff == 0 {
+            return;
+        }
+        let step = diff.unsigned_abs().min(PFNS_PER_BUF as u64) as usize;
+        let done = if diff > 0 {
+            self.fill(step)
+        } else {
+            let mut inf = self.inflated.lock();
+            self.leak_locked(&mut inf, step)
+        };
+        let now = self.inflated.lock().pages.len();
+        self.dev.set_actual(clamp_u32(now));
+        if done == 0 && diff > 0 {
+            pr_info!("out of puff: cannot inflate to {} pages (at {})\n", target, now);
+            virtio::msleep(OUT_OF_PUFF_MS);
+        }
+        if i64::from(self.dev.num_pages()) != now as i64 {
+            self.dev.queue_work(Work::Size);
+        }
+    }
+
+    /// Allocates up to `n` pages (outside the lock) and inflates them.
+    fn fill(&self, n: usize) -> usize {
+        let Ok(mut new) = KVec::<BalloonPage>::with_capacity(n, GFP_KERNEL) else {
+            return 0;
+        };
+        while new.len() < n {
+            let Some(p) = BalloonPage::alloc() else { break };
+            if p.pfn32().is_none() {
+                // Above 16 TiB: not expressible in the le32 pfn ABI.
+                break;
+            }
+            if new.push(p, GFP_NOWAIT).is_err() {
+                break;
+            }
+        }
+        if new.is_empty() {
+            return 0;
+        }
+        let mut guard = self.inflated.lock();
+        let inf = &mut *guard;
+        let k = new.len();
+        for (i, p) in new.iter().enumerate() {
+            let pfn = p.pfn32().unwrap_or(0);
+            inf.pfns.bytes_mut()[i * 4..i * 4 + 4].copy_from_slice(&pfn.to_le_bytes());
+        }
+        if let Err(e) = inf.inflate_vq.send_and_wait(&inf.pfns, k * 4) {
+            // Not told to the host: the pages go straight back (dropped).
+            pr_warn!("inflate buffer refused ({:?})\n", e);
+            return 0;
+        }
+        while let Some(p) = virtio::vec_pop(&mut new) {
+            if !self.feat.deflate_on_oom {
+                p.adjust_managed(-1);
+            }
+            inf.pages.push(p);
+        }
+        k
+    }
+
+    /// Deflates up to `n` pages: tells the host, then frees them.
+    fn leak_locked(&self, inf: &mut Inflated, n: usize) -> usize {
+        let n = n.min(PFNS_PER_BUF).min(inf.pages.len());
+        while inf.leaking.len() < n {
+            let Some(p) = inf.pages.pop() else { break };
+            // Capacity PFNS_PER_BUF was reserved at probe: no allocation.
+            if let Err(e) = inf.leaking.push(p, GFP_NOWAIT) {
+                pr_warn!("deflate scratch full ({:?})\n", e);
+                break;
+            }
+        }
+        let k = inf.leaking.len();
+        if k == 0 {
+            return 0;
+        }
+        for i in 0..k {
+            let pfn = inf.leaking[i].pfn32().unwrap_or(0);
+            inf.pfns.bytes_mut()[i * 4..i * 4 + 4].copy_from_slice(&pfn.to_le_bytes());
+        }
+        if let Err(e) = inf.deflate_vq.send_and_wait(&inf.pfns, k * 4) {
+            pr_warn!("deflate buffer refused ({:?})\n", e);
+            if self.feat.must_tell_host {
+                // The host was not told: the pages stay in the balloon.
+                while let Some(p) = virtio::vec_pop(&mut inf.leaking) {
+                    inf.pages.push(p);
+                }
+                return 0;
+            }
+        }
+        while let Some(p) = virtio::vec_pop(&mut inf.leaking) {
+            if !self.feat.deflate_on_oom {
+                p.adjust_managed(1);
+            }
+            drop(p);
+        }
+        k
+    }
+
+    /// OOM notifier: gives back up to 256 pages; returns how many.
+    pub(crate) fn oom(&self) -> usize {
+        let mut inf = self.inflated.lock();
+        let n = self.leak_locked(&mut inf, OOM_NR_PAGES);
+        self.dev.set_actual(clamp_u32(inf.pages.len()));
+        n
+    }
+
+    /// The host took the stats buffer back: refill and lend it again.
+    pub(crate) fn stats_work(&self) {
+        let mut s = self.stats.lock();
+        let Some(q) = s.as_mut() else { return };
+        if !q.take_back() {
+            return;
+        }
+        if let Err(e) = q.post(fill_stats) {
+            pr_warn!("stats buffer refused ({:?})\n", e);
+        }
+    }
+
+    /// A config change arrived with hinting negotiated: start a round if
+    /// the command id is new.
+    pub(crate) fn hint_work(&self) {
+        let mut guard = self.hint.lock();
+        let Some(h) = guard.as_mut() else { return };
+        let id = self.cmd_id_received();
+        if id == abi::FREE_PAGE_HINT_CMD_ID_DONE {
+            // Nothing to give back: this driver never allocates to hint.
+            return;
+        }
+        if id == abi::FREE_PAGE_HINT_CMD_ID_STOP || id == h.active {
+            return;
+        }
+        h.active = id;
+        h.rounds += 1;
+        let ctl = Ctl { b: self, id };
+        let st = hint::run_round(&mut h.q, &mut h.batch, id, &ctl);
+        pr_info!(
+            "hint round {:#x}: {} blocks, {} pages ({} MiB), {} lock holds (max {} us), {} ring-full waits, {} returned, {} ms, end={}\n",
+            st.cmd_id,
+            st.blocks,
+            st.pages,
+            st.pages >> 8,
+            st.lock_holds,
+            st.max_hold_ns / 1000,
+            st.ring_full_waits,
+            st.returned,
+            st.round_ns / 1_000_000,
+            st.end.name()
+        );
+    }
+}
+
+/// Stop conditions of a hint round.
+struct Ctl<'a> {
+    b: &'a Balloon,
+    id: u32,
+}
+
+impl hint::Control for Ctl<'_> {
+    fn should_stop(&self) -> Option<hint::End> {
+        if self.b.stopping.load(Ordering::Acquire) {
+            return Some(hint::End::Removing);
+        }
+        match self.b.cmd_id_received() {
+            id if id == self.id => None,
+            abi::FREE_PAGE_HINT_CMD_ID_STOP => Some(hint::End::Stop),
+            abi::FREE_PAGE_HINT_CMD_ID_DONE => Some(hint::End::Done),
+            id => Some(hint::End::NewId(id)),
+        }
+    }
+}
+
+fn clamp_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Writes the stat entries (le16 tag, le64 value) into `buf`; returns the
+/// bytes used.
+fn fill_stats(buf: &mut [u8; virtio::STATS_BUF_BYTES]) -> usize {
+    let m = virtio::mem_stats();
+    let mut entries: [(u16, u64); 9] = [(0, 0); 9];
+    let mut n = 0;
+    if m.have_events != 0 {
+        for e in [
+            (abi::VIRTIO_BALLOON_S_SWAP_IN, m.swap_in_bytes),
+            (abi::VIRTIO_BALLOON_S_SWAP_OUT, m.swap_out_bytes),
+            (abi::VIRTIO_BALLOON_S_MAJFLT, m.major_faults),
+            (abi::VIRTIO_BALLOON_S_MINFLT, m.minor_faults),
+            (abi::VIRTIO_BALLOON_S_OOM_KILL, m.oom_kills),
+        ] {
+            entries[n] = e;
+            n += 1;
+        }
+    }
+    for e in [
+        (abi::VIRTIO_BALLOON_S_MEMFREE, m.free_bytes),
+        (abi::VIRTIO_BALLOON_S_MEMTOT, m.total_bytes),
+        (abi::VIRTIO_BALLOON_S_AVAIL, m.avail_bytes),
+        (abi::VIRTIO_BALLOON_S_CACHES, m.caches_bytes),
+    ] {
+        entries[n] = e;
+        n += 1;
+    }
+    let mut used = 0;
+    for &(tag, val) in &entries[..n] {
+        let Some(dst) = buf.get_mut(used..used + abi::VIRTIO_BALLOON_STAT_SIZE) else {
+            break;
+        };
+        dst.copy_from_slice(&abi::encode_stat(tag, val));
+        used += abi::VIRTIO_BALLOON_STAT_SIZE;
+    }
+    used
+}

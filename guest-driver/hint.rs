@@ -1,0 +1,306 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! Standard free page hinting (virtio 1.2 §5.5.6.8) without allocating.
+//!
+//! Linux's `virtio_balloon` answers a hint request by *allocating* order-10
+//! blocks and reporting them; with `init_on_alloc=1` that zeroes, and so
+//! dirties, all free memory right after the host started dirty logging. This
+//! driver instead walks the buddy free lists (through `zone.rs`, the same
+//! safe zone API as the bitmap builder) and describes the free blocks it
+//! finds, touching no page.
+//!
+//! One round, for command id `id`:
+//! 1. wait until the device holds none of our buffers, then send `id` as a
+//!    4-byte outbuf;
+//! 2. for every populated zone, every order from the largest down (the most
+//!    bytes per descriptor first), every migratetype: take `zone->lock`,
+//!    collect at most [`BATCH`] free blocks `(pfn, order)` into a buffer
+//!    allocated before the round, drop the lock, then add each block as an
+//!    inbuf (addr = pfn << 12, len = 4096 << order), kicking and waiting for
+//!    used buffers whenever the ring is full (one slot stays free for STOP);
+//! 3. send STOP (a 4-byte outbuf holding 0) and wait for the device to
+//!    return everything.
+//!
+//! The round ends early when the device changes the command id (a new id,
+//! STOP or DONE in config space), when the driver is being removed, or when
+//! the device stops returning buffers.
+//!
+//! # Why blocks sent after the lock was dropped are still correct hints
+//!
+//! A block is collected while it is on a free list under `zone->lock`; by
+//! the time the device sees it, it may have been allocated again. A hint is a
+//! statement about the past: the host requests hints only after it started
+//! dirty logging, so a page reused after it was reported is written, hence
+//! dirty, hence sent again (design.md, "Correctness invariant"). QEMU also
+//! drops hints once the round's status left START, and the device side of
+//! this project drops hints carrying a stale id.
+//!
+//! # Bounded lock hold
+//!
+//! One hold visits at most [`BATCH`] list entries (interrupts are off while
+//! `zone->lock` is held). Between holds only the first pfn of the last
+//! visited block is kept; `ZoneLockGuard::resume_after` re-validates it under
+//! the next hold (see `walk.rs`), or the list restarts from its head, at
+//! most [`MAX_RESTARTS`] times (re-sending a block is harmless). Sleeping on
+//! the virtqueue always happens with no lock held.
+
+use kernel::prelude::*;
+
+use crate::virtio::HintQueue;
+use crate::zone::{self, Zone};
+
+/// Free-list entries visited per `zone->lock` hold (and blocks per batch).
+pub(crate) const BATCH: usize = 256;
+/// Restarts from the list head allowed per list.
+const MAX_RESTARTS: u32 = 8;
+/// One wait for used buffers (ms); the stop conditions are checked between.
+const WAIT_MS: u32 = 100;
+/// Waits without any buffer coming back before the round gives up.
+const MAX_IDLE_WAITS: u32 = 50;
+
+/// Why a round ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum End {
+    /// Every free list was walked.
+    Complete,
+    /// The device asked for a new round (another command id).
+    NewId(u32),
+    /// The device wrote STOP.
+    Stop,
+    /// The device wrote DONE.
+    Done,
+    /// The driver is being removed.
+    Removing,
+    /// The device stopped returning buffers.
+    Timeout,
+    /// The device still held buffers of an earlier round.
+    Busy,
+    /// The virtqueue refused a buffer (errno).
+    Error(i32),
+}
+
+impl End {
+    /// Short name for logs.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            End::Complete => "complete",
+            End::NewId(_) => "new-id",
+            End::Stop => "stop",
+            End::Done => "done",
+            End::Removing => "removing",
+            End::Timeout => "timeout",
+            End::Busy => "busy",
+            End::Error(_) => "error",
+        }
+    }
+}
+
+/// Figures of one round.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RoundStats {
+    /// The command id of the round.
+    pub(crate) cmd_id: u32,
+    /// Free blocks sent to the device.
+    pub(crate) blocks: u64,
+    /// Pages in those blocks.
+    pub(crate) pages: u64,
+    /// `zone->lock` acquisitions.
+    pub(crate) lock_holds: u64,
+    /// Longest single hold (ns).
+    pub(crate) max_hold_ns: u64,
+    /// Lists restarted from their head after the resume block went away.
+    pub(crate) restarts: u64,
+    /// Times the ring was full and the driver waited for used buffers.
+    pub(crate) ring_full_waits: u64,
+    /// Buffers the device returned during the round (including id and STOP).
+    pub(crate) returned: u64,
+    /// Round time, id sent to everything returned (ns).
+    pub(crate) round_ns: u64,
+    /// Why it ended.
+    pub(crate) end: End,
+}
+
+/// What the round asks its owner while it runs.
+pub(crate) trait Control {
+    /// `Some(reason)` if the round must end now (new command id, STOP,
+    /// DONE, removal).
+    fn should_stop(&self) -> Option<End>;
+}
+
+struct Round<'a, C: Control> {
+    q: &'a mut HintQueue,
+    batch: &'a mut KVec<(u64, u32)>,
+    ctl: &'a C,
+    st: RoundStats,
+}
+
+impl<C: Control> Round<'_, C> {
+    /// Adds one block, waiting for room in the ring (one slot is kept for
+    /// STOP).
+    fn send_block(&mut self, pfn: u64, order: u32) -> core::result::Result<(), End> {
+        let mut idle_waits = 0;
+        while self.q.free_slots() <= 1 {
+            self.q.kick();
+            if let Some(e) = self.ctl.should_stop() {
+                return Err(e);
+            }
+            self.st.ring_full_waits += 1;
+            let n = self.q.wait_used(WAIT_MS);
+            self.st.returned += u64::from(n);
+            if n == 0 {
+                idle_waits += 1;
+                if idle_waits >= MAX_IDLE_WAITS {
+                    return Err(End::Timeout);
+                }
+            }
+        }
+        self.q.add_block(pfn, order).map_err(|e| End::Error(e.to_errno()))?;
+        self.st.blocks += 1;
+        self.st.pages += 1u64 << order;
+        Ok(())
+    }
+
+    /// Collects and sends the blocks of one free list, [`BATCH`] per hold.
+    fn list(&mut self, z: &Zone, order: u32, mt: u32) -> core::result::Result<(), End> {
+        let mut resume: Option<u64> = None;
+        let mut restarts = 0;
+        loop {
+            crate::virtio::vec_clear(self.batch);
+            let mut next_resume = None;
+            {
+                let guard = z.lock();
+                self.st.lock_holds += 1;
+                let cursor = match resume {
+                    None => guard.free_list(order, mt),
+                    Some(pfn) => match guard.resume_after(order, mt, pfn) {
+                        Some(c) => Some(c),
+                        None => {
+                            self.st.restarts += 1;
+                            restarts += 1;
+                            if restarts > MAX_RESTARTS {
+                                None
+                            } else {
+                                guard.free_list(order, mt)
+                            }
+                        }
+                    },
+                };
+                if let Some(cursor) = cursor {
+                    for pfn in cursor {
+                        // Capacity is BATCH (allocated before the round), so
+                        // this never allocates under the lock.
+                        if self.batch.push((pfn, order), GFP_NOWAIT).is_err() {
+                            break;
+                        }
+                        if self.batch.len() >= BATCH {
+                            next_resume = Some(pfn);
+                            break;
+                        }
+                    }
+                }
+                let held = guard.unlock();
+                self.st.max_hold_ns = self.st.max_hold_ns.max(held);
+            }
+            // The lock is dropped: only numbers were kept.
+            for i in 0..self.batch.len() {
+                let (pfn, o) = self.batch[i];
+                self.send_block(pfn, o)?;
+            }
+            if !self.batch.is_empty() {
+                self.q.kick();
+            }
+            if let Some(e) = self.ctl.should_stop() {
+                return Err(e);
+            }
+            match next_resume {
+                Some(pfn) => resume = Some(pfn),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    fn walk(&mut self) -> End {
+        let (orders, mts) = (zone::nr_orders(), zone::nr_migrate_types());
+        let mut end = None;
+        Zone::for_each_populated(|z| {
+            if end.is_some() {
+                return;
+            }
+            'lists: for order in (0..orders).rev() {
+                for mt in 0..mts {
+                    if let Err(e) = self.list(z, order, mt) {
+                        end = Some(e);
+                        break 'lists;
+                    }
+                }
+            }
+            // No lock is held here.
+            zone::cond_resched();
+        });
+        end.unwrap_or(End::Complete)
+    }
+
+    /// Waits until the device returned every buffer (bounded).
+    fn drain(&mut self) -> bool {
+        let mut idle_waits = 0;
+        while self.q.in_flight() > 0 {
+            let n = self.q.wait_used(WAIT_MS);
+            self.st.returned += u64::from(n);
+            if n == 0 {
+                idle_waits += 1;
+                if idle_waits >= MAX_IDLE_WAITS || self.ctl.should_stop() == Some(End::Removing) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Runs one hint round for `cmd_id`. `batch` must have capacity [`BATCH`].
+pub(crate) fn run_round(
+    q: &mut HintQueue,
+    batch: &mut KVec<(u64, u32)>,
+    cmd_id: u32,
+    ctl: &impl Control,
+) -> RoundStats {
+    let t0 = zone::now_ns();
+    let mut r = Round {
+        q,
+        batch,
+        ctl,
+        st: RoundStats {
+            cmd_id,
+            blocks: 0,
+            pages: 0,
+            lock_holds: 0,
+            max_hold_ns: 0,
+            restarts: 0,
+            ring_full_waits: 0,
+            returned: 0,
+            round_ns: 0,
+            end: End::Complete,
+        },
+    };
+    // An earlier round that timed out may have left buffers with the device:
+    // the id buffer is rewritten only once they are back.
+    if !r.drain() {
+        r.st.end = End::Busy;
+        return r.st;
+    }
+    if let Err(e) = r.q.send_cmd_id(cmd_id) {
+        r.st.end = if e == EBUSY { End::Busy } else { End::Error(e.to_errno()) };
+        return r.st;
+    }
+    let end = r.walk();
+    // Always end with STOP (QEMU ignores a STOP that does not match a
+    // started round); a slot for it was kept free.
+    r.q.reclaim();
+    if let Err(e) = r.q.send_stop() {
+        pr_warn!("hint round {:#x}: STOP not sent ({:?})\n", cmd_id, e);
+    }
+    let drained = r.drain();
+    r.st.end = if end == End::Complete && !drained { End::Timeout } else { end };
+    r.st.round_ns = zone::now_ns().saturating_sub(t0);
+    r.st
+}
