@@ -232,7 +232,9 @@ impl BalloonHandle {
             .ok_or(BalloonError::NotActivated)?;
         q.add_used(&*guard, head, 0)
             .map_err(|source| BalloonError::UsedRing { queue: idx, source })?;
-        if let Some(irq) = st.interrupt.clone() {
+        let irq = st.interrupt.clone();
+        drop(st);
+        if let Some(irq) = irq {
             irq.signal_queue(idx);
         }
         Ok(true)
@@ -410,7 +412,14 @@ impl VirtioDevice for Balloon {
             shared: &self.shared,
             mem: &guard,
         };
-        ctx.process_queue(&mut st, index, kind)?;
+        let used_any = ctx.process_queue(&mut st, index, kind)?;
+        // Signal without holding the device lock (the interrupt is a leaf,
+        // but a transport may call back into the device).
+        let irq = st.interrupt.clone();
+        drop(st);
+        if let (true, Some(irq)) = (used_any, irq) {
+            irq.signal_queue(index);
+        }
         Ok(())
     }
 
@@ -465,14 +474,14 @@ impl Ctx<'_> {
         st: &mut DeviceState,
         index: u16,
         kind: QueueKind,
-    ) -> Result<(), BalloonError> {
+    ) -> Result<bool, BalloonError> {
         let mut used_any = false;
         loop {
             let Some(q) = st.queues.get_mut(usize::from(index)) else {
-                return Ok(());
+                return Ok(used_any);
             };
             if !q.ready() {
-                return Ok(());
+                return Ok(used_any);
             }
             let Some(chain) = q.pop_descriptor_chain(self.mem) else {
                 break;
@@ -519,12 +528,7 @@ impl Ctx<'_> {
                 used_any = true;
             }
         }
-        if used_any {
-            if let Some(irq) = &st.interrupt {
-                irq.signal_queue(index);
-            }
-        }
-        Ok(())
+        Ok(used_any)
     }
 
     /// Inflate (`inflate = true`) or deflate: an array of le32 pfns.
