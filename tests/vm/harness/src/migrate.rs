@@ -810,6 +810,7 @@ pub fn run_cell(
             Some(port),
         )?;
         out.logs.push(dst.serial_log.display().to_string());
+        let vq_before = free_page_vq(&mut src).ok();
         let stats = match migrate(&mut src, port, scale(600)) {
             Ok(s) => s,
             Err(e) => {
@@ -819,8 +820,13 @@ pub fn run_cell(
             }
         };
         splat_problems(&src, &mut out.problems);
-        out.hint_vq
-            .push(free_page_vq(&mut src).unwrap_or(Value::Null));
+        let mut vq = free_page_vq(&mut src).unwrap_or(Value::Null);
+        // The queue's indices migrate with the device: count this round only.
+        let used = |v: &Value| v.get("used_idx").and_then(Value::as_u64);
+        if let (Some(a), Some(b)) = (vq_before.as_ref().and_then(used), used(&vq)) {
+            vq["used_delta"] = json!(b.wrapping_sub(a) & 0xffff);
+        }
+        out.hint_vq.push(vq);
         src.kill();
         progress(&format!(
             "{}: migration {}/{}: {:.1} MB, {} ms total, {} ms downtime",
@@ -875,8 +881,9 @@ pub const BALLOON_QOM: &str = "/machine/peripheral/balloon0/virtio-backend";
 /// free page: QEMU always creates the stats queue).
 pub const FREE_PAGE_VQ: u16 = 3;
 
-/// The free page hint virtqueue's indices on `vm` (`used-idx` > 0 means the
-/// device consumed hints). Uses `x-query-virtio-queue-status`, never
+/// The free page hint virtqueue's indices on `vm` (`used-idx` moving during
+/// a migration means the device consumed hints; [`run_cell`] adds
+/// `used_delta`, the movement during that migration). Uses `x-query-virtio-queue-status`, never
 /// `x-query-virtio-status` (which aborts QEMU 11.1.3 on the balloon).
 pub fn free_page_vq(vm: &mut MigVm) -> Result<Value, MigrateError> {
     let q = vm.qmp.execute(

@@ -37,7 +37,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         let used = out
             .hint_vq
             .first()
-            .and_then(|v| v.get("used_idx"))
+            .and_then(|v| v.get("used_delta"))
             .and_then(Value::as_u64);
         let sent = out.migrations.first().map(|m| m.transferred);
         // No driver: QEMU's queue must stay untouched; a hinting driver: it moved.
