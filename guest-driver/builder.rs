@@ -149,7 +149,7 @@ impl Builder {
              \"blocks\":{},\"lock_acquisitions\":{},\"resumes\":{},\"restarts\":{},\
              \"lists_truncated\":{},\"pages_outside_layout\":{},\"walk_ns\":{},\
              \"memset_ns\":{},\"max_lock_hold_ns\":{},\"total_lock_hold_ns\":{},\
-             \"max_lock_hold_ns_all\":{}}}\n",
+             \"max_lock_hold_ns_all\":{},\"tsc_khz\":{},\"tsc_calibrated\":{}}}\n",
             self.builds,
             self.source.name(),
             self.layout.ranges().len(),
@@ -170,6 +170,8 @@ impl Builder {
             s.max_lock_hold_ns,
             s.total_lock_hold_ns,
             self.max_lock_hold_all_ns,
+            crate::clock::tsc_khz().0,
+            crate::clock::tsc_khz().1,
         )
     }
 

@@ -35,7 +35,11 @@ unsigned long freehint_page_private(const struct page *page);
 struct zone *freehint_page_zone(const struct page *page);
 unsigned int freehint_nr_page_orders(void);
 unsigned int freehint_migrate_types(void);
-u64 freehint_ktime_get_ns(void);
+u64 freehint_rdtsc(void);
+unsigned int freehint_tsc_khz(void);
+unsigned long freehint_jiffies(void);
+unsigned int freehint_hz(void);
+void freehint_sleep_ms(unsigned int ms);
 void freehint_cond_resched(void);
 struct dentry *freehint_debugfs_dir(const char *name);
 struct dentry *freehint_debugfs_file(const char *name, umode_t mode,

@@ -7,6 +7,8 @@
  */
 
 #include <linux/debugfs.h>
+#include <linux/delay.h>
+#include <linux/jiffies.h>
 #include <linux/err.h>
 #include <linux/fs.h>
 #include <linux/ktime.h>
@@ -18,6 +20,8 @@
 #include <linux/page-flags.h>
 #include <linux/sched.h>
 #include <linux/spinlock.h>
+#include <asm/msr.h>
+#include <asm/tsc.h>
 
 #include "freehint.h"
 
@@ -113,9 +117,29 @@ unsigned int freehint_migrate_types(void)
 	return MIGRATE_TYPES;
 }
 
-u64 freehint_ktime_get_ns(void)
+u64 freehint_rdtsc(void)
 {
-	return ktime_get_ns();
+	return rdtsc_ordered();
+}
+
+unsigned int freehint_tsc_khz(void)
+{
+	return tsc_khz;
+}
+
+unsigned long freehint_jiffies(void)
+{
+	return READ_ONCE(jiffies);
+}
+
+unsigned int freehint_hz(void)
+{
+	return HZ;
+}
+
+void freehint_sleep_ms(unsigned int ms)
+{
+	msleep(ms);
 }
 
 void freehint_cond_resched(void)

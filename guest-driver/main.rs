@@ -26,6 +26,7 @@ mod bitmap;
 mod layout;
 
 mod builder;
+mod clock;
 mod debugfs;
 mod walk;
 mod zone;
@@ -59,6 +60,7 @@ struct FreeHint {
 
 impl kernel::Module for FreeHint {
     fn init(_module: &'static ThisModule) -> Result<Self> {
+        clock::init();
         let b = builder::Builder::new()?;
         let builder = KBox::pin_init(kernel::new_mutex!(b, "freehint::builder"), GFP_KERNEL)?;
         let mut ctxs = debugfs::alloc_ctxs()?;

@@ -46,7 +46,6 @@ extern "C" {
     fn freehint_page_zone(page: *const c_void) -> *mut c_void;
     fn freehint_nr_page_orders() -> c_uint;
     fn freehint_migrate_types() -> c_uint;
-    fn freehint_ktime_get_ns() -> u64;
     fn freehint_cond_resched();
 }
 
@@ -55,12 +54,7 @@ const fn array_len<T, const N: usize>(_: *const [T; N]) -> usize {
     N
 }
 
-/// Monotonic time in nanoseconds (`ktime_get_ns`).
-pub(crate) fn now_ns() -> u64 {
-    // SAFETY: `ktime_get_ns` has no preconditions and may be called with
-    // interrupts disabled.
-    unsafe { freehint_ktime_get_ns() }
-}
+pub(crate) use crate::clock::now_ns;
 
 /// Lets the scheduler run something else (`cond_resched`). Must not be
 /// called with a [`ZoneLockGuard`] alive; the borrow checker cannot see
@@ -289,11 +283,14 @@ impl Iterator for FreeListCursor<'_> {
 }
 
 extern "C" {
-    fn walk_system_ram_range(
-        start_pfn: c_ulong,
-        nr_pages: c_ulong,
+    // Exported (GPL) by kernel/resource.c; `walk_system_ram_range` is not.
+    fn walk_iomem_res_desc(
+        desc: c_ulong,
+        flags: c_ulong,
+        start: u64,
+        end: u64,
         arg: *mut c_void,
-        func: Option<unsafe extern "C" fn(c_ulong, c_ulong, *mut c_void) -> c_int>,
+        func: Option<unsafe extern "C" fn(*mut bindings::resource, *mut c_void) -> c_int>,
     ) -> c_int;
 }
 
@@ -304,26 +301,36 @@ struct RamCollector<'a> {
     overflow: bool,
 }
 
-/// `walk_system_ram_range` callback: appends `(start_pfn, nr_pages)`,
-/// merging a range that starts where the previous one ends.
+/// `walk_iomem_res_desc` callback: appends the whole pages of a "System
+/// RAM" resource as `(first_pfn, nr_pages)`, merging a range that starts
+/// where the previous one ends.
 ///
 /// # Safety
 ///
-/// `arg` must point to a live `RamCollector` not otherwise borrowed.
-unsafe extern "C" fn collect_ram(start_pfn: c_ulong, nr_pages: c_ulong, arg: *mut c_void) -> c_int {
+/// `res` must point to a valid `struct resource` and `arg` to a live
+/// `RamCollector` not otherwise borrowed.
+unsafe extern "C" fn collect_ram(res: *mut bindings::resource, arg: *mut c_void) -> c_int {
     // SAFETY: the caller (system_ram_ranges) passes its exclusive collector.
     let c = unsafe { &mut *arg.cast::<RamCollector<'_>>() };
-    // CAST: `unsigned long` is 64 bits on every target this builds for.
-    let (start, nr) = (start_pfn as u64, nr_pages as u64);
-    if let Some(last) = c.len.checked_sub(1).and_then(|i| c.out.get_mut(i)) {
-        if last.0.checked_add(last.1) == Some(start) {
-            last.1 += nr;
+    // SAFETY: `res` is the walker's valid copy of the resource.
+    let (start, end) = unsafe { ((*res).start, (*res).end) };
+    // Whole pages only, as the kernel's walk_system_ram_range does:
+    // PFN_UP(start) .. PFN_DOWN(end + 1).
+    let first = start.div_ceil(PAGE_SIZE);
+    let last = end.saturating_add(1) / PAGE_SIZE;
+    if last <= first {
+        return 0;
+    }
+    let nr = last - first;
+    if let Some(prev) = c.len.checked_sub(1).and_then(|i| c.out.get_mut(i)) {
+        if prev.0.checked_add(prev.1) == Some(first) {
+            prev.1 += nr;
             return 0;
         }
     }
     match c.out.get_mut(c.len) {
         Some(slot) => {
-            *slot = (start, nr);
+            *slot = (first, nr);
             c.len += 1;
             0
         }
@@ -333,6 +340,8 @@ unsafe extern "C" fn collect_ram(start_pfn: c_ulong, nr_pages: c_ulong, arg: *mu
         }
     }
 }
+
+const PAGE_SIZE: u64 = 4096;
 
 /// The kernel's "System RAM" resources as `(first_pfn, nr_pages)` ranges,
 /// sorted and with adjacent ranges merged, written to `out`; returns how many.
@@ -344,12 +353,18 @@ pub(crate) fn system_ram_ranges(out: &mut [(u64, u64)]) -> kernel::error::Result
         len: 0,
         overflow: false,
     };
-    // Every pfn a 52-bit physical address space can hold.
-    let all_pages: c_ulong = 1 << 40;
+    let flags = bindings::IORESOURCE_MEM | bindings::IORESOURCE_SYSRAM | bindings::IORESOURCE_BUSY;
     // SAFETY: `collect_ram` matches the callback type; `c` outlives the call
     // and is only accessed through `arg` while the walk runs.
     let ret = unsafe {
-        walk_system_ram_range(0, all_pages, core::ptr::addr_of_mut!(c).cast(), Some(collect_ram))
+        walk_iomem_res_desc(
+            bindings::IORES_DESC_NONE as c_ulong,
+            flags as c_ulong,
+            0,
+            u64::MAX,
+            core::ptr::addr_of_mut!(c).cast(),
+            Some(collect_ram),
+        )
     };
     if c.overflow {
         kernel::pr_err!("freehint: more System RAM ranges than a layout can hold\n");

@@ -54,6 +54,11 @@ impl Freehint {
         self.write("layout", text.as_bytes())
     }
 
+    /// Writes raw text to the `layout` file.
+    pub fn write_layout_text(&self, text: &str) -> io::Result<()> {
+        self.write("layout", text.as_bytes())
+    }
+
     /// The statistics JSON object of the last build.
     pub fn stats(&self) -> Result<String, Error> {
         fs::read_to_string(self.dir.join("stats"))

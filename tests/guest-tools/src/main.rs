@@ -10,7 +10,7 @@
 //! fhtool kpageflags                  bitmap vs KPF_BUDDY ground truth (quiet guest)
 //! fhtool bits [--machine pc|q35]     bitmap bits == RAM pages, PCI hole folded out
 //! fhtool host-layout                 a layout given from outside is used and validated
-//! fhtool churn --seconds S [--max-mib M]   mmap/touch/munmap churn
+//! fhtool churn --seconds S [--max-mib M] [--stop-file F]   mmap/touch/munmap churn
 //! fhtool builds --count N            N builds, all must succeed
 //! fhtool bench [--builds N]          walk time, lock hold, memset baseline (medians)
 //! fhtool stats                       one build, its statistics as a result

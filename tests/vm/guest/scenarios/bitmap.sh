@@ -7,14 +7,14 @@
 #   host-layout a layout given from outside is validated and used
 #   stats       walk time, longest lock hold, memset baseline
 # and unloads it. Arguments (words key=value, or fh.args= on the kernel
-# command line, comma separated): machine=pc|q35 mib=N.
+# command line, comma separated): machine=pc|q35 mib=N (default: RAM/4).
 # Prints @@RESULT lines; the last is the summary.
 PATH=/bin:/sbin:/usr/bin:/usr/sbin
 MOD=/lib/freehint/freehint.ko
 
 args="$*"
 [ -n "$args" ] || args=$(sed -n 's/.*fh\.args=\([^ ]*\).*/\1/p' /proc/cmdline)
-machine= mib=64
+machine= mib=
 for kv in $(echo "$args" | tr ',' ' '); do
   case $kv in
     machine=*) machine=${kv#machine=} ;;
@@ -46,7 +46,7 @@ fi
 
 check fhtool kpageflags
 check fhtool bits ${machine:+--machine "$machine"}
-check fhtool false-free --mib "$mib"
+check fhtool false-free ${mib:+--mib "$mib"}
 ff=$(field false_free "$out")
 check fhtool host-layout
 check fhtool stats
