@@ -273,3 +273,58 @@ fn cmd_ids_wrap_without_reaching_stop_or_done() {
     }
     assert_eq!(last, FREE_PAGE_HINT_CMD_ID_MIN + 2);
 }
+
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A free block anywhere near RAM (low, high, across the gap, beyond).
+    fn block() -> impl Strategy<Value = (u64, u32)> {
+        let base = prop_oneof![
+            0u64..16 * MIB + 8192,
+            (4 * GIB - 8192)..(4 * GIB + 16 * MIB + 8192),
+        ];
+        (base, 0u32..(64 << 10))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        /// Standard-protocol blocks set exactly the whole pages inside RAM
+        /// (partial pages and bytes outside the layout ignored).
+        #[test]
+        fn blocks_set_exactly_whole_pages_in_ram(blocks in proptest::collection::vec(block(), 1..24)) {
+            let mut drv = standard_driver(64);
+            let h = drv.hints();
+            let id = h.start_round(0).unwrap();
+            drv.send_cmd_id(id);
+            let layout = pc_layout();
+            let mut expect = vec![false; 8192];
+            for &(addr, len) in &blocks {
+                drv.send_block(addr, len).unwrap();
+                // A descriptor not entirely in guest memory is malformed and
+                // dropped as a whole (counted as descriptor_out_of_memory).
+                let in_memory = len == 0
+                    || vm_memory::GuestMemoryBackend::check_range(
+                        &*drv.m(),
+                        vm_memory::GuestAddress(addr),
+                        len as usize,
+                    );
+                if !in_memory {
+                    continue;
+                }
+                let first = addr.div_ceil(4096);
+                let end = (addr + u64::from(len)) / 4096;
+                for pfn in first..end.max(first) {
+                    if let Some(bit) = layout.pfn_to_bit(pfn) {
+                        expect[bit as usize] = true;
+                    }
+                }
+            }
+            let set = h.snapshot();
+            for (bit, &e) in expect.iter().enumerate() {
+                prop_assert_eq!(set.contains(bit as u64), e, "bit {}", bit);
+            }
+        }
+    }
+}

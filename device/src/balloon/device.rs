@@ -1,10 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0 OR GPL-2.0-only
 //! [`Balloon`]: config space, feature negotiation, the
-//! [`VirtioDevice`](crate::VirtioDevice) implementation and queue processing;
+//! [`VirtioDevice`] implementation and queue processing;
 //! [`BalloonHandle`]: the host API (target size, statistics, metrics, hints).
 //!
 //! Guest input is hostile: every chain is bounded
-//! ([`MAX_CHAIN_DESCRIPTORS`](super::MAX_CHAIN_DESCRIPTORS)), every
+//! ([`MAX_CHAIN_DESCRIPTORS`]), every
 //! descriptor is checked against guest memory before use, and every
 //! rejection is logged, counted in [`BalloonMetrics`] and still returned to
 //! the driver as used ("skip, log, count, complete").
