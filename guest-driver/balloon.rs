@@ -136,6 +136,10 @@ pub(crate) struct Balloon {
     stopping: AtomicBool,
     oom_registered: AtomicBool,
     torn_down: AtomicBool,
+    /// Pages given back by the OOM notifier (for the removal log line).
+    oom_returned: AtomicU32,
+    /// An "out of puff" was logged and no inflation succeeded since.
+    puff_logged: AtomicBool,
 }
 
 impl Balloon {
@@ -206,6 +210,8 @@ impl Balloon {
                 stopping: AtomicBool::new(false),
                 oom_registered: AtomicBool::new(false),
                 torn_down: AtomicBool::new(false),
+                oom_returned: AtomicU32::new(0),
+                puff_logged: AtomicBool::new(false),
             }),
             GFP_KERNEL,
         )
@@ -279,8 +285,9 @@ impl Balloon {
         self.dev.reset_and_del_vqs();
         let rounds = self.hint.lock().as_ref().map_or(0, |h| h.rounds);
         pr_info!(
-            "virtio-balloon removed: {} pages returned, {} hint rounds\n",
+            "virtio-balloon removed: {} pages returned, {} given back on OOM before, {} hint rounds\n",
             returned,
+            self.oom_returned.load(Ordering::Relaxed),
             rounds
         );
     }
@@ -323,8 +330,12 @@ impl Balloon {
         let now = self.inflated.lock().pages.len();
         self.dev.set_actual(clamp_u32(now));
         if done == 0 && diff > 0 {
-            pr_info!("out of puff: cannot inflate to {} pages (at {})\n", target, now);
+            if !self.puff_logged.swap(true, Ordering::Relaxed) {
+                pr_info!("out of puff: cannot inflate to {} pages (at {}); retrying every {} ms\n", target, now, OUT_OF_PUFF_MS);
+            }
             virtio::msleep(OUT_OF_PUFF_MS);
+        } else if done > 0 {
+            self.puff_logged.store(false, Ordering::Relaxed);
         }
         if i64::from(self.dev.num_pages()) != now as i64 {
             self.dev.queue_work(Work::Size);
@@ -413,6 +424,7 @@ impl Balloon {
         let mut inf = self.inflated.lock();
         let n = self.leak_locked(&mut inf, OOM_NR_PAGES);
         self.dev.set_actual(clamp_u32(inf.pages.len()));
+        self.oom_returned.fetch_add(clamp_u32(n), Ordering::Relaxed);
         n
     }
 
@@ -446,15 +458,17 @@ impl Balloon {
         let ctl = Ctl { b: self, id };
         let st = hint::run_round(&mut h.q, &mut h.batch, id, &ctl);
         pr_info!(
-            "hint round {:#x}: {} blocks, {} pages ({} MiB), {} lock holds (max {} us), {} ring-full waits, {} returned, {} ms, end={}\n",
+            "hint round {:#x}: {} blocks in {} ranges, {} pages ({} MiB), {} lock holds (max {} us), {} ring-full waits, {} returned, STOP after {} ms, {} ms, end={}\n",
             st.cmd_id,
             st.blocks,
+            st.descs,
             st.pages,
             st.pages >> 8,
             st.lock_holds,
             st.max_hold_ns / 1000,
             st.ring_full_waits,
             st.returned,
+            st.walk_ns / 1_000_000,
             st.round_ns / 1_000_000,
             st.end.name()
         );

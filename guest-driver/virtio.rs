@@ -569,10 +569,14 @@ impl HintQueue {
         Ok(())
     }
 
-    /// Adds the free block `[pfn, pfn + 2^order)` as one device-writable
-    /// buffer (addr = pfn << 12, len = 4096 << order). Not kicked.
-    pub(crate) fn add_block(&mut self, pfn: u64, order: u32) -> Result {
-        let len = 4096u64.checked_shl(order).filter(|l| *l <= u64::from(u32::MAX)).ok_or(EINVAL)?;
+    /// Adds the free range `[pfn, pfn + pages)` as one device-writable
+    /// buffer (addr = pfn << 12, len = pages << 12, at most `u32::MAX`
+    /// bytes). Not kicked.
+    pub(crate) fn add_range(&mut self, pfn: u64, pages: u64) -> Result {
+        let len = pages
+            .checked_mul(4096)
+            .filter(|l| *l > 0 && *l <= u64::from(u32::MAX))
+            .ok_or(EINVAL)?;
         let pfn = c_ulong::try_from(pfn).map_err(|_| EINVAL)?;
         // SAFETY: `vq` is valid (invariant of `Virtqueue`). The buffer names
         // guest memory the driver does not own: the device only records the
