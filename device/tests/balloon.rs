@@ -302,3 +302,14 @@ fn metrics_render_as_json() {
     let j = drv.handle().metrics().snapshot().to_json();
     assert!(j.contains("\"inflate_pages\":1"), "{j}");
 }
+
+#[test]
+fn hints_refused_when_page_poison_not_offered() {
+    let c = BalloonConfig {
+        page_poison: false,
+        ..BalloonConfig::all_features(layout_64m())
+    };
+    let drv = BalloonDriver::new(c, all(), 64);
+    assert_eq!(drv.hints().start_round(0), Err(HintError::PoisonUnknown));
+    assert_eq!(drv.handle().metrics().snapshot().hint_rounds_refused, 1);
+}

@@ -374,12 +374,13 @@ impl VirtioDevice for Balloon {
         let acked = st.acked_features;
         let poison = has_feature(acked, VIRTIO_BALLOON_F_PAGE_POISON).then_some(st.poison_val);
         if has_feature(acked, VIRTIO_BALLOON_F_FREE_PAGE_HINT) && !self.config.page_poison {
-            warn!("PAGE_POISON not offered: the device cannot tell whether the guest poisons free pages");
+            warn!("PAGE_POISON not offered: the device cannot tell whether the guest poisons free pages; hint rounds will be refused");
         }
         self.shared.hints.set_active(
             has_feature(acked, VIRTIO_BALLOON_F_FREE_PAGE_HINT),
             Some(interrupt),
             poison,
+            self.config.page_poison,
         );
         let generation = self.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
         drop(st);
@@ -434,7 +435,9 @@ impl VirtioDevice for Balloon {
         st.actual = 0;
         st.stats_head = None;
         st.poison_val = self.config.poison_val;
-        self.shared.hints.set_active(false, None, None);
+        self.shared
+            .hints
+            .set_active(false, None, None, self.config.page_poison);
         info!("balloon reset");
     }
 }

@@ -105,6 +105,11 @@ pub enum HintError {
     /// migrated would arrive zeroed instead of poisoned, so hinting is refused.
     #[error("guest poisons free pages with {0:#x}: hinting refused")]
     GuestPoisons(u32),
+    /// The device does not offer `VIRTIO_BALLOON_F_PAGE_POISON`, so it cannot
+    /// tell whether the guest poisons free pages (a Linux guest negotiates
+    /// the feature exactly when it poisons or initialises free pages).
+    #[error("PAGE_POISON is not offered, so the device cannot tell whether the guest poisons free pages: hinting refused (offer page_poison)")]
+    PoisonUnknown,
     /// The caller's epoch is not the current one.
     #[error("epoch {given} is stale (current epoch is {current})")]
     StaleEpoch {
@@ -156,6 +161,9 @@ pub(crate) struct HintCore {
     active: bool,
     /// Non-zero poison value negotiated by the driver (hinting refused).
     poison: Option<u32>,
+    /// PAGE_POISON not offered: whether the guest poisons is unknown
+    /// (hinting refused).
+    poison_unknown: bool,
     state: HintState,
     /// Latest round id (0 = none yet).
     round_id: u32,
@@ -173,6 +181,7 @@ impl HintCore {
             layout,
             active: false,
             poison: None,
+            poison_unknown: false,
             state: HintState::Idle,
             round_id: 0,
             round_epoch: 0,
@@ -404,16 +413,20 @@ impl HintShared {
         }
     }
 
-    /// Device side: activation/reset/config changes.
+    /// Device side: activation/reset/config changes. `poison` is the
+    /// negotiated `poison_val` (`None` if PAGE_POISON was not negotiated);
+    /// `poison_offered` whether the device offered PAGE_POISON at all.
     pub(crate) fn set_active(
         &self,
         active: bool,
         interrupt: Option<Arc<dyn Interrupt>>,
         poison: Option<u32>,
+        poison_offered: bool,
     ) {
         let mut core = self.lock();
         core.active = active;
         core.poison = poison.filter(|&p| p != 0);
+        core.poison_unknown = !poison_offered;
         if !active {
             core.state = HintState::Idle;
             core.clear_bits();
@@ -468,6 +481,11 @@ impl HintHandle {
             if !core.active {
                 BalloonMetrics::inc(&self.shared.metrics.hint_rounds_refused);
                 return Err(HintError::NotActive);
+            }
+            if core.poison_unknown {
+                BalloonMetrics::inc(&self.shared.metrics.hint_rounds_refused);
+                warn!("free page hinting refused: PAGE_POISON not offered");
+                return Err(HintError::PoisonUnknown);
             }
             if let Some(p) = core.poison {
                 BalloonMetrics::inc(&self.shared.metrics.hint_rounds_refused);
@@ -714,7 +732,7 @@ mod tests {
         let layout = Layout::from_ram_pfn_ranges(&[(0, pages)]).unwrap();
         let shared = Arc::new(HintShared::new(layout, Arc::default()));
         let irq = Arc::new(CountIrq::default());
-        shared.set_active(true, Some(irq.clone()), None);
+        shared.set_active(true, Some(irq.clone()), None, true);
         (HintHandle { shared }, irq)
     }
 
@@ -833,6 +851,9 @@ mod tests {
         h.shared.set_poison(Some(0));
         assert!(h.start_round(0).is_ok());
         assert_eq!(h.shared.metrics.snapshot().hint_rounds_refused, 1);
+        // PAGE_POISON not offered: unknown, refused.
+        h.shared.set_active(true, None, None, false);
+        assert_eq!(h.start_round(0), Err(HintError::PoisonUnknown));
     }
 
     #[test]
