@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use freehint_protocol::balloon::{has_feature, QueueKind, QueueLayout, CONFIG_SIZE};
-use freehint_protocol::bitmap_hint::{LayoutReply, Message, WireError, MSG_HEADER_SIZE};
+use freehint_protocol::bitmap_hint::{LayoutReply, Message, MSG_HEADER_SIZE};
 use freehint_protocol::layout::{PAGE_SHIFT, PAGE_SIZE};
 use log::{debug, info, warn};
 use virtio_queue::{Queue, QueueT};
@@ -836,7 +836,10 @@ impl Ctx<'_> {
         let mut out = [0u8; freehint_protocol::bitmap_hint::LAYOUT_REPLY_MAX];
         let n = match reply.encode(&mut out) {
             Ok(n) => n,
-            Err(WireError::BufferTooSmall { .. }) | Err(_) => return 0,
+            Err(e) => {
+                warn!("free_page_vq: cannot encode the layout reply: {e:?}");
+                return 0;
+            }
         };
         let mut done = 0usize;
         for d in writable {
