@@ -41,6 +41,7 @@ pub(crate) struct Builder {
     source: LayoutSource,
     bitmap: VVec<u64>,
     budget: u32,
+    pcp: bool,
     builds: u64,
     last: BuildStats,
     memset_ns: u64,
@@ -75,6 +76,7 @@ impl Builder {
             source: LayoutSource::Iomem,
             bitmap,
             budget: DEFAULT_BUDGET,
+            pcp: true,
             builds: 0,
             last: BuildStats::default(),
             memset_ns: 0,
@@ -109,13 +111,18 @@ impl Builder {
         Ok(())
     }
 
+    /// Whether the per-CPU page lists are walked too (default: yes).
+    pub(crate) fn set_pcp(&mut self, on: bool) {
+        self.pcp = on;
+    }
+
     /// Builds the bitmap now: zeroes it (timed: the memset baseline), then
     /// walks every free list.
     pub(crate) fn build(&mut self) {
         let t0 = zone::now_ns();
         self.bitmap.fill(0);
         self.memset_ns = zone::now_ns().saturating_sub(t0);
-        let stats = Walker::new(&self.layout, &mut self.bitmap, self.budget).run();
+        let stats = Walker::new(&self.layout, &mut self.bitmap, self.budget, self.pcp).run();
         self.pages_free = bitmap::count_ones(&self.bitmap);
         self.max_lock_hold_all_ns = self.max_lock_hold_all_ns.max(stats.max_lock_hold_ns);
         self.last = stats;
@@ -149,7 +156,8 @@ impl Builder {
              \"blocks\":{},\"lock_acquisitions\":{},\"resumes\":{},\"restarts\":{},\
              \"lists_truncated\":{},\"pages_outside_layout\":{},\"walk_ns\":{},\
              \"memset_ns\":{},\"max_lock_hold_ns\":{},\"total_lock_hold_ns\":{},\
-             \"max_lock_hold_ns_all\":{},\"tsc_khz\":{},\"tsc_calibrated\":{}}}\n",
+             \"max_lock_hold_ns_all\":{},\"tsc_khz\":{},\"tsc_calibrated\":{},\"pcp\":{},\
+             \"pcp_lists\":{},\"pcp_blocks\":{},\"pcp_lists_capped\":{},\"max_pcp_hold_ns\":{}}}\n",
             self.builds,
             self.source.name(),
             self.layout.ranges().len(),
@@ -172,6 +180,11 @@ impl Builder {
             self.max_lock_hold_all_ns,
             crate::clock::tsc_khz().0,
             crate::clock::tsc_khz().1,
+            self.pcp,
+            s.pcp_lists,
+            s.pcp_blocks,
+            s.pcp_lists_capped,
+            s.max_pcp_hold_ns,
         )
     }
 
@@ -188,6 +201,11 @@ impl Builder {
     /// Current budget (entries per lock hold), as text.
     pub(crate) fn write_budget(&self, out: &mut impl Write) -> fmt::Result {
         writeln!(out, "{}", self.budget)
+    }
+
+    /// Whether per-CPU lists are walked, as text (`1` or `0`).
+    pub(crate) fn write_pcp(&self, out: &mut impl Write) -> fmt::Result {
+        writeln!(out, "{}", u8::from(self.pcp))
     }
 }
 

@@ -9,6 +9,7 @@
 //! | `layout` | `first_pfn nr_pages first_bit` per line      | a table in the same form (host layout), or `iomem` |
 //! | `stats`  | one JSON object (figures of the last build)  | –                            |
 //! | `budget` | free-list entries per lock hold              | a new budget (1..=65536)     |
+//! | `pcp`    | `1` if per-CPU page lists are walked too     | `1` or `0`                   |
 //!
 //! The file operations live in helpers.c and forward to
 //! [`freehint_rust_read`] and [`freehint_rust_write`] with the `FileCtx` the
@@ -54,14 +55,16 @@ enum FileKind {
     Layout,
     Stats,
     Budget,
+    Pcp,
 }
 
-const FILES: [(FileKind, &CStr, u16); 5] = [
+const FILES: [(FileKind, &CStr, u16); 6] = [
     (FileKind::Build, c_str!("build"), 0o600),
     (FileKind::Bitmap, c_str!("bitmap"), 0o400),
     (FileKind::Layout, c_str!("layout"), 0o600),
     (FileKind::Stats, c_str!("stats"), 0o400),
     (FileKind::Budget, c_str!("budget"), 0o600),
+    (FileKind::Pcp, c_str!("pcp"), 0o600),
 ];
 
 /// What a debugfs file's operations need: its kind and the shared builder.
@@ -164,6 +167,7 @@ pub(crate) fn alloc_ctxs() -> Result<FileCtxs> {
             none(FileKind::Layout),
             none(FileKind::Stats),
             none(FileKind::Budget),
+            none(FileKind::Pcp),
         ],
         GFP_KERNEL,
     )?)
@@ -224,6 +228,7 @@ pub(crate) unsafe extern "C" fn freehint_rust_read(
         FileKind::Layout => builder.write_layout(&mut text),
         FileKind::Stats => builder.write_stats(&mut text),
         FileKind::Budget => builder.write_budget(&mut text),
+        FileKind::Pcp => builder.write_pcp(&mut text),
     };
     if written.is_err() {
         return errno(ENOMEM);
@@ -268,6 +273,17 @@ pub(crate) unsafe extern "C" fn freehint_rust_write(
             .and_then(|s| s.trim().parse::<u32>().ok())
             .ok_or(EINVAL)
             .and_then(|b| builder.set_budget(b)),
+        FileKind::Pcp => match core::str::from_utf8(&input).map(str::trim) {
+            Ok("1") => {
+                builder.set_pcp(true);
+                Ok(())
+            }
+            Ok("0") => {
+                builder.set_pcp(false);
+                Ok(())
+            }
+            _ => Err(EINVAL),
+        },
         FileKind::Bitmap | FileKind::Stats => Err(EPERM),
     };
     match res {

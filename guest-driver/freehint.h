@@ -13,6 +13,7 @@
 struct dentry;
 struct list_head;
 struct page;
+struct per_cpu_pages;
 struct pglist_data;
 struct zone;
 
@@ -33,6 +34,16 @@ struct page *freehint_pfn_to_page(unsigned long pfn);
 bool freehint_page_buddy(const struct page *page);
 unsigned long freehint_page_private(const struct page *page);
 struct zone *freehint_page_zone(const struct page *page);
+int freehint_next_online_cpu(int cpu);
+unsigned int freehint_nr_cpu_ids(void);
+struct per_cpu_pages *freehint_zone_pcp(struct zone *zone, int cpu);
+void freehint_pcp_lock(struct per_cpu_pages *pcp);
+void freehint_pcp_unlock(struct per_cpu_pages *pcp);
+unsigned int freehint_nr_pcp_lists(void);
+struct list_head *freehint_pcp_list_head(struct per_cpu_pages *pcp, unsigned int pindex);
+size_t freehint_pcp_lists_size(void);
+struct page *freehint_pcp_list_page(struct list_head *entry);
+unsigned int freehint_pcp_pindex_order(unsigned int pindex);
 unsigned int freehint_nr_page_orders(void);
 unsigned int freehint_migrate_types(void);
 u64 freehint_rdtsc(void);

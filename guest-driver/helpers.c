@@ -17,6 +17,9 @@
 #include <linux/mmzone.h>
 #include <linux/module.h>
 #include <linux/nodemask.h>
+#include <linux/cpumask.h>
+#include <linux/percpu.h>
+#include <linux/huge_mm.h>
 #include <linux/page-flags.h>
 #include <linux/sched.h>
 #include <linux/spinlock.h>
@@ -105,6 +108,64 @@ unsigned long freehint_page_private(const struct page *page)
 struct zone *freehint_page_zone(const struct page *page)
 {
 	return page_zone(page);
+}
+
+/* Per-CPU page lists (free order-0..3 pages cached per CPU, not on the buddy lists). */
+int freehint_next_online_cpu(int cpu)
+{
+	return cpumask_next(cpu, cpu_online_mask);
+}
+
+unsigned int freehint_nr_cpu_ids(void)
+{
+	return nr_cpu_ids;
+}
+
+struct per_cpu_pages *freehint_zone_pcp(struct zone *zone, int cpu)
+{
+	return per_cpu_ptr(zone->per_cpu_pageset, cpu);
+}
+
+/* As drain_pages_zone() does for a remote CPU's lists: no irqsave needed,
+ * interrupt-context users of pcp->lock only ever trylock it. */
+void freehint_pcp_lock(struct per_cpu_pages *pcp)
+{
+	spin_lock(&pcp->lock);
+}
+
+void freehint_pcp_unlock(struct per_cpu_pages *pcp)
+{
+	spin_unlock(&pcp->lock);
+}
+
+unsigned int freehint_nr_pcp_lists(void)
+{
+	return NR_PCP_LISTS;
+}
+
+struct list_head *freehint_pcp_list_head(struct per_cpu_pages *pcp, unsigned int pindex)
+{
+	return &pcp->lists[pindex];
+}
+
+size_t freehint_pcp_lists_size(void)
+{
+	return sizeof(((struct per_cpu_pages *)0)->lists);
+}
+
+struct page *freehint_pcp_list_page(struct list_head *entry)
+{
+	return list_entry(entry, struct page, pcp_list);
+}
+
+/* mm/page_alloc.c pindex_to_order() (static there), for 6.12. */
+unsigned int freehint_pcp_pindex_order(unsigned int pindex)
+{
+#ifdef CONFIG_TRANSPARENT_HUGEPAGE
+	if (pindex >= NR_LOWORDER_PCP_LISTS)
+		return HPAGE_PMD_ORDER;
+#endif
+	return pindex / MIGRATE_PCPTYPES;
 }
 
 unsigned int freehint_nr_page_orders(void)

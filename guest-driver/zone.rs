@@ -44,6 +44,16 @@ extern "C" {
     fn freehint_page_buddy(page: *const c_void) -> bool;
     fn freehint_page_private(page: *const c_void) -> c_ulong;
     fn freehint_page_zone(page: *const c_void) -> *mut c_void;
+    fn freehint_next_online_cpu(cpu: c_int) -> c_int;
+    fn freehint_nr_cpu_ids() -> c_uint;
+    fn freehint_zone_pcp(zone: *mut c_void, cpu: c_int) -> *mut c_void;
+    fn freehint_pcp_lock(pcp: *mut c_void);
+    fn freehint_pcp_unlock(pcp: *mut c_void);
+    fn freehint_nr_pcp_lists() -> c_uint;
+    fn freehint_pcp_list_head(pcp: *mut c_void, pindex: c_uint) -> *mut c_void;
+    fn freehint_pcp_lists_size() -> usize;
+    fn freehint_pcp_list_page(entry: *mut c_void) -> *mut c_void;
+    fn freehint_pcp_pindex_order(pindex: c_uint) -> c_uint;
     fn freehint_nr_page_orders() -> c_uint;
     fn freehint_migrate_types() -> c_uint;
     fn freehint_cond_resched();
@@ -238,6 +248,7 @@ impl<'a> ZoneLockGuard<'a> {
         FreeListCursor {
             pos: first,
             heads: start..end,
+            to_page: freehint_buddy_list_page,
             _guard: PhantomData,
         }
     }
@@ -254,12 +265,16 @@ impl Drop for ZoneLockGuard<'_> {
 ///
 /// # Invariants
 ///
-/// `pos` is an entry of a free list of the zone whose lock the borrowed
-/// guard holds (a page's `buddy_list` or a list head in `heads`).
+/// `pos` is an entry of a list protected by the lock the borrowed guard
+/// holds: a zone free list (pages linked by `buddy_list`) or a per-CPU list
+/// (pages linked by `pcp_list`); every head of the lists under that lock lies
+/// in `heads`, and `to_page` maps an entry to its page.
 pub(crate) struct FreeListCursor<'g> {
     pos: *mut c_void,
     heads: core::ops::Range<usize>,
-    _guard: PhantomData<&'g ZoneLockGuard<'g>>,
+    /// `list_entry` for the list's link field (`buddy_list` or `pcp_list`).
+    to_page: unsafe extern "C" fn(*mut c_void) -> *mut c_void,
+    _guard: PhantomData<&'g ()>,
 }
 
 impl Iterator for FreeListCursor<'_> {
@@ -269,16 +284,133 @@ impl Iterator for FreeListCursor<'_> {
         if self.pos.is_null() || self.heads.contains(&(self.pos as usize)) {
             return None;
         }
-        // SAFETY: `pos` is not a head, so it is the `buddy_list` of a free
-        // page linked in this zone's lists, valid while the lock is held
-        // (type invariant; the guard outlives `self`).
-        let page = unsafe { freehint_buddy_list_page(self.pos) };
+        // SAFETY: `pos` is not a head, so it is the link of a free page on a
+        // list protected by the held lock, valid while the lock is held (type
+        // invariant; the guard outlives `self`).
+        let page = unsafe { (self.to_page)(self.pos) };
         // SAFETY: `page` is a valid `struct page` (above).
         let pfn = unsafe { freehint_page_to_pfn(page) };
         // SAFETY: as above; the successor is linked in the same list.
         self.pos = unsafe { (*self.pos.cast::<bindings::list_head>()).next }.cast();
         // CAST: `unsigned long` is 64 bits on every target this builds for.
         Some(pfn as u64)
+    }
+}
+
+impl Zone {
+    /// Calls `f` with each online CPU's per-CPU page lists of this zone.
+    pub(crate) fn for_each_pcp(&self, mut f: impl FnMut(&PerCpuPages<'_>)) {
+        // SAFETY: reads `nr_cpu_ids`, fixed after boot.
+        // CAST: a CPU count fits `c_int`, as it does in C.
+        let nr_cpus = unsafe { freehint_nr_cpu_ids() } as c_int;
+        let mut cpu: c_int = -1;
+        loop {
+            // SAFETY: `cpumask_next` accepts -1 and any cpu < nr_cpu_ids.
+            cpu = unsafe { freehint_next_online_cpu(cpu) };
+            if cpu < 0 || cpu >= nr_cpus {
+                return;
+            }
+            // SAFETY: the zone is valid (type invariant) and `cpu` is a
+            // possible CPU; its `per_cpu_pages` live as long as the zone.
+            let pcp = unsafe { freehint_zone_pcp(self.raw(), cpu) };
+            if let Some(ptr) = NonNull::new(pcp) {
+                // INVARIANT: a zone's `per_cpu_pages` of a possible CPU.
+                f(&PerCpuPages {
+                    ptr,
+                    _zone: PhantomData,
+                });
+            }
+        }
+    }
+}
+
+/// One CPU's cache of free pages for one zone (`struct per_cpu_pages`):
+/// free pages of order 0..3 that are not on the buddy lists.
+///
+/// # Invariants
+///
+/// `ptr` is the `per_cpu_pages` of a possible CPU in a valid zone.
+pub(crate) struct PerCpuPages<'z> {
+    ptr: NonNull<c_void>,
+    _zone: PhantomData<&'z Zone>,
+}
+
+impl PerCpuPages<'_> {
+    /// Number of lists (`NR_PCP_LISTS`).
+    pub(crate) fn nr_lists() -> u32 {
+        // SAFETY: returns a compile-time constant of the kernel.
+        unsafe { freehint_nr_pcp_lists() }
+    }
+
+    /// Order of the pages on list `pindex`.
+    pub(crate) fn list_order(pindex: u32) -> u32 {
+        // SAFETY: pure arithmetic on kernel constants.
+        unsafe { freehint_pcp_pindex_order(pindex) }
+    }
+
+    /// Takes `pcp->lock` (plain `spin_lock`, as the kernel's remote drain
+    /// does: interrupts stay enabled, interrupt-context users only trylock).
+    pub(crate) fn lock(&self) -> PcpLockGuard<'_> {
+        // SAFETY: by the type invariant the lock is initialised.
+        unsafe { freehint_pcp_lock(self.ptr.as_ptr()) };
+        // INVARIANT: the lock is held.
+        PcpLockGuard {
+            pcp: self,
+            taken_ns: now_ns(),
+            _not_send: PhantomData,
+        }
+    }
+}
+
+/// `pcp->lock` held; released on drop.
+///
+/// # Invariants
+///
+/// The lock of `pcp` is held by this CPU.
+#[must_use = "the per-CPU lock is released when the guard is dropped"]
+pub(crate) struct PcpLockGuard<'a> {
+    pcp: &'a PerCpuPages<'a>,
+    taken_ns: u64,
+    _not_send: PhantomData<*mut ()>,
+}
+
+impl PcpLockGuard<'_> {
+    /// Releases the lock and returns for how long it was held (ns).
+    pub(crate) fn unlock(self) -> u64 {
+        let held = now_ns().saturating_sub(self.taken_ns);
+        drop(self);
+        held
+    }
+
+    /// The pages of list `pindex`, or `None` if out of range. The cursor
+    /// stops at any head of this `per_cpu_pages`.
+    pub(crate) fn list(&self, pindex: u32) -> Option<FreeListCursor<'_>> {
+        if pindex >= PerCpuPages::nr_lists() {
+            return None;
+        }
+        let pcp = self.pcp.ptr.as_ptr();
+        // SAFETY: `pcp` is valid and `pindex` in range.
+        let head = unsafe { freehint_pcp_list_head(pcp, pindex) };
+        // SAFETY: computes the address of the array of heads; reads nothing.
+        let start = unsafe { freehint_pcp_list_head(pcp, 0) } as usize;
+        // SAFETY: returns a compile-time size.
+        let end = start + unsafe { freehint_pcp_lists_size() };
+        // SAFETY: the lock is held (type invariant), so the head and its
+        // entries are valid until the guard, which the cursor borrows, drops.
+        let first = unsafe { (*head.cast::<bindings::list_head>()).next }.cast::<c_void>();
+        Some(FreeListCursor {
+            pos: first,
+            heads: start..end,
+            to_page: freehint_pcp_list_page,
+            _guard: PhantomData,
+        })
+    }
+}
+
+impl Drop for PcpLockGuard<'_> {
+    fn drop(&mut self) {
+        // SAFETY: by the type invariant the lock is held by us.
+        unsafe { freehint_pcp_unlock(self.pcp.ptr.as_ptr()) };
     }
 }
 

@@ -121,46 +121,55 @@ fn ground_truth_free(flags: &[u64], first_pfn: u64, out: &mut [u64], layout: &La
     pages
 }
 
-/// `fhtool kpageflags`: the bitmap agrees with /proc/kpageflags on a quiet guest.
-pub fn kpageflags(_args: &Args) -> Result<bool, Error> {
-    let fh = Freehint::open()?;
-    let layout = fh.layout()?;
-    let nwords = words_for_bits(layout.total_bits());
-    // Allocate and touch everything before the build so that this program's
-    // own allocations do not move pages between the two snapshots.
-    let mut words = Vec::with_capacity(nwords);
-    fh.read_bitmap(&mut words)?;
-    let mut flags_of: Vec<Vec<u64>> = Vec::new();
-    for r in layout.ranges() {
-        flags_of.push(vec![1; r.nr_pages as usize]);
-    }
-    let mut truth = vec![0u64; nwords];
-    let kpf = File::open("/proc/kpageflags").map_err(|e| Error::io("open /proc/kpageflags", e))?;
-    let buddyinfo_before = fs::read_to_string("/proc/buddyinfo").unwrap_or_default();
+/// Bitmap vs ground truth, in pages.
+#[derive(Debug, Default)]
+struct Comparison {
+    bitmap_free: u64,
+    truth_free: u64,
+    buddyinfo_free: u64,
+    missing: u64,
+    extra: u64,
+    extra_flagged: u64,
+}
 
-    // The two snapshots, as close together as we can take them.
+/// Builds a bitmap and reads /proc/kpageflags right after it, then compares.
+/// Buffers are allocated by the caller before, so that this program's own
+/// allocations do not move pages between the two snapshots.
+fn compare_once(
+    fh: &Freehint,
+    layout: &Layout,
+    kpf: &File,
+    words: &mut Vec<u64>,
+    flags_of: &mut [Vec<u64>],
+    truth: &mut [u64],
+) -> Result<Comparison, Error> {
     fh.build()?;
-    fh.read_bitmap(&mut words)?;
+    fh.read_bitmap(words)?;
     for (r, f) in layout.ranges().iter().zip(flags_of.iter_mut()) {
-        mem::read_kpageflags(&kpf, r.first_pfn, f)?;
+        mem::read_kpageflags(kpf, r.first_pfn, f)?;
     }
-    let buddyinfo = fs::read_to_string("/proc/buddyinfo").unwrap_or(buddyinfo_before);
-
-    let mut buddy_pages = 0;
-    for (r, f) in layout.ranges().iter().zip(&flags_of) {
-        buddy_pages += ground_truth_free(f, r.first_pfn, &mut truth, &layout);
-    }
-    if words.len() != nwords {
+    let buddyinfo = fs::read_to_string("/proc/buddyinfo").unwrap_or_default();
+    if words.len() != truth.len() {
         return Err(Error::msg(format!(
-            "bitmap has {} words, layout needs {nwords}",
-            words.len()
+            "bitmap has {} words, layout needs {}",
+            words.len(),
+            truth.len()
         )));
     }
-    let (mut missing, mut extra, mut extra_flagged) = (0u64, 0u64, 0u64);
-    for (wi, (&b, &t)) in words.iter().zip(&truth).enumerate() {
-        missing += u64::from((t & !b).count_ones());
+    truth.fill(0);
+    for (r, f) in layout.ranges().iter().zip(flags_of.iter()) {
+        ground_truth_free(f, r.first_pfn, truth, layout);
+    }
+    let mut c = Comparison {
+        bitmap_free: count_ones(words),
+        truth_free: count_ones(truth),
+        buddyinfo_free: mem::parse_buddyinfo(&buddyinfo),
+        ..Comparison::default()
+    };
+    for (wi, (&b, &t)) in words.iter().zip(truth.iter()).enumerate() {
+        c.missing += u64::from((t & !b).count_ones());
         let ex = b & !t;
-        extra += u64::from(ex.count_ones());
+        c.extra += u64::from(ex.count_ones());
         let mut m = ex;
         while m != 0 {
             let bit = wi as u64 * 64 + u64::from(m.trailing_zeros());
@@ -171,32 +180,68 @@ pub fn kpageflags(_args: &Args) -> Result<bool, Error> {
             let fl = layout
                 .ranges()
                 .iter()
-                .zip(&flags_of)
+                .zip(flags_of.iter())
                 .find(|(r, _)| pfn >= r.first_pfn && pfn < r.end_pfn())
                 .map_or(0, |(r, f)| f[(pfn - r.first_pfn) as usize]);
+            // A free page (buddy or per-CPU list) has no flags but BUDDY.
             if fl & !(KPF_BUDDY | KPF_NOPAGE) != 0 {
-                extra_flagged += 1;
+                c.extra_flagged += 1;
             }
         }
     }
-    let bitmap_free = count_ones(&words);
-    let truth_free = count_ones(&truth);
-    let limit = truth_free / 100;
-    let ok = truth_free > 0 && missing <= limit && extra <= limit;
+    Ok(c)
+}
+
+/// `fhtool kpageflags`: the bitmap agrees with /proc/kpageflags on a quiet
+/// guest. Pass 1 walks the buddy lists only and must match the `KPF_BUDDY`
+/// pages within 1 % both ways. Pass 2 adds the per-CPU lists: their pages are
+/// free but not `KPF_BUDDY`, so they show up as extra; every extra page must
+/// carry no page flag (as free pages do), to within 1 %.
+pub fn kpageflags(_args: &Args) -> Result<bool, Error> {
+    let fh = Freehint::open()?;
+    let layout = fh.layout()?;
+    let nwords = words_for_bits(layout.total_bits());
+    let mut words = Vec::with_capacity(nwords);
+    fh.read_bitmap(&mut words)?;
+    let mut flags_of: Vec<Vec<u64>> = layout
+        .ranges()
+        .iter()
+        .map(|r| vec![1; r.nr_pages as usize])
+        .collect();
+    let mut truth = vec![0u64; nwords];
+    let kpf = File::open("/proc/kpageflags").map_err(|e| Error::io("open /proc/kpageflags", e))?;
+    let was_pcp = fh.pcp()?;
+
+    fh.set_pcp(false)?;
+    let a = compare_once(&fh, &layout, &kpf, &mut words, &mut flags_of, &mut truth);
+    fh.set_pcp(true)?;
+    let b = compare_once(&fh, &layout, &kpf, &mut words, &mut flags_of, &mut truth);
+    fh.set_pcp(was_pcp)?;
+    let (a, b) = (a?, b?);
+
+    let limit = a.truth_free / 100;
+    let ok = a.truth_free > 0
+        && a.missing <= limit
+        && a.extra <= limit
+        && b.missing <= limit
+        && b.extra_flagged <= limit;
+    let pct = |n: u64| n as f64 * 100.0 / a.truth_free.max(1) as f64;
     let mut r = Report::new("kpageflags");
-    r.num("bitmap_free", bitmap_free)
-        .num("truth_free", truth_free)
-        .num("kpf_buddy_pages", buddy_pages)
-        .num("buddyinfo_free", mem::parse_buddyinfo(&buddyinfo))
-        .num("missing_free", missing)
-        .num("extra_free", extra)
-        .num("extra_free_flagged", extra_flagged)
+    r.num("bitmap_free", a.bitmap_free)
+        .num("truth_free", a.truth_free)
+        .num("buddyinfo_free", a.buddyinfo_free)
+        .num("missing_free", a.missing)
+        .num("extra_free", a.extra)
+        .num("extra_free_flagged", a.extra_flagged)
         .num("limit", limit)
-        .float(
-            "missing_pct",
-            missing as f64 * 100.0 / truth_free.max(1) as f64,
-        )
-        .float("extra_pct", extra as f64 * 100.0 / truth_free.max(1) as f64);
+        .float("missing_pct", pct(a.missing))
+        .float("extra_pct", pct(a.extra))
+        .num("pcp_bitmap_free", b.bitmap_free)
+        .num("pcp_truth_free", b.truth_free)
+        .num("pcp_missing_free", b.missing)
+        .num("pcp_extra_free", b.extra)
+        .num("pcp_extra_free_flagged", b.extra_flagged)
+        .float("pcp_extra_flagged_pct", pct(b.extra_flagged));
     Ok(r.emit(ok))
 }
 
@@ -458,25 +503,43 @@ fn median(v: &mut [u64]) -> u64 {
     v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
-/// `fhtool bench [--builds N]`: builds on an idle guest, medians.
-pub fn bench(args: &Args) -> Result<bool, Error> {
-    let n = args.num("builds", 21)?.max(1);
-    let fh = Freehint::open()?;
-    let (mut walk, mut hold, mut memset) = (Vec::new(), Vec::new(), Vec::new());
+/// Medians over `n` builds: (walk, max lock hold per build, memset, pcp hold), ns,
+/// plus the largest lock hold seen and the last stats object.
+fn bench_series(fh: &Freehint, n: u64) -> Result<([u64; 4], u64, String), Error> {
+    let mut series: [Vec<u64>; 4] = Default::default();
     let mut last = String::new();
     for _ in 0..n {
         fh.build()?;
         last = fh.stats()?;
-        walk.push(Freehint::stat(&last, "walk_ns")?);
-        hold.push(Freehint::stat(&last, "max_lock_hold_ns")?);
-        memset.push(Freehint::stat(&last, "memset_ns")?);
+        for (v, key) in series.iter_mut().zip([
+            "walk_ns",
+            "max_lock_hold_ns",
+            "memset_ns",
+            "max_pcp_hold_ns",
+        ]) {
+            v.push(Freehint::stat(&last, key)?);
+        }
     }
-    let max_hold = hold.iter().copied().max().unwrap_or(0);
-    let (walk_min, walk_max) = (
-        walk.iter().copied().min().unwrap_or(0),
-        walk.iter().copied().max().unwrap_or(0),
-    );
-    let (w, h, m) = (median(&mut walk), median(&mut hold), median(&mut memset));
+    let max_hold = series[1].iter().copied().max().unwrap_or(0);
+    let med = series.map(|mut v| median(&mut v));
+    Ok((med, max_hold, last))
+}
+
+/// `fhtool bench [--builds N]`: builds on an idle guest, medians; first with
+/// the buddy lists only, then (the default configuration) with the per-CPU
+/// lists too.
+pub fn bench(args: &Args) -> Result<bool, Error> {
+    let n = args.num("builds", 21)?.max(1);
+    let fh = Freehint::open()?;
+    let was_pcp = fh.pcp()?;
+    fh.set_pcp(false)?;
+    let buddy = bench_series(&fh, n);
+    fh.set_pcp(true)?;
+    let all = bench_series(&fh, n);
+    fh.set_pcp(was_pcp)?;
+    let ([bw, _, _, _], buddy_max_hold, _) = buddy?;
+    let ([w, h, m, ph], max_hold, last) = all?;
+    let us = |ns: u64| ns as f64 / 1000.0;
     let mut r = Report::new("bench-bitmap");
     r.num("mem_mib", mem::mem_total_kib() >> 10)
         .num("total_bits", Freehint::stat(&last, "total_bits")?)
@@ -484,19 +547,21 @@ pub fn bench(args: &Args) -> Result<bool, Error> {
         .num("pages_free", Freehint::stat(&last, "pages_free")?)
         .num("budget", Freehint::stat(&last, "budget")?)
         .num("builds", n)
-        .float("walk_us", w as f64 / 1000.0)
-        .float("walk_us_min", walk_min as f64 / 1000.0)
-        .float("walk_us_max", walk_max as f64 / 1000.0)
-        .float("lock_hold_us_median", h as f64 / 1000.0)
-        .float("max_lock_hold_us", max_hold as f64 / 1000.0)
-        .float("memset_us", m as f64 / 1000.0)
+        .float("walk_us", us(w))
+        .float("walk_us_buddy_only", us(bw))
+        .float("lock_hold_us_median", us(h))
+        .float("max_lock_hold_us", us(max_hold.max(buddy_max_hold)))
+        .float("pcp_hold_us_median", us(ph))
+        .float("memset_us", us(m))
         .float("walk_over_memset", w as f64 / m.max(1) as f64)
         .num(
             "lock_acquisitions",
             Freehint::stat(&last, "lock_acquisitions")?,
         )
         .num("blocks", Freehint::stat(&last, "blocks")?)
-        .num("lists", Freehint::stat(&last, "lists")?);
+        .num("pcp_blocks", Freehint::stat(&last, "pcp_blocks")?)
+        .num("lists", Freehint::stat(&last, "lists")?)
+        .num("tsc_khz", Freehint::stat(&last, "tsc_khz")?);
     Ok(r.emit(true))
 }
 
@@ -517,7 +582,11 @@ pub fn stats(_args: &Args) -> Result<bool, Error> {
         .num("lists", get("lists")?)
         .num("blocks", get("blocks")?)
         .num("lock_acquisitions", get("lock_acquisitions")?)
-        .num("pages_outside_layout", get("pages_outside_layout")?);
+        .num("pages_outside_layout", get("pages_outside_layout")?)
+        .num("pcp_blocks", get("pcp_blocks")?)
+        .num("pcp_lists_capped", get("pcp_lists_capped")?)
+        .float("max_pcp_hold_us", get("max_pcp_hold_ns")? as f64 / 1000.0)
+        .num("tsc_khz", get("tsc_khz")?);
     let ok = get("pages_free")? > 0 && get("pages_outside_layout")? == 0;
     Ok(r.emit(ok))
 }

@@ -54,6 +54,19 @@ impl Freehint {
         self.write("layout", text.as_bytes())
     }
 
+    /// Whether the module walks the per-CPU page lists too.
+    pub fn pcp(&self) -> Result<bool, Error> {
+        fs::read_to_string(self.dir.join("pcp"))
+            .map(|s| s.trim() == "1")
+            .map_err(|e| Error::io("read pcp", e))
+    }
+
+    /// Turns walking the per-CPU page lists on or off.
+    pub fn set_pcp(&self, on: bool) -> Result<(), Error> {
+        self.write("pcp", if on { b"1\n" } else { b"0\n" })
+            .map_err(|e| Error::io("write pcp", e))
+    }
+
     /// Writes raw text to the `layout` file.
     pub fn write_layout_text(&self, text: &str) -> io::Result<()> {
         self.write("layout", text.as_bytes())
