@@ -608,13 +608,12 @@ impl Driver {
         }
     }
 
-    /// Whether this driver column is measured now. `freehint` is pending until
-    /// `FREEHINT_MIGRATE_DRIVERS` lists it (set it once freehint.ko can hint).
+    /// Whether this driver column is measured. All are, unless
+    /// `FREEHINT_MIGRATE_DRIVERS` (comma-separated names) leaves some out;
+    /// a left-out column is reported as "pending", never as a pass.
     pub fn enabled(self) -> bool {
-        match self {
-            Driver::Freehint => std::env::var("FREEHINT_MIGRATE_DRIVERS")
-                .map(|v| v.split(',').any(|d| d.trim() == "freehint"))
-                .unwrap_or(false),
+        match std::env::var("FREEHINT_MIGRATE_DRIVERS") {
+            Ok(v) if !v.trim().is_empty() => v.split(',').any(|d| d.trim() == self.name()),
             _ => true,
         }
     }
@@ -850,10 +849,18 @@ pub fn run_cell(
         }
         src = dst;
     }
-    if !src.wait_exit(scale(120)) {
+    let status = src
+        .qmp
+        .execute("query-status", None)
+        .ok()
+        .and_then(|v| v["status"].as_str().map(str::to_string));
+    if !src.wait_exit(scale(180)) {
         out.problems.push(format!(
-            "{}: guest did not power off after the workload stopped ({})",
+            "{}: guest did not power off within {}s after the workload stopped \
+             (QEMU status before: {}; {})",
             src.role,
+            scale(180).as_secs(),
+            status.as_deref().unwrap_or("?"),
             src.serial_log.display()
         ));
     }

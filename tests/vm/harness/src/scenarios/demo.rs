@@ -78,7 +78,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
                 bytes: None,
                 total: None,
                 down: None,
-                integrity: "pending (freehint.ko cannot hint yet)".into(),
+                integrity: "pending (left out by FREEHINT_MIGRATE_DRIVERS)".into(),
             });
             continue;
         }

@@ -19,7 +19,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         if !d.enabled() {
             emit(
                 &json!({"name": format!("hint/{}", d.name()), "ok": null, "pending": true,
-                "note": "freehint.ko cannot answer free page hints yet (FREEHINT_MIGRATE_DRIVERS)"}),
+                "note": "left out by FREEHINT_MIGRATE_DRIVERS"}),
             );
             continue;
         }
@@ -51,7 +51,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         let mut r = Map::new();
         r.insert("name".into(), json!(format!("hint/{}", d.name())));
         r.insert("ok".into(), json!(r_ok));
-        r.insert("free_page_vq_used_idx".into(), json!(used));
+        r.insert("free_page_vq_used_delta".into(), json!(used));
         r.insert("hints_consumed".into(), json!(hinted));
         r.insert("bytes".into(), json!(sent));
         r.insert("integrity_failures".into(), json!(out.integrity_failures()));

@@ -74,6 +74,15 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Value {
     }
 }
 
+/// Whether `FREEHINT_MIGRATE_ONLY` (comma-separated substrings of cell
+/// labels such as `stock/dirty-free/ioa1`) selects the cell; unset: all.
+fn selected(label: &str) -> bool {
+    match std::env::var("FREEHINT_MIGRATE_ONLY") {
+        Ok(v) if !v.trim().is_empty() => v.split(',').any(|p| label.contains(p.trim())),
+        _ => true,
+    }
+}
+
 /// Runs the cells for `sizes` × `reps`, records every line, fills a table.
 pub fn run_matrix(
     ctx: &mut Ctx,
@@ -84,8 +93,7 @@ pub fn run_matrix(
     let mut t = Table::default();
     for d in DRIVERS {
         if !d.enabled() {
-            let note = "pending: freehint.ko cannot answer free page hints yet; \
-                        set FREEHINT_MIGRATE_DRIVERS=none,stock,freehint to measure it";
+            let note = "pending: left out by FREEHINT_MIGRATE_DRIVERS (not measured)";
             eprintln!("[migrate] driver {}: {note}", d.name());
             emit(&json!({"name": format!("migrate/{}", d.name()), "ok": null,
                          "pending": true, "note": note}));
@@ -97,6 +105,9 @@ pub fn run_matrix(
                 for w in WORKLOADS {
                     for d in DRIVERS.into_iter().filter(|d| d.enabled()) {
                         let cell = Cell::new(mem, d, w, ioa);
+                        if !selected(&cell.label()) {
+                            continue;
+                        }
                         eprintln!("[migrate] run {}/{reps}: {}", rep + 1, cell.label());
                         let out = run_cell(
                             &ctx.manifest,
@@ -218,15 +229,20 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     Ok(summary(ctx, &t, &sizes, &ioas))
 }
 
-/// Benchmark: 4 and 8 GiB, `FREEHINT_BENCH_REPS` (≥ 3) runs per cell,
-/// written to `target/bench/migrate.json`.
+/// Benchmark: 4 and 8 GiB (`FREEHINT_BENCH_SIZES`, MiB, comma-separated),
+/// `FREEHINT_BENCH_REPS` (default 3) runs per cell, written to
+/// `target/bench/migrate.json`.
 pub fn bench(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let reps = std::env::var("FREEHINT_BENCH_REPS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3usize)
         .max(1);
-    let sizes = [4096, 8192];
+    let sizes: Vec<u64> = std::env::var("FREEHINT_BENCH_SIZES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .filter(|v: &Vec<u64>| !v.is_empty())
+        .unwrap_or_else(|| vec![4096, 8192]);
     let ioas = [true, false];
     let t = run_matrix(ctx, &sizes, reps, &ioas)?;
     let s = summary(ctx, &t, &sizes, &ioas);
@@ -236,6 +252,8 @@ pub fn bench(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         "benchmark": "migrate",
         "command": "tests/vm/run bench-migrate",
         "reps": reps,
+        "sizes_mib": sizes,
+        "drivers_measured": DRIVERS.iter().filter(|d| d.enabled()).map(|d| d.name()).collect::<Vec<_>>(),
         "summary": s,
         "cells": rows(&t),
     });
