@@ -35,7 +35,7 @@ const MAX_STATS_BYTES: usize = 4096;
 
 /// One descriptor of a chain, as read from the descriptor table.
 #[derive(Clone, Copy, Debug)]
-struct Desc {
+pub(super) struct Desc {
     addr: u64,
     len: u32,
     write: bool,
@@ -48,35 +48,35 @@ enum ChainError {
 }
 
 /// Runtime state, under one lock (`Shared::state`).
-struct DeviceState {
-    acked_features: u64,
-    num_pages: u32,
-    actual: u32,
-    poison_val: u32,
-    queue_layout: QueueLayout,
-    queues: Vec<Queue>,
-    mem: Option<GuestMemoryHandle>,
-    interrupt: Option<Arc<dyn Interrupt>>,
-    discard: Arc<dyn PageDiscard>,
+pub(super) struct DeviceState {
+    pub(super) acked_features: u64,
+    pub(super) num_pages: u32,
+    pub(super) actual: u32,
+    pub(super) poison_val: u32,
+    pub(super) queue_layout: QueueLayout,
+    pub(super) queues: Vec<Queue>,
+    pub(super) mem: Option<GuestMemoryHandle>,
+    pub(super) interrupt: Option<Arc<dyn Interrupt>>,
+    pub(super) discard: Arc<dyn PageDiscard>,
     /// Head of the stats buffer the device holds (returned on request).
-    stats_head: Option<u16>,
-    latest_stats: Option<BalloonStats>,
+    pub(super) stats_head: Option<u16>,
+    pub(super) latest_stats: Option<BalloonStats>,
     /// Reused descriptor list (bounded by `MAX_CHAIN_DESCRIPTORS`).
-    descs: Vec<Desc>,
+    pub(super) descs: Vec<Desc>,
     /// Reused byte buffer (bounded).
-    buf: Vec<u8>,
+    pub(super) buf: Vec<u8>,
 }
 
-struct Shared {
-    state: Mutex<DeviceState>,
-    hints: Arc<HintShared>,
-    metrics: Arc<BalloonMetrics>,
+pub(super) struct Shared {
+    pub(super) state: Mutex<DeviceState>,
+    pub(super) hints: Arc<HintShared>,
+    pub(super) metrics: Arc<BalloonMetrics>,
     /// Bumped at every activation and reset (stops the stats poller).
-    generation: AtomicU64,
+    pub(super) generation: AtomicU64,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, DeviceState> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, DeviceState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -85,9 +85,9 @@ impl Shared {
 /// [`VirtioDevice`]); the VMM and the migrator use a [`BalloonHandle`] /
 /// [`HintHandle`] obtained before handing it over.
 pub struct Balloon {
-    config: BalloonConfig,
-    avail_features: u64,
-    shared: Arc<Shared>,
+    pub(super) config: BalloonConfig,
+    pub(super) avail_features: u64,
+    pub(super) shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for Balloon {
@@ -442,7 +442,7 @@ impl VirtioDevice for Balloon {
     }
 }
 
-fn spawn_stats_poller(shared: Weak<Shared>, generation: u64, every: Duration) {
+pub(super) fn spawn_stats_poller(shared: Weak<Shared>, generation: u64, every: Duration) {
     let r = std::thread::Builder::new()
         .name("balloon-stats".into())
         .spawn(move || loop {

@@ -434,6 +434,29 @@ impl HintShared {
         *self.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = interrupt;
     }
 
+    /// Persistence: the latest round id and whether a round was ever
+    /// requested since activation (the guest may hold pages for it).
+    pub(crate) fn saved_round(&self) -> (u32, bool) {
+        let core = self.lock();
+        (core.round_id, core.state != HintState::Idle)
+    }
+
+    /// Persistence: continue command ids after `round_id`; if a round had
+    /// been requested, end in DONE so the guest gives back the pages it set
+    /// aside (hints never cross a migration: the destination starts a new
+    /// epoch with an empty set).
+    pub(crate) fn restore_round(&self, round_id: u32, had_round: bool) {
+        let mut core = self.lock();
+        core.round_id = round_id;
+        core.round_epoch = 0;
+        core.state = if had_round {
+            HintState::Done
+        } else {
+            HintState::Idle
+        };
+        core.clear_bits();
+    }
+
     /// Device side: the driver wrote `poison_val`.
     pub(crate) fn set_poison(&self, poison: Option<u32>) {
         self.lock().poison = poison.filter(|&p| p != 0);

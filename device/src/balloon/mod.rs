@@ -12,18 +12,21 @@
 //! - [`discard`]: the memory backend trait [`PageDiscard`] and the real
 //!   implementation over `madvise`/`fallocate`;
 //! - [`metrics`]: one counter per rejection path;
+//! - [`persist`]: [`BalloonState`], save/restore with validation;
 //! - [`stats`]: the statistics queue payload.
 
 pub mod device;
 pub mod discard;
 pub mod hints;
 pub mod metrics;
+pub mod persist;
 pub mod stats;
 
 pub use device::{Balloon, BalloonHandle};
 pub use discard::{MmapDiscard, PageDiscard};
 pub use hints::{HintError, HintHandle, HintSet, HintState, HintStatus};
 pub use metrics::{BalloonMetrics, MetricsSnapshot};
+pub use persist::BalloonState;
 pub use stats::BalloonStats;
 
 pub use freehint_protocol::balloon::{
@@ -157,6 +160,12 @@ pub enum BalloonError {
     /// The driver did not negotiate the feature the operation needs.
     #[error("feature bit {0} was not negotiated")]
     FeatureNotNegotiated(u32),
+    /// A restored state acknowledges features this device does not offer.
+    #[error("restore: features {0:#x} are not offered by this device")]
+    RestoreFeatures(u64),
+    /// A restored state holds a stats buffer outside the stats queue.
+    #[error("restore: stats buffer head {0} is not in a ready stats queue")]
+    InvalidStatsHead(u16),
     /// Writing to the used ring failed (guest memory gone): the device can no
     /// longer operate and the transport should set DEVICE_NEEDS_RESET.
     #[error("queue {queue}: used ring update failed: {source}")]
