@@ -313,3 +313,26 @@ fn hints_refused_when_page_poison_not_offered() {
     assert_eq!(drv.hints().start_round(0), Err(HintError::PoisonUnknown));
     assert_eq!(drv.handle().metrics().snapshot().hint_rounds_refused, 1);
 }
+
+#[test]
+fn second_stats_buffer_returns_the_first_and_interrupts() {
+    let mut drv = BalloonDriver::new(BalloonConfig::all_features(layout_64m()), all(), 64);
+    drv.send_stats(&[(VIRTIO_BALLOON_S_MEMFREE, 1)]);
+    drv.irq.queues.lock().unwrap().clear();
+    // A driver that sends another buffer without being asked.
+    let used = drv.send_stats(&[(VIRTIO_BALLOON_S_MEMFREE, 2)]);
+    assert_eq!(used.len(), 1, "the older buffer came back");
+    let stats_q = drv.index(QueueKind::Stats);
+    assert_eq!(drv.irq.queues.lock().unwrap().clone(), vec![stats_q]);
+    assert_eq!(
+        drv.handle()
+            .latest_stats()
+            .unwrap()
+            .get(VIRTIO_BALLOON_S_MEMFREE),
+        Some(2)
+    );
+    assert!(
+        drv.handle().request_stats().unwrap(),
+        "the newer one is held"
+    );
+}

@@ -65,6 +65,9 @@ pub(super) struct DeviceState {
     pub(super) descs: Vec<Desc>,
     /// Reused byte buffer (bounded).
     pub(super) buf: Vec<u8>,
+    /// A buffer other than the chain being processed was returned used
+    /// (the driver must be notified).
+    pub(super) returned_extra: bool,
 }
 
 pub(super) struct Shared {
@@ -131,6 +134,7 @@ impl Balloon {
             latest_stats: None,
             descs: Vec::with_capacity(16),
             buf: Vec::new(),
+            returned_extra: false,
         };
         Ok(Self {
             avail_features: config.features(),
@@ -478,6 +482,7 @@ impl Ctx<'_> {
         index: u16,
         kind: QueueKind,
     ) -> Result<bool, BalloonError> {
+        st.returned_extra = false;
         let mut used_any = false;
         loop {
             let Some(q) = st.queues.get_mut(usize::from(index)) else {
@@ -531,7 +536,7 @@ impl Ctx<'_> {
                 used_any = true;
             }
         }
-        Ok(used_any)
+        Ok(used_any || st.returned_extra)
     }
 
     /// Inflate (`inflate = true`) or deflate: an array of le32 pfns.
@@ -646,8 +651,9 @@ impl Ctx<'_> {
         if let Some(old) = old {
             let idx = st.queue_layout.index_of(QueueKind::Stats);
             if let Some(q) = idx.and_then(|i| st.queues.get_mut(usize::from(i))) {
-                if q.add_used(self.mem, old, 0).is_err() {
-                    warn!("statsq: cannot return the previous buffer");
+                match q.add_used(self.mem, old, 0) {
+                    Ok(()) => st.returned_extra = true,
+                    Err(e) => warn!("statsq: cannot return the previous buffer: {e}"),
                 }
             }
         }

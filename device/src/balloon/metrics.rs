@@ -83,7 +83,8 @@ metrics! {
     hint_rounds,
     /// Hint rounds refused (poisoning guest, device not ready, ...).
     hint_rounds_refused,
-    /// Free page hint blocks/bits merged (pages).
+    /// Pages covered by merged hints (standard blocks: whole pages inside
+    /// the layout; bitmap chunks: `nr_bits`, set or not).
     hint_pages,
     /// Hint messages dropped because their command id was stale or the round
     /// was not accepting hints.
