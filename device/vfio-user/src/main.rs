@@ -136,6 +136,7 @@ fn run(args: Args) -> Result<(), String> {
             .map_err(|e| format!("invalid RAM layout {r:x?}: {e}"))?,
         None => Layout::empty(),
     };
+    let ranges_for_check = ranges.clone();
     let hints = layout.total_bits() > 0;
     if !hints {
         warn!("no --ram-size/--ram-layout: free page hinting and reporting are not offered");
@@ -166,6 +167,9 @@ fn run(args: Args) -> Result<(), String> {
     }
 
     let mut device = VfioUserDevice::new(Box::new(balloon));
+    if let Some(r) = ranges_for_check {
+        device.set_expected_ram(r);
+    }
     serve(&args.socket, &mut device, args.persist, args.force).map_err(|e| e.to_string())?;
     if let Some(path) = &args.control {
         let _ = std::fs::remove_file(path);

@@ -75,6 +75,7 @@ pub struct VfioUserDevice {
     memory: DmaMemory,
     msix_vectors: u16,
     stats: ServerStats,
+    expected_ram: Option<Vec<(u64, u64)>>,
 }
 
 impl VfioUserDevice {
@@ -98,7 +99,43 @@ impl VfioUserDevice {
             memory,
             msix_vectors,
             stats: ServerStats::default(),
+            expected_ram: None,
         }
+    }
+
+    /// The RAM layout the device was configured with (`--ram-size` or
+    /// `--ram-layout`), checked against the client's fd-backed DMA maps at
+    /// DRIVER_OK: a mismatch means hints would describe the wrong pages.
+    pub fn set_expected_ram(&mut self, ranges: Vec<(u64, u64)>) {
+        self.expected_ram = Some(ranges);
+    }
+
+    /// Compares the mapped guest RAM with the configured layout. Returns a
+    /// description of the mismatch, if any. Holes of less than 1 MiB
+    /// (the legacy VGA/ROM window below 1 MiB) are tolerated.
+    pub fn check_ram_layout(&self) -> Option<String> {
+        let expected = self.expected_ram.as_ref()?;
+        let mapped = self.memory.ranges();
+        let inside = |a: u64, l: u64| {
+            expected
+                .iter()
+                .any(|&(s, n)| a >= s && a.saturating_add(l) <= s.saturating_add(n))
+        };
+        if let Some(&(a, l)) = mapped.iter().find(|&&(a, l)| !inside(a, l)) {
+            return Some(format!(
+                "guest RAM {a:#x}+{l:#x} mapped by the client lies outside the configured \
+                 layout {expected:x?}: pass the VM's real --ram-size/--machine or --ram-layout"
+            ));
+        }
+        let want: u64 = expected.iter().map(|&(_, n)| n).sum();
+        let have: u64 = mapped.iter().map(|&(_, n)| n).sum();
+        (want.saturating_sub(have) >= 1 << 20).then(|| {
+            format!(
+                "the configured layout {expected:x?} has {want:#x} bytes of RAM but the client \
+                 mapped only {have:#x} ({mapped:x?}): pass the VM's real --ram-size/--machine \
+                 or --ram-layout"
+            )
+        })
     }
 
     /// Number of MSI-X vectors.
@@ -372,9 +409,19 @@ impl ServerBackend for VfioUserDevice {
 
     fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> io::Result<()> {
         self.check_access(region, offset, data.len())?;
+        let was_live = self.transport.status() & crate::virtio_pci::status::DRIVER_OK != 0;
         match region {
             VFIO_PCI_CONFIG_REGION_INDEX => self.config_write(offset, data),
             r => self.bar_write(r as u8, offset, data),
+        }
+        if !was_live && self.transport.status() & crate::virtio_pci::status::DRIVER_OK != 0 {
+            info!(
+                "guest RAM mapped by the client: {:x?}",
+                self.memory.ranges()
+            );
+            if let Some(problem) = self.check_ram_layout() {
+                error!("RAM layout mismatch: {problem}");
+            }
         }
         Ok(())
     }
@@ -685,6 +732,35 @@ mod tests {
         d.client_gone();
         assert!(d.dma_ranges().is_empty());
         assert_eq!(cfg_read(&mut d, 0, 4), 0x1045_1af4);
+    }
+
+    #[test]
+    fn ram_layout_check() {
+        let mut d = dev();
+        assert_eq!(d.check_ram_layout(), None, "nothing configured");
+        d.set_expected_ram(vec![(0, 64 << 20)]);
+        // SAFETY: memfd_create with a valid C string; the fd is owned here.
+        let fd = unsafe { libc::memfd_create(c"l".as_ptr(), 0) };
+        // SAFETY: fresh fd.
+        let f = unsafe { File::from_raw_fd(fd) };
+        f.set_len(64 << 20).unwrap();
+        let map = |d: &mut VfioUserDevice, a: u64, l: u64| {
+            d.dma_map(
+                DmaMapFlags::READ_WRITE,
+                a,
+                a,
+                l,
+                Some(f.try_clone().unwrap()),
+            )
+            .unwrap()
+        };
+        // QEMU's pc layout: RAM below 0xa0000, then from 1 MiB.
+        map(&mut d, 0, 0xa0000);
+        assert!(d.check_ram_layout().is_some(), "most RAM missing");
+        map(&mut d, 0x10_0000, (64 << 20) - 0x10_0000);
+        assert_eq!(d.check_ram_layout(), None);
+        d.set_expected_ram(vec![(0, 32 << 20)]);
+        assert!(d.check_ram_layout().unwrap().contains("outside"));
     }
 
     /// xorshift64*: a tiny deterministic PRNG for the hostile-driver test.
