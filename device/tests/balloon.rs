@@ -336,3 +336,40 @@ fn second_stats_buffer_returns_the_first_and_interrupts() {
         "the newer one is held"
     );
 }
+
+/// Linux's `init_vqs` adds and kicks the stats buffer before DRIVER_OK: the
+/// device must pick it up at activation.
+#[test]
+fn stats_buffer_kicked_before_driver_ok_is_seen() {
+    use freehint_protocol::balloon::encode_stat;
+    use vm_memory::GuestMemoryAtomic;
+    let mem = BalloonDriver::guest_memory(&[(0, 64 * MIB)]);
+    let mut dev = Balloon::new(BalloonConfig::all_features(layout_64m())).unwrap();
+    let feats = dev.device_features();
+    dev.ack_features(feats);
+    let qs: Vec<DriverQueue> = (0..5)
+        .map(|i| DriverQueue::new(&mem, DRIVER_AREA + i * 0x4000, 64))
+        .collect();
+    let mut qs = qs;
+    let buf = DRIVER_AREA + 0x10_0000;
+    mem.write_slice(
+        &encode_stat(VIRTIO_BALLOON_S_MEMFREE, 99),
+        GuestAddress(buf),
+    )
+    .unwrap();
+    qs[2].add_chain(&mem, &[(buf, 10, false)]).unwrap();
+    // The early kick reaches an inactive device: ignored for now.
+    dev.queue_notify(2).unwrap();
+    assert!(dev.handle().latest_stats().is_none());
+    let dq = qs.iter().map(|q| q.device_queue(256)).collect();
+    let irq = std::sync::Arc::new(TestInterrupt::default());
+    dev.activate(GuestMemoryAtomic::new(mem.clone()), irq, dq)
+        .unwrap();
+    let s = dev
+        .handle()
+        .latest_stats()
+        .expect("stats seen at activation");
+    assert_eq!(s.get(VIRTIO_BALLOON_S_MEMFREE), Some(99));
+    assert!(dev.handle().request_stats().unwrap());
+    assert_eq!(qs[2].take_used(&mem).len(), 1);
+}

@@ -389,6 +389,13 @@ impl VirtioDevice for Balloon {
         let generation = self.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
         drop(st);
         info!("balloon activated, features {acked:#x}");
+        // Linux adds and kicks the stats buffer before DRIVER_OK (init_vqs
+        // runs before virtio_device_ready), so a notify may have come before
+        // activation: process whatever is already available.
+        let n = self.shared.lock().queue_layout.num_queues() as u16;
+        for index in 0..n {
+            self.queue_notify(index)?;
+        }
         if self.config.stats_polling_interval_s > 0
             && has_feature(acked, super::VIRTIO_BALLOON_F_STATS_VQ)
         {
@@ -404,7 +411,7 @@ impl VirtioDevice for Balloon {
     fn queue_notify(&mut self, index: u16) -> Result<(), crate::Error> {
         let mut st = self.shared.lock();
         let Some(mem) = st.mem.clone() else {
-            debug!("notify on queue {index} before activation; ignored");
+            debug!("notify on queue {index} before activation; processed at activation");
             return Ok(());
         };
         let Some(kind) = st.queue_layout.kind_of(index) else {

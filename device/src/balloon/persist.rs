@@ -153,6 +153,15 @@ impl Balloon {
         let generation = self.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
         drop(st);
         info!("balloon state restored (activated: {activated}, features {acked:#x})");
+        if activated {
+            // Kicks that reached the source after it was quiesced are lost:
+            // process whatever the driver already made available.
+            for index in 0..layout.num_queues() as u16 {
+                if let Err(e) = crate::VirtioDevice::queue_notify(self, index) {
+                    log::warn!("after restore, queue {index}: {e}");
+                }
+            }
+        }
         if activated && state.hint_round_requested {
             if let Some(irq) = &interrupt {
                 irq.signal_config();
