@@ -13,6 +13,36 @@ use thiserror::Error;
 
 use crate::manifest::{FlavourImage, Manifest};
 
+/// Kernel parameters that give a TCG guest an exact TSC clocksource:
+/// `tsc_early_khz=<host TSC rate> tsc=reliable`. Under TCG the guest's TSC
+/// ticks at the host's TSC rate, but our tinyconfig guest (no ACPI, so no
+/// HPET or PM timer) cannot calibrate it, marks it unstable and keeps a 4 ms
+/// jiffies clocksource, which makes in-guest timings (freehint.ko's walk and
+/// lock-hold figures) useless. The host rate is measured once per process
+/// (`rdtsc` over 100 ms of wall clock; empty if that fails). Added by the
+/// guest-driver helper for `bench-bitmap`.
+pub fn host_tsc_cmdline() -> Vec<String> {
+    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    let khz = *KHZ.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: `rdtsc` has no preconditions on x86-64.
+            let t0 = (Instant::now(), unsafe { core::arch::x86_64::_rdtsc() });
+            std::thread::sleep(Duration::from_millis(100));
+            // SAFETY: as above.
+            let t1 = (Instant::now(), unsafe { core::arch::x86_64::_rdtsc() });
+            let us = t1.0.duration_since(t0.0).as_micros() as u64;
+            let ticks = t1.1.wrapping_sub(t0.1);
+            (us > 0).then(|| ticks / us * 1000 + ticks % us * 1000 / us)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        None
+    });
+    khz.filter(|&k| k > 0)
+        .map(|k| vec![format!("tsc_early_khz={k}"), "tsc=reliable".to_string()])
+        .unwrap_or_default()
+}
+
 /// Errors of launching or waiting for QEMU.
 #[derive(Debug, Error)]
 pub enum QemuError {
@@ -290,6 +320,19 @@ impl Drop for Vm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_tsc_rate_is_plausible() {
+        let words = host_tsc_cmdline();
+        if cfg!(target_arch = "x86_64") {
+            let khz: u64 = words[0]
+                .strip_prefix("tsc_early_khz=")
+                .and_then(|v| v.parse().ok())
+                .unwrap();
+            assert!((100_000..20_000_000).contains(&khz), "{khz} kHz");
+            assert_eq!(words[1], "tsc=reliable");
+        }
+    }
 
     #[test]
     fn cmdline_carries_scenario_and_args() {

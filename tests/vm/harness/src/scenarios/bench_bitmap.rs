@@ -16,6 +16,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     for gib in [1u64, 4, 8] {
         let mut spec = BootSpec::new("bench-bitmap");
         spec.mem_mib = gib * 1024;
+        spec.extra_cmdline = crate::qemu::host_tsc_cmdline();
         spec.timeout = Duration::from_secs(300 + 60 * gib);
         reports.push(ctx.boot(spec)?);
     }
