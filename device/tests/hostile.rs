@@ -477,3 +477,20 @@ fn notify_on_unknown_queue() {
     assert!(d.dev.queue_notify(9).is_ok());
     assert_eq!(metrics(&d).unknown_queue, 1);
 }
+
+#[test]
+fn bitmap_chunk_before_layout_reply() {
+    let mut d = drv();
+    let h = d.hints();
+    let id = h.start_round(0).unwrap();
+    // The round is started with a standard id outbuf, not a LAYOUT_QUERY:
+    // chunks are still refused until the layout was replied.
+    d.send_cmd_id(id);
+    let words = vec![!0u64; 2];
+    d.send_chunk(id, &words, 0, 64);
+    assert_eq!(metrics(&d).hint_stale, 1);
+    assert_eq!(h.status().free_pages, 0);
+    assert!(d.layout_query(id).is_some());
+    d.send_chunk(id, &words, 0, 64);
+    assert_eq!(h.status().free_pages, 64);
+}

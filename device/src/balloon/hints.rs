@@ -173,6 +173,9 @@ pub(crate) struct HintCore {
     bits: BitVec<u64, Lsb0>,
     /// Whether `bits` is known to be all zero (skips clearing).
     bits_clean: bool,
+    /// The layout was replied for the current round (bitmap chunks are
+    /// accepted only after that, docs/protocol.md device requirements).
+    layout_replied: bool,
 }
 
 impl HintCore {
@@ -187,6 +190,7 @@ impl HintCore {
             round_epoch: 0,
             bits: BitVec::new(),
             bits_clean: true,
+            layout_replied: false,
         }
     }
 
@@ -301,6 +305,7 @@ impl HintCore {
                     return Err(HintDrop::Epoch);
                 }
                 self.state = HintState::Started;
+                self.layout_replied = true;
                 Ok(self.layout)
             }
             _ => Err(self.drop_reason(epoch).max_stale(cmd_id != self.round_id)),
@@ -309,7 +314,12 @@ impl HintCore {
 
     /// Bitmap protocol: checks a chunk may be merged now.
     pub(crate) fn chunk_accepted(&self, h: &ChunkHeader, epoch: u64) -> Result<(), HintDrop> {
-        self.accepting(h.cmd_id, epoch)
+        self.accepting(h.cmd_id, epoch)?;
+        if self.layout_replied {
+            Ok(())
+        } else {
+            Err(HintDrop::Stale)
+        }
     }
 
     /// Bitmap protocol: merges one payload piece (already validated against
@@ -524,6 +534,7 @@ impl HintHandle {
             }
             core.round_id = next_cmd_id(core.round_id);
             core.round_epoch = epoch;
+            core.layout_replied = false;
             core.state = HintState::Requested;
             BalloonMetrics::inc(&self.shared.metrics.hint_rounds);
             info!(
