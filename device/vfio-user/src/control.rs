@@ -4,7 +4,7 @@
 //!
 //! | command | effect |
 //! |---|---|
-//! | `status` | `target`, `actual` (pages), `acked_features` |
+//! | `status` | `virtio_status` (device status register), `target`, `actual` (pages), `acked_features` |
 //! | `target N` | set the balloon target to N 4 KiB pages (config interrupt) |
 //! | `stats` | ask the guest for statistics; reply has the latest values by tag |
 //! | `hint-start` | open a new epoch and start a free page hint round |
@@ -18,6 +18,8 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 
 use freehint_device::{BalloonHandle, HintHandle};
 use log::{info, warn};
@@ -44,14 +46,27 @@ fn err(msg: &str) -> String {
     format!("{{\"ok\":false,\"error\":{}}}", json_str(msg))
 }
 
+/// What the control socket acts on.
+#[derive(Clone, Debug)]
+pub struct Control {
+    /// The balloon's host API.
+    pub balloon: BalloonHandle,
+    /// The hint API.
+    pub hints: HintHandle,
+    /// The virtio device status register.
+    pub status: Arc<AtomicU8>,
+}
+
 /// Executes one command line; returns the JSON reply.
-pub fn execute(line: &str, balloon: &BalloonHandle, hints: &HintHandle) -> String {
+pub fn execute(line: &str, c: &Control) -> String {
+    let (balloon, hints) = (&c.balloon, &c.hints);
     let mut words = line.split_whitespace();
     let cmd = words.next().unwrap_or("");
     let arg = words.next();
     match (cmd, arg) {
         ("status", None) => format!(
-            "{{\"ok\":true,\"target\":{},\"actual\":{},\"acked_features\":{}}}",
+            "{{\"ok\":true,\"virtio_status\":{},\"target\":{},\"actual\":{},\"acked_features\":{}}}",
+            c.status.load(Ordering::Acquire),
             balloon.target_pages(),
             balloon.actual_pages(),
             balloon.acked_features()
@@ -114,7 +129,7 @@ pub fn execute(line: &str, balloon: &BalloonHandle, hints: &HintHandle) -> Strin
     }
 }
 
-fn handle(stream: UnixStream, balloon: &BalloonHandle, hints: &HintHandle) {
+fn handle(stream: UnixStream, c: &Control) {
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
@@ -126,13 +141,13 @@ fn handle(stream: UnixStream, balloon: &BalloonHandle, hints: &HintHandle) {
             Ok(_) => {}
         }
         let reply = if line.ends_with('\n') {
-            execute(line.trim(), balloon, hints)
+            execute(line.trim(), c)
         } else if line.len() as u64 >= MAX_LINE {
             warn!("control: line longer than {MAX_LINE} bytes, closing");
             let _ = writeln!(out, "{}", err("line too long"));
             return;
         } else {
-            execute(line.trim(), balloon, hints)
+            execute(line.trim(), c)
         };
         if writeln!(out, "{reply}").is_err() {
             return;
@@ -141,12 +156,7 @@ fn handle(stream: UnixStream, balloon: &BalloonHandle, hints: &HintHandle) {
 }
 
 /// Binds `path` and serves control connections (one at a time) on a thread.
-pub fn spawn(
-    path: &Path,
-    balloon: BalloonHandle,
-    hints: HintHandle,
-    force: bool,
-) -> std::io::Result<()> {
+pub fn spawn(path: &Path, control: Control, force: bool) -> std::io::Result<()> {
     if force && path.exists() {
         let _ = std::fs::remove_file(path);
     }
@@ -157,7 +167,7 @@ pub fn spawn(
         .spawn(move || {
             for stream in listener.incoming() {
                 match stream {
-                    Ok(s) => handle(s, &balloon, &hints),
+                    Ok(s) => handle(s, &control),
                     Err(e) => warn!("control: accept failed: {e}"),
                 }
             }
@@ -175,17 +185,19 @@ mod tests {
     fn commands_and_errors() {
         let layout = Layout::from_ram_byte_ranges(&[(0, 1 << 30)]).unwrap();
         let b = Balloon::new(BalloonConfig::all_features(layout)).unwrap();
-        let (h, hints) = (b.handle(), b.hint_handle());
-        assert_eq!(
-            execute("target 256", &h, &hints),
-            "{\"ok\":true,\"target\":256}"
-        );
-        assert!(execute("status", &h, &hints).contains("\"target\":256"));
-        assert!(execute("target x", &h, &hints).starts_with("{\"ok\":false"));
-        assert!(execute("bogus \"q\"", &h, &hints).contains("\\\"q\\\""));
+        let c = Control {
+            balloon: b.handle(),
+            hints: b.hint_handle(),
+            status: Arc::new(AtomicU8::new(0xf)),
+        };
+        assert_eq!(execute("target 256", &c), "{\"ok\":true,\"target\":256}");
+        let st = execute("status", &c);
+        assert!(st.contains("\"target\":256") && st.contains("\"virtio_status\":15"));
+        assert!(execute("target x", &c).starts_with("{\"ok\":false"));
+        assert!(execute("bogus \"q\"", &c).contains("\\\"q\\\""));
         // Not activated: a hint round is refused with a clear error.
-        assert!(execute("hint-start", &h, &hints).starts_with("{\"ok\":false"));
-        assert!(execute("hint-status", &h, &hints).contains("\"state\":\"Idle\""));
-        assert!(execute("metrics", &h, &hints).starts_with("{\"ok\":true"));
+        assert!(execute("hint-start", &c).starts_with("{\"ok\":false"));
+        assert!(execute("hint-status", &c).contains("\"state\":\"Idle\""));
+        assert!(execute("metrics", &c).starts_with("{\"ok\":true"));
     }
 }

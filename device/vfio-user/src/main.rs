@@ -161,14 +161,18 @@ fn run(args: Args) -> Result<(), String> {
         ranges.unwrap_or_default()
     );
 
-    if let Some(path) = &args.control {
-        control::spawn(path, handle, hint_handle, args.force)
-            .map_err(|e| format!("control socket {}: {e}", path.display()))?;
-    }
-
     let mut device = VfioUserDevice::new(Box::new(balloon));
     if let Some(r) = ranges_for_check {
         device.set_expected_ram(r);
+    }
+    if let Some(path) = &args.control {
+        let c = control::Control {
+            balloon: handle,
+            hints: hint_handle,
+            status: device.status_handle(),
+        };
+        control::spawn(path, c, args.force)
+            .map_err(|e| format!("control socket {}: {e}", path.display()))?;
     }
     serve(&args.socket, &mut device, args.persist, args.force).map_err(|e| e.to_string())?;
     if let Some(path) = &args.control {

@@ -138,6 +138,11 @@ impl VfioUserDevice {
         })
     }
 
+    /// The virtio device status, readable from any thread.
+    pub fn status_handle(&self) -> Arc<std::sync::atomic::AtomicU8> {
+        self.transport.status_handle()
+    }
+
     /// Number of MSI-X vectors.
     pub fn msix_vectors(&self) -> u16 {
         self.msix_vectors

@@ -5,6 +5,7 @@
 //! values are ignored (and logged) or read back as the spec's failure value,
 //! never a panic.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use freehint_device::{GuestMemoryHandle, VirtioDevice};
@@ -113,6 +114,8 @@ pub struct VirtioPciTransport {
     /// stats queue during probe, before DRIVER_OK); delivered at activation.
     early_kicks: Vec<bool>,
     stats: TransportStats,
+    /// Copy of `status` readable from other threads (control socket).
+    status_mirror: Arc<AtomicU8>,
 }
 
 impl std::fmt::Debug for VirtioPciTransport {
@@ -167,12 +170,19 @@ impl VirtioPciTransport {
             ],
             early_kicks: vec![false; n],
             stats: TransportStats::default(),
+            status_mirror: Arc::new(AtomicU8::new(0)),
         }
     }
 
     /// Device status register.
     pub fn status(&self) -> u8 {
         self.status
+    }
+
+    /// The device status as seen from other threads (updated after every
+    /// BAR0 write and reset).
+    pub fn status_handle(&self) -> Arc<AtomicU8> {
+        Arc::clone(&self.status_mirror)
     }
 
     /// Features the driver accepted (valid after FEATURES_OK).
@@ -202,6 +212,7 @@ impl VirtioPciTransport {
         self.driver_feature_select = 0;
         self.driver_features = 0;
         self.status = 0;
+        self.status_mirror.store(0, Ordering::Release);
         self.queue_select = 0;
         self.early_kicks.fill(false);
         for q in &mut self.queues {
@@ -241,6 +252,11 @@ impl VirtioPciTransport {
 
     /// Writes BAR0 at `offset`.
     pub fn write(&mut self, offset: u64, data: &[u8]) {
+        self.write_inner(offset, data);
+        self.status_mirror.store(self.status, Ordering::Release);
+    }
+
+    fn write_inner(&mut self, offset: u64, data: &[u8]) {
         let len = data.len() as u64;
         let within = |start: u64, size: u64| {
             offset >= start && offset.checked_add(len).is_some_and(|e| e <= start + size)
