@@ -217,7 +217,11 @@ impl DmaMemory {
         }
         let file = Arc::new(fd);
         let region = map_region(&file, offset, address, size, writable)?;
-        self.cut(address, end)?;
+        if let Err(e) = self.cut(address, end) {
+            // Keep what the device sees equal to our table, then report.
+            self.publish()?;
+            return Err(e);
+        }
         if self.mappings.len() >= MAX_MAPPINGS {
             self.publish()?;
             return Err(MemoryError::TooManyMappings);
@@ -239,7 +243,10 @@ impl DmaMemory {
     /// DMA_UNMAP of a range (partly covered mappings keep their remainder).
     pub fn unmap(&mut self, address: u64, size: u64) -> Result<()> {
         let end = self.check(address, size, 0)?;
-        self.cut(address, end)?;
+        if let Err(e) = self.cut(address, end) {
+            self.publish()?;
+            return Err(e);
+        }
         debug!("DMA_UNMAP {address:#x}+{size:#x}");
         self.publish()
     }
