@@ -291,20 +291,24 @@ impl<C: Control> Round<'_, C> {
         end.unwrap_or(End::Complete)
     }
 
-    /// Waits until the device returned every buffer (bounded).
-    fn drain(&mut self) -> bool {
+    /// Waits until the device returned every buffer (bounded; removal
+    /// cuts it short).
+    fn drain(&mut self) -> core::result::Result<(), End> {
         let mut idle_waits = 0;
         while self.q.in_flight() > 0 {
             let n = self.q.wait_used(WAIT_MS);
             self.st.returned += u64::from(n);
             if n == 0 {
+                if self.ctl.should_stop() == Some(End::Removing) {
+                    return Err(End::Removing);
+                }
                 idle_waits += 1;
-                if idle_waits >= MAX_IDLE_WAITS || self.ctl.should_stop() == Some(End::Removing) {
-                    return false;
+                if idle_waits >= MAX_IDLE_WAITS {
+                    return Err(End::Timeout);
                 }
             }
         }
-        true
+        Ok(())
     }
 }
 
@@ -338,8 +342,8 @@ pub(crate) fn run_round(
     };
     // An earlier round that timed out may have left buffers with the device:
     // the id buffer is rewritten only once they are back.
-    if !r.drain() {
-        r.st.end = End::Busy;
+    if let Err(e) = r.drain() {
+        r.st.end = if e == End::Timeout { End::Busy } else { e };
         return r.st;
     }
     if let Err(e) = r.q.send_cmd_id(cmd_id) {
@@ -355,7 +359,10 @@ pub(crate) fn run_round(
     }
     r.st.walk_ns = zone::now_ns().saturating_sub(t0);
     let drained = r.drain();
-    r.st.end = if end == End::Complete && !drained { End::Timeout } else { end };
+    r.st.end = match (end, drained) {
+        (End::Complete, Err(e)) => e,
+        (end, _) => end,
+    };
     r.st.round_ns = zone::now_ns().saturating_sub(t0);
     r.st
 }
