@@ -467,33 +467,48 @@ pub fn churn(args: &Args) -> Result<bool, Error> {
     Ok(r.emit(maps > 0))
 }
 
-/// `fhtool builds --count N`: N builds; every one must succeed.
+/// `fhtool builds --count N`: N builds; every one must succeed. Sums how
+/// often lists were resumed, restarted and truncated over all builds.
 pub fn builds(args: &Args) -> Result<bool, Error> {
     let count = args.num("count", 1000)?;
     let fh = Freehint::open()?;
     let before = Freehint::stat(&fh.stats()?, "builds")?;
     let t = Instant::now();
-    let mut failed = 0u64;
+    let (mut failed, mut resumes, mut restarts, mut truncated, mut pages_free_min) =
+        (0u64, 0u64, 0u64, 0u64, u64::MAX);
+    let mut stats = String::new();
     for _ in 0..count {
         if fh.build().is_err() {
             failed += 1;
+            continue;
         }
+        stats = fh.stats()?;
+        resumes += Freehint::stat(&stats, "resumes")?;
+        restarts += Freehint::stat(&stats, "restarts")?;
+        truncated += Freehint::stat(&stats, "lists_truncated")?;
+        pages_free_min = pages_free_min.min(Freehint::stat(&stats, "pages_free")?);
     }
-    let stats = fh.stats()?;
-    let done = Freehint::stat(&stats, "builds")? - before;
+    let done = Freehint::stat(&fh.stats()?, "builds")? - before;
     let mut r = Report::new("builds");
     r.num("count", count)
         .num("done", done)
         .num("failed", failed)
         .num("elapsed_ms", t.elapsed().as_millis() as u64)
+        .num("budget", Freehint::stat(&stats, "budget").unwrap_or(0))
+        .num("resumes", resumes)
+        .num("restarts", restarts)
+        .num("lists_truncated", truncated)
+        .num(
+            "pages_free_min",
+            if pages_free_min == u64::MAX {
+                0
+            } else {
+                pages_free_min
+            },
+        )
         .num(
             "max_lock_hold_us_all",
-            Freehint::stat(&stats, "max_lock_hold_ns_all")? / 1000,
-        )
-        .num("restarts_last", Freehint::stat(&stats, "restarts")?)
-        .num(
-            "lists_truncated_last",
-            Freehint::stat(&stats, "lists_truncated")?,
+            Freehint::stat(&stats, "max_lock_hold_ns_all").unwrap_or(0) / 1000,
         );
     Ok(r.emit(failed == 0 && done == count))
 }

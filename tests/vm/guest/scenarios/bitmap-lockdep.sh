@@ -4,17 +4,21 @@
 # run `builds` bitmap builds (default 1000) while `fhtool churn` allocates and
 # frees memory concurrently, unload, then require a clean dmesg (no lockdep
 # report, warning or BUG) and, if kmemleak is enabled, no leak.
-# Arguments: builds=N churn_mib=M (words, or fh.args= comma separated).
+# A small walk budget (default 8 entries per lock hold) makes nearly every
+# list resume from a kept pfn or restart, so that path runs thousands of
+# times under churn. Arguments: builds=N churn_mib=M budget=B (words, or
+# fh.args= comma separated).
 PATH=/bin:/sbin:/usr/bin:/usr/sbin
 MOD=/lib/freehint/freehint.ko
 
 args="$*"
 [ -n "$args" ] || args=$(sed -n 's/.*fh\.args=\([^ ]*\).*/\1/p' /proc/cmdline)
-builds=1000 churn_mib=64
+builds=1000 churn_mib=64 budget=8
 for kv in $(echo "$args" | tr ',' ' '); do
   case $kv in
     builds=*) builds=${kv#builds=} ;;
     churn_mib=*) churn_mib=${kv#churn_mib=} ;;
+    budget=*) budget=${kv#budget=} ;;
   esac
 done
 
@@ -32,11 +36,14 @@ else
   exit 1
 fi
 
+echo "$budget" >/sys/kernel/debug/freehint/budget || ok=false
+
 stop=/tmp/churn.stop
 rm -f "$stop"
 fhtool churn --seconds 3600 --max-mib "$churn_mib" --stop-file "$stop" >/tmp/churn.out 2>&1 &
 churn=$!
 fhtool builds --count "$builds" || ok=false
+fhtool false-free --mib 32 || ok=false
 touch "$stop"
 wait "$churn" || ok=false
 cat /tmp/churn.out
