@@ -23,6 +23,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
             let mut spec = BootSpec::new("bitmap");
             spec.machine = machine;
             spec.mem_mib = mem_mib;
+            spec.guest_args = vec![format!("machine={}", machine.name())];
             spec.timeout = Duration::from_secs(if mem_mib > 4096 { 600 } else { 300 });
             reports.push(ctx.boot(spec)?);
         }

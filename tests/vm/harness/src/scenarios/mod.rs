@@ -107,11 +107,13 @@ pub fn max_of(reports: &[crate::runner::BootReport], field: &str) -> Option<f64>
         .fold(None, |m, v| Some(m.map_or(v, |m: f64| m.max(v))))
 }
 
-/// Sum of `field` over `reports`' results (None if absent everywhere).
+/// Sum over boots of each boot's largest `field` (a boot may repeat a figure
+/// in its summary line, so the per-boot maximum avoids double counting).
+/// None if absent everywhere.
 pub fn sum_of(reports: &[crate::runner::BootReport], field: &str) -> Option<f64> {
     reports
         .iter()
-        .flat_map(|r| r.numbers(field))
+        .filter_map(|r| r.numbers(field).into_iter().reduce(f64::max))
         .fold(None, |s, v| Some(s.unwrap_or(0.0) + v))
 }
 
