@@ -97,17 +97,19 @@ fn parse(args: &[String]) -> Result<Opts, String> {
     Ok(o)
 }
 
-/// `MemTotal - MemFree` in MiB, from /proc/meminfo (0 when unreadable).
-fn used_mib() -> u64 {
+/// A /proc/meminfo field in KiB (0 when unreadable).
+fn meminfo_kib(name: &str) -> u64 {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| -> u64 {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    field("MemTotal:").saturating_sub(field("MemFree:")) / 1024
+    text.lines()
+        .find(|l| l.split(':').next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `MemTotal - MemFree` in MiB (0 when unreadable).
+fn used_mib() -> u64 {
+    meminfo_kib("MemTotal").saturating_sub(meminfo_kib("MemFree")) / 1024
 }
 
 fn result_line(t: &Tally, round: u64, ops: u64, live_pages: usize) -> String {
@@ -182,11 +184,13 @@ fn run(o: &Opts) -> std::io::Result<bool> {
         let _ = tx.send(None);
     });
     emit(&format!(
-        "@@FHWORK ready {{\"live_pages\":{},\"slots\":{slots},\"keep_mib\":{},\"pre_free_mib\":{},\"used_mib\":{},\"setup_ms\":{}}}",
+        "@@FHWORK ready {{\"live_pages\":{},\"slots\":{slots},\"keep_mib\":{},\"pre_free_mib\":{},\"used_mib\":{},\"mem_total_mib\":{},\"mem_free_mib\":{},\"setup_ms\":{}}}",
         ws.live_pages(),
         o.keep_mib,
         o.pre_free_mib,
         used_mib(),
+        meminfo_kib("MemTotal") / 1024,
+        meminfo_kib("MemFree") / 1024,
         t0.elapsed().as_millis()
     ));
     let mut round = 0u64;

@@ -33,8 +33,11 @@ pub struct Table {
     pub total_ms: BTreeMap<Key, Vec<f64>>,
     /// Downtime ms per run.
     pub downtime_ms: BTreeMap<Key, Vec<f64>>,
-    /// Guest used MiB at ready time per run.
+    /// Guest used MiB (`MemTotal - MemFree`) at ready time per run.
     pub used_mib: BTreeMap<Key, Vec<f64>>,
+    /// Guest RAM not free (VM RAM size - `MemFree`: also counts the memory
+    /// the kernel reserved, e.g. `struct page`s) at ready time per run.
+    pub nonfree_mib: BTreeMap<Key, Vec<f64>>,
     /// Failed integrity verdicts / broken runs.
     pub failures: usize,
     /// Runs done.
@@ -64,6 +67,11 @@ impl Table {
     /// Median used MiB of a cell.
     pub fn used_med(&self, k: &Key) -> Option<f64> {
         Self::med(&self.used_mib, k)
+    }
+
+    /// Median non-free MiB of a cell.
+    pub fn nonfree_med(&self, k: &Key) -> Option<f64> {
+        Self::med(&self.nonfree_mib, k)
     }
 }
 
@@ -139,6 +147,9 @@ pub fn run_matrix(
                         if let Some(u) = out.ready.get("used_mib").and_then(Value::as_f64) {
                             t.used_mib.entry(k).or_default().push(u);
                         }
+                        if let Some(f) = out.ready.get("mem_free_mib").and_then(Value::as_f64) {
+                            t.nonfree_mib.entry(k).or_default().push(mem as f64 - f);
+                        }
                     }
                 }
             }
@@ -152,6 +163,7 @@ pub fn run_matrix(
 pub fn summary(ctx: &Ctx, t: &Table, sizes: &[u64], ioas: &[bool]) -> Map<String, Value> {
     let df = |d: &'static str| -> Key { (4096, d, "dirty-free", true) };
     let used_bytes = |k: &Key| t.used_med(k).map(|u| u * 1048576.0);
+    let nonfree_bytes = |k: &Key| t.nonfree_med(k).map(|u| u * 1048576.0);
     let time_max = |d: &'static str| -> Value {
         let mut worst: Option<f64> = None;
         for &mem in sizes {
@@ -178,6 +190,10 @@ pub fn summary(ctx: &Ctx, t: &Table, sizes: &[u64], ioas: &[bool]) -> Map<String
         "bytes_freehint_over_used".into(),
         ratio(t.bytes_med(&df("freehint")), used_bytes(&df("freehint"))),
     );
+    s.insert(
+        "bytes_freehint_over_nonfree".into(),
+        ratio(t.bytes_med(&df("freehint")), nonfree_bytes(&df("freehint"))),
+    );
     s.insert("time_hints_over_nohints_max".into(), time_max("freehint"));
     s.insert("integrity_failures".into(), json!(t.failures));
     s.insert(
@@ -187,6 +203,10 @@ pub fn summary(ctx: &Ctx, t: &Table, sizes: &[u64], ioas: &[bool]) -> Map<String
     s.insert(
         "bytes_stock_over_used".into(),
         ratio(t.bytes_med(&df("stock")), used_bytes(&df("stock"))),
+    );
+    s.insert(
+        "bytes_stock_over_nonfree".into(),
+        ratio(t.bytes_med(&df("stock")), nonfree_bytes(&df("stock"))),
     );
     s.insert("time_stock_over_nohints_max".into(), time_max("stock"));
     s.insert(
@@ -215,6 +235,7 @@ pub fn rows(t: &Table) -> Vec<Value> {
                 "bytes_median": t.bytes_med(k), "mb_sent_median": t.bytes_med(k).map(|b| (b / 1e5).round() / 10.0),
                 "total_ms_median": t.total_med(k), "downtime_ms_median": t.downtime_med(k),
                 "guest_used_mib_median": t.used_med(k),
+                "guest_nonfree_mib_median": t.nonfree_med(k),
                 "bytes": t.bytes.get(k), "total_ms": t.total_ms.get(k),
             })
         })
