@@ -9,6 +9,7 @@
 //! | `stats` | ask the guest for statistics; reply has the latest values by tag |
 //! | `hint-start` | open a new epoch and start a free page hint round |
 //! | `hint-status` | state, cmd id, epoch, free pages collected |
+//! | `hint-round [timeout_ms]` | start a round and wait (1 ms polls) until the guest ends it; reply has `ms` from request to the completed free set on the host |
 //! | `hint-stop` / `hint-finish` | stop the round / send DONE |
 //! | `metrics` | the device's counters |
 //!
@@ -21,6 +22,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
+use std::time::{Duration, Instant};
+
+use freehint_device::balloon::HintState;
 use freehint_device::{BalloonHandle, HintHandle};
 use log::{info, warn};
 
@@ -113,6 +117,39 @@ pub fn execute(line: &str, c: &Control) -> String {
                 s.free_pages
             )
         }
+        ("hint-round", timeout) => {
+            let timeout_ms = match timeout.map(str::parse::<u64>) {
+                None => 60_000,
+                Some(Ok(t)) => t,
+                Some(Err(e)) => return err(&format!("bad timeout: {e}")),
+            };
+            let t0 = Instant::now();
+            let epoch = hints.new_epoch();
+            let id = match hints.start_round(epoch) {
+                Ok(id) => id,
+                Err(e) => return err(&e.to_string()),
+            };
+            loop {
+                let s = hints.status();
+                let ms = t0.elapsed().as_secs_f64() * 1e3;
+                if s.cmd_id != id {
+                    return err("another round replaced this one");
+                }
+                if matches!(s.state, HintState::Stopped | HintState::Done) {
+                    return format!(
+                        "{{\"ok\":true,\"cmd_id\":{id},\"ms\":{ms:.3},\"free_pages\":{}}}",
+                        s.free_pages
+                    );
+                }
+                if ms > timeout_ms as f64 {
+                    return err(&format!(
+                        "round {id:#x} not completed after {timeout_ms} ms (state {:?})",
+                        s.state
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         ("hint-stop", None) => {
             hints.stop();
             "{\"ok\":true}".to_string()
@@ -197,6 +234,8 @@ mod tests {
         assert!(execute("bogus \"q\"", &c).contains("\\\"q\\\""));
         // Not activated: a hint round is refused with a clear error.
         assert!(execute("hint-start", &c).starts_with("{\"ok\":false"));
+        assert!(execute("hint-round 10", &c).starts_with("{\"ok\":false"));
+        assert!(execute("hint-round x", &c).contains("bad timeout"));
         assert!(execute("hint-status", &c).contains("\"state\":\"Idle\""));
         assert!(execute("metrics", &c).starts_with("{\"ok\":true"));
     }
