@@ -238,6 +238,24 @@ pub enum Op {
     Reset,
     /// Transport: re-negotiate and activate again (after a reset).
     Reactivate,
+    /// Writes `descs` as an indirect table at `table` (guest-physical) and
+    /// makes a head descriptor at slot `slot` pointing to it available.
+    /// Unless `raw`, the table's NEXT flags and `next` fields link the
+    /// entries in order.
+    AddIndirect {
+        /// Queue index.
+        queue: u8,
+        /// Table slot of the head descriptor.
+        slot: u16,
+        /// Guest-physical address of the indirect table.
+        table: u64,
+        /// Head descriptor length (normally 16 × entries).
+        head_len: Option<u32>,
+        /// Keep flags/next exactly as given.
+        raw: bool,
+        /// The table entries.
+        descs: Vec<FuzzDesc>,
+    },
 }
 
 /// A whole fuzz input.
@@ -515,6 +533,45 @@ impl Harness {
                 }
                 drop(m);
                 let head = (u32::from(*start) % u32::from(size)) as u16;
+                self.push_avail(*queue, head);
+            }
+            Op::AddIndirect {
+                queue,
+                slot,
+                table,
+                head_len,
+                raw,
+                descs,
+            } => {
+                let Some(dq) = self.driver.get(usize::from(*queue)).copied() else {
+                    return;
+                };
+                // Bounded by the input size limit; entries beyond 4096 are
+                // not written (the device must still cope with the length).
+                let n = descs.len().min(4096);
+                let mut table_bytes = Vec::with_capacity(16 * n);
+                for (k, d) in descs.iter().take(n).enumerate() {
+                    let (flags, next) = if *raw {
+                        (d.flags, d.next)
+                    } else if k + 1 < n {
+                        (d.flags | 1, (k + 1) as u16)
+                    } else {
+                        (d.flags & !1, 0)
+                    };
+                    table_bytes.extend_from_slice(&d.addr.to_le_bytes());
+                    table_bytes.extend_from_slice(&d.len.to_le_bytes());
+                    table_bytes.extend_from_slice(&flags.to_le_bytes());
+                    table_bytes.extend_from_slice(&next.to_le_bytes());
+                }
+                self.write(*table, &table_bytes);
+                let size = dq.size.max(1);
+                let head = *slot % size;
+                let len = head_len.unwrap_or(16 * n as u32);
+                let mut b = [0u8; 16];
+                b[0..8].copy_from_slice(&table.to_le_bytes());
+                b[8..12].copy_from_slice(&len.to_le_bytes());
+                b[12..14].copy_from_slice(&4u16.to_le_bytes()); // VRING_DESC_F_INDIRECT
+                self.write(dq.desc + 16 * u64::from(head), &b);
                 self.push_avail(*queue, head);
             }
             Op::PushAvail { queue, head } => self.push_avail(*queue, *head),

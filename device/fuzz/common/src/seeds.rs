@@ -342,6 +342,55 @@ pub fn hostile() -> BalloonInput {
     )
 }
 
+/// Indirect descriptors: a standard round whose free blocks come in one
+/// indirect table, then a table of 600 entries (more than the device follows).
+pub fn indirect() -> BalloonInput {
+    let id = DATA_BASE;
+    let table = DATA_BASE + 0x1000;
+    let big = DATA_BASE + 0x4000;
+    input(
+        ack_standard(),
+        vec![
+            Op::StartRound { stale_epoch: false },
+            Op::WriteCmdId {
+                addr: id,
+                id: CmdId::Current,
+            },
+            chain(FREEQ, 0, vec![d(id, 4, 0)]),
+            Op::Notify {
+                queue: FREEQ as u16,
+            },
+            Op::AddIndirect {
+                queue: FREEQ,
+                slot: 1,
+                table,
+                head_len: None,
+                raw: false,
+                descs: vec![
+                    d(0x40000, 0x10000, WRITE),
+                    d(0x50000, 0x10000, WRITE),
+                    d(HIGH_BASE, 0x8000, WRITE),
+                ],
+            },
+            Op::Notify {
+                queue: FREEQ as u16,
+            },
+            Op::AddIndirect {
+                queue: FREEQ,
+                slot: 2,
+                table: big,
+                head_len: None,
+                raw: false,
+                descs: vec![d(0x60000, 0x1000, WRITE); 600],
+            },
+            Op::Notify {
+                queue: FREEQ as u16,
+            },
+            Op::Apply,
+        ],
+    )
+}
+
 /// Every seed with its file name.
 pub fn all() -> Vec<(&'static str, BalloonInput)> {
     vec![
@@ -351,6 +400,7 @@ pub fn all() -> Vec<(&'static str, BalloonInput)> {
         ("stats", stats()),
         ("reporting", reporting()),
         ("hostile", hostile()),
+        ("indirect", indirect()),
     ]
 }
 
@@ -423,6 +473,15 @@ mod tests {
         assert_eq!(o.metrics.discard_bytes, 0x8000 + 0x3000);
         assert_eq!(o.metrics.discard_skipped_poison, 1);
         assert_eq!(o.metrics.hint_rounds_refused, 1);
+    }
+
+    #[test]
+    fn indirect_seed_merges_table_and_bounds_long_one() {
+        let o = run(&indirect());
+        assert_eq!(o.metrics.hint_pages, 16 + 16 + 8);
+        // Applied by the Apply op and again by the final invariant check.
+        assert_eq!(o.cleared, 2 * 40);
+        assert_eq!(o.metrics.chain_too_long, 1);
     }
 
     #[test]
