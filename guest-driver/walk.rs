@@ -44,7 +44,8 @@ use crate::zone::{self, PerCpuPages, Zone};
 pub(crate) const DEFAULT_BUDGET: u32 = 256;
 /// Largest budget accepted from the diagnostic interface.
 pub(crate) const MAX_BUDGET: u32 = 1 << 16;
-/// Restarts from the head allowed per list before giving it up.
+/// Restarts from the head allowed per list before giving it up (visits are
+/// also capped at twice the blocks the zone could hold, see `walk_list`).
 pub(crate) const MAX_RESTARTS: u32 = 8;
 /// Entries of one per-CPU list visited in its single hold, in budgets.
 pub(crate) const PCP_BUDGETS: u32 = 16;
@@ -138,6 +139,11 @@ impl<'a> Walker<'a> {
         // never a pointer, so nothing is dereferenced across an unlock.
         let mut resume: Option<u64> = None;
         let mut restarts = 0;
+        // A list cannot hold more blocks than fit in the zone; visiting twice
+        // that many means churn keeps moving the kept block back up the list.
+        // Stop there, so the walk always ends (the rest is a lost hint).
+        let max_visits = (z.spanned_pages() >> order).saturating_mul(2).saturating_add(u64::from(self.budget));
+        let mut visits = 0u64;
         loop {
             let guard = z.lock();
             self.stats.lock_acquisitions += 1;
@@ -171,6 +177,7 @@ impl<'a> Walker<'a> {
                         break;
                     }
                 }
+                visits += u64::from(visited);
             }
             // The cursor (and with it every list pointer) is gone; only the
             // pfn in `next_resume` crosses the unlock.
@@ -178,6 +185,10 @@ impl<'a> Walker<'a> {
             self.stats.total_lock_hold_ns += held;
             self.stats.max_lock_hold_ns = self.stats.max_lock_hold_ns.max(held);
             match next_resume {
+                Some(_) if visits >= max_visits => {
+                    self.stats.lists_truncated += 1;
+                    return;
+                }
                 Some(pfn) => resume = Some(pfn),
                 None => return,
             }

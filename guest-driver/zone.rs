@@ -138,6 +138,17 @@ impl Zone {
         self.ptr.as_ptr().cast()
     }
 
+    /// Pages the zone spans (holes included): an upper bound on the pages
+    /// any of its lists can describe.
+    pub(crate) fn spanned_pages(&self) -> u64 {
+        // SAFETY: the zone is valid (type invariant); `spanned_pages` only
+        // changes on memory hotplug, which this kernel does not do. A plain
+        // read of an aligned word.
+        let pages = unsafe { core::ptr::addr_of!((*self.ptr.as_ptr()).spanned_pages).read_volatile() };
+        // CAST: `unsigned long` is 64 bits on x86-64.
+        pages as u64
+    }
+
     /// Takes `zone->lock` with interrupts saved and disabled.
     pub(crate) fn lock(&self) -> ZoneLockGuard<'_> {
         // SAFETY: by the type invariant the zone is valid; its lock was
