@@ -157,7 +157,9 @@ impl Builder {
              \"lists_truncated\":{},\"pages_outside_layout\":{},\"walk_ns\":{},\
              \"memset_ns\":{},\"max_lock_hold_ns\":{},\"total_lock_hold_ns\":{},\
              \"max_lock_hold_ns_all\":{},\"tsc_khz\":{},\"tsc_calibrated\":{},\"pcp\":{},\
-             \"pcp_lists\":{},\"pcp_blocks\":{},\"pcp_lists_capped\":{},\"max_pcp_hold_ns\":{}}}\n",
+             \"pcp_lists\":{},\"pcp_blocks\":{},\"pcp_lists_capped\":{},\"max_pcp_hold_ns\":{},\
+             \"holds_lt_10us\":{},\"holds_lt_50us\":{},\"holds_lt_200us\":{},\"holds_lt_1ms\":{},\
+             \"holds_ge_1ms\":{}}}\n",
             self.builds,
             self.source.name(),
             self.layout.ranges().len(),
@@ -185,6 +187,11 @@ impl Builder {
             s.pcp_blocks,
             s.pcp_lists_capped,
             s.max_pcp_hold_ns,
+            s.hold_hist[0],
+            s.hold_hist[1],
+            s.hold_hist[2],
+            s.hold_hist[3],
+            s.hold_hist[4],
         )
     }
 

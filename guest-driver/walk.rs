@@ -84,7 +84,12 @@ pub(crate) struct BuildStats {
     pub(crate) pcp_lists_capped: u64,
     /// Longest hold of a per-CPU lock (ns; interrupts stay on).
     pub(crate) max_pcp_hold_ns: u64,
+    /// Zone lock holds by duration: < 10 µs, < 50 µs, < 200 µs, < 1 ms, more.
+    pub(crate) hold_hist: [u64; 5],
 }
+
+/// Upper bounds (ns) of the first buckets of [`BuildStats::hold_hist`].
+pub(crate) const HOLD_HIST_NS: [u64; 4] = [10_000, 50_000, 200_000, 1_000_000];
 
 /// Walks the free lists into a bitmap with a fixed entry budget per lock hold.
 pub(crate) struct Walker<'a> {
@@ -184,6 +189,10 @@ impl<'a> Walker<'a> {
             let held = guard.unlock();
             self.stats.total_lock_hold_ns += held;
             self.stats.max_lock_hold_ns = self.stats.max_lock_hold_ns.max(held);
+            let bucket = HOLD_HIST_NS.iter().take_while(|&&b| held >= b).count();
+            if let Some(n) = self.stats.hold_hist.get_mut(bucket) {
+                *n += 1;
+            }
             match next_resume {
                 Some(_) if visits >= max_visits => {
                     self.stats.lists_truncated += 1;

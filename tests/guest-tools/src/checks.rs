@@ -518,10 +518,28 @@ fn median(v: &mut [u64]) -> u64 {
     v.get(v.len() / 2).copied().unwrap_or(0)
 }
 
-/// Medians over `n` builds: (walk, max lock hold per build, memset, pcp hold), ns,
-/// plus the largest lock hold seen and the last stats object.
-fn bench_series(fh: &Freehint, n: u64) -> Result<([u64; 4], u64, String), Error> {
+/// Zone lock holds of all builds of a series, by duration bucket.
+const HOLD_BUCKETS: [&str; 5] = [
+    "holds_lt_10us",
+    "holds_lt_50us",
+    "holds_lt_200us",
+    "holds_lt_1ms",
+    "holds_ge_1ms",
+];
+
+/// One bench series: medians over `n` builds of (walk, max lock hold per
+/// build, memset, pcp hold) in ns, the largest lock hold seen, the hold
+/// histogram summed over the builds, and the last stats object.
+struct Series {
+    medians: [u64; 4],
+    max_hold: u64,
+    hist: [u64; 5],
+    last: String,
+}
+
+fn bench_series(fh: &Freehint, n: u64) -> Result<Series, Error> {
     let mut series: [Vec<u64>; 4] = Default::default();
+    let mut hist = [0u64; 5];
     let mut last = String::new();
     for _ in 0..n {
         fh.build()?;
@@ -534,10 +552,18 @@ fn bench_series(fh: &Freehint, n: u64) -> Result<([u64; 4], u64, String), Error>
         ]) {
             v.push(Freehint::stat(&last, key)?);
         }
+        for (h, key) in hist.iter_mut().zip(HOLD_BUCKETS) {
+            *h += Freehint::stat(&last, key).unwrap_or(0);
+        }
     }
     let max_hold = series[1].iter().copied().max().unwrap_or(0);
-    let med = series.map(|mut v| median(&mut v));
-    Ok((med, max_hold, last))
+    let medians = series.map(|mut v| median(&mut v));
+    Ok(Series {
+        medians,
+        max_hold,
+        hist,
+        last,
+    })
 }
 
 /// `fhtool bench [--builds N]`: builds on an idle guest, medians; first with
@@ -552,31 +578,39 @@ pub fn bench(args: &Args) -> Result<bool, Error> {
     fh.set_pcp(true)?;
     let all = bench_series(&fh, n);
     fh.set_pcp(was_pcp)?;
-    let ([bw, _, _, _], buddy_max_hold, _) = buddy?;
-    let ([w, h, m, ph], max_hold, last) = all?;
+    let (buddy, all) = (buddy?, all?);
+    let [bw, _, _, _] = buddy.medians;
+    let [w, h, m, ph] = all.medians;
+    let last = &all.last;
     let us = |ns: u64| ns as f64 / 1000.0;
+    let holds: u64 = buddy.hist.iter().chain(&all.hist).sum();
+    let over_200us: u64 = buddy.hist[3..].iter().chain(&all.hist[3..]).sum();
     let mut r = Report::new("bench-bitmap");
     r.num("mem_mib", mem::mem_total_kib() >> 10)
-        .num("total_bits", Freehint::stat(&last, "total_bits")?)
-        .num("bitmap_bytes", Freehint::stat(&last, "bitmap_bytes")?)
-        .num("pages_free", Freehint::stat(&last, "pages_free")?)
-        .num("budget", Freehint::stat(&last, "budget")?)
+        .num("total_bits", Freehint::stat(last, "total_bits")?)
+        .num("bitmap_bytes", Freehint::stat(last, "bitmap_bytes")?)
+        .num("pages_free", Freehint::stat(last, "pages_free")?)
+        .num("budget", Freehint::stat(last, "budget")?)
         .num("builds", n)
         .float("walk_us", us(w))
         .float("walk_us_buddy_only", us(bw))
         .float("lock_hold_us_median", us(h))
-        .float("max_lock_hold_us", us(max_hold.max(buddy_max_hold)))
+        .float("max_lock_hold_us", us(all.max_hold.max(buddy.max_hold)))
+        .num("holds", holds)
+        .num("holds_over_200us", over_200us)
+        .num("holds_over_1ms", buddy.hist[4] + all.hist[4])
         .float("pcp_hold_us_median", us(ph))
         .float("memset_us", us(m))
         .float("walk_over_memset", w as f64 / m.max(1) as f64)
+        .float("walk_buddy_only_over_memset", bw as f64 / m.max(1) as f64)
         .num(
             "lock_acquisitions",
-            Freehint::stat(&last, "lock_acquisitions")?,
+            Freehint::stat(last, "lock_acquisitions")?,
         )
-        .num("blocks", Freehint::stat(&last, "blocks")?)
-        .num("pcp_blocks", Freehint::stat(&last, "pcp_blocks")?)
-        .num("lists", Freehint::stat(&last, "lists")?)
-        .num("tsc_khz", Freehint::stat(&last, "tsc_khz")?);
+        .num("blocks", Freehint::stat(last, "blocks")?)
+        .num("pcp_blocks", Freehint::stat(last, "pcp_blocks")?)
+        .num("lists", Freehint::stat(last, "lists")?)
+        .num("tsc_khz", Freehint::stat(last, "tsc_khz")?);
     Ok(r.emit(true))
 }
 
