@@ -21,7 +21,10 @@
 //!   not negotiated) if the kernel poisons free pages with a non-zero value
 //!   and the device does not offer PAGE_POISON, because pages the host
 //!   skipped would arrive as zeroes, not poison;
-//! - free page hinting: `hint.rs`, without allocating.
+//! - free page hinting: `hint.rs`, without allocating: the standard protocol
+//!   (free blocks as buffers) or, with the freehint extension
+//!   FREE_PAGE_BITMAP negotiated, the bitmap protocol (layout query, bitmap
+//!   chunks built by `builder.rs`, ROUND_END).
 
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use kernel::prelude::*;
@@ -82,6 +85,7 @@ impl Features {
             abi::VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
             abi::VIRTIO_BALLOON_F_FREE_PAGE_HINT,
             abi::VIRTIO_BALLOON_F_PAGE_POISON,
+            abi::VIRTIO_BALLOON_F_FREE_PAGE_BITMAP,
         ] {
             if dev.has_feature(bit) {
                 bits |= abi::feature(bit);
@@ -111,6 +115,8 @@ struct Inflated {
 /// Free page hinting state (hint work only).
 struct HintState {
     q: HintQueue,
+    /// Bitmap builder for the bitmap protocol (FREE_PAGE_BITMAP negotiated).
+    builder: Option<crate::builder::Builder>,
     batch: KVec<(u64, u32)>,
     /// The id of the last round started (STOP before the first).
     active: u32,
@@ -179,10 +185,17 @@ impl Balloon {
         };
         let hint = match free_vq {
             Some(vq) => {
-                let q = HintQueue::new(vq)?;
+                let mut q = HintQueue::new(vq)?;
+                let builder = if abi::bitmap_hints(feat.bits) {
+                    q.enable_bitmap()?;
+                    Some(crate::builder::Builder::new()?)
+                } else {
+                    None
+                };
                 dev.alloc_hint_wq()?;
                 Some(HintState {
                     q,
+                    builder,
                     batch: KVec::with_capacity(hint::BATCH, GFP_KERNEL)?,
                     active: abi::FREE_PAGE_HINT_CMD_ID_STOP,
                     rounds: 0,
@@ -456,6 +469,21 @@ impl Balloon {
         h.active = id;
         h.rounds += 1;
         let ctl = Ctl { b: self, id };
+        if let Some(builder) = h.builder.as_mut() {
+            let st = hint::run_bitmap_round(&mut h.q, builder, id, &ctl);
+            pr_info!(
+                "bitmap round {:#x}: layout {} ranges / {} bits, {} free pages marked, {} chunks, build {} us, {} ms, end={}\n",
+                st.cmd_id,
+                st.ranges,
+                st.total_bits,
+                st.free_pages,
+                st.chunks,
+                st.build_ns / 1000,
+                st.round_ns / 1_000_000,
+                st.end.name()
+            );
+            return;
+        }
         let st = hint::run_round(&mut h.q, &mut h.batch, id, &ctl);
         pr_info!(
             "hint round {:#x}: {} blocks in {} ranges, {} pages ({} MiB), {} lock holds (max {} us), {} ring-full waits, {} returned, STOP after {} ms, {} ms, end={}\n",

@@ -366,3 +366,136 @@ pub(crate) fn run_round(
     r.st.round_ns = zone::now_ns().saturating_sub(t0);
     r.st
 }
+
+/// Figures of one bitmap round (`VIRTIO_BALLOON_F_FREE_PAGE_BITMAP`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BitmapStats {
+    /// The command id of the round.
+    pub(crate) cmd_id: u32,
+    /// Ranges in the device's layout (0 if none was received).
+    pub(crate) ranges: usize,
+    /// Bits in the device's layout.
+    pub(crate) total_bits: u64,
+    /// Free pages marked in the bitmap.
+    pub(crate) free_pages: u64,
+    /// Chunks sent (all-zero chunks are skipped).
+    pub(crate) chunks: u64,
+    /// Bitmap build time (ns).
+    pub(crate) build_ns: u64,
+    /// Round time, query to ROUND_END returned (ns).
+    pub(crate) round_ns: u64,
+    /// Why it ended.
+    pub(crate) end: End,
+}
+
+/// Waits until the device returned the one chain it holds (bounded; stop
+/// conditions other than removal are left to the caller).
+fn wait_idle(q: &mut HintQueue, ctl: &impl Control) -> core::result::Result<(), End> {
+    let mut idle_waits = 0;
+    while !q.wait_idle_once(WAIT_MS) {
+        if ctl.should_stop() == Some(End::Removing) {
+            return Err(End::Removing);
+        }
+        idle_waits += 1;
+        if idle_waits >= MAX_IDLE_WAITS {
+            return Err(End::Timeout);
+        }
+    }
+    Ok(())
+}
+
+/// Runs one bitmap round for `cmd_id` (docs/protocol.md §5.5.x.5): query
+/// the layout, build the bitmap over it with the bitmap builder (the same
+/// bounded-hold walk as the debugfs diagnostics), send the non-zero chunks,
+/// end with ROUND_END. Nothing is allocated for the pages reported.
+pub(crate) fn run_bitmap_round(
+    q: &mut HintQueue,
+    builder: &mut crate::builder::Builder,
+    cmd_id: u32,
+    ctl: &impl Control,
+) -> BitmapStats {
+    use crate::bitmap_hint::{chunk_spans, ChunkHeader, LayoutReply, Message, MSG_HEADER_SIZE};
+    let t0 = zone::now_ns();
+    let mut st = BitmapStats {
+        cmd_id,
+        ranges: 0,
+        total_bits: 0,
+        free_pages: 0,
+        chunks: 0,
+        build_ns: 0,
+        round_ns: 0,
+        end: End::Complete,
+    };
+    let mut hdr = [0u8; MSG_HEADER_SIZE];
+    let encode = |m: Message, hdr: &mut [u8; MSG_HEADER_SIZE]| m.encode(hdr).map_err(|_| End::Error(EINVAL.to_errno()));
+    let body = (|| -> core::result::Result<(), End> {
+        wait_idle(q, ctl).map_err(|e| if e == End::Timeout { End::Busy } else { e })?;
+        encode(Message::LayoutQuery { cmd_id }, &mut hdr)?;
+        q.send_layout_query(&hdr).map_err(|e| End::Error(e.to_errno()))?;
+        wait_idle(q, ctl)?;
+        let reply = match LayoutReply::parse(q.layout_reply()) {
+            Ok(r) if r.cmd_id == cmd_id => r,
+            Ok(r) => {
+                pr_warn!("bitmap round {:#x}: layout reply for {:#x}; round abandoned\n", cmd_id, r.cmd_id);
+                return Err(End::Error(EINVAL.to_errno()));
+            }
+            Err(e) => {
+                // Used length 0: the id is no longer current (or the reply
+                // is malformed): abandon the round.
+                if !q.layout_reply().is_empty() {
+                    pr_warn!("bitmap round {:#x}: bad layout reply ({:?}); round abandoned\n", cmd_id, e);
+                }
+                return Err(ctl.should_stop().unwrap_or(End::Error(EINVAL.to_errno())));
+            }
+        };
+        st.ranges = reply.layout.ranges().len();
+        st.total_bits = reply.layout.total_bits();
+        builder.set_layout(Some(reply.layout)).map_err(|e| End::Error(e.to_errno()))?;
+        if let Some(e) = ctl.should_stop() {
+            return Err(e);
+        }
+        let b0 = zone::now_ns();
+        builder.build();
+        st.build_ns = zone::now_ns().saturating_sub(b0);
+        let (_, free, _) = builder.summary();
+        st.free_pages = free;
+        let bytes = builder.bitmap_bytes();
+        for (first_bit, nr_bits) in chunk_spans(st.total_bits, (crate::virtio::CHUNK_BYTES * 8) as u32) {
+            if let Some(e) = ctl.should_stop() {
+                return Err(e);
+            }
+            let start = (first_bit / 8) as usize;
+            let len = (nr_bits as usize).div_ceil(64) * 8;
+            let Some(payload) = bytes.get(start..start + len) else {
+                return Err(End::Error(EINVAL.to_errno()));
+            };
+            if payload.iter().all(|b| *b == 0) {
+                continue;
+            }
+            encode(Message::Chunk(ChunkHeader { cmd_id, first_bit, nr_bits }), &mut hdr)?;
+            q.send_message(&hdr, payload).map_err(|e| End::Error(e.to_errno()))?;
+            st.chunks += 1;
+            wait_idle(q, ctl)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = body {
+        st.end = e;
+    }
+    // ROUND_END ends the round in every case where the queue is free (the
+    // bitmap protocol's STOP; a device ignores it for a stale id).
+    if st.end != End::Removing && st.end != End::Busy && st.end != End::Timeout {
+        let free = u32::try_from(st.free_pages).unwrap_or(u32::MAX);
+        if let Ok(n) = (Message::RoundEnd { cmd_id, free_pages: free }).encode(&mut hdr) {
+            if q.send_message(&hdr[..n], &[]).is_ok() {
+                if let Err(e) = wait_idle(q, ctl) {
+                    if st.end == End::Complete {
+                        st.end = e;
+                    }
+                }
+            }
+        }
+    }
+    st.round_ns = zone::now_ns().saturating_sub(t0);
+    st
+}

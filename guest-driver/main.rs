@@ -35,6 +35,9 @@ mod zone;
 #[allow(dead_code, unreachable_pub, missing_docs)]
 #[path = "protocol/balloon.rs"]
 mod abi;
+#[allow(dead_code, unreachable_pub, missing_docs)]
+#[path = "protocol/bitmap_hint.rs"]
+mod bitmap_hint;
 mod balloon;
 mod hint;
 mod virtio;

@@ -52,6 +52,22 @@ extern "C" {
         cbs: *const u8,
     ) -> c_int;
     fn freehint_vq_add_outbuf(vq: *mut c_void, buf: *const c_void, len: c_uint, token: *mut c_void) -> c_int;
+    fn freehint_vq_add_out_in(
+        vq: *mut c_void,
+        out: *const c_void,
+        out_len: c_uint,
+        inb: *mut c_void,
+        in_len: c_uint,
+        token: *mut c_void,
+    ) -> c_int;
+    fn freehint_vq_add_out2(
+        vq: *mut c_void,
+        a: *const c_void,
+        a_len: c_uint,
+        b: *const c_void,
+        b_len: c_uint,
+        token: *mut c_void,
+    ) -> c_int;
     fn freehint_vq_add_inbuf_pfn(vq: *mut c_void, pfn: c_ulong, len: c_uint, token: *mut c_void) -> c_int;
     fn freehint_vq_kick(vq: *mut c_void) -> bool;
     fn freehint_vq_get_buf(vq: *mut c_void, len: *mut c_uint) -> *mut c_void;
@@ -379,9 +395,15 @@ impl Virtqueue {
 
     /// Sleeps until the device returns a buffer, at most `ms` milliseconds.
     fn wait_buf(&self, ms: u32) -> Option<NonNull<c_void>> {
+        self.wait_buf_len(ms).map(|(t, _)| t)
+    }
+
+    /// As [`Self::wait_buf`], with the used length the device reported.
+    fn wait_buf_len(&self, ms: u32) -> Option<(NonNull<c_void>, u32)> {
         let mut len = 0;
         // SAFETY: `vb` and `vq` are valid (type invariant).
-        NonNull::new(unsafe { freehint_vq_wait_buf_timeout(self.vb.as_ptr(), self.vq.as_ptr(), &mut len, ms) })
+        let t = NonNull::new(unsafe { freehint_vq_wait_buf_timeout(self.vb.as_ptr(), self.vq.as_ptr(), &mut len, ms) })?;
+        Some((t, len))
     }
 }
 
@@ -475,7 +497,23 @@ pub(crate) struct HintQueue {
     cmd: DmaBuf<4>,
     stop: DmaBuf<4>,
     in_flight: u32,
+    /// Bitmap protocol buffers (only with FREE_PAGE_BITMAP).
+    bm: Option<BitmapBufs>,
 }
+
+/// Buffers of the bitmap hint protocol. Like `cmd`, each is written only
+/// while the device holds no buffer of the queue (`in_flight == 0`).
+struct BitmapBufs {
+    msg: DmaBuf<{ crate::bitmap_hint::MSG_HEADER_SIZE }>,
+    reply: DmaBuf<{ crate::bitmap_hint::LAYOUT_REPLY_MAX }>,
+    /// Chunk payload, [`CHUNK_BYTES`] bytes of kmalloc memory.
+    chunk: KVec<u8>,
+    /// Used length of the last layout reply.
+    reply_len: usize,
+}
+
+/// Payload bytes per bitmap chunk: 64 KiB = 2^19 bits = 2 GiB of RAM.
+pub(crate) const CHUNK_BYTES: usize = 64 * 1024;
 
 impl HintQueue {
     /// Wraps the free page queue (its ring must hold at least 2 buffers).
@@ -489,7 +527,115 @@ impl HintQueue {
             cmd: DmaBuf::new()?,
             stop: DmaBuf::new()?,
             in_flight: 0,
+            bm: None,
         })
+    }
+
+    /// Allocates the bitmap protocol's buffers.
+    pub(crate) fn enable_bitmap(&mut self) -> Result {
+        self.bm = Some(BitmapBufs {
+            msg: DmaBuf::new()?,
+            reply: DmaBuf::new()?,
+            chunk: KVec::from_elem(0u8, CHUNK_BYTES, GFP_KERNEL)?,
+            reply_len: 0,
+        });
+        Ok(())
+    }
+
+    /// Waits at most `ms` for the one buffer chain the device holds (bitmap
+    /// messages are sent one at a time) and records its used length.
+    /// Returns whether the queue is idle now.
+    pub(crate) fn wait_idle_once(&mut self, ms: u32) -> bool {
+        if self.in_flight == 0 {
+            return true;
+        }
+        if let Some((_, len)) = self.vq.wait_buf_len(ms) {
+            self.in_flight = self.in_flight.saturating_sub(1);
+            if let Some(bm) = self.bm.as_mut() {
+                bm.reply_len = len as usize;
+            }
+            self.reclaim();
+        }
+        self.in_flight == 0
+    }
+
+    fn bm_idle(&mut self) -> Result<&mut BitmapBufs> {
+        self.reclaim();
+        if self.in_flight != 0 {
+            return Err(EBUSY);
+        }
+        self.bm.as_mut().ok_or(EINVAL)
+    }
+
+    /// Sends a LAYOUT_QUERY header with a writable reply buffer in one chain.
+    pub(crate) fn send_layout_query(&mut self, hdr: &[u8]) -> Result {
+        let bm = self.bm_idle()?;
+        let n = hdr.len().min(bm.msg.bytes_mut().len());
+        bm.msg.bytes_mut()[..n].copy_from_slice(&hdr[..n]);
+        bm.reply.bytes_mut().fill(0);
+        bm.reply_len = 0;
+        let (msg, reply) = (bm.msg.as_ptr(), bm.reply.as_ptr());
+        // SAFETY: `vq` is valid (invariant of `Virtqueue`); both buffers are
+        // kmalloc memory owned by `self`, written only while the device holds
+        // none of them (`bm_idle`), freed only after the device reset
+        // (contract of this type). The device writes at most the reply
+        // buffer's length into it.
+        kernel::error::to_result(unsafe {
+            freehint_vq_add_out_in(
+                self.vq.vq.as_ptr(),
+                msg.cast(),
+                n as c_uint,
+                reply.cast_mut().cast(),
+                crate::bitmap_hint::LAYOUT_REPLY_MAX as c_uint,
+                msg.cast_mut().cast(),
+            )
+        })?;
+        self.in_flight += 1;
+        self.vq.kick();
+        Ok(())
+    }
+
+    /// The layout reply of the last query, once the device returned it
+    /// (empty while it still holds the buffers).
+    pub(crate) fn layout_reply(&self) -> &[u8] {
+        match self.bm.as_ref() {
+            Some(bm) if self.in_flight == 0 => {
+                let n = bm.reply_len.min(crate::bitmap_hint::LAYOUT_REPLY_MAX);
+                &bm.reply.0[..n]
+            }
+            _ => &[],
+        }
+    }
+
+    /// Sends a message header alone (ROUND_END) or followed by `payload`
+    /// (CHUNK, at most [`CHUNK_BYTES`]) in one device-readable chain.
+    pub(crate) fn send_message(&mut self, hdr: &[u8], payload: &[u8]) -> Result {
+        if payload.len() > CHUNK_BYTES {
+            return Err(EINVAL);
+        }
+        let bm = self.bm_idle()?;
+        let n = hdr.len().min(bm.msg.bytes_mut().len());
+        bm.msg.bytes_mut()[..n].copy_from_slice(&hdr[..n]);
+        bm.chunk[..payload.len()].copy_from_slice(payload);
+        let (msg, chunk) = (bm.msg.as_ptr(), bm.chunk.as_ptr());
+        // SAFETY: as in `send_layout_query`; the device only reads.
+        kernel::error::to_result(unsafe {
+            if payload.is_empty() {
+                freehint_vq_add_outbuf(self.vq.vq.as_ptr(), msg.cast(), n as c_uint, msg.cast_mut().cast())
+            } else {
+                freehint_vq_add_out2(
+                    self.vq.vq.as_ptr(),
+                    msg.cast(),
+                    n as c_uint,
+                    chunk.cast(),
+                    payload.len() as c_uint,
+                    msg.cast_mut().cast(),
+                )
+            }
+        })?;
+        self.in_flight += 1;
+        self.vq.kick();
+        Ok(())
     }
 
     /// Ring size.

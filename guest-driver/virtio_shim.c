@@ -191,10 +191,12 @@ static const struct virtio_device_id freehint_id_table[] = {
 	{ 0 },
 };
 
+/* freehint's bitmap hint extension (protocol/src/balloon.rs, docs/protocol.md). */
+#define FREEHINT_F_FREE_PAGE_BITMAP 23
+
 /*
  * Offered features. VIRTIO_BALLOON_F_REPORTING is not offered (free page
- * reporting is not implemented) and the bitmap extension (bit 23) is not
- * offered until the bitmap hint path exists.
+ * reporting is not implemented).
  */
 static unsigned int freehint_features[] = {
 	VIRTIO_BALLOON_F_MUST_TELL_HOST,
@@ -202,6 +204,7 @@ static unsigned int freehint_features[] = {
 	VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
 	VIRTIO_BALLOON_F_FREE_PAGE_HINT,
 	VIRTIO_BALLOON_F_PAGE_POISON,
+	FREEHINT_F_FREE_PAGE_BITMAP,
 };
 
 static struct virtio_driver freehint_virtio_driver = {
@@ -358,6 +361,28 @@ int freehint_vq_add_outbuf(struct virtqueue *vq, const void *buf, unsigned int l
 
 	sg_init_one(&sg, buf, len);
 	return virtqueue_add_outbuf(vq, &sg, 1, token, GFP_KERNEL);
+}
+
+/* One chain: a device-readable buffer, then a device-writable one. */
+int freehint_vq_add_out_in(struct virtqueue *vq, const void *out, unsigned int out_len,
+			   void *in, unsigned int in_len, void *token)
+{
+	struct scatterlist o, i, *sgs[2] = { &o, &i };
+
+	sg_init_one(&o, out, out_len);
+	sg_init_one(&i, in, in_len);
+	return virtqueue_add_sgs(vq, sgs, 1, 1, token, GFP_KERNEL);
+}
+
+/* One chain of two device-readable buffers (a header and its payload). */
+int freehint_vq_add_out2(struct virtqueue *vq, const void *a, unsigned int a_len,
+			 const void *b, unsigned int b_len, void *token)
+{
+	struct scatterlist sa, sb, *sgs[2] = { &sa, &sb };
+
+	sg_init_one(&sa, a, a_len);
+	sg_init_one(&sb, b, b_len);
+	return virtqueue_add_sgs(vq, sgs, 2, 0, token, GFP_KERNEL);
 }
 
 /* A device-writable buffer describing [pfn << PAGE_SHIFT, + len): a free block. */

@@ -34,6 +34,8 @@ void freehint_reset_device(struct virtio_device *vdev);
 void freehint_del_vqs(struct virtio_device *vdev);
 int freehint_find_vqs(struct virtio_device *vdev, unsigned int nvqs, struct virtqueue *vqs[], const char *const names[], const u8 cbs[]);
 int freehint_vq_add_outbuf(struct virtqueue *vq, const void *buf, unsigned int len, void *token);
+int freehint_vq_add_out_in(struct virtqueue *vq, const void *out, unsigned int out_len, void *in, unsigned int in_len, void *token);
+int freehint_vq_add_out2(struct virtqueue *vq, const void *a, unsigned int a_len, const void *b, unsigned int b_len, void *token);
 int freehint_vq_add_inbuf_pfn(struct virtqueue *vq, unsigned long pfn, unsigned int len, void *token);
 bool freehint_vq_kick(struct virtqueue *vq);
 void *freehint_vq_get_buf(struct virtqueue *vq, unsigned int *len);
