@@ -126,16 +126,30 @@ struct per_cpu_pages *freehint_zone_pcp(struct zone *zone, int cpu)
 	return per_cpu_ptr(zone->per_cpu_pageset, cpu);
 }
 
-/* As drain_pages_zone() does for a remote CPU's lists: no irqsave needed,
- * interrupt-context users of pcp->lock only ever trylock it. */
-void freehint_pcp_lock(struct per_cpu_pages *pcp)
+/*
+ * As the kernel's remote drain does (pcp_spin_lock_maybe_irqsave() in
+ * mm/page_alloc.c): plain spin_lock on SMP, where interrupt-context users
+ * only trylock pcp->lock; irqsave on UP, where a trylock always succeeds.
+ */
+unsigned long freehint_pcp_lock(struct per_cpu_pages *pcp)
 {
+	unsigned long flags = 0;
+
+#if defined(CONFIG_SMP) || defined(CONFIG_PREEMPT_RT)
 	spin_lock(&pcp->lock);
+#else
+	spin_lock_irqsave(&pcp->lock, flags);
+#endif
+	return flags;
 }
 
-void freehint_pcp_unlock(struct per_cpu_pages *pcp)
+void freehint_pcp_unlock(struct per_cpu_pages *pcp, unsigned long flags)
 {
+#if defined(CONFIG_SMP) || defined(CONFIG_PREEMPT_RT)
 	spin_unlock(&pcp->lock);
+#else
+	spin_unlock_irqrestore(&pcp->lock, flags);
+#endif
 }
 
 unsigned int freehint_nr_pcp_lists(void)

@@ -47,8 +47,8 @@ extern "C" {
     fn freehint_next_online_cpu(cpu: c_int) -> c_int;
     fn freehint_nr_cpu_ids() -> c_uint;
     fn freehint_zone_pcp(zone: *mut c_void, cpu: c_int) -> *mut c_void;
-    fn freehint_pcp_lock(pcp: *mut c_void);
-    fn freehint_pcp_unlock(pcp: *mut c_void);
+    fn freehint_pcp_lock(pcp: *mut c_void) -> c_ulong;
+    fn freehint_pcp_unlock(pcp: *mut c_void, flags: c_ulong);
     fn freehint_nr_pcp_lists() -> c_uint;
     fn freehint_pcp_list_head(pcp: *mut c_void, pindex: c_uint) -> *mut c_void;
     fn freehint_pcp_lists_size() -> usize;
@@ -359,14 +359,16 @@ impl PerCpuPages<'_> {
         unsafe { freehint_pcp_pindex_order(pindex) }
     }
 
-    /// Takes `pcp->lock` (plain `spin_lock`, as the kernel's remote drain
-    /// does: interrupts stay enabled, interrupt-context users only trylock).
+    /// Takes `pcp->lock` as the kernel's remote drain does: plain
+    /// `spin_lock` on SMP (interrupts stay enabled; interrupt-context users
+    /// only trylock), irqsave on UP.
     pub(crate) fn lock(&self) -> PcpLockGuard<'_> {
         // SAFETY: by the type invariant the lock is initialised.
-        unsafe { freehint_pcp_lock(self.ptr.as_ptr()) };
-        // INVARIANT: the lock is held.
+        let flags = unsafe { freehint_pcp_lock(self.ptr.as_ptr()) };
+        // INVARIANT: the lock is held; `flags` are what unlock needs.
         PcpLockGuard {
             pcp: self,
+            flags,
             taken_ns: now_ns(),
             _not_send: PhantomData,
         }
@@ -377,10 +379,11 @@ impl PerCpuPages<'_> {
 ///
 /// # Invariants
 ///
-/// The lock of `pcp` is held by this CPU.
+/// The lock of `pcp` is held by this CPU, taken with `flags`.
 #[must_use = "the per-CPU lock is released when the guard is dropped"]
 pub(crate) struct PcpLockGuard<'a> {
     pcp: &'a PerCpuPages<'a>,
+    flags: c_ulong,
     taken_ns: u64,
     _not_send: PhantomData<*mut ()>,
 }
@@ -421,7 +424,7 @@ impl PcpLockGuard<'_> {
 impl Drop for PcpLockGuard<'_> {
     fn drop(&mut self) {
         // SAFETY: by the type invariant the lock is held by us.
-        unsafe { freehint_pcp_unlock(self.pcp.ptr.as_ptr()) };
+        unsafe { freehint_pcp_unlock(self.pcp.ptr.as_ptr(), self.flags) };
     }
 }
 
