@@ -116,6 +116,8 @@ pub struct VirtioPciTransport {
     stats: TransportStats,
     /// Copy of `status` readable from other threads (control socket).
     status_mirror: Arc<AtomicU8>,
+    /// Warnings logged so far (a hostile driver must not flood the log).
+    warnings: u64,
 }
 
 impl std::fmt::Debug for VirtioPciTransport {
@@ -171,6 +173,7 @@ impl VirtioPciTransport {
             early_kicks: vec![false; n],
             stats: TransportStats::default(),
             status_mirror: Arc::new(AtomicU8::new(0)),
+            warnings: 0,
         }
     }
 
@@ -198,6 +201,19 @@ impl VirtioPciTransport {
     /// The wrapped device.
     pub fn device(&self) -> &dyn VirtioDevice {
         self.device.as_ref()
+    }
+
+    /// Logs a driver-caused warning: the first [`WARN_BURST`] in full, then
+    /// only every power of two (with the running count), so a hostile
+    /// driver cannot flood the host's log. The rest go to `debug`.
+    fn warn_limited(&mut self, msg: std::fmt::Arguments<'_>) {
+        self.warnings += 1;
+        let n = self.warnings;
+        if n <= WARN_BURST || n.is_power_of_two() {
+            warn!("{msg} [driver warning #{n}]");
+        } else {
+            debug!("{msg}");
+        }
     }
 
     /// Virtio reset (status 0, vfio-user reset, client gone).
@@ -269,14 +285,16 @@ impl VirtioPciTransport {
             let rel = offset - NOTIFY_CFG_OFFSET;
             if rel % u64::from(NOTIFY_OFF_MULTIPLIER) != 0 {
                 self.stats.bad_notifies += 1;
-                warn!("unaligned queue notify at {offset:#x}");
+                self.warn_limited(format_args!("unaligned queue notify at {offset:#x}"));
                 return;
             }
             let index = rel / u64::from(NOTIFY_OFF_MULTIPLIER);
             self.notify(index);
         } else {
             self.stats.out_of_range += 1;
-            warn!("BAR0 write outside any writable structure: {offset:#x}+{len} ignored");
+            self.warn_limited(format_args!(
+                "BAR0 write outside any writable structure: {offset:#x}+{len} ignored"
+            ));
         }
     }
 
@@ -304,7 +322,9 @@ impl VirtioPciTransport {
             return;
         }
         if let Err(e) = self.device.queue_notify(index as u16) {
-            error!("queue {index}: device failed: {e}; setting DEVICE_NEEDS_RESET");
+            self.warn_limited(format_args!(
+                "queue {index}: device failed: {e}; setting DEVICE_NEEDS_RESET"
+            ));
             self.needs_reset();
         }
     }
@@ -370,7 +390,8 @@ impl VirtioPciTransport {
 
     fn ignore(&mut self, what: &str) {
         self.stats.ignored_writes += 1;
-        warn!("common cfg: {what} (status {:#x})", self.status);
+        let status = self.status;
+        self.warn_limited(format_args!("common cfg: {what} (status {status:#x})"));
     }
 
     fn write_common(&mut self, reg: u64, len: usize, v: u64) {
@@ -470,10 +491,10 @@ impl VirtioPciTransport {
             let f = self.driver_features;
             if f & !offered != 0 || f & VIRTIO_F_VERSION_1 == 0 {
                 self.stats.features_refused += 1;
-                warn!(
+                self.warn_limited(format_args!(
                     "FEATURES_OK refused: driver features {f:#x}, offered {offered:#x} \
                      (VERSION_1 required, no unoffered bits)"
-                );
+                ));
                 self.status = new & !FEATURES_OK;
                 return;
             }
@@ -483,7 +504,7 @@ impl VirtioPciTransport {
         if new & !old & DRIVER_OK != 0 {
             if new & FEATURES_OK == 0 {
                 self.stats.ignored_writes += 1;
-                warn!("DRIVER_OK without FEATURES_OK: ignored");
+                self.warn_limited(format_args!("DRIVER_OK without FEATURES_OK: ignored"));
                 self.status = new & !DRIVER_OK;
                 return;
             }
@@ -494,7 +515,9 @@ impl VirtioPciTransport {
         if old & !new & !DEVICE_NEEDS_RESET != 0 {
             // Clearing bits other than by reset is not allowed; keep them.
             self.stats.ignored_writes += 1;
-            warn!("status write {new:#x} clears bits of {old:#x} without reset: kept");
+            self.warn_limited(format_args!(
+                "status write {new:#x} clears bits of {old:#x} without reset: kept"
+            ));
             self.status = old | new;
             return;
         }
@@ -521,7 +544,11 @@ impl VirtioPciTransport {
                     && q.try_set_used_ring_address(vm_memory::GuestAddress(regs.device))
                         .is_ok();
                 if !ok {
-                    error!("queue {i}: driver programmed an invalid layout {regs:?}");
+                    let regs = *regs;
+                    self.warn_limited(format_args!(
+                        "queue {i}: driver programmed an invalid layout {regs:?}; \
+                         setting DEVICE_NEEDS_RESET"
+                    ));
                     self.needs_reset();
                     return;
                 }
@@ -545,12 +572,17 @@ impl VirtioPciTransport {
                 }
             }
             Err(e) => {
-                error!("device activation failed: {e}; setting DEVICE_NEEDS_RESET");
+                self.warn_limited(format_args!(
+                    "device activation failed: {e}; setting DEVICE_NEEDS_RESET"
+                ));
                 self.needs_reset();
             }
         }
     }
 }
+
+/// Driver warnings logged in full before rate limiting starts.
+pub const WARN_BURST: u64 = 64;
 
 /// `VIRTIO_RING_F_EVENT_IDX` bit number.
 const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
@@ -845,6 +877,21 @@ pub(crate) mod tests {
         assert_eq!(seen.lock().unwrap().config[4], 7);
         assert_eq!(r(&mut t, DEVICE_CFG_OFFSET + 4, 4), 7);
         assert_eq!(r(&mut t, DEVICE_CFG_OFFSET + 0x800, 4), 0);
+    }
+
+    #[test]
+    fn warnings_are_rate_limited() {
+        let (mut t, _) = transport(false);
+        for _ in 0..10_000 {
+            t.write(common::NUM_QUEUES, &[1, 0]);
+        }
+        assert_eq!(t.stats().ignored_writes, 10_000);
+        // 64 in full + powers of two from 128 to 8192 (7 more).
+        let logged = (1..=10_000u64)
+            .filter(|&n| n <= WARN_BURST || n.is_power_of_two())
+            .count();
+        assert_eq!(logged, 71);
+        assert_eq!(t.warnings, 10_000);
     }
 
     #[test]
