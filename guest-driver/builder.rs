@@ -86,13 +86,19 @@ impl Builder {
     }
 
     /// Replaces the layout (a validated table from the host, or the kernel's
-    /// own with `None`) and reallocates the bitmap for it. The previous
-    /// bitmap content is dropped.
+    /// own with `None`) and reallocates the bitmap for it (unless the table
+    /// is unchanged: the buffer is allocated once per layout). The previous
+    /// bitmap content is not kept.
     pub(crate) fn set_layout(&mut self, layout: Option<Layout>) -> Result {
         let (layout, source) = match layout {
             Some(l) => (l, LayoutSource::Host),
             None => (layout_from_iomem()?, LayoutSource::Iomem),
         };
+        if layout == self.layout {
+            // Same table (a host repeats it every round): keep the buffer.
+            self.source = source;
+            return Ok(());
+        }
         let bitmap = alloc_bitmap(&layout)?;
         // INVARIANT: both fields change together.
         self.layout = layout;
