@@ -59,6 +59,8 @@ pub(crate) fn validate(v: &Validator) {
         // the destination, and the poison check would report them corrupt.
         pr_warn!("page poisoning is on and the device lacks PAGE_POISON: free page hinting refused\n");
         v.clear(abi::VIRTIO_BALLOON_F_FREE_PAGE_HINT);
+        // The bitmap extension is only valid together with FREE_PAGE_HINT.
+        v.clear(abi::VIRTIO_BALLOON_F_FREE_PAGE_BITMAP);
     }
     // As Linux: no indirect descriptors (no allocation when adding buffers),
     // guest-physical addresses in descriptors.
