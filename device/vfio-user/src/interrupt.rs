@@ -215,6 +215,10 @@ impl InterruptRouter {
         let mut fds = fds.into_iter();
         for v in start..end {
             s.msix_fds[v as usize] = fds.next();
+            // An interrupt raised while the vector had no eventfd is sent now.
+            if s.msix_fds[v as usize].is_some() && s.msix.take_pending(v as u16) {
+                kick(&s.msix_fds[v as usize], "MSI-X");
+            }
         }
         true
     }
@@ -248,6 +252,10 @@ impl InterruptRouter {
                 return;
             }
             match s.msix.deliver(vector) {
+                Delivery::Fire if s.msix_fds[usize::from(vector)].is_none() => {
+                    debug!("MSI-X vector {vector} has no eventfd yet: pending");
+                    s.msix.set_pending(vector);
+                }
                 Delivery::Fire => kick(&s.msix_fds[usize::from(vector)], "MSI-X"),
                 Delivery::Pending | Delivery::Dropped => {}
             }
@@ -369,6 +377,22 @@ pub(crate) mod tests {
         assert_eq!(count(&mut r1), 0);
         r.set_msix_control(true, false);
         assert_eq!(count(&mut r1), 1);
+    }
+
+    #[test]
+    fn interrupt_before_eventfd_is_delivered_when_it_arrives() {
+        let r = InterruptRouter::new(1, 2);
+        r.set_msix_control(true, false);
+        r.set_queue_vector(0, 1);
+        r.signal_queue(0);
+        let mut pba = [0u8; 8];
+        r.msix_read(crate::pci::MSIX_PBA_OFFSET, &mut pba);
+        assert_eq!(pba[0], 0b10, "pending in the PBA QEMU reads");
+        let (f, mut rd) = eventfd();
+        assert!(r.set_msix_eventfds(1, 1, vec![f]));
+        assert_eq!(count(&mut rd), 1);
+        r.msix_read(crate::pci::MSIX_PBA_OFFSET, &mut pba);
+        assert_eq!(pba[0], 0);
     }
 
     #[test]

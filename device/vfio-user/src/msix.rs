@@ -99,6 +99,28 @@ impl MsixTable {
         }
     }
 
+    /// Records an interrupt that could not be sent (no eventfd for the
+    /// vector yet: QEMU assigns one when the guest unmasks the vector in its
+    /// own copy of the table). Readable in the PBA, sent by
+    /// [`Self::take_pending`] once an eventfd arrives.
+    pub fn set_pending(&mut self, vector: u16) {
+        let v = usize::from(vector);
+        if v < self.entries.len() {
+            self.pending[v / 64] |= 1 << (v % 64);
+        }
+    }
+
+    /// Clears and returns whether `vector` was pending.
+    pub fn take_pending(&mut self, vector: u16) -> bool {
+        let v = usize::from(vector);
+        if v >= self.entries.len() || !self.enabled || self.masked(v) {
+            return false;
+        }
+        let was = self.pending[v / 64] & (1 << (v % 64)) != 0;
+        self.pending[v / 64] &= !(1 << (v % 64));
+        was
+    }
+
     fn drain_unmasked(&mut self) -> Vec<u16> {
         let mut out = Vec::new();
         if !self.enabled {
@@ -228,6 +250,20 @@ mod tests {
         t.read(ctrl_offset(2), &mut e[..4]);
         assert_eq!(&e[..4], &0u32.to_le_bytes());
         assert_eq!(t.deliver(2), Delivery::Fire);
+    }
+
+    #[test]
+    fn pending_without_eventfd_is_kept_until_taken() {
+        let mut t = MsixTable::new(2);
+        t.set_control(true, false);
+        t.set_pending(1);
+        t.set_pending(9); // out of range: ignored
+        let mut pba = [0u8; 8];
+        t.read(MSIX_PBA_OFFSET, &mut pba);
+        assert_eq!(pba[0], 0b10);
+        assert!(!t.take_pending(0));
+        assert!(t.take_pending(1));
+        assert!(!t.take_pending(1));
     }
 
     #[test]
