@@ -659,7 +659,13 @@ impl Harness {
                 self.check_hint_invariants();
             }
             Op::StopRound => hints.stop(),
-            Op::Finish => hints.finish(),
+            Op::Finish => {
+                // DONE: the guest may reuse the pages; nothing may be
+                // cleared until a new round collects hints again.
+                hints.finish();
+                self.round_in_epoch = false;
+                self.check_hint_invariants();
+            }
             Op::Apply => self.apply_live(),
             Op::Snapshot => self.snapshot = Some(hints.snapshot()),
             Op::ApplySnapshot => {
