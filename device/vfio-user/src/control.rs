@@ -11,6 +11,7 @@
 //! | `hint-status` | state, cmd id, epoch, free pages collected |
 //! | `hint-round [timeout_ms]` | start a round and wait (1 ms polls) until the guest ends it; reply has `ms` from request to the completed free set on the host |
 //! | `hint-stop` / `hint-finish` | stop the round / send DONE |
+//! | `hint-dump PATH` | write the round's free set to PATH (raw little-endian `u64` words, bit *i* = layout bit *i*) |
 //! | `metrics` | the device's counters |
 //!
 //! `hint-start` is only meaningful for tests: a real migrator must start
@@ -150,6 +151,21 @@ pub fn execute(line: &str, c: &Control) -> String {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
+        ("hint-dump", Some(path)) => {
+            let set = hints.snapshot();
+            let bytes: Vec<u8> = set.words().iter().flat_map(|w| w.to_le_bytes()).collect();
+            match std::fs::write(path, &bytes) {
+                Ok(()) => format!(
+                    "{{\"ok\":true,\"cmd_id\":{},\"epoch\":{},\"complete\":{},\"total_bits\":{},\"free_pages\":{}}}",
+                    set.cmd_id(),
+                    set.epoch(),
+                    set.is_complete(),
+                    set.total_bits(),
+                    set.free_pages()
+                ),
+                Err(e) => err(&format!("cannot write {path}: {e}")),
+            }
+        }
         ("hint-stop", None) => {
             hints.stop();
             "{\"ok\":true}".to_string()
@@ -238,5 +254,15 @@ mod tests {
         assert!(execute("hint-round x", &c).contains("bad timeout"));
         assert!(execute("hint-status", &c).contains("\"state\":\"Idle\""));
         assert!(execute("metrics", &c).starts_with("{\"ok\":true"));
+        // No round yet: an all-zero set of the layout's size.
+        let dir = std::env::temp_dir().join(format!("fh-ctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("set.bin");
+        let reply = execute(&format!("hint-dump {}", path.display()), &c);
+        assert!(reply.contains("\"total_bits\":262144"), "{reply}");
+        assert!(reply.contains("\"free_pages\":0"), "{reply}");
+        assert_eq!(std::fs::read(&path).unwrap().len(), 262144 / 8);
+        assert!(execute("hint-dump /nonexistent/dir/x", &c).starts_with("{\"ok\":false"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
