@@ -119,6 +119,8 @@ struct HintState {
     q: HintQueue,
     /// Bitmap builder for the bitmap protocol (FREE_PAGE_BITMAP negotiated).
     builder: Option<crate::builder::Builder>,
+    /// Bits of the kernel's own RAM layout (bounds the device's layout).
+    own_bits: u64,
     batch: KVec<(u64, u32)>,
     /// The id of the last round started (STOP before the first).
     active: u32,
@@ -194,10 +196,12 @@ impl Balloon {
                 } else {
                     None
                 };
+                let own_bits = builder.as_ref().map_or(0, |b| b.summary().0);
                 dev.alloc_hint_wq()?;
                 Some(HintState {
                     q,
                     builder,
+                    own_bits,
                     batch: KVec::with_capacity(hint::BATCH, GFP_KERNEL)?,
                     active: abi::FREE_PAGE_HINT_CMD_ID_STOP,
                     rounds: 0,
@@ -472,7 +476,7 @@ impl Balloon {
         h.rounds += 1;
         let ctl = Ctl { b: self, id };
         if let Some(builder) = h.builder.as_mut() {
-            let st = hint::run_bitmap_round(&mut h.q, builder, id, &ctl);
+            let st = hint::run_bitmap_round(&mut h.q, builder, h.own_bits, id, &ctl);
             pr_info!(
                 "bitmap round {:#x}: layout {} ranges / {} bits, {} free pages marked, {} chunks, build {} us, {} ms, end={}\n",
                 st.cmd_id,

@@ -408,9 +408,14 @@ fn wait_idle(q: &mut HintQueue, ctl: &impl Control) -> core::result::Result<(), 
 /// the layout, build the bitmap over it with the bitmap builder (the same
 /// bounded-hold walk as the debugfs diagnostics), send the non-zero chunks,
 /// end with ROUND_END. Nothing is allocated for the pages reported.
+///
+/// `own_bits` is the size of the kernel's own RAM layout: a device layout
+/// larger than twice that plus 1 GiB is refused (the bitmap is allocated
+/// from it, and a hostile device could otherwise ask for 512 MiB).
 pub(crate) fn run_bitmap_round(
     q: &mut HintQueue,
     builder: &mut crate::builder::Builder,
+    own_bits: u64,
     cmd_id: u32,
     ctl: &impl Control,
 ) -> BitmapStats {
@@ -450,6 +455,16 @@ pub(crate) fn run_bitmap_round(
         };
         st.ranges = reply.layout.ranges().len();
         st.total_bits = reply.layout.total_bits();
+        let limit = own_bits.saturating_mul(2).saturating_add(1 << 18);
+        if st.total_bits > limit {
+            pr_warn!(
+                "bitmap round {:#x}: device layout of {} bits, this guest has {} pages; round abandoned\n",
+                cmd_id,
+                st.total_bits,
+                own_bits
+            );
+            return Err(End::Error(EINVAL.to_errno()));
+        }
         builder.set_layout(Some(reply.layout)).map_err(|e| End::Error(e.to_errno()))?;
         if let Some(e) = ctl.should_stop() {
             return Err(e);
