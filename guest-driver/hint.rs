@@ -13,7 +13,9 @@
 //! 1. wait until the device holds none of our buffers, then send `id` as a
 //!    4-byte outbuf;
 //! 2. for every populated zone, every order from the largest down (the most
-//!    bytes per descriptor first), every migratetype: take `zone->lock`,
+//!    bytes per descriptor first), every migratetype, then the per-CPU page
+//!    lists of every CPU (as walk.rs; one hold each, never resumed): take
+//!    `zone->lock` (or `pcp->lock`),
 //!    collect at most [`BATCH`] free blocks `(pfn, order)` into a buffer
 //!    allocated before the round, drop the lock, then merge blocks that are
 //!    adjacent in memory into ranges (up to [`MAX_RUN_PAGES`]) and add each
@@ -50,7 +52,7 @@
 use kernel::prelude::*;
 
 use crate::virtio::HintQueue;
-use crate::zone::{self, Zone};
+use crate::zone::{self, PerCpuPages, Zone};
 
 /// Free-list entries visited per `zone->lock` hold (and blocks per batch).
 pub(crate) const BATCH: usize = 256;
@@ -211,6 +213,11 @@ impl<C: Control> Round<'_, C> {
     fn list(&mut self, z: &Zone, order: u32, mt: u32) -> core::result::Result<(), End> {
         let mut resume: Option<u64> = None;
         let mut restarts = 0;
+        // A list cannot hold more blocks than fit in the zone: visiting twice
+        // that many means churn keeps moving the kept block back up the list
+        // (as walk.rs); stop there so the round always ends.
+        let max_visits = (z.spanned_pages() >> order).saturating_mul(2).saturating_add(BATCH as u64);
+        let mut visits = 0u64;
         loop {
             crate::virtio::vec_clear(self.batch);
             let mut next_resume = None;
@@ -249,19 +256,55 @@ impl<C: Control> Round<'_, C> {
                 self.st.max_hold_ns = self.st.max_hold_ns.max(held);
             }
             // The lock is dropped: only numbers were kept.
-            for i in 0..self.batch.len() {
-                let (pfn, o) = self.batch[i];
-                self.push_block(pfn, o)?;
-            }
-            self.q.kick();
-            if let Some(e) = self.ctl.should_stop() {
-                return Err(e);
-            }
+            visits += self.batch.len() as u64;
+            self.send_batch()?;
             match next_resume {
+                Some(_) if visits >= max_visits => return Ok(()),
                 Some(pfn) => resume = Some(pfn),
                 None => return Ok(()),
             }
         }
+    }
+
+    /// Sends the collected batch (no lock held) and checks the stop
+    /// conditions.
+    fn send_batch(&mut self) -> core::result::Result<(), End> {
+        for i in 0..self.batch.len() {
+            let (pfn, o) = self.batch[i];
+            self.push_block(pfn, o)?;
+        }
+        self.q.kick();
+        match self.ctl.should_stop() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Collects and sends the pages of one CPU's page lists of a zone: free
+    /// pages cached per CPU instead of on the buddy lists (up to 1/8 of a
+    /// zone). One hold per list and at most [`BATCH`] entries: a per-CPU
+    /// list entry cannot be recognised again after an unlock, so a list is
+    /// never resumed (the rest is a lost hint), as in walk.rs.
+    fn pcp(&mut self, pcp: &PerCpuPages<'_>) -> core::result::Result<(), End> {
+        for pindex in 0..PerCpuPages::nr_lists() {
+            let order = PerCpuPages::list_order(pindex);
+            crate::virtio::vec_clear(self.batch);
+            {
+                let guard = pcp.lock();
+                self.st.lock_holds += 1;
+                if let Some(cursor) = guard.list(pindex) {
+                    for pfn in cursor {
+                        if self.batch.len() >= BATCH || self.batch.push((pfn, order), GFP_NOWAIT).is_err() {
+                            break;
+                        }
+                    }
+                }
+                let held = guard.unlock();
+                self.st.max_hold_ns = self.st.max_hold_ns.max(held);
+            }
+            self.send_batch()?;
+        }
+        Ok(())
     }
 
     fn walk(&mut self) -> End {
@@ -284,6 +327,15 @@ impl<C: Control> Round<'_, C> {
                     break 'lists;
                 }
                 self.q.kick();
+            }
+            if end.is_none() {
+                z.for_each_pcp(|pcp| {
+                    if end.is_none() {
+                        if let Err(e) = self.pcp(pcp).and_then(|()| self.flush()) {
+                            end = Some(e);
+                        }
+                    }
+                });
             }
             // No lock is held here.
             zone::cond_resched();
