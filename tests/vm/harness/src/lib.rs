@@ -14,3 +14,4 @@ pub mod qemu;
 pub mod qmp;
 pub mod runner;
 pub mod scenarios;
+pub mod vfio;

@@ -19,6 +19,9 @@ pub mod qemu_hint;
 pub mod qemu_migrate;
 pub mod qemu_pingpong;
 pub mod smoke;
+pub mod vfio_freehint;
+pub mod vfio_hostile;
+pub mod vfio_stock;
 
 /// A scenario's entry point: returns the summary fields (`ok` included).
 pub type RunFn = fn(&mut Ctx) -> Result<Map<String, Value>, HarnessError>;
@@ -67,6 +70,24 @@ pub const SCENARIOS: &[Scenario] = &[
         description: "10 migrations back and forth under the integrity workload (issue 5)",
         ci: true,
         run: qemu_pingpong::run,
+    },
+    Scenario {
+        name: "vfio-stock",
+        description: "stock virtio_balloon vs freehint-vfio-user: inflate/memfd, stats, hint set vs kpageflags (issue 4)",
+        ci: true,
+        run: vfio_stock::run,
+    },
+    Scenario {
+        name: "vfio-freehint",
+        description: "freehint.ko vs freehint-vfio-user: bitmap {1,6} GiB x {pc,q35} + standard; host set = guest bitmap (issue 4)",
+        ci: true,
+        run: vfio_freehint::run,
+    },
+    Scenario {
+        name: "vfio-hostile",
+        description: "hostile guest driver vs freehint-vfio-user: server survives, bounded, serves again (issue 4)",
+        ci: true,
+        run: vfio_hostile::run,
     },
     Scenario {
         name: "bench-migrate",

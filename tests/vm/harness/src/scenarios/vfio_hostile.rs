@@ -1,0 +1,60 @@
+//! `vfio-hostile` (issue 4): a hostile guest driver against
+//! `freehint-vfio-user`.
+//!
+//! The guest program `hostile` (device/vfio-user/scripts/hostile-guest.rs)
+//! unbinds `virtio-pci`, drives BAR0 with 4000 rounds of garbage (random
+//! features, queue sizes and ring addresses, DRIVER_OK, notify storms,
+//! config writes, ring scribbles), resets and rebinds. Then the stock
+//! driver must reach DRIVER_OK again and the whole `vfio-stock` host step
+//! must pass (inflate with the memfd check, stats, a hint round with no held
+//! page in the set). The server must have logged the rejections and its
+//! anonymous memory must stay bounded (reported before and after).
+
+use serde_json::{json, Map, Value};
+
+use super::vfio_stock::boot_round;
+use crate::qemu::Machine;
+use crate::runner::{Ctx, HarnessError};
+use crate::vfio::{overlay_initramfs, server_binary};
+
+/// Bound on the server's anonymous memory after the hostile run, kB.
+const MAX_ANON_KB: u64 = 64 * 1024;
+
+/// Runs the scenario.
+pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
+    let bin = server_binary(&ctx.repo)?;
+    let initramfs = overlay_initramfs(ctx)?;
+    let r = boot_round(
+        ctx,
+        &bin,
+        &initramfs,
+        "vfio-hostile",
+        "hostile",
+        Machine::Pc,
+        1024,
+        &["--no-reporting"],
+        &["hold=32"],
+        true,
+    )?;
+    let n = |k: &str| r.get(k).and_then(Value::as_u64);
+    let anon_after = n("server_anon_kb_after");
+    let warnings = n("server_warnings").unwrap_or(0);
+    let ok = r.get("ok") == Some(&Value::Bool(true))
+        && anon_after.is_some_and(|a| a <= MAX_ANON_KB)
+        && warnings > 0
+        && r.get("server_alive_at_end") == Some(&Value::Bool(true));
+    let mut s = Map::new();
+    s.insert("ok".into(), json!(ok));
+    for k in [
+        "server_anon_kb_before",
+        "server_anon_kb_after",
+        "server_warnings",
+        "false_free",
+        "inflate_freed_kb",
+        "host_free_pages",
+        "round_ms",
+    ] {
+        s.insert(k.into(), r.get(k).cloned().unwrap_or(Value::Null));
+    }
+    Ok(s)
+}

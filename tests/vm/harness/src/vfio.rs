@@ -1,0 +1,775 @@
+//! Running guests against `freehint-vfio-user` (the project's device served
+//! over vfio-user, issue 4).
+//!
+//! - [`server_binary`] builds the server (`cargo build --release -p
+//!   freehint-vfio-user`) and finds it in cargo's target dir;
+//! - [`Server`] runs it as a separate process with its vfio-user socket and
+//!   control socket ([`Server::ctl`] sends one control command);
+//! - [`RamLayout`] is the guest RAM layout of a QEMU x86 machine, the bit
+//!   space of the device's free set (passed to the server as `--ram-layout`);
+//! - [`overlay_initramfs`] adds the guest programs (`vfio-guest`,
+//!   `hostile`, built from `device/vfio-user/scripts/`) and the `vfio-*.sh`
+//!   scripts to the image's initramfs (a second cpio appended to it);
+//! - [`VfioBoot::run`] boots a guest with `-device vfio-user-pci`, guest RAM
+//!   as `memory-backend-memfd,share=on` and a second serial port as the
+//!   host → guest channel; when the guest prints `@@VFIO ready` it hands the
+//!   running VM to the scenario's host step, then sends `go LAYOUT` and
+//!   collects the guest's results and `@@RUNS` dumps;
+//! - [`Runs`] and [`compare`] turn those dumps into the figures the
+//!   scenarios check (`false_free`, `bitmap_mismatch_bits`, ...).
+//!
+//! QEMU migrates no state for a vfio-user device: nothing here migrates.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+use crate::guest::{result_ok, GuestOutput};
+use crate::qemu::{BootSpec, Machine, Vm};
+use crate::runner::{Ctx, HarnessError};
+
+fn other(msg: impl Into<String>) -> HarnessError {
+    HarnessError::Other(msg.into())
+}
+
+/// Cargo's target dir as `tests/vm/run` uses it.
+fn target_dir(repo: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo.join("target"))
+}
+
+/// Builds `freehint-vfio-user` (release) and returns the binary's path.
+pub fn server_binary(repo: &Path) -> Result<PathBuf, HarnessError> {
+    let st = Command::new("cargo")
+        .args(["build", "--release", "-q", "-p", "freehint-vfio-user"])
+        .current_dir(repo)
+        .status()
+        .map_err(|e| other(format!("cannot run cargo: {e}")))?;
+    if !st.success() {
+        return Err(other("cargo build -p freehint-vfio-user failed"));
+    }
+    let bin = target_dir(repo).join("release/freehint-vfio-user");
+    if !bin.is_file() {
+        return Err(other(format!("{} missing after the build", bin.display())));
+    }
+    Ok(bin)
+}
+
+/// Guest RAM of a QEMU x86 machine: pfn ranges, bits dense in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RamLayout {
+    /// `(first_pfn, nr_pages)` per range, ascending.
+    pub ranges: Vec<(u64, u64)>,
+}
+
+impl RamLayout {
+    /// QEMU's split of `mem_mib` at the PCI hole (pc: ≥ 3.5 GiB keeps 3 GiB
+    /// low; q35: ≥ 2.75 GiB keeps 2 GiB low; the rest starts at 4 GiB).
+    pub fn for_machine(mem_mib: u64, machine: Machine) -> Self {
+        let (threshold, low) = match machine {
+            Machine::Pc => (3584, 3072),
+            Machine::Q35 => (2816, 2048),
+        };
+        let mib_pages = 256;
+        let ranges = if mem_mib >= threshold {
+            vec![
+                (0, low * mib_pages),
+                (4096 * mib_pages, (mem_mib - low) * mib_pages),
+            ]
+        } else {
+            vec![(0, mem_mib * mib_pages)]
+        };
+        RamLayout { ranges }
+    }
+
+    /// Total bits (RAM pages).
+    pub fn total_bits(&self) -> u64 {
+        self.ranges.iter().map(|r| r.1).sum()
+    }
+
+    /// The layout bit of `pfn`, if it is RAM.
+    pub fn pfn_to_bit(&self, pfn: u64) -> Option<u64> {
+        let mut first_bit = 0;
+        for &(first, n) in &self.ranges {
+            if pfn >= first && pfn < first + n {
+                return Some(first_bit + pfn - first);
+            }
+            first_bit += n;
+        }
+        None
+    }
+
+    /// The server's `--ram-layout` argument (`START+LEN` in MiB).
+    pub fn server_arg(&self) -> String {
+        self.ranges
+            .iter()
+            .map(|&(f, n)| format!("{}M+{}M", f / 256, n / 256))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The guest's `go` argument: `first_pfn:nr_pages:first_bit,...`.
+    pub fn guest_arg(&self) -> String {
+        let mut bit = 0;
+        let mut parts = Vec::new();
+        for &(f, n) in &self.ranges {
+            parts.push(format!("{f}:{n}:{bit}"));
+            bit += n;
+        }
+        parts.join(",")
+    }
+}
+
+/// A running `freehint-vfio-user`. Terminated (SIGTERM, then SIGKILL) on drop.
+#[derive(Debug)]
+pub struct Server {
+    child: Option<Child>,
+    /// The vfio-user socket.
+    pub socket: PathBuf,
+    /// The control socket.
+    pub control: PathBuf,
+    /// The server's log (stderr).
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts `bin` with sockets and log under `dir` (named after `label`),
+    /// the RAM layout `layout` and `extra` arguments (feature switches).
+    pub fn start(
+        bin: &Path,
+        dir: &Path,
+        label: &str,
+        layout: &RamLayout,
+        extra: &[&str],
+    ) -> Result<Server, HarnessError> {
+        // UNIX socket paths are limited to 107 bytes: keep them short.
+        let sock_dir = std::env::temp_dir().join(format!("fh-vfio-{}", std::process::id()));
+        std::fs::create_dir_all(&sock_dir).map_err(|source| HarnessError::Io {
+            what: "cannot create socket dir",
+            path: sock_dir.clone(),
+            source,
+        })?;
+        let socket = sock_dir.join(format!("{label}.sock"));
+        let control = sock_dir.join(format!("{label}.ctl"));
+        let log = dir.join(format!("{label}.server.log"));
+        let log_file = std::fs::File::create(&log).map_err(|source| HarnessError::Io {
+            what: "cannot create server log",
+            path: log.clone(),
+            source,
+        })?;
+        let child = Command::new(bin)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--control")
+            .arg(&control)
+            .arg("--force")
+            .arg("--ram-layout")
+            .arg(layout.server_arg())
+            .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("FREEHINT_SERVER_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .map_err(|e| other(format!("cannot start {}: {e}", bin.display())))?;
+        let mut s = Server {
+            child: Some(child),
+            socket,
+            control,
+            log,
+        };
+        let t0 = Instant::now();
+        while !(s.socket.exists() && s.control.exists()) {
+            if !s.running() || t0.elapsed() > Duration::from_secs(10) {
+                return Err(other(format!(
+                    "server did not create its sockets (log {})",
+                    s.log.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(s)
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Sends one control command; returns the reply object (an error if the
+    /// reply is not JSON or says `"ok":false`).
+    pub fn ctl(&self, cmd: &str) -> Result<Map<String, Value>, HarnessError> {
+        let mut s = UnixStream::connect(&self.control)
+            .map_err(|e| other(format!("control socket {}: {e}", self.control.display())))?;
+        s.set_read_timeout(Some(Duration::from_secs(180)))
+            .map_err(|e| other(format!("control socket: {e}")))?;
+        writeln!(s, "{cmd}").map_err(|e| other(format!("control write: {e}")))?;
+        let mut line = String::new();
+        BufReader::new(s)
+            .read_line(&mut line)
+            .map_err(|e| other(format!("control read ({cmd}): {e}")))?;
+        match serde_json::from_str::<Value>(line.trim()) {
+            Ok(Value::Object(m)) if m.get("ok") == Some(&Value::Bool(true)) => Ok(m),
+            Ok(v) => Err(other(format!("control '{cmd}': {v}"))),
+            Err(e) => Err(other(format!("control '{cmd}': bad reply {line:?}: {e}"))),
+        }
+    }
+
+    /// A number field of `/proc/PID/status` (kB), e.g. `VmRSS`, `RssAnon`.
+    pub fn status_kb(&self, field: &str) -> Option<u64> {
+        let pid = self.pid()?;
+        let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        text.lines()
+            .find(|l| l.starts_with(&format!("{field}:")))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// Waits up to `timeout` for the server to exit by itself (it does when
+    /// its client leaves); returns whether it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            if !self.running() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    /// The server's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            if let Ok(pid) = i32::try_from(c.id()) {
+                // SAFETY: `kill` has no memory preconditions; the pid is our child's.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(3) {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn run_cmd(cmd: &mut Command, what: &str) -> Result<(), HarnessError> {
+    let out = cmd
+        .output()
+        .map_err(|e| other(format!("{what}: cannot run: {e}")))?;
+    if !out.status.success() {
+        return Err(other(format!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+fn newer(out: &Path, src: &Path) -> bool {
+    let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    matches!((m(out), m(src)), (Some(o), Some(s)) if o >= s)
+}
+
+/// The image's initramfs of the normal flavour with the vfio guest programs
+/// and scripts appended (Linux unpacks concatenated cpio archives in order,
+/// so later files win). Returns the combined file under `ctx.log_dir`.
+pub fn overlay_initramfs(ctx: &Ctx) -> Result<PathBuf, HarnessError> {
+    let base = ctx.manifest.flavour("normal")?.initramfs;
+    let dir = ctx.log_dir.join("overlay");
+    let root = dir.join("root");
+    for d in ["bin", "scenarios"] {
+        std::fs::create_dir_all(root.join(d)).map_err(|source| HarnessError::Io {
+            what: "cannot create overlay dir",
+            path: root.join(d),
+            source,
+        })?;
+    }
+    let scripts = ctx.repo.join("device/vfio-user/scripts");
+    for (src, name) in [
+        ("vfio-guest.rs", "vfio-guest"),
+        ("hostile-guest.rs", "hostile"),
+    ] {
+        let (src, out) = (scripts.join(src), root.join("bin").join(name));
+        if !newer(&out, &src) {
+            run_cmd(
+                Command::new("rustc")
+                    .args([
+                        "-O",
+                        "-C",
+                        "target-feature=+crt-static",
+                        "--edition",
+                        "2021",
+                    ])
+                    .arg(&src)
+                    .arg("-o")
+                    .arg(&out),
+                "rustc (guest program)",
+            )?;
+        }
+    }
+    let guest_scripts = ctx.repo.join("tests/vm/guest/scenarios");
+    let entries = std::fs::read_dir(&guest_scripts).map_err(|source| HarnessError::Io {
+        what: "cannot list",
+        path: guest_scripts.clone(),
+        source,
+    })?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("vfio-") && name.ends_with(".sh") {
+            let to = root.join("scenarios").join(&name);
+            std::fs::copy(e.path(), &to).map_err(|source| HarnessError::Io {
+                what: "cannot copy",
+                path: to,
+                source,
+            })?;
+        }
+    }
+    let overlay = dir.join("overlay.cpio.gz");
+    run_cmd(
+        Command::new("sh")
+            .arg("-c")
+            .arg("find . | LC_ALL=C sort | cpio -o -H newc -R 0:0 2>/dev/null | gzip -1 > \"$1\"")
+            .arg("sh")
+            .arg(&overlay)
+            .current_dir(&root),
+        "cpio (overlay)",
+    )?;
+    let combined = dir.join("initramfs-vfio.cpio.gz");
+    let mut bytes = std::fs::read(&base).map_err(|source| HarnessError::Io {
+        what: "cannot read initramfs",
+        path: base.clone(),
+        source,
+    })?;
+    let ov = std::fs::read(&overlay).map_err(|source| HarnessError::Io {
+        what: "cannot read",
+        path: overlay.clone(),
+        source,
+    })?;
+    // The kernel needs each archive to start 4-byte aligned.
+    while bytes.len() % 4 != 0 {
+        bytes.push(0);
+    }
+    bytes.extend_from_slice(&ov);
+    std::fs::write(&combined, bytes).map_err(|source| HarnessError::Io {
+        what: "cannot write",
+        path: combined.clone(),
+        source,
+    })?;
+    Ok(combined)
+}
+
+/// Guest RAM the host holds for QEMU `pid`: allocated blocks of its memfd, kB.
+pub fn memfd_kb(pid: u32) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    for e in dir.flatten() {
+        let target = std::fs::read_link(e.path()).ok()?;
+        if target.to_string_lossy().starts_with("/memfd:mem") {
+            return std::fs::metadata(e.path())
+                .ok()
+                .map(|m| m.blocks() * 512 / 1024);
+        }
+    }
+    None
+}
+
+/// A guest booted against a vfio-user server.
+#[derive(Debug, Clone)]
+pub struct VfioBoot {
+    /// The boot (machine, memory, guest script and args); the vfio-user
+    /// device, memfd RAM and the host channel are added by [`Self::run`].
+    pub spec: BootSpec,
+    /// Combined initramfs from [`overlay_initramfs`].
+    pub initramfs: PathBuf,
+    /// Distinguishes boots of the same spec in file names (e.g. the protocol).
+    pub tag: String,
+}
+
+/// What a [`VfioBoot`] produced.
+#[derive(Debug)]
+pub struct VfioOutcome {
+    /// Whether the boot was clean (exit, `@@DONE rc=0`, no splat, results ok).
+    pub ok: bool,
+    /// The guest's `@@RESULT` objects.
+    pub results: Vec<Map<String, Value>>,
+    /// The guest's `@@RUNS` dumps.
+    pub runs: Runs,
+    /// The serial console log.
+    pub serial_log: PathBuf,
+    /// Wall-clock seconds of the boot.
+    pub elapsed_s: f64,
+}
+
+impl VfioBoot {
+    /// Boots, waits for `@@VFIO ready`, runs `host(vm_pid)` (its error fails
+    /// the boot), sends `go LAYOUT` on the host channel, waits for the guest
+    /// to power off, records the guest results and a `boot` result.
+    pub fn run(
+        &self,
+        ctx: &mut Ctx,
+        server: &Server,
+        layout: &RamLayout,
+        host: &mut dyn FnMut(u32) -> Result<(), HarnessError>,
+    ) -> Result<VfioOutcome, HarnessError> {
+        let mut spec = self.spec.clone();
+        spec.timeout = spec.timeout.mul_f64(ctx.timeout_scale.max(0.1));
+        let label = format!("{}-{}", spec.label(), self.tag);
+        let chan = std::env::temp_dir()
+            .join(format!("fh-vfio-{}", std::process::id()))
+            .join(format!("{label}.tty"));
+        let _ = std::fs::remove_file(&chan);
+        spec.extra_qemu_args.extend([
+            "-object".into(),
+            format!(
+                "memory-backend-memfd,id=mem,size={}M,share=on",
+                spec.mem_mib
+            ),
+            "-machine".into(),
+            "memory-backend=mem".into(),
+            "-device".into(),
+            format!(
+                "{{\"driver\":\"vfio-user-pci\",\"socket\":{{\"path\":\"{}\",\"type\":\"unix\"}}}}",
+                server.socket.display()
+            ),
+            "-serial".into(),
+            format!("unix:{},server=on,wait=off", chan.display()),
+            // A second -initrd replaces the image's (the last one wins).
+            "-initrd".into(),
+            self.initramfs.display().to_string(),
+        ]);
+        eprintln!(
+            "[vmtest] vfio boot {label}: {} ({} MiB, {})",
+            spec.guest_scenario,
+            spec.mem_mib,
+            spec.machine.name()
+        );
+        // Vm::start names the serial log after the spec's label: one
+        // directory per tag keeps boots of the same spec apart.
+        let dir = ctx.log_dir.join(&self.tag);
+        std::fs::create_dir_all(&dir).map_err(|source| HarnessError::Io {
+            what: "cannot create log dir",
+            path: dir.clone(),
+            source,
+        })?;
+        let mut vm = Vm::start(&ctx.manifest, &spec, &dir)?;
+        let serial_log = vm.serial_log.clone();
+        let t0 = Instant::now();
+        let mut problems = Vec::new();
+        let ready = loop {
+            let text = std::fs::read_to_string(&serial_log).unwrap_or_default();
+            if text.contains("@@VFIO ready") {
+                break true;
+            }
+            if text.contains("@@DONE") || !vm.running() || t0.elapsed() > spec.timeout {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        if ready {
+            let pid = vm.pid().unwrap_or(0);
+            if let Err(e) = host(pid) {
+                problems.push(format!("host step: {e}"));
+            }
+            match UnixStream::connect(&chan) {
+                Ok(mut s) => {
+                    if let Err(e) = writeln!(s, "go {}", layout.guest_arg()) {
+                        problems.push(format!("host channel write: {e}"));
+                    }
+                    // Keep the connection until the guest is done.
+                    let exit = vm.wait()?;
+                    drop(s);
+                    if exit.timed_out {
+                        problems.push(format!("timeout after {}s", exit.elapsed.as_secs()));
+                    }
+                }
+                Err(e) => problems.push(format!("host channel {}: {e}", chan.display())),
+            }
+        } else {
+            problems.push("guest never printed '@@VFIO ready'".into());
+        }
+        let exit = vm.wait()?;
+        if exit.timed_out && !problems.iter().any(|p| p.starts_with("timeout")) {
+            problems.push(format!("timeout after {}s", exit.elapsed.as_secs()));
+        }
+        drop(vm);
+        let text = String::from_utf8_lossy(&std::fs::read(&serial_log).map_err(|source| {
+            HarnessError::Io {
+                what: "cannot read serial log",
+                path: serial_log.clone(),
+                source,
+            }
+        })?)
+        .into_owned();
+        let out = GuestOutput::parse(&text);
+        let mut all_ok = true;
+        let mut results = Vec::new();
+        for mut r in out.results.iter().cloned() {
+            r.entry("machine").or_insert(json!(spec.machine.name()));
+            r.entry("mem_mib").or_insert(json!(spec.mem_mib));
+            all_ok &= result_ok(&r);
+            results.push(r.clone());
+            ctx.record(r);
+        }
+        match out.done_rc {
+            None => problems.push("no @@DONE (guest did not finish)".into()),
+            Some(0) => {}
+            Some(rc) => problems.push(format!("guest scenario exited rc={rc}")),
+        }
+        if out.splat_count > 0 {
+            problems.push(format!("{} kernel splat line(s)", out.splat_count));
+        }
+        if out.results.is_empty() {
+            problems.push("no @@RESULT lines".into());
+        }
+        let runs = Runs::parse(&text);
+        if let Some(bad) = runs.damaged.first() {
+            problems.push(format!("damaged @@RUNS dump: {bad}"));
+        }
+        let boot_ok = problems.is_empty();
+        let mut b = Map::new();
+        b.insert("name".into(), json!("boot"));
+        b.insert("ok".into(), json!(boot_ok));
+        b.insert("scenario".into(), json!(spec.guest_scenario));
+        b.insert("machine".into(), json!(spec.machine.name()));
+        b.insert("mem_mib".into(), json!(spec.mem_mib));
+        b.insert("rc".into(), json!(out.done_rc));
+        b.insert(
+            "elapsed_s".into(),
+            json!((exit.elapsed.as_secs_f64() * 10.0).round() / 10.0),
+        );
+        if !boot_ok {
+            b.insert("problems".into(), json!(problems));
+            b.insert("splats".into(), json!(out.splats));
+            b.insert("log".into(), json!(serial_log.display().to_string()));
+            b.insert("server_log".into(), json!(server.log.display().to_string()));
+        }
+        ctx.record(b);
+        eprintln!(
+            "[vmtest]   {label}: {} in {:.1}s{}",
+            if boot_ok && all_ok { "ok" } else { "FAILED" },
+            exit.elapsed.as_secs_f64(),
+            if boot_ok {
+                String::new()
+            } else {
+                format!(" ({})", problems.join("; "))
+            }
+        );
+        Ok(VfioOutcome {
+            ok: boot_ok && all_ok,
+            results,
+            runs,
+            serial_log,
+            elapsed_s: exit.elapsed.as_secs_f64(),
+        })
+    }
+}
+
+/// The guest's `@@RUNS TAG START+LEN ...` dumps, by tag (checked against
+/// their `@@RUNS-END TAG PAGES` totals).
+#[derive(Debug, Default, Clone)]
+pub struct Runs {
+    /// Runs by tag.
+    pub by_tag: BTreeMap<String, Vec<(u64, u64)>>,
+    /// Tags whose total did not match (a console line got damaged), or
+    /// which never ended.
+    pub damaged: Vec<String>,
+}
+
+impl Runs {
+    /// Parses a serial log.
+    pub fn parse(text: &str) -> Runs {
+        let mut r = Runs::default();
+        let mut ended = Vec::new();
+        for line in text.lines() {
+            let line = line.trim_end_matches('\r');
+            if let Some(pos) = line.find("@@RUNS-END ") {
+                let mut w = line[pos + 11..].split_whitespace();
+                let (Some(tag), Some(total)) = (w.next(), w.next()) else {
+                    continue;
+                };
+                let got: u64 = r.by_tag.get(tag).map_or(0, |v| v.iter().map(|x| x.1).sum());
+                if total.parse::<u64>().ok() != Some(got) {
+                    r.damaged
+                        .push(format!("{tag}: {got} pages, guest says {total}"));
+                }
+                ended.push(tag.to_string());
+            } else if let Some(pos) = line.find("@@RUNS ") {
+                let mut w = line[pos + 7..].split_whitespace();
+                let Some(tag) = w.next() else { continue };
+                let v = r.by_tag.entry(tag.to_string()).or_default();
+                for run in w {
+                    let parsed = run
+                        .split_once('+')
+                        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+                    match parsed {
+                        Some(x) => v.push(x),
+                        None => r.damaged.push(format!("{tag}: bad run {run:?}")),
+                    }
+                }
+            }
+        }
+        for tag in r.by_tag.keys() {
+            if !ended.contains(tag) {
+                r.damaged.push(format!("{tag}: no @@RUNS-END"));
+            }
+        }
+        r
+    }
+
+    /// The runs of `tag` as a bitmap of `total_bits` bits; `map` turns a run
+    /// start into a bit (pfn runs: through the layout, page by page).
+    pub fn bitmap(&self, tag: &str, layout: Option<&RamLayout>, total_bits: u64) -> Vec<u64> {
+        let mut words = vec![0u64; total_bits.div_ceil(64) as usize];
+        for &(start, n) in self.by_tag.get(tag).map_or(&[][..], Vec::as_slice) {
+            for v in start..start.saturating_add(n) {
+                let bit = match layout {
+                    Some(l) => l.pfn_to_bit(v),
+                    None => Some(v),
+                };
+                if let Some(b) = bit.filter(|&b| b < total_bits) {
+                    words[(b / 64) as usize] |= 1 << (b % 64);
+                }
+            }
+        }
+        words
+    }
+}
+
+/// Reads a `hint-dump` file (little-endian `u64` words).
+pub fn read_dump(path: &Path) -> Result<Vec<u64>, HarnessError> {
+    let bytes = std::fs::read(path).map_err(|source| HarnessError::Io {
+        what: "cannot read hint dump",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(bytes
+        .chunks(8)
+        .map(|c| {
+            let mut b = [0u8; 8];
+            b[..c.len()].copy_from_slice(c);
+            u64::from_le_bytes(b)
+        })
+        .collect())
+}
+
+/// Bits set in both.
+pub fn and_count(a: &[u64], b: &[u64]) -> u64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| u64::from((x & y).count_ones()))
+        .sum()
+}
+
+/// Bits set in `a` but not in `b`.
+pub fn andnot_count(a: &[u64], b: &[u64]) -> u64 {
+    a.iter()
+        .zip(b.iter().chain(std::iter::repeat(&0)))
+        .map(|(x, y)| u64::from((x & !y).count_ones()))
+        .sum()
+}
+
+/// Bits set.
+pub fn ones(a: &[u64]) -> u64 {
+    a.iter().map(|x| u64::from(x.count_ones())).sum()
+}
+
+/// The host's free set checked against the guest's dumps: `false_free`
+/// (held pages in the host's set), `not_buddy` (host-free pages that are not
+/// in a free buddy block per /proc/kpageflags after the round), coverage of
+/// the ground truth, and with a guest bitmap (`gbitmap`) the mismatch.
+pub fn compare(host: &[u64], runs: &Runs, layout: &RamLayout) -> Map<String, Value> {
+    let total = layout.total_bits();
+    let truth = runs.bitmap("truth", Some(layout), total);
+    let held = runs.bitmap("held", Some(layout), total);
+    let mut m = Map::new();
+    let host_free = ones(host);
+    m.insert("host_free_pages".into(), json!(host_free));
+    m.insert("truth_free_pages".into(), json!(ones(&truth)));
+    m.insert("held_pages".into(), json!(ones(&held)));
+    m.insert("false_free".into(), json!(and_count(host, &held)));
+    m.insert("not_buddy".into(), json!(andnot_count(host, &truth)));
+    let covered = and_count(host, &truth);
+    m.insert(
+        "truth_covered".into(),
+        json!((covered as f64 / ones(&truth).max(1) as f64 * 1000.0).round() / 1000.0),
+    );
+    if runs.by_tag.contains_key("gbitmap") {
+        let g = runs.bitmap("gbitmap", None, total);
+        let extra = andnot_count(host, &g);
+        let missing = andnot_count(&g, host);
+        m.insert("guest_bitmap_pages".into(), json!(ones(&g)));
+        m.insert("bitmap_mismatch_bits".into(), json!(extra + missing));
+        m.insert("host_not_in_guest".into(), json!(extra));
+        m.insert("guest_not_in_host".into(), json!(missing));
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_match_qemu_and_server_syntax() {
+        let pc6 = RamLayout::for_machine(6144, Machine::Pc);
+        assert_eq!(pc6.ranges, vec![(0, 786432), (1048576, 786432)]);
+        assert_eq!(pc6.server_arg(), "0M+3072M,4096M+3072M");
+        assert_eq!(pc6.guest_arg(), "0:786432:0,1048576:786432:786432");
+        assert_eq!(pc6.pfn_to_bit(1048576), Some(786432));
+        assert_eq!(pc6.pfn_to_bit(900000), None);
+        let q = RamLayout::for_machine(6144, Machine::Q35);
+        assert_eq!(q.ranges, vec![(0, 524288), (1048576, 1048576)]);
+        assert_eq!(
+            RamLayout::for_machine(1024, Machine::Q35).total_bits(),
+            262144
+        );
+    }
+
+    #[test]
+    fn runs_parse_check_totals_and_compare() {
+        let log = "x\n@@RUNS truth 0+4 10+2\r\n[ 1.0] noise\n@@RUNS-END truth 6\n\
+                   @@RUNS held 4+2\n@@RUNS-END held 2\n@@RUNS gbitmap 0+4\n@@RUNS-END gbitmap 4\n\
+                   @@RUNS bad 1+1\n@@RUNS-END bad 3\n";
+        let r = Runs::parse(log);
+        assert_eq!(r.by_tag["truth"], vec![(0, 4), (10, 2)]);
+        assert_eq!(r.damaged.len(), 1, "{:?}", r.damaged);
+        let layout = RamLayout {
+            ranges: vec![(0, 64)],
+        };
+        // Host: pages 0..4 and 5 (a held page).
+        let host = vec![0b10_1111u64];
+        let m = compare(&host, &r, &layout);
+        assert_eq!(m["false_free"], 1);
+        assert_eq!(m["not_buddy"], 1);
+        assert_eq!(m["bitmap_mismatch_bits"], 1);
+        assert_eq!(m["host_free_pages"], 5);
+    }
+}
