@@ -62,13 +62,15 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         ctx.record(r);
     }
     let b = |k: &str| bytes.get(k).and_then(Value::as_f64);
-    if let (Some(st), Some(none)) = (b("stock"), b("none")) {
-        s.insert(
-            "bytes_stock_over_nohints".into(),
-            json!((st / none * 1000.0).round() / 1000.0),
-        );
-        // init_on_alloc=0, 512 MiB freed: hints must save bytes.
-        ok &= st < none;
+    // init_on_alloc=0, 512 MiB freed: every hinting driver must save bytes.
+    for d in ["stock", "freehint"] {
+        if let (Some(h), Some(none)) = (b(d), b("none")) {
+            s.insert(
+                format!("bytes_{d}_over_nohints"),
+                json!((h / none * 1000.0).round() / 1000.0),
+            );
+            ok &= h < none;
+        }
     }
     s.insert("bytes".into(), Value::Object(bytes));
     s.insert("qemu".into(), json!(qemu_version(&ctx.manifest)));
