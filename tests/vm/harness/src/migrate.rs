@@ -761,6 +761,19 @@ impl CellOutcome {
     }
 }
 
+/// Failed `@@RESULT`s the guest printed (e.g. the driver did not load).
+fn guest_failures(vm: &MigVm, out: &mut Vec<String>) {
+    for r in vm.output().results {
+        if !crate::guest::result_ok(&r) {
+            out.push(format!(
+                "{}: guest result failed: {}",
+                vm.role,
+                Value::Object(r)
+            ));
+        }
+    }
+}
+
 fn splat_problems(vm: &MigVm, out: &mut Vec<String>) {
     let o = vm.output();
     if o.splat_count > 0 {
@@ -793,7 +806,15 @@ pub fn run_cell(
     let mut out = CellOutcome::default();
     let mut src = MigVm::start(manifest, &spec, log_dir, &format!("{tag}-0"), None)?;
     out.logs.push(src.serial_log.display().to_string());
-    out.ready = wait_ready(&mut src, scale(300))?;
+    out.ready = match wait_ready(&mut src, scale(300)) {
+        Ok(r) => r,
+        Err(e) => {
+            guest_failures(&src, &mut out.problems);
+            splat_problems(&src, &mut out.problems);
+            out.problems.push(e.to_string());
+            return Ok(out);
+        }
+    };
     progress(&format!(
         "{}: guest ready (used {} MiB)",
         cell.label(),
@@ -804,13 +825,20 @@ pub fn run_cell(
     ));
     for i in 0..cell.migrations {
         let port = free_port()?;
-        let mut dst = MigVm::start(
+        let mut dst = match MigVm::start(
             manifest,
             &spec,
             log_dir,
             &format!("{tag}-{}", i + 1),
             Some(port),
-        )?;
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                out.problems
+                    .push(format!("destination {} did not start: {e}", i + 1));
+                return Ok(out);
+            }
+        };
         out.logs.push(dst.serial_log.display().to_string());
         let vq_before = free_page_vq(&mut src).ok();
         let stats = match migrate(&mut src, port, scale(600)) {
