@@ -82,6 +82,29 @@ pub struct Ctx {
     failed: usize,
     failed_logs: Vec<PathBuf>,
     boots: usize,
+    /// Held for the whole run: two runs of one scenario would share log and
+    /// socket paths, so the second waits for the first.
+    _lock: std::fs::File,
+}
+
+/// Takes an exclusive `flock` on `file`, saying so on stderr if it must wait.
+fn lock_exclusive(file: &std::fs::File, scenario: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file descriptor we own; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    eprintln!("[vmtest] another run of scenario {scenario} holds its log dir; waiting");
+    loop {
+        // SAFETY: as above.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }
 
 /// Emits one JSON line on stdout.
@@ -100,6 +123,17 @@ impl Ctx {
             path: log_dir.clone(),
             source,
         })?;
+        let lock_path = log_dir.join(".lock");
+        let lock = std::fs::File::create(&lock_path).map_err(|source| HarnessError::Io {
+            what: "cannot create lock file",
+            path: lock_path.clone(),
+            source,
+        })?;
+        lock_exclusive(&lock, scenario).map_err(|source| HarnessError::Io {
+            what: "cannot lock",
+            path: lock_path,
+            source,
+        })?;
         Ok(Ctx {
             repo: repo.to_path_buf(),
             manifest,
@@ -110,6 +144,7 @@ impl Ctx {
             failed: 0,
             failed_logs: Vec::new(),
             boots: 0,
+            _lock: lock,
         })
     }
 
