@@ -39,6 +39,7 @@ fn table(rows: &[Row], qemu: &str, used: Option<f64>) -> String {
     let base = rows.first().and_then(|r| r.bytes);
     for r in rows {
         let f = |v: Option<f64>, div: f64| v.map_or("-".to_string(), |x| format!("{:.1}", x / div));
+        let ms = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:.0}"));
         let vs = match (r.bytes, base) {
             (Some(b), Some(n)) if n > 0.0 => format!("{:+.0} %", (b / n - 1.0) * 100.0),
             _ => "-".into(),
@@ -48,8 +49,8 @@ fn table(rows: &[Row], qemu: &str, used: Option<f64>) -> String {
             r.label,
             f(r.bytes, 1e6),
             vs,
-            f(r.total, 1.0),
-            f(r.down, 1.0),
+            ms(r.total),
+            ms(r.down),
             r.integrity
         ));
     }
