@@ -38,8 +38,10 @@ pub struct Table {
     /// Guest RAM not free (VM RAM size - `MemFree`: also counts the memory
     /// the kernel reserved, e.g. `struct page`s) at ready time per run.
     pub nonfree_mib: BTreeMap<Key, Vec<f64>>,
-    /// Failed integrity verdicts / broken runs.
+    /// Runs that failed for any reason (verdict, migration, splat, hang).
     pub failures: usize,
+    /// Destination verdicts that found damaged pages (or none came back).
+    pub integrity_failures: usize,
     /// Runs done.
     pub runs: usize,
 }
@@ -131,6 +133,8 @@ pub fn run_matrix(
                         }
                         ctx.record(line);
                         t.runs += 1;
+                        t.integrity_failures += out.integrity_failures()
+                            + usize::from(out.integrity.len() < out.migrations.len());
                         if !out.ok() {
                             t.failures += 1;
                             continue;
@@ -195,7 +199,8 @@ pub fn summary(ctx: &Ctx, t: &Table, sizes: &[u64], ioas: &[bool]) -> Map<String
         ratio(t.bytes_med(&df("freehint")), nonfree_bytes(&df("freehint"))),
     );
     s.insert("time_hints_over_nohints_max".into(), time_max("freehint"));
-    s.insert("integrity_failures".into(), json!(t.failures));
+    s.insert("integrity_failures".into(), json!(t.integrity_failures));
+    s.insert("failed_runs".into(), json!(t.failures));
     s.insert(
         "bytes_stock_over_nohints".into(),
         ratio(t.bytes_med(&df("stock")), t.bytes_med(&df("none"))),
