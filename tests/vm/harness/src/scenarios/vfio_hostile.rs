@@ -8,7 +8,8 @@
 //! driver must reach DRIVER_OK again and the whole `vfio-stock` host step
 //! must pass (inflate with the memfd check, stats, a hint round with no held
 //! page in the set). The server must have logged the rejections and its
-//! anonymous memory must stay bounded (reported before and after).
+//! anonymous memory must stay bounded (reported before the boot and after
+//! the hostile run, at most 64 MiB).
 
 use serde_json::{json, Map, Value};
 
@@ -37,17 +38,18 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         true,
     )?;
     let n = |k: &str| r.get(k).and_then(Value::as_u64);
-    let anon_after = n("server_anon_kb_after");
+    // The server exits when QEMU goes: its memory is taken while the guest
+    // waits after the hostile run (and the stock driver's rebind).
+    let anon_after = n("server_anon_kb_guest_ready");
     let warnings = n("server_warnings").unwrap_or(0);
     let ok = r.get("ok") == Some(&Value::Bool(true))
         && anon_after.is_some_and(|a| a <= MAX_ANON_KB)
-        && warnings > 0
-        && r.get("server_alive_at_end") == Some(&Value::Bool(true));
+        && warnings > 0;
     let mut s = Map::new();
     s.insert("ok".into(), json!(ok));
     for k in [
         "server_anon_kb_before",
-        "server_anon_kb_after",
+        "server_anon_kb_guest_ready",
         "server_warnings",
         "false_free",
         "inflate_freed_kb",

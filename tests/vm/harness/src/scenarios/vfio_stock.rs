@@ -60,6 +60,11 @@ pub fn host_round(
     dump: &Path,
     figures: &mut Map<String, Value>,
 ) -> Result<(), HarnessError> {
+    // Here the guest has run whatever it ran before (the hostile driver).
+    figures.insert(
+        "server_anon_kb_guest_ready".into(),
+        json!(server.status_kb("RssAnon")),
+    );
     let st = server.ctl("status")?;
     figures.insert("virtio_status".into(), json!(field(&st, "virtio_status")));
     figures.insert("acked_features".into(), json!(field(&st, "acked_features")));
