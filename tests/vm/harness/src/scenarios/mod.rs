@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use crate::runner::{Ctx, HarnessError};
 
 pub mod bench_bitmap;
+pub mod bench_vfio;
 pub mod bitmap;
 pub mod demo;
 pub mod qemu_hint;
@@ -112,6 +113,12 @@ pub const SCENARIOS: &[Scenario] = &[
         description: "bitmap walk time / lock hold at idle 1, 4, 8 GiB -> target/bench/bitmap.json",
         ci: false,
         run: bench_bitmap::run,
+    },
+    Scenario {
+        name: "bench-vfio",
+        description: "hint round latency on freehint-vfio-user (bitmap, standard, stock) and QEMU's device, 1/4/8 GiB -> target/bench/vfio.json",
+        ci: false,
+        run: bench_vfio::run,
     },
 ];
 

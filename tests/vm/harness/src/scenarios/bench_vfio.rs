@@ -1,0 +1,268 @@
+//! `bench-vfio` (issue 4, not in CI): hint round latency, request to the
+//! completed free set on the host, at 1, 4 and 8 GiB (pc, idle guest that
+//! dirtied and freed 256 MiB), for
+//! - our device (`freehint-vfio-user`) with `freehint.ko`, bitmap protocol;
+//! - our device with `freehint.ko`, standard protocol (`--no-bitmap`);
+//! - our device with the stock `virtio_balloon` driver (standard);
+//! - QEMU's own `virtio-balloon-pci,free-page-hint=on` with the stock driver.
+//!
+//! Our device: the control command `hint-round` (1 ms polls: time from
+//! the request to the round's end, STOP or ROUND_END, on the host), 5
+//! rounds per boot (DONE between rounds), median. QEMU's device asks for
+//! hints only while it migrates, so its round is driven by a migration to
+//! `exec:cat > /dev/null`: the figure is the time from the `migrate`
+//! command to the last movement of the free page virtqueue's used index
+//! (`x-query-virtio-queue-status`, polled back to back; resolution about
+//! one QMP round trip), one migration per size. Writes every cell to
+//! `target/bench/vfio.json`; summary `round_ms_8g` per protocol and the
+//! ratio to the seed's ~3 ms for an 8 GB bitmap.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+use crate::migrate::{median, qemu_version, MigVm, BALLOON_QOM, FREE_PAGE_VQ, MAX_BANDWIDTH};
+use crate::qemu::{BootSpec, Machine};
+use crate::runner::{emit, Ctx, HarnessError};
+use crate::vfio::{overlay_initramfs, server_binary, RamLayout, Server, VfioBoot};
+
+/// Rounds per boot on our device.
+const ROUNDS: usize = 5;
+/// The seed RFC's time to pass an 8 GB guest's bitmap to the host, ms.
+const SEED_MS_8G: f64 = 3.0;
+
+fn other(msg: impl Into<String>) -> HarnessError {
+    HarnessError::Other(msg.into())
+}
+
+/// One boot on our device: `ROUNDS` hint rounds; returns the cell JSON.
+fn ours(
+    ctx: &mut Ctx,
+    bin: &std::path::Path,
+    initramfs: &std::path::Path,
+    name: &str,
+    driver: &str,
+    server_args: &[&str],
+    mem_mib: u64,
+) -> Result<Map<String, Value>, HarnessError> {
+    let layout = RamLayout::for_machine(mem_mib, Machine::Pc);
+    let dir = ctx.log_dir.join(name);
+    std::fs::create_dir_all(&dir).map_err(|source| HarnessError::Io {
+        what: "cannot create log dir",
+        path: dir.clone(),
+        source,
+    })?;
+    let label = format!("pc-{mem_mib}m");
+    let server = Server::start(bin, &dir, &label, &layout, server_args)?;
+    let mut spec = BootSpec::new("vfio-bench");
+    spec.mem_mib = mem_mib;
+    spec.smp = 1;
+    spec.guest_args = vec![format!("driver={driver}"), "chan=ttyS1".into()];
+    spec.timeout = Duration::from_secs(400);
+    let boot = VfioBoot {
+        spec,
+        initramfs: initramfs.to_path_buf(),
+        tag: name.to_string(),
+    };
+    let mut ms = Vec::new();
+    let mut free = Vec::new();
+    let mut acked = 0;
+    let out = boot.run(ctx, &server, &layout, &mut |_pid| {
+        acked = server
+            .ctl("status")?
+            .get("acked_features")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        for _ in 0..ROUNDS {
+            let r = server.ctl("hint-round 120000")?;
+            ms.push(r.get("ms").and_then(Value::as_f64).unwrap_or(f64::NAN));
+            free.push(r.get("free_pages").and_then(Value::as_u64).unwrap_or(0));
+            server.ctl("hint-finish")?;
+            // Let the guest take the DONE (the stock driver frees its pages).
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        Ok(())
+    })?;
+    let mut m = Map::new();
+    m.insert("name".into(), json!(format!("{name}/{mem_mib}m")));
+    m.insert("device".into(), json!("freehint-vfio-user"));
+    m.insert("driver".into(), json!(driver));
+    m.insert(
+        "protocol".into(),
+        json!(if acked & (1 << 23) != 0 {
+            "bitmap"
+        } else {
+            "standard"
+        }),
+    );
+    m.insert("mem_mib".into(), json!(mem_mib));
+    m.insert("round_ms".into(), json!(median(&ms)));
+    m.insert("rounds_ms".into(), json!(ms));
+    m.insert("free_pages".into(), json!(free.last()));
+    m.insert(
+        "ok".into(),
+        json!(out.ok && ms.len() == ROUNDS && free.iter().all(|&f| f > 0)),
+    );
+    Ok(m)
+}
+
+/// QEMU's own device with the stock driver: one migration to
+/// `exec:cat > /dev/null`, hint round timed through the free page vq.
+fn qemu_device(
+    ctx: &mut Ctx,
+    initramfs: &std::path::Path,
+    mem_mib: u64,
+) -> Result<Map<String, Value>, HarnessError> {
+    let mut spec = BootSpec::new("vfio-bench");
+    spec.mem_mib = mem_mib;
+    spec.smp = 1;
+    spec.qmp = true;
+    spec.guest_args = vec!["driver=virtio_balloon".into(), "chan=none".into()];
+    spec.extra_qemu_args = vec![
+        "-object".into(),
+        "iothread,id=fhio".into(),
+        "-device".into(),
+        "virtio-balloon-pci,id=balloon0,free-page-hint=on,iothread=fhio".into(),
+        "-initrd".into(),
+        initramfs.display().to_string(),
+    ];
+    let dir = ctx.log_dir.join("qemu-stock");
+    std::fs::create_dir_all(&dir).map_err(|source| HarnessError::Io {
+        what: "cannot create log dir",
+        path: dir.clone(),
+        source,
+    })?;
+    let mut vm = MigVm::start(&ctx.manifest, &spec, &dir, "src", None)?;
+    vm.wait_line(0, "@@VFIO ready", Duration::from_secs(300), |l| {
+        l.contains("@@VFIO ready")
+    })?;
+    let vq = |vm: &mut MigVm| -> Result<u64, HarnessError> {
+        let q = vm.qmp.execute(
+            "x-query-virtio-queue-status",
+            Some(json!({"path": BALLOON_QOM, "queue": FREE_PAGE_VQ})),
+        )?;
+        q.get("used-idx")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| other(format!("no used-idx in {q}")))
+    };
+    let used0 = vq(&mut vm)?;
+    vm.qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": MAX_BANDWIDTH})),
+    )?;
+    let t0 = Instant::now();
+    vm.qmp
+        .execute("migrate", Some(json!({"uri": "exec:cat > /dev/null"})))?;
+    let (mut last, mut last_change_ms, mut polls) = (used0, None, 0u64);
+    let status = loop {
+        let u = vq(&mut vm)?;
+        polls += 1;
+        if u != last {
+            last = u;
+            last_change_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        if polls % 8 == 0 {
+            let q = vm.qmp.execute("query-migrate", None)?;
+            let st = q["status"].as_str().unwrap_or("?").to_string();
+            if matches!(st.as_str(), "completed" | "failed" | "cancelled") {
+                break st;
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(120) {
+            let _ = vm.qmp.execute("migrate_cancel", None);
+            break "timeout".into();
+        }
+    };
+    let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let poll_ms = total_ms / polls.max(1) as f64;
+    vm.kill();
+    let mut m = Map::new();
+    m.insert("name".into(), json!(format!("qemu-stock/{mem_mib}m")));
+    m.insert("device".into(), json!("qemu virtio-balloon-pci"));
+    m.insert("driver".into(), json!("virtio_balloon"));
+    m.insert("protocol".into(), json!("standard"));
+    m.insert("mem_mib".into(), json!(mem_mib));
+    m.insert("round_ms".into(), json!(last_change_ms));
+    m.insert(
+        "vq_used_delta".into(),
+        json!(last.wrapping_sub(used0) & 0xffff),
+    );
+    m.insert("migration_ms".into(), json!(total_ms.round()));
+    m.insert("migration_status".into(), json!(status));
+    m.insert("poll_ms".into(), json!((poll_ms * 100.0).round() / 100.0));
+    m.insert(
+        "ok".into(),
+        json!(status == "completed" && last_change_ms.is_some()),
+    );
+    Ok(m)
+}
+
+/// Runs the benchmark.
+pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
+    let bin = server_binary(&ctx.repo)?;
+    let initramfs = overlay_initramfs(ctx)?;
+    let mut cells = Vec::new();
+    for mem in [1024u64, 4096, 8192] {
+        for (name, driver, args) in [
+            ("ours-freehint-bitmap", "freehint", &["--no-reporting"][..]),
+            (
+                "ours-freehint-standard",
+                "freehint",
+                &["--no-reporting", "--no-bitmap"][..],
+            ),
+            ("ours-stock", "virtio_balloon", &["--no-reporting"][..]),
+        ] {
+            let c = ours(ctx, &bin, &initramfs, name, driver, args, mem)?;
+            emit(&Value::Object(c.clone()));
+            cells.push(c);
+        }
+        let c = qemu_device(ctx, &initramfs, mem)?;
+        emit(&Value::Object(c.clone()));
+        cells.push(c);
+    }
+    let at8 = |prefix: &str| {
+        cells
+            .iter()
+            .find(|c| {
+                c["mem_mib"] == 8192 && c["name"].as_str().is_some_and(|n| n.starts_with(prefix))
+            })
+            .and_then(|c| c["round_ms"].as_f64())
+    };
+    let round_8g = json!({
+        "bitmap": at8("ours-freehint-bitmap"),
+        "standard": at8("ours-freehint-standard"),
+        "standard_stock_driver": at8("ours-stock"),
+        "qemu_device_stock_driver": at8("qemu-stock"),
+    });
+    let ok = cells.iter().all(|c| c["ok"] == true);
+    let host = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let doc = json!({
+        "bench": "vfio",
+        "qemu": qemu_version(&ctx.manifest),
+        "rounds_per_boot": ROUNDS,
+        "loadavg_at_end": host.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        "cells": cells,
+        "round_ms_8g": round_8g,
+        "seed_ms_8g": SEED_MS_8G,
+    });
+    let out = ctx.repo.join("target/bench/vfio.json");
+    if let Some(d) = out.parent() {
+        let _ = std::fs::create_dir_all(d);
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&doc).unwrap_or_default()).map_err(
+        |source| HarnessError::Io {
+            what: "cannot write",
+            path: out.clone(),
+            source,
+        },
+    )?;
+    let mut s = Map::new();
+    s.insert("ok".into(), json!(ok));
+    s.insert("round_ms_8g".into(), round_8g);
+    s.insert(
+        "ratio_to_seed_8g_bitmap".into(),
+        json!(at8("ours-freehint-bitmap").map(|v| (v / SEED_MS_8G * 100.0).round() / 100.0)),
+    );
+    s.insert("json".into(), json!(out.display().to_string()));
+    Ok(s)
+}
