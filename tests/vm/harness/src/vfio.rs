@@ -207,9 +207,15 @@ impl Server {
 
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        match self.child.as_mut().map(Child::try_wait) {
+            Some(Ok(None)) => true,
+            // Reaped: forget the pid so that nothing signals it later.
+            Some(_) => {
+                self.child = None;
+                false
+            }
+            None => false,
+        }
     }
 
     /// Sends one control command; returns the reply object (an error if the
@@ -262,6 +268,19 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        self.stop();
+        // The sockets' directory is per harness process; it goes once empty.
+        for p in [&self.socket, &self.control] {
+            let _ = std::fs::remove_file(p);
+        }
+        if let Some(dir) = self.socket.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+impl Server {
+    fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             if let Ok(pid) = i32::try_from(c.id()) {
                 // SAFETY: `kill` has no memory preconditions; the pid is our child's.
