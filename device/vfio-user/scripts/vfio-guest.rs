@@ -215,6 +215,12 @@ fn round(args: &[String]) -> Res<bool> {
         }
     };
 
+    // The stock driver gives its hinted blocks back on DONE (sent before
+    // 'go'); let its work item run before the ground truth is taken.
+    if mode == "stock" {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+
     // 3. The bitmap the guest builds now, over the device's layout.
     if mode == "freehint" {
         let mut text = String::new();
