@@ -39,33 +39,26 @@ const fn word_mask(lo: u32, hi: u32) -> u64 {
 /// Sets bits `[first, first + nr)` in `words`, a word at a time for the
 /// middle; bits beyond the slice are ignored (returns `false` if any were).
 pub fn set_bit_run(words: &mut [u64], first: u64, nr: u64) -> bool {
-    let cap = cap_bits(words);
-    let want_end = first.checked_add(nr);
-    let end = match want_end {
-        Some(e) if e <= cap => e,
-        _ => cap,
-    };
-    let complete = nr == 0 || want_end.is_some_and(|e| e <= cap);
-    if first >= end {
-        return complete;
-    }
-    let (fw, fb) = ((first / 64) as usize, (first % 64) as u32);
-    let (lw, lb) = (((end - 1) / 64) as usize, ((end - 1) % 64) as u32 + 1);
-    if fw == lw {
-        words[fw] |= word_mask(fb, lb);
-    } else {
-        words[fw] |= word_mask(fb, 64);
-        for w in &mut words[fw + 1..lw] {
-            *w = !0;
-        }
-        words[lw] |= word_mask(0, lb);
-    }
-    complete
+    for_each_run_word(words, first, nr, |w, mask| *w |= mask)
 }
 
 /// Clears bits `[first, first + nr)` in `words`; bits beyond the slice are
 /// ignored (returns `false` if any were).
 pub fn clear_bit_run(words: &mut [u64], first: u64, nr: u64) -> bool {
+    for_each_run_word(words, first, nr, |w, mask| *w &= !mask)
+}
+
+/// Calls `apply(word, mask)` for every word that bits `[first, first + nr)`
+/// touch (clamped to the slice), with the mask of the run's bits in that
+/// word: a partial mask at the two ends, all ones in the middle. Returns
+/// `false` if part of the run lay beyond the slice.
+#[inline]
+fn for_each_run_word(
+    words: &mut [u64],
+    first: u64,
+    nr: u64,
+    mut apply: impl FnMut(&mut u64, u64),
+) -> bool {
     let cap = cap_bits(words);
     let want_end = first.checked_add(nr);
     let end = match want_end {
@@ -79,13 +72,13 @@ pub fn clear_bit_run(words: &mut [u64], first: u64, nr: u64) -> bool {
     let (fw, fb) = ((first / 64) as usize, (first % 64) as u32);
     let (lw, lb) = (((end - 1) / 64) as usize, ((end - 1) % 64) as u32 + 1);
     if fw == lw {
-        words[fw] &= !word_mask(fb, lb);
+        apply(&mut words[fw], word_mask(fb, lb));
     } else {
-        words[fw] &= !word_mask(fb, 64);
+        apply(&mut words[fw], word_mask(fb, 64));
         for w in &mut words[fw + 1..lw] {
-            *w = 0;
+            apply(w, !0);
         }
-        words[lw] &= !word_mask(0, lb);
+        apply(&mut words[lw], word_mask(0, lb));
     }
     complete
 }
