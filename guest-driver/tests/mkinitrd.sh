@@ -28,6 +28,11 @@ for a in sh mount insmod rmmod cat echo sleep usleep dmesg grep awk head tail ls
 done
 cp "$OUT/src/guest-driver/freehint.ko" "$R/lib/freehint/"
 cp "$KDIR/drivers/virtio/virtio_balloon.ko" "$R/lib/freehint/"
+# The guest tools of tests/ (fhwork, fhtool) when the pipeline built them.
+for t in fhwork fhtool; do
+  b=$REPO/target/vm/cargo/x86_64-unknown-linux-gnu/release/$t
+  [[ -x $b ]] && cp "$b" "$R/bin/"
+done
 cat >"$R/init" <<'INIT'
 #!/bin/sh
 export PATH=/bin
