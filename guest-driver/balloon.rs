@@ -117,11 +117,13 @@ struct Inflated {
 /// Free page hinting state (hint work only).
 struct HintState {
     q: HintQueue,
-    /// Bitmap builder for the bitmap protocol (FREE_PAGE_BITMAP negotiated).
-    builder: Option<crate::builder::Builder>,
+    /// The free-list walk of both protocols: over the kernel's own RAM
+    /// layout (standard protocol), or the device's (bitmap protocol).
+    builder: crate::builder::Builder,
+    /// FREE_PAGE_BITMAP negotiated: rounds use the bitmap protocol.
+    bitmap: bool,
     /// Bits of the kernel's own RAM layout (bounds the device's layout).
     own_bits: u64,
-    batch: KVec<(u64, u32)>,
     /// The id of the last round started (STOP before the first).
     active: u32,
     rounds: u64,
@@ -190,19 +192,18 @@ impl Balloon {
         let hint = match free_vq {
             Some(vq) => {
                 let mut q = HintQueue::new(vq)?;
-                let builder = if abi::bitmap_hints(feat.bits) {
+                let bitmap = abi::bitmap_hints(feat.bits);
+                if bitmap {
                     q.enable_bitmap()?;
-                    Some(crate::builder::Builder::new()?)
-                } else {
-                    None
-                };
-                let own_bits = builder.as_ref().map_or(0, |b| b.summary().0);
+                }
+                let builder = crate::builder::Builder::new()?;
+                let own_bits = builder.summary().0;
                 dev.alloc_hint_wq()?;
                 Some(HintState {
                     q,
                     builder,
+                    bitmap,
                     own_bits,
-                    batch: KVec::with_capacity(hint::BATCH, GFP_KERNEL)?,
                     active: abi::FREE_PAGE_HINT_CMD_ID_STOP,
                     rounds: 0,
                 })
@@ -475,8 +476,8 @@ impl Balloon {
         h.active = id;
         h.rounds += 1;
         let ctl = Ctl { b: self, id };
-        if let Some(builder) = h.builder.as_mut() {
-            let st = hint::run_bitmap_round(&mut h.q, builder, h.own_bits, id, &ctl);
+        if h.bitmap {
+            let st = hint::run_bitmap_round(&mut h.q, &mut h.builder, h.own_bits, id, &ctl);
             pr_info!(
                 "bitmap round {:#x}: layout {} ranges / {} bits, {} free pages marked, {} chunks, build {} us, {} ms, end={}\n",
                 st.cmd_id,
@@ -490,14 +491,15 @@ impl Balloon {
             );
             return;
         }
-        let st = hint::run_round(&mut h.q, &mut h.batch, id, &ctl);
+        let st = hint::run_round(&mut h.q, &mut h.builder, id, &ctl);
         pr_info!(
-            "hint round {:#x}: {} blocks in {} ranges, {} pages ({} MiB), {} lock holds (max {} us), {} ring-full waits, {} returned, STOP after {} ms, {} ms, end={}\n",
+            "hint round {:#x}: {} blocks in {} ranges, {} pages ({} MiB), walk {} us, {} lock holds (max {} us), {} ring-full waits, {} returned, STOP after {} ms, {} ms, end={}\n",
             st.cmd_id,
             st.blocks,
             st.descs,
             st.pages,
             st.pages >> 8,
+            st.build_ns / 1000,
             st.lock_holds,
             st.max_hold_ns / 1000,
             st.ring_full_waits,

@@ -163,7 +163,7 @@ impl Builder {
              \"lists_truncated\":{},\"pages_outside_layout\":{},\"walk_ns\":{},\
              \"memset_ns\":{},\"max_lock_hold_ns\":{},\"total_lock_hold_ns\":{},\
              \"max_lock_hold_ns_all\":{},\"tsc_khz\":{},\"tsc_calibrated\":{},\"pcp\":{},\
-             \"pcp_lists\":{},\"pcp_blocks\":{},\"pcp_lists_capped\":{},\"max_pcp_hold_ns\":{},\
+             \"pcp_lists\":{},\"pcp_blocks\":{},\"pcp_lists_capped\":{},\"pcp_holds\":{},\"max_pcp_hold_ns\":{},\
              \"holds_lt_10us\":{},\"holds_lt_50us\":{},\"holds_lt_200us\":{},\"holds_lt_1ms\":{},\
              \"holds_ge_1ms\":{}}}\n",
             self.builds,
@@ -192,6 +192,7 @@ impl Builder {
             s.pcp_lists,
             s.pcp_blocks,
             s.pcp_lists_capped,
+            s.pcp_holds,
             s.max_pcp_hold_ns,
             s.hold_hist[0],
             s.hold_hist[1],
@@ -199,6 +200,28 @@ impl Builder {
             s.hold_hist[3],
             s.hold_hist[4],
         )
+    }
+
+    /// Figures of the last build.
+    pub(crate) fn last_stats(&self) -> &BuildStats {
+        &self.last
+    }
+
+    /// Calls `f(first_pfn, nr_pages)` for every run of free pages of the
+    /// last build, in layout (address) order, until `f` returns `false`.
+    /// A run never spans a hole of the layout.
+    pub(crate) fn for_each_free_run(&self, mut f: impl FnMut(u64, u64) -> bool) {
+        let mut go = true;
+        for (bit, nr) in bitmap::set_runs(&self.bitmap) {
+            self.layout.for_each_pfn_run(bit, nr, |pfn, pages| {
+                if go {
+                    go = f(pfn, pages);
+                }
+            });
+            if !go {
+                return;
+            }
+        }
     }
 
     /// `(total_bits, pages_free, walk_ns)` of the last build.

@@ -44,6 +44,9 @@ struct list_head *freehint_pcp_list_head(struct per_cpu_pages *pcp, unsigned int
 size_t freehint_pcp_lists_size(void);
 struct page *freehint_pcp_list_page(struct list_head *entry);
 unsigned int freehint_pcp_pindex_order(unsigned int pindex);
+int freehint_pcp_count(struct per_cpu_pages *pcp);
+void freehint_list_bulk_move_tail(struct list_head *head, struct list_head *first,
+				  struct list_head *last);
 unsigned int freehint_nr_page_orders(void);
 unsigned int freehint_migrate_types(void);
 u64 freehint_rdtsc(void);

@@ -172,6 +172,22 @@ struct page *freehint_pcp_list_page(struct list_head *entry)
 	return list_entry(entry, struct page, pcp_list);
 }
 
+/* Pages (not entries) on all lists of one pcp; caller holds pcp->lock. */
+int freehint_pcp_count(struct per_cpu_pages *pcp)
+{
+	return pcp->count;
+}
+
+/*
+ * list_bulk_move_tail() (a static inline): moves the run first..last of
+ * head's list to its tail. Caller holds the lock protecting the list.
+ */
+void freehint_list_bulk_move_tail(struct list_head *head, struct list_head *first,
+				  struct list_head *last)
+{
+	list_bulk_move_tail(head, first, last);
+}
+
 /* mm/page_alloc.c pindex_to_order() (static there), for 6.12. */
 unsigned int freehint_pcp_pindex_order(unsigned int pindex)
 {

@@ -12,52 +12,40 @@
 //! One round, for command id `id`:
 //! 1. wait until the device holds none of our buffers, then send `id` as a
 //!    4-byte outbuf;
-//! 2. for every populated zone, every order from the largest down (the most
-//!    bytes per descriptor first), every migratetype, then the per-CPU page
-//!    lists of every CPU (as walk.rs; one hold each, never resumed): take
-//!    `zone->lock` (or `pcp->lock`),
-//!    collect at most [`BATCH`] free blocks `(pfn, order)` into a buffer
-//!    allocated before the round, drop the lock, then merge blocks that are
-//!    adjacent in memory into ranges (up to [`MAX_RUN_PAGES`]) and add each
-//!    range as an inbuf (addr = pfn << 12, len = pages << 12), kicking and
-//!    waiting for used buffers whenever the ring is full (one slot stays free
-//!    for STOP); merging matters: an idle 4 GiB guest has ~1000 order-10
-//!    blocks, mostly adjacent, and each descriptor costs the device a map;
-//! 3. send STOP (a 4-byte outbuf holding 0) and wait for the device to
+//! 2. build the free-page bitmap with the bitmap builder (`builder.rs`,
+//!    `walk.rs`: every buddy free list and every per-CPU list, in bounded
+//!    lock holds), over the kernel's own RAM layout;
+//! 3. send each run of free pages as one inbuf (addr = pfn << 12, len =
+//!    pages << 12, at most [`MAX_RUN_PAGES`] per descriptor), in address
+//!    order, kicking and waiting for used buffers whenever the ring is full
+//!    (one slot stays free for STOP); runs are maximal (an idle 4 GiB guest
+//!    has ~1000 order-10 blocks, mostly adjacent), and each descriptor costs
+//!    the device a map;
+//! 4. send STOP (a 4-byte outbuf holding 0) and wait for the device to
 //!    return everything.
 //!
 //! The round ends early when the device changes the command id (a new id,
 //! STOP or DONE in config space), when the driver is being removed, or when
 //! the device stops returning buffers.
 //!
-//! # Why blocks sent after the lock was dropped are still correct hints
+//! # Why pages sent after the walk are still correct hints
 //!
-//! A block is collected while it is on a free list under `zone->lock`; by
-//! the time the device sees it, it may have been allocated again. A hint is a
-//! statement about the past: the host requests hints only after it started
+//! A page is marked while it is on a free list under that list's lock; by
+//! the time the device sees it, it may have been allocated again. A hint is
+//! a statement about the past: the host requests hints only after it started
 //! dirty logging, so a page reused after it was reported is written, hence
 //! dirty, hence sent again (design.md, "Correctness invariant"). QEMU also
 //! drops hints once the round's status left START, and the device side of
 //! this project drops hints carrying a stale id.
 //!
-//! # Bounded lock hold
-//!
-//! One hold visits at most [`BATCH`] list entries (interrupts are off while
-//! `zone->lock` is held). Between holds only the first pfn of the last
-//! visited block is kept; `ZoneLockGuard::resume_after` re-validates it under
-//! the next hold (see `walk.rs`), or the list restarts from its head, at
-//! most [`MAX_RESTARTS`] times (re-sending a block is harmless). Sleeping on
-//! the virtqueue always happens with no lock held.
+//! The walk's bounded lock holds are described in `walk.rs`; sleeping on the
+//! virtqueue always happens after the walk, with no lock held.
 
 use kernel::prelude::*;
 
+use crate::builder::Builder;
 use crate::virtio::HintQueue;
-use crate::zone::{self, PerCpuPages, Zone};
-
-/// Free-list entries visited per `zone->lock` hold (and blocks per batch).
-pub(crate) const BATCH: usize = 256;
-/// Restarts from the list head allowed per list.
-const MAX_RESTARTS: u32 = 8;
+use crate::zone;
 /// One wait for used buffers (ms); the stop conditions are checked between.
 /// Short, because a used-buffer interrupt can be missed (seen with QEMU's
 /// free page vq, which the device polls from an iothread): the wait then
@@ -111,15 +99,15 @@ impl End {
 pub(crate) struct RoundStats {
     /// The command id of the round.
     pub(crate) cmd_id: u32,
-    /// Free blocks found on the free lists.
+    /// Free blocks found on the free lists (buddy and per-CPU).
     pub(crate) blocks: u64,
-    /// Descriptors sent (adjacent blocks are merged into one range).
+    /// Descriptors sent (one per run of free pages).
     pub(crate) descs: u64,
-    /// Pages in those blocks.
+    /// Pages sent.
     pub(crate) pages: u64,
-    /// `zone->lock` acquisitions.
+    /// `zone->lock` and `pcp->lock` acquisitions.
     pub(crate) lock_holds: u64,
-    /// Longest single hold (ns).
+    /// Longest single `zone->lock` hold (ns).
     pub(crate) max_hold_ns: u64,
     /// Lists restarted from their head after the resume block went away.
     pub(crate) restarts: u64,
@@ -127,6 +115,8 @@ pub(crate) struct RoundStats {
     pub(crate) ring_full_waits: u64,
     /// Buffers the device returned during the round (including id and STOP).
     pub(crate) returned: u64,
+    /// Bitmap build (the free-list walk) time (ns).
+    pub(crate) build_ns: u64,
     /// Time from the start of the round to STOP sent (ns).
     pub(crate) walk_ns: u64,
     /// Round time, id sent to everything returned (ns).
@@ -144,47 +134,11 @@ pub(crate) trait Control {
 
 struct Round<'a, C: Control> {
     q: &'a mut HintQueue,
-    batch: &'a mut KVec<(u64, u32)>,
     ctl: &'a C,
     st: RoundStats,
-    /// Pending range `(first pfn, pages)` not sent yet: blocks adjacent to
-    /// it (after its end or before its start; free lists are often in
-    /// ascending or descending address order) are merged into it.
-    run: Option<(u64, u64)>,
 }
 
 impl<C: Control> Round<'_, C> {
-    /// Adds one free block to the pending range, sending the range first if
-    /// the block is not adjacent to it.
-    fn push_block(&mut self, pfn: u64, order: u32) -> core::result::Result<(), End> {
-        let pages = 1u64 << order;
-        self.st.blocks += 1;
-        self.st.pages += pages;
-        if let Some((start, n)) = self.run {
-            if n + pages <= MAX_RUN_PAGES {
-                if start.checked_add(n) == Some(pfn) {
-                    self.run = Some((start, n + pages));
-                    return Ok(());
-                }
-                if pfn.checked_add(pages) == Some(start) {
-                    self.run = Some((pfn, n + pages));
-                    return Ok(());
-                }
-            }
-        }
-        self.flush()?;
-        self.run = Some((pfn, pages));
-        Ok(())
-    }
-
-    /// Sends the pending range, if any.
-    fn flush(&mut self) -> core::result::Result<(), End> {
-        match self.run.take() {
-            Some((pfn, pages)) => self.send_range(pfn, pages),
-            None => Ok(()),
-        }
-    }
-
     /// Adds one range, waiting for room in the ring (one slot is kept for
     /// STOP).
     fn send_range(&mut self, pfn: u64, pages: u64) -> core::result::Result<(), End> {
@@ -206,141 +160,31 @@ impl<C: Control> Round<'_, C> {
         }
         self.q.add_range(pfn, pages).map_err(|e| End::Error(e.to_errno()))?;
         self.st.descs += 1;
+        self.st.pages += pages;
         Ok(())
     }
 
-    /// Collects and sends the blocks of one free list, [`BATCH`] per hold.
-    fn list(&mut self, z: &Zone, order: u32, mt: u32) -> core::result::Result<(), End> {
-        let mut resume: Option<u64> = None;
-        let mut restarts = 0;
-        // A list cannot hold more blocks than fit in the zone: visiting twice
-        // that many means churn keeps moving the kept block back up the list
-        // (as walk.rs); stop there so the round always ends.
-        let max_visits = (z.spanned_pages() >> order).saturating_mul(2).saturating_add(BATCH as u64);
-        let mut visits = 0u64;
-        loop {
-            crate::virtio::vec_clear(self.batch);
-            let mut next_resume = None;
-            {
-                let guard = z.lock();
-                self.st.lock_holds += 1;
-                let cursor = match resume {
-                    None => guard.free_list(order, mt),
-                    Some(pfn) => match guard.resume_after(order, mt, pfn) {
-                        Some(c) => Some(c),
-                        None => {
-                            self.st.restarts += 1;
-                            restarts += 1;
-                            if restarts > MAX_RESTARTS {
-                                None
-                            } else {
-                                guard.free_list(order, mt)
-                            }
-                        }
-                    },
-                };
-                if let Some(cursor) = cursor {
-                    for pfn in cursor {
-                        // Capacity is BATCH (allocated before the round), so
-                        // this never allocates under the lock.
-                        if self.batch.push((pfn, order), GFP_NOWAIT).is_err() {
-                            break;
-                        }
-                        if self.batch.len() >= BATCH {
-                            next_resume = Some(pfn);
-                            break;
-                        }
-                    }
-                }
-                let held = guard.unlock();
-                self.st.max_hold_ns = self.st.max_hold_ns.max(held);
+    /// Sends every run of free pages of the builder's last build, in
+    /// address order, split at [`MAX_RUN_PAGES`].
+    fn send_runs(&mut self, builder: &Builder) -> core::result::Result<(), End> {
+        let mut res = Ok(());
+        builder.for_each_free_run(|mut pfn, mut pages| {
+            while pages > 0 && res.is_ok() {
+                let n = pages.min(MAX_RUN_PAGES);
+                res = self.send_range(pfn, n);
+                pfn += n;
+                pages -= n;
             }
-            // The lock is dropped: only numbers were kept.
-            visits += self.batch.len() as u64;
-            self.send_batch()?;
-            match next_resume {
-                Some(_) if visits >= max_visits => return Ok(()),
-                Some(pfn) => resume = Some(pfn),
-                None => return Ok(()),
-            }
-        }
-    }
-
-    /// Sends the collected batch (no lock held) and checks the stop
-    /// conditions.
-    fn send_batch(&mut self) -> core::result::Result<(), End> {
-        for i in 0..self.batch.len() {
-            let (pfn, o) = self.batch[i];
-            self.push_block(pfn, o)?;
-        }
-        self.q.kick();
-        match self.ctl.should_stop() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    /// Collects and sends the pages of one CPU's page lists of a zone: free
-    /// pages cached per CPU instead of on the buddy lists (up to 1/8 of a
-    /// zone). One hold per list and at most [`BATCH`] entries: a per-CPU
-    /// list entry cannot be recognised again after an unlock, so a list is
-    /// never resumed (the rest is a lost hint), as in walk.rs.
-    fn pcp(&mut self, pcp: &PerCpuPages<'_>) -> core::result::Result<(), End> {
-        for pindex in 0..PerCpuPages::nr_lists() {
-            let order = PerCpuPages::list_order(pindex);
-            crate::virtio::vec_clear(self.batch);
-            {
-                let guard = pcp.lock();
-                self.st.lock_holds += 1;
-                if let Some(cursor) = guard.list(pindex) {
-                    for pfn in cursor {
-                        if self.batch.len() >= BATCH || self.batch.push((pfn, order), GFP_NOWAIT).is_err() {
-                            break;
-                        }
-                    }
-                }
-                let held = guard.unlock();
-                self.st.max_hold_ns = self.st.max_hold_ns.max(held);
-            }
-            self.send_batch()?;
-        }
-        Ok(())
-    }
-
-    fn walk(&mut self) -> End {
-        let (orders, mts) = (zone::nr_orders(), zone::nr_migrate_types());
-        let mut end = None;
-        Zone::for_each_populated(|z| {
-            if end.is_some() {
-                return;
-            }
-            'lists: for order in (0..orders).rev() {
-                for mt in 0..mts {
-                    if let Err(e) = self.list(z, order, mt) {
-                        end = Some(e);
-                        break 'lists;
-                    }
-                }
-                // Send what this order found before walking smaller blocks.
-                if let Err(e) = self.flush() {
-                    end = Some(e);
-                    break 'lists;
-                }
+            if res.is_ok() && self.st.descs % 64 == 0 {
                 self.q.kick();
+                if let Some(e) = self.ctl.should_stop() {
+                    res = Err(e);
+                }
             }
-            if end.is_none() {
-                z.for_each_pcp(|pcp| {
-                    if end.is_none() {
-                        if let Err(e) = self.pcp(pcp).and_then(|()| self.flush()) {
-                            end = Some(e);
-                        }
-                    }
-                });
-            }
-            // No lock is held here.
-            zone::cond_resched();
+            res.is_ok()
         });
-        end.unwrap_or(End::Complete)
+        self.q.kick();
+        res
     }
 
     /// Waits until the device returned every buffer (bounded; removal
@@ -364,17 +208,12 @@ impl<C: Control> Round<'_, C> {
     }
 }
 
-/// Runs one hint round for `cmd_id`. `batch` must have capacity [`BATCH`].
-pub(crate) fn run_round(
-    q: &mut HintQueue,
-    batch: &mut KVec<(u64, u32)>,
-    cmd_id: u32,
-    ctl: &impl Control,
-) -> RoundStats {
+/// Runs one hint round for `cmd_id`, walking the free lists with `builder`
+/// (which must hold the kernel's own RAM layout).
+pub(crate) fn run_round(q: &mut HintQueue, builder: &mut Builder, cmd_id: u32, ctl: &impl Control) -> RoundStats {
     let t0 = zone::now_ns();
     let mut r = Round {
         q,
-        batch,
         ctl,
         st: RoundStats {
             cmd_id,
@@ -386,11 +225,11 @@ pub(crate) fn run_round(
             restarts: 0,
             ring_full_waits: 0,
             returned: 0,
+            build_ns: 0,
             walk_ns: 0,
             round_ns: 0,
             end: End::Complete,
         },
-        run: None,
     };
     // An earlier round that timed out may have left buffers with the device:
     // the id buffer is rewritten only once they are back.
@@ -402,7 +241,19 @@ pub(crate) fn run_round(
         r.st.end = if e == EBUSY { End::Busy } else { End::Error(e.to_errno()) };
         return r.st;
     }
-    let end = r.walk();
+    r.q.kick();
+    let b0 = zone::now_ns();
+    builder.build();
+    r.st.build_ns = zone::now_ns().saturating_sub(b0);
+    let w = builder.last_stats();
+    r.st.blocks = w.blocks;
+    r.st.lock_holds = w.lock_acquisitions + w.pcp_holds;
+    r.st.max_hold_ns = w.max_lock_hold_ns;
+    r.st.restarts = w.restarts;
+    let end = match r.ctl.should_stop() {
+        Some(e) => e,
+        None => r.send_runs(builder).err().unwrap_or(End::Complete),
+    };
     // Always end with STOP (QEMU ignores a STOP that does not match a
     // started round); a slot for it was kept free.
     r.q.reclaim();

@@ -835,12 +835,6 @@ impl Drop for PageList {
     }
 }
 
-/// Empties `v` (elements are `Copy`, so nothing is dropped).
-pub(crate) fn vec_clear<T: Copy>(v: &mut KVec<T>) {
-    // SAFETY: 0 <= len; `Copy` elements need no drop.
-    unsafe { v.set_len(0) };
-}
-
 /// Removes and returns the last element of `v`.
 pub(crate) fn vec_pop<T>(v: &mut KVec<T>) -> Option<T> {
     let len = v.len();

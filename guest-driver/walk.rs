@@ -38,7 +38,7 @@
 
 use crate::bitmap;
 use crate::layout::Layout;
-use crate::zone::{self, PerCpuPages, Zone};
+use crate::zone::{self, PcpPass, PerCpuPages, Zone};
 
 /// Default budget of free-list entries visited per lock hold.
 pub(crate) const DEFAULT_BUDGET: u32 = 256;
@@ -47,8 +47,6 @@ pub(crate) const MAX_BUDGET: u32 = 1 << 16;
 /// Restarts from the head allowed per list before giving it up (visits are
 /// also capped at twice the blocks the zone could hold, see `walk_list`).
 pub(crate) const MAX_RESTARTS: u32 = 8;
-/// Entries of one per-CPU list visited in its single hold, in budgets.
-pub(crate) const PCP_BUDGETS: u32 = 16;
 
 /// Figures of one bitmap build.
 #[derive(Clone, Copy, Debug, Default)]
@@ -80,8 +78,10 @@ pub(crate) struct BuildStats {
     pub(crate) pcp_lists: u64,
     /// Blocks found on per-CPU lists.
     pub(crate) pcp_blocks: u64,
-    /// Per-CPU lists cut at their entry cap.
+    /// Per-CPU list passes ended by their visit limit (churn).
     pub(crate) pcp_lists_capped: u64,
+    /// `pcp->lock` acquisitions.
+    pub(crate) pcp_holds: u64,
     /// Longest hold of a per-CPU lock (ns; interrupts stay on).
     pub(crate) max_pcp_hold_ns: u64,
     /// Zone lock holds by duration: < 10 µs, < 50 µs, < 200 µs, < 1 ms, more.
@@ -204,32 +204,45 @@ impl<'a> Walker<'a> {
         }
     }
 
-    /// Walks one CPU's page lists of a zone, one hold per list, at most
-    /// `PCP_BUDGETS * budget` entries each. These pages are free but cached
-    /// per CPU instead of being on the buddy lists (up to 1/8 of a zone).
-    /// There is no safe way to recognise a per-CPU list entry again after
-    /// an unlock (no page flag marks it), so a list is never resumed: what
-    /// lies beyond the cap is not hinted this round (`pcp_lists_capped`).
+    /// Walks one CPU's page lists of a zone: free pages of order 0..3
+    /// cached per CPU instead of on the buddy lists (after a process frees
+    /// a large mapping, hundreds of MiB can sit here: `pcp->high` may grow
+    /// to 1/8 of the zone). Each list is walked as one rotating pass in
+    /// holds of at most `budget` entries (`PcpLockGuard::rotate_front`: no
+    /// pointer survives an unlock), ended when it comes round to its first
+    /// moved entry, or after as many entries as the lists held pages when
+    /// the pass began plus one budget (`pcp_lists_capped`: churn; the rest
+    /// is a lost hint).
     fn walk_pcp(&mut self, pcp: &PerCpuPages<'_>) {
-        let cap = self.budget.saturating_mul(PCP_BUDGETS);
         for pindex in 0..PerCpuPages::nr_lists() {
-            let block_pages = 1u64 << PerCpuPages::list_order(pindex);
-            let guard = pcp.lock();
+            let order = PerCpuPages::list_order(pindex);
+            let block_pages = 1u64 << order;
             self.stats.pcp_lists += 1;
-            let mut visited = 0u32;
-            if let Some(cursor) = guard.list(pindex) {
-                for pfn in cursor {
-                    if visited >= cap {
-                        self.stats.pcp_lists_capped += 1;
-                        break;
-                    }
-                    self.mark(pfn, block_pages);
+            let mut pass = PcpPass::default();
+            let mut limit = None;
+            let mut visits = 0u64;
+            loop {
+                let guard = pcp.lock();
+                self.stats.pcp_holds += 1;
+                let limit = *limit.get_or_insert_with(|| (guard.count() >> order) + u64::from(self.budget));
+                let budget = u32::try_from(limit.saturating_sub(visits)).map_or(self.budget, |left| left.min(self.budget));
+                let (n, done) = guard.rotate_front(pindex, budget, &mut pass, |pfn| {
                     self.stats.pcp_blocks += 1;
-                    visited += 1;
+                    self.mark(pfn, block_pages);
+                });
+                let held = guard.unlock();
+                self.stats.max_pcp_hold_ns = self.stats.max_pcp_hold_ns.max(held);
+                visits += u64::from(n);
+                if done {
+                    break;
                 }
+                if visits >= limit {
+                    self.stats.pcp_lists_capped += 1;
+                    break;
+                }
+                // No lock is held between holds.
+                zone::cond_resched();
             }
-            let held = guard.unlock();
-            self.stats.max_pcp_hold_ns = self.stats.max_pcp_hold_ns.max(held);
         }
     }
 

@@ -54,6 +54,8 @@ extern "C" {
     fn freehint_pcp_lists_size() -> usize;
     fn freehint_pcp_list_page(entry: *mut c_void) -> *mut c_void;
     fn freehint_pcp_pindex_order(pindex: c_uint) -> c_uint;
+    fn freehint_pcp_count(pcp: *mut c_void) -> c_int;
+    fn freehint_list_bulk_move_tail(head: *mut c_void, first: *mut c_void, last: *mut c_void);
     fn freehint_nr_page_orders() -> c_uint;
     fn freehint_migrate_types() -> c_uint;
     fn freehint_cond_resched();
@@ -396,9 +398,17 @@ impl PcpLockGuard<'_> {
         held
     }
 
-    /// The pages of list `pindex`, or `None` if out of range. The cursor
-    /// stops at any head of this `per_cpu_pages`.
-    pub(crate) fn list(&self, pindex: u32) -> Option<FreeListCursor<'_>> {
+    /// Pages on all lists of this `per_cpu_pages` (`pcp->count`).
+    pub(crate) fn count(&self) -> u64 {
+        // SAFETY: the lock is held (type invariant); `pcp` is valid.
+        let n = unsafe { freehint_pcp_count(self.pcp.ptr.as_ptr()) };
+        // CAST: a negative count would be a kernel bug; read it as empty.
+        u64::try_from(n).unwrap_or(0)
+    }
+
+    /// The head of list `pindex` and the address range of all heads of this
+    /// `per_cpu_pages`, or `None` if `pindex` is out of range.
+    fn head(&self, pindex: u32) -> Option<(*mut c_void, core::ops::Range<usize>)> {
         if pindex >= PerCpuPages::nr_lists() {
             return None;
         }
@@ -409,16 +419,61 @@ impl PcpLockGuard<'_> {
         let start = unsafe { freehint_pcp_list_head(pcp, 0) } as usize;
         // SAFETY: returns a compile-time size.
         let end = start + unsafe { freehint_pcp_lists_size() };
-        // SAFETY: the lock is held (type invariant), so the head and its
-        // entries are valid until the guard, which the cursor borrows, drops.
-        let first = unsafe { (*head.cast::<bindings::list_head>()).next }.cast::<c_void>();
-        Some(FreeListCursor {
-            pos: first,
-            heads: start..end,
-            to_page: freehint_pcp_list_page,
-            _guard: PhantomData,
-        })
+        Some((head, start..end))
     }
+
+    /// One hold's share of a rotating walk over list `pindex`: visits up to
+    /// `budget` entries from the head, calls `f(pfn)` for each, then moves
+    /// the visited run, in order, to the tail. Returns the entries visited
+    /// and whether the pass is complete.
+    ///
+    /// Repeated holds walk the whole list without keeping any entry pointer
+    /// across an unlock: every hold starts again at the head, where the
+    /// entries not visited yet now are. When every entry has moved once, the
+    /// list is back in its original order. `pass` keeps the *address* of the
+    /// first entry the pass moved; finding it at the head again ends the
+    /// pass. That address is only compared, never dereferenced, so a stale
+    /// one (the page was allocated meanwhile) is harmless: the caller's
+    /// visit limit then ends the pass. The kernel takes pages from, and
+    /// adds pages to, both ends of these lists and relies on no order for
+    /// correctness (order only decides which pages are reused first).
+    pub(crate) fn rotate_front(&self, pindex: u32, budget: u32, pass: &mut PcpPass, mut f: impl FnMut(u64)) -> (u32, bool) {
+        let Some((head, heads)) = self.head(pindex) else {
+            return (0, true);
+        };
+        let ends = |pos: *mut c_void| pos.is_null() || heads.contains(&(pos as usize)) || pass.mark == Some(pos as usize);
+        // SAFETY: the lock is held (type invariant): the head and the
+        // entries linked from it are valid while `self` lives.
+        let first = unsafe { (*head.cast::<bindings::list_head>()).next }.cast::<c_void>();
+        let (mut pos, mut last, mut n) = (first, first, 0u32);
+        while n < budget && !ends(pos) {
+            // SAFETY: `pos` is an entry (not a head) of this locked list.
+            let page = unsafe { freehint_pcp_list_page(pos) };
+            // SAFETY: `page` is a valid `struct page` (above).
+            // CAST: `unsigned long` is 64 bits on every target this builds for.
+            f(unsafe { freehint_page_to_pfn(page) } as u64);
+            last = pos;
+            n += 1;
+            // SAFETY: as above; the successor is linked in the same list.
+            pos = unsafe { (*pos.cast::<bindings::list_head>()).next }.cast();
+        }
+        let done = ends(pos);
+        if n > 0 {
+            // SAFETY: `first..=last` is a run of `n` consecutive entries of
+            // `head`'s list, starting right after the head; the lock is held.
+            unsafe { freehint_list_bulk_move_tail(head, first, last) };
+            pass.mark.get_or_insert(first as usize);
+        }
+        (n, done)
+    }
+}
+
+/// State of one rotating pass over a per-CPU list
+/// ([`PcpLockGuard::rotate_front`]): the address of the first entry moved,
+/// a token compared by value only.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PcpPass {
+    mark: Option<usize>,
 }
 
 impl Drop for PcpLockGuard<'_> {

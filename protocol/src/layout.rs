@@ -351,6 +351,37 @@ impl Layout {
         (bit < r.end_bit()).then(|| r.first_pfn + (bit - r.first_bit))
     }
 
+    /// Calls `f(first_pfn, nr_pages)` for every piece of the bit run
+    /// `[bit, bit + nr)` that the layout maps (bits beyond the last range are
+    /// skipped), in bit order: the inverse of [`Layout::for_each_bit_run`]. A
+    /// run that crosses from one range into the next becomes two pieces,
+    /// because the pfns jump over the hole between them.
+    ///
+    /// ```
+    /// use freehint_protocol::layout::Layout;
+    /// // pfns 0..10 are bits 0..10, pfns 20..30 are bits 10..20.
+    /// let l = Layout::from_ram_pfn_ranges(&[(0, 10), (20, 10)]).unwrap();
+    /// let mut runs = [(0u64, 0u64); 4];
+    /// let mut n = 0;
+    /// l.for_each_pfn_run(5, 10, |p, k| { runs[n] = (p, k); n += 1; });
+    /// assert_eq!(&runs[..n], &[(5, 5), (20, 5)]);
+    /// ```
+    pub fn for_each_pfn_run(&self, bit: u64, nr: u64, mut f: impl FnMut(u64, u64)) {
+        let end = bit.saturating_add(nr);
+        let rs = self.ranges();
+        let start = rs.partition_point(|r| r.end_bit() <= bit);
+        for r in &rs[start..] {
+            if r.first_bit >= end {
+                break;
+            }
+            let lo = if bit > r.first_bit { bit } else { r.first_bit };
+            let hi = if end < r.end_bit() { end } else { r.end_bit() };
+            if lo < hi {
+                f(r.first_pfn + (lo - r.first_bit), hi - lo);
+            }
+        }
+    }
+
     /// Calls `f(first_bit, nr_bits)` for every piece of `[pfn, pfn + nr)` that
     /// lies in RAM covered by the layout (pieces outside are skipped; pieces
     /// adjacent in bit space are merged into one call). Binary search for the

@@ -67,6 +67,37 @@ fn check_against_model(l: &Layout) {
             check_runs(l, &m, pfn, nr);
         }
     }
+    let bits = l.total_bits();
+    for bit in 0..bits + 3 {
+        for nr in 0..(bits + 3 - bit) {
+            check_pfn_runs(l, bit, nr);
+        }
+    }
+}
+
+/// `for_each_pfn_run(bit, nr)` yields exactly the pfns of bits
+/// `bit..bit + nr` that the layout maps, in bit order, as maximal pieces of
+/// one range each.
+fn check_pfn_runs(l: &Layout, bit: u64, nr: u64) {
+    let mut runs = Vec::new();
+    l.for_each_pfn_run(bit, nr, |p, k| runs.push((p, k)));
+    let mut got = Vec::new();
+    for &(p, k) in &runs {
+        assert!(k > 0, "empty piece in {runs:?}");
+        got.extend(p..p + k);
+    }
+    let want: Vec<u64> = (bit..bit + nr).filter_map(|b| l.bit_to_pfn(b)).collect();
+    assert_eq!(got, want, "for_each_pfn_run({bit}, {nr})");
+    let n_ranges = l
+        .ranges()
+        .iter()
+        .filter(|r| nr > 0 && r.first_bit < bit + nr && bit < r.end_bit())
+        .count();
+    assert_eq!(
+        runs.len(),
+        n_ranges,
+        "one piece per range touched: {runs:?}"
+    );
 }
 
 fn check_runs(l: &Layout, m: &BTreeMap<u64, u64>, pfn: u64, nr: u64) {

@@ -8,9 +8,9 @@
 //! /proc/kpageflags and the pfns of 32 MiB it holds. Checks per boot:
 //! `false_free` = 0 (no held page in the host's set) and
 //! `bitmap_mismatch_bits` (host set vs the guest's bitmap a moment later,
-//! the guest is quiet) at most 1 % of the free pages (standard protocol:
-//! host-only pages 1 %, guest-only pages 5 %, see below); the summary
-//! reports both summed over the boots.
+//! the guest is quiet) at most 1 % of the free pages, for both protocols
+//! (the standard round walks with the same builder and sends its runs); the
+//! summary reports both summed over the boots.
 
 use serde_json::{json, Map, Value};
 
@@ -62,19 +62,12 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         let mm = n("bitmap_mismatch_bits");
         let host_free = n("host_free_pages").unwrap_or(0);
         // The guest is quiet, but not frozen: allow 1 % drift between the
-        // host's set and the guest's rebuild, and report the count. The
-        // standard walk reads at most 256 entries per per-CPU list (never
-        // resumed), so pages the guest's rebuild has and the round did not
-        // send are structural there (measured 0.1-0.7 %): for that protocol
-        // only host-only pages (the direction that could lose data) get the
-        // 1 % bound, missed pages (lost savings only) 5 %.
-        let extra = n("host_not_in_guest").unwrap_or(u64::MAX);
-        let missed = n("guest_not_in_host").unwrap_or(u64::MAX);
-        let drift_ok = if proto == "bitmap" {
-            mm.is_some_and(|m| m <= host_free / 100)
-        } else {
-            extra <= host_free / 100 && missed <= host_free / 20
-        };
+        // host's set and the guest's rebuild, and report the count. Both
+        // protocols walk with the same builder (buddy and per-CPU lists), so
+        // the bound is the same.
+        let drift_ok = mm.is_some_and(|m| m <= host_free / 100);
+        let extra = n("host_not_in_guest");
+        let missed = n("guest_not_in_host");
         let cell_ok =
             r.get("ok") == Some(&Value::Bool(true)) && drift_ok && n("false_free") == Some(0);
         // The bitmap protocol must have been used iff offered.
