@@ -6,6 +6,21 @@
 # Arguments (key=value): driver=none|stock|freehint, workload=idle|dirty-keep|
 # dirty-free, pre_mib=N (dirtied before migrating: kept or freed),
 # churn_mib=N (integrity working set during migration), pace_us=N.
+# Optional (qemu-lockdep; off by default, the others never pass them):
+# lockdep=1 prints `@@RESULT {"name":"lockdep",...}` before the driver loads:
+# ok only if /proc/lockdep exists and /proc/lockdep_stats says debug_locks 1
+# (lockdep compiled in and not switched off by an earlier report);
+# rmmod_at_end=1: after fhwork exits, starts `fhtool churn` (churn_mib) in the
+# background, prints `@@RMMOD waiting` and waits for a line on the console;
+# the host then starts a migration, whose hint request arrives as a config
+# interrupt of the balloon: as soon as /proc/interrupts shows it (or after
+# 20 s), `rmmod freehint` runs, so it lands on a running hint round while
+# the churn runs. Then it stops the churn, prints
+# `@@RESULT {"name":"rmmod",...}` (ok: rmmod exit 0, module gone from
+# /proc/modules, balloon device left without a driver, churn ok, and with
+# lockdep=1 debug_locks still 1; `hint_irq`: the interrupt was seen) and
+# waits for one more console line (the host ends its migration) before it
+# exits.
 #
 # Loads the driver, then runs fhwork (tests/guest-workload) in the
 # foreground with the console as stdin: it prints `@@FHWORK ready` when its
@@ -13,6 +28,7 @@
 # (after each migration, on the destination) it verifies every live page and
 # prints `@@RESULT {"name":"integrity",...}`; the line `stop` ends it.
 driver=none workload=idle pre_mib=300 churn_mib=32 pace_us=200
+lockdep=0 rmmod_at_end=0
 for a in "$@"; do
   case $a in
     driver=*) driver=${a#driver=} ;;
@@ -20,11 +36,64 @@ for a in "$@"; do
     pre_mib=*) pre_mib=${a#pre_mib=} ;;
     churn_mib=*) churn_mib=${a#churn_mib=} ;;
     pace_us=*) pace_us=${a#pace_us=} ;;
+    lockdep=*) lockdep=${a#lockdep=} ;;
+    rmmod_at_end=*) rmmod_at_end=${a#rmmod_at_end=} ;;
     *) echo "qemu-migrate: unknown argument $a" ;;
   esac
 done
 
 fail() { echo "@@RESULT {\"name\":\"$1\",\"ok\":false,\"error\":\"$2\"}"; exit 1; }
+
+# debug_locks from /proc/lockdep_stats (empty without lockdep).
+debug_locks() {
+  sed -n 's/^ *debug_locks: *\([0-9][0-9]*\).*/\1/p' /proc/lockdep_stats 2>/dev/null
+}
+
+# The balloon (virtio device id 5): prints the name of its driver, if any.
+balloon_driver() {
+  for d in /sys/bus/virtio/devices/*; do
+    [ "$(cat "$d/device" 2>/dev/null)" = 0x0005 ] || continue
+    [ -e "$d/driver" ] && basename "$(readlink "$d/driver")"
+  done
+}
+
+# The balloon's virtio device name (virtioN).
+balloon_name() {
+  for d in /sys/bus/virtio/devices/*; do
+    [ "$(cat "$d/device" 2>/dev/null)" = 0x0005 ] && basename "$d"
+  done
+}
+
+# Sets irqs to the balloon's config interrupts so far (MSI-X vector
+# "virtioN-config", or the shared INTx line "virtioN"); shell builtins only,
+# so it can poll quickly.
+balloon_config_irqs() {
+  irqs=0
+  while read -r line; do
+    case $line in
+      *" $bname-config" | *" $bname")
+        # shellcheck disable=SC2086 # split the counters on purpose
+        set -- $line
+        shift
+        for c in "$@"; do
+          case $c in
+            '' | *[!0-9]*) break ;;
+            *) irqs=$((irqs + c)) ;;
+          esac
+        done
+        ;;
+    esac
+  done </proc/interrupts
+}
+
+if [ "$lockdep" = 1 ]; then
+  pl=false
+  [ -e /proc/lockdep ] && pl=true
+  dl=$(debug_locks)
+  ok=false
+  [ "$pl" = true ] && [ "$dl" = 1 ] && ok=true
+  echo "@@RESULT {\"name\":\"lockdep\",\"ok\":$ok,\"proc_lockdep\":$pl,\"debug_locks\":${dl:-null}}"
+fi
 
 case $driver in
   none) ;;
@@ -35,11 +104,7 @@ case $driver in
     [ -f "$ko" ] || fail driver "$ko missing from the initramfs"
     out=$(insmod "$ko" 2>&1) || fail driver "insmod $mod: $(echo "$out" | tr -d '"\\' | head -1)"
     # The driver must have bound to QEMU's balloon (virtio device id 5).
-    bound=
-    for d in /sys/bus/virtio/devices/*; do
-      [ "$(cat "$d/device" 2>/dev/null)" = 0x0005 ] || continue
-      [ -e "$d/driver" ] && bound=$(basename "$(readlink "$d/driver")")
-    done
+    bound=$(balloon_driver)
     [ -n "$bound" ] || fail driver "no driver bound to the balloon after loading $mod"
     echo "@@RESULT {\"name\":\"driver\",\"ok\":true,\"driver\":\"$driver\",\"bound\":\"$bound\"}"
     ;;
@@ -54,3 +119,48 @@ case $workload in
 esac
 
 fhwork run --mib "$churn_mib" --pace-us "$pace_us" "$@" </dev/console
+rc=$?
+[ "$rmmod_at_end" = 1 ] || exit $rc
+
+# Unload the driver while memory churns and a hint round runs (see above).
+stop=/tmp/rmmod-churn.stop
+rm -f "$stop"
+fhtool churn --seconds 600 --max-mib "$churn_mib" --stop-file "$stop" >/tmp/rmmod-churn.out 2>&1 &
+churn=$!
+bname=$(balloon_name)
+balloon_config_irqs
+irqs_before=$irqs
+echo "@@RMMOD waiting"
+read -r _go </dev/console
+read -r w0 _ </proc/uptime
+hint_irq=false
+while :; do
+  balloon_config_irqs
+  [ "$irqs" != "$irqs_before" ] && { hint_irq=true; break; }
+  read -r now _ </proc/uptime
+  [ "${now%.*}" -ge $((${w0%.*} + 20)) ] && break
+done
+read -r t0 _ </proc/uptime
+out=$(rmmod freehint 2>&1)
+rmrc=$?
+read -r t1 _ </proc/uptime
+gone=true
+grep -q '^freehint ' /proc/modules && gone=false
+left=$(balloon_driver)
+unbound=true
+[ -z "$left" ] || unbound=false
+touch "$stop"
+wait "$churn"
+crc=$?
+cat /tmp/rmmod-churn.out
+dl=$(debug_locks)
+ok=false
+[ "$rmrc" = 0 ] && [ "$gone" = true ] && [ "$unbound" = true ] && [ "$crc" = 0 ] && ok=true
+[ "$lockdep" = 1 ] && [ "$dl" != 1 ] && ok=false
+ms=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%d", (b - a) * 1000 }')
+wait_ms=$(awk -v a="$w0" -v b="$t0" 'BEGIN { printf "%d", (b - a) * 1000 }')
+err=$(echo "$out" | tr -d '"\\' | head -1)
+echo "@@RESULT {\"name\":\"rmmod\",\"ok\":$ok,\"rmmod_rc\":$rmrc,\"unloaded\":$gone,\"unbound\":$unbound,\"churn_rc\":$crc,\"rmmod_ms\":${ms:-null},\"hint_irq\":$hint_irq,\"irq_wait_ms\":${wait_ms:-null},\"rmmod_at_s\":$t0,\"debug_locks\":${dl:-null},\"error\":\"$err\"}"
+[ "$ok" = true ] || rc=1
+read -r _end </dev/console
+exit $rc

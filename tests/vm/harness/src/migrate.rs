@@ -662,6 +662,9 @@ pub struct Cell {
     pub migrations: usize,
     /// Kernel flavour.
     pub flavour: String,
+    /// More `key=value` arguments of the guest script (`qemu-migrate.sh`),
+    /// after the ones above (e.g. `lockdep=1`, `rmmod_at_end=1`).
+    pub extra_guest_args: Vec<String>,
 }
 
 impl Cell {
@@ -681,6 +684,7 @@ impl Cell {
             pace_us: 250_000,
             migrations: 1,
             flavour: "normal".into(),
+            extra_guest_args: Vec::new(),
         }
     }
 
@@ -707,6 +711,8 @@ impl Cell {
             format!("churn_mib={}", self.churn_mib),
             format!("pace_us={}", self.pace_us),
         ];
+        spec.guest_args
+            .extend(self.extra_guest_args.iter().cloned());
         spec.extra_cmdline = vec![format!("init_on_alloc={}", u8::from(self.init_on_alloc))];
         // Same device in every cell (the driver decides whether it hints).
         spec.extra_qemu_args = vec![
@@ -774,14 +780,59 @@ fn guest_failures(vm: &MigVm, out: &mut Vec<String>) {
     }
 }
 
+/// Console markers of kernel complaints that [`crate::guest::SPLAT_MARKERS`]
+/// does not catch on its own, matched anywhere in a line by
+/// [`is_splat_line`]. Most lockdep, spinlock, atomic-sleep and list debug
+/// reports start with `WARNING:` or `BUG:` (already matched); these are the
+/// ones that do not, or that follow a report whose first line could be
+/// missed: `BUG()`/`VM_BUG_ON` (`kernel BUG at`), a Rust panic in the
+/// kernel (`panicked at`), UBSAN, DEBUG_LIST's double add, lockdep switching
+/// itself off after a report (after which it reports nothing more).
+pub const EXTRA_SPLAT_MARKERS: &[&str] = &[
+    "kernel BUG at",
+    "panicked at",
+    "UBSAN:",
+    "list_add double add",
+    "DEBUG_LOCKS_WARN_ON",
+    "turning off the locking correctness validator",
+    "INFO: lockdep is turned off",
+    "Unable to handle kernel",
+];
+
+/// Whether one console line is (part of) a kernel complaint: a marker of
+/// [`crate::guest::SPLAT_MARKERS`] (with its exceptions) or of
+/// [`EXTRA_SPLAT_MARKERS`]. `@@RESULT` lines never count (they may quote an
+/// error text).
+pub fn is_splat_line(line: &str) -> bool {
+    if line.contains("@@RESULT ") {
+        return false;
+    }
+    let mut g = GuestOutput::default();
+    g.feed_line(line);
+    g.splat_count > 0 || EXTRA_SPLAT_MARKERS.iter().any(|m| line.contains(m))
+}
+
+/// The splat lines of a whole serial log (see [`is_splat_line`]).
+pub fn splat_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| is_splat_line(l))
+        .map(str::to_string)
+        .collect()
+}
+
 fn splat_problems(vm: &MigVm, out: &mut Vec<String>) {
-    let o = vm.output();
-    if o.splat_count > 0 {
+    let (count, first) = {
+        let st = vm.lock();
+        let mut it = st.lines.iter().filter(|l| is_splat_line(l));
+        let first = it.next().cloned();
+        (first.is_some() as usize + it.count(), first)
+    };
+    if count > 0 {
         out.push(format!(
             "{}: {} kernel splat line(s), first: {} ({})",
             vm.role,
-            o.splat_count,
-            o.splats.first().cloned().unwrap_or_default(),
+            count,
+            first.unwrap_or_default(),
             vm.serial_log.display()
         ));
     }
@@ -798,6 +849,30 @@ pub fn run_cell(
     cell: &Cell,
     timeout_scale: f64,
     progress: &mut dyn FnMut(&str),
+) -> Result<CellOutcome, MigrateError> {
+    run_cell_with(
+        manifest,
+        log_dir,
+        cell,
+        timeout_scale,
+        progress,
+        &mut |_, _| Ok(()),
+    )
+}
+
+/// [`run_cell`] with one extra step on the last destination: `at_end`
+/// runs after that destination's final integrity verdict (the workload has
+/// stopped; the guest script goes on) and before the harness waits for the
+/// guest to power off. It gets the VM and the scaled timeout unit (the
+/// duration of one "second"); an error it returns becomes a problem of the
+/// cell. Used by `qemu-lockdep` to unload the driver during a hint round.
+pub fn run_cell_with(
+    manifest: &Manifest,
+    log_dir: &Path,
+    cell: &Cell,
+    timeout_scale: f64,
+    progress: &mut dyn FnMut(&str),
+    at_end: &mut dyn FnMut(&mut MigVm, Duration) -> Result<(), MigrateError>,
 ) -> Result<CellOutcome, MigrateError> {
     let spec = cell.boot_spec();
     check_migratable(&spec)?;
@@ -870,7 +945,15 @@ pub fn run_cell(
         out.migrations.push(stats);
         let last = i + 1 == cell.migrations;
         match verify_integrity(&mut dst, last, scale(300)) {
-            Ok(v) => out.integrity.push(v),
+            Ok(v) => {
+                out.integrity.push(v);
+                if last {
+                    if let Err(e) = at_end(&mut dst, scale(1)) {
+                        out.problems
+                            .push(format!("{}: final step failed: {e}", dst.role));
+                    }
+                }
+            }
             Err(e) => {
                 splat_problems(&dst, &mut out.problems);
                 out.problems

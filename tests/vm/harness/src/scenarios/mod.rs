@@ -17,6 +17,7 @@ pub mod bench_vfio;
 pub mod bitmap;
 pub mod demo;
 pub mod qemu_hint;
+pub mod qemu_lockdep;
 pub mod qemu_migrate;
 pub mod qemu_pingpong;
 pub mod smoke;
@@ -71,6 +72,12 @@ pub const SCENARIOS: &[Scenario] = &[
         description: "10 migrations back and forth under the integrity workload (issue 5)",
         ci: true,
         run: qemu_pingpong::run,
+    },
+    Scenario {
+        name: "qemu-lockdep",
+        description: "freehint.ko on the lockdep kernel: 4 migrations under the integrity workload, rmmod during a hint round, no splat (issue 5)",
+        ci: true,
+        run: qemu_lockdep::run,
     },
     Scenario {
         name: "vfio-stock",

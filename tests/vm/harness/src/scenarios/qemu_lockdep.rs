@@ -1,0 +1,405 @@
+//! `qemu-lockdep` (CI): `freehint.ko` on the debug kernel flavour
+//! (PROVE_LOCKING, DEBUG_ATOMIC_SLEEP, DEBUG_SPINLOCK, DEBUG_LIST, DEBUG_VM;
+//! `tests/vm/kernel/debug.fragment`) under the migration workload: a 2 GiB
+//! guest with `init_on_alloc=1`, dirtied then freed memory and the integrity
+//! working set churning, migrated [`MIGRATIONS`] times (two round trips),
+//! every destination verifying every live page (issue 5, "Done when").
+//!
+//! At the end, on the last destination, the harness starts one more
+//! migration (to a local sink that only reads, capped at
+//! [`SINK_BANDWIDTH`] so that it cannot converge) so that QEMU asks for a
+//! hint round; the guest (`qemu-migrate.sh rmmod_at_end=1`) polls
+//! `/proc/interrupts` for that request (the balloon's config interrupt) and
+//! unloads the driver with `rmmod freehint` at once, so the unload lands on
+//! the round while `fhtool churn` allocates and frees memory; then the
+//! migration is cancelled and the guest powers off. Whether the round was
+//! still walking (`end=removing`) or had just finished is timing and is
+//! reported (`round_at_rmmod`), not asserted.
+//!
+//! Passes only if lockdep really ran (the boot banner of the lock dependency
+//! validator on the source console, `/proc/lockdep` in the guest, and
+//! `debug_locks` still 1 in `/proc/lockdep_stats` at boot and after the
+//! unload: lockdep switches itself off after its first report), no console
+//! line of any VM is a kernel complaint ([`is_splat_line`]), every integrity
+//! verdict is clean and the unload succeeded.
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+use crate::guest::{result_ok, GuestOutput};
+use crate::migrate::{
+    cell_json, free_page_vq, is_splat_line, qemu_version, run_cell_with, Cell, Driver, MigVm,
+    MigrateError, Workload,
+};
+use crate::runner::{Ctx, HarnessError};
+
+/// Migrations under the workload (2 round trips).
+pub const MIGRATIONS: usize = 4;
+/// Guest memory (MiB): the debug kernel is slow under TCG.
+pub const MEM_MIB: u64 = 2048;
+/// Bandwidth cap (bytes/s) of the migration held open during the unload:
+/// the guest's few hundred MiB of used memory take over a minute at this
+/// rate, so the migration cannot complete (and pause the guest) before the
+/// harness cancels it.
+pub const SINK_BANDWIDTH: u64 = 4_000_000;
+/// First line of lockdep's boot banner (`lockdep_init`).
+pub const LOCKDEP_BANNER: &str = "Lock dependency validator: Copyright";
+/// The guest script's line when it waits to unload the driver.
+pub const RMMOD_MARKER: &str = "@@RMMOD waiting";
+
+/// What the final step saw.
+#[derive(Debug, Default)]
+struct EndReport {
+    /// `query-migrate` status when the guest reported the unload.
+    status_at_rmmod: Option<String>,
+    /// Bytes the sink received before the cancel.
+    sink_bytes: u64,
+    /// Movement of the free page hint queue's used index during the step.
+    hint_used_delta: Option<u64>,
+}
+
+/// A TCP server on 127.0.0.1 that accepts one connection and discards what
+/// it reads: the destination of the migration held open during the unload.
+struct Sink {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    bytes: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Sink {
+    fn start() -> Result<Sink, MigrateError> {
+        let io = |what: &'static str| {
+            move |source| MigrateError::Io {
+                what,
+                path: "127.0.0.1".into(),
+                source,
+            }
+        };
+        let l = TcpListener::bind("127.0.0.1:0").map_err(io("cannot bind a sink on"))?;
+        let port = l
+            .local_addr()
+            .map_err(io("cannot read the port of"))?
+            .port();
+        l.set_nonblocking(true)
+            .map_err(io("cannot make the sink non-blocking on"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let bytes = Arc::new(AtomicU64::new(0));
+        let (st, by) = (Arc::clone(&stop), Arc::clone(&bytes));
+        let thread = std::thread::spawn(move || {
+            let mut conn: Option<TcpStream> = None;
+            let mut buf = vec![0u8; 1 << 16];
+            while !st.load(Ordering::Acquire) {
+                match conn.as_mut() {
+                    None => match l.accept() {
+                        Ok((s, _)) => {
+                            let _ = s.set_nonblocking(false);
+                            let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+                            conn = Some(s);
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                    },
+                    Some(s) => match s.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => {
+                            by.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock
+                                    | std::io::ErrorKind::TimedOut
+                                    | std::io::ErrorKind::Interrupted
+                            ) => {}
+                        Err(_) => return,
+                    },
+                }
+            }
+        });
+        Ok(Sink {
+            port,
+            stop,
+            bytes,
+            thread: Some(thread),
+        })
+    }
+
+    fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn migrate_status(vm: &mut MigVm) -> Result<String, MigrateError> {
+    let q = vm.qmp.execute("query-migrate", None)?;
+    Ok(q["status"].as_str().unwrap_or("none").to_string())
+}
+
+fn wait_status(
+    vm: &mut MigVm,
+    want: &[&str],
+    what: &str,
+    timeout: Duration,
+) -> Result<String, MigrateError> {
+    let start = Instant::now();
+    loop {
+        let s = migrate_status(vm)?;
+        if want.contains(&s.as_str()) {
+            return Ok(s);
+        }
+        if s == "failed" || s == "completed" || start.elapsed() >= timeout {
+            return Err(MigrateError::Timeout {
+                what: format!("{what} (migration status {s})"),
+                secs: timeout.as_secs(),
+                log: vm.qemu_log.display().to_string(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The final step on the last destination (see the module documentation):
+/// the guest script is waiting at [`RMMOD_MARKER`] for `go`, then for `end`.
+fn unload_during_round(
+    vm: &mut MigVm,
+    unit: Duration,
+    rep: &mut EndReport,
+) -> Result<(), MigrateError> {
+    let used = |v: &Value| v.get("used_idx").and_then(Value::as_u64);
+    vm.wait_line(0, "the guest to wait for the unload", unit * 120, |l| {
+        l.contains(RMMOD_MARKER)
+    })?;
+    let sink = Sink::start()?;
+    vm.qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": SINK_BANDWIDTH})),
+    )?;
+    let before = free_page_vq(vm).ok();
+    // The guest now polls /proc/interrupts and unloads the driver as soon as
+    // the hint request (a config interrupt) arrives.
+    let from = vm.line_count();
+    vm.send_line("go")?;
+    vm.qmp.execute(
+        "migrate",
+        Some(json!({"uri": format!("tcp:127.0.0.1:{}", sink.port)})),
+    )?;
+    wait_status(vm, &["active"], "the held-open migration", unit * 60)?;
+    vm.wait_line(from, "the guest's rmmod result", unit * 300, |l| {
+        l.contains("@@RESULT ") && l.contains("\"name\":\"rmmod\"")
+    })?;
+    rep.status_at_rmmod = Some(migrate_status(vm)?);
+    let after = free_page_vq(vm).ok();
+    if let (Some(a), Some(b)) = (
+        before.as_ref().and_then(used),
+        after.as_ref().and_then(used),
+    ) {
+        rep.hint_used_delta = Some(b.wrapping_sub(a) & 0xffff);
+    }
+    vm.qmp.execute("migrate_cancel", None)?;
+    wait_status(vm, &["cancelled"], "the migration cancel", unit * 60)?;
+    rep.sink_bytes = sink.bytes();
+    drop(sink);
+    vm.send_line("end")
+}
+
+/// `hint round 0x...: ... end=X` lines of the freehint driver in `text`
+/// after `marker` (their `end=` values).
+fn round_ends_after(text: &str, marker: &str) -> Vec<String> {
+    let Some(pos) = text.find(marker) else {
+        return Vec::new();
+    };
+    text[pos..]
+        .lines()
+        .filter(|l| l.contains("freehint") && l.contains("round 0x"))
+        .filter_map(|l| l.rsplit_once("end=").map(|(_, e)| e.trim().to_string()))
+        .collect()
+}
+
+/// Runs the scenario.
+pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
+    let mut cell = Cell::new(MEM_MIB, Driver::Freehint, Workload::DirtyFree, true);
+    cell.flavour = "debug".into();
+    cell.migrations = MIGRATIONS;
+    cell.churn_mib = 64;
+    cell.pace_us = 50;
+    cell.extra_guest_args = vec!["lockdep=1".into(), "rmmod_at_end=1".into()];
+    eprintln!(
+        "[lockdep] debug kernel, {} MiB, {} migrations, then rmmod during a hint round",
+        MEM_MIB, MIGRATIONS
+    );
+    let started = Instant::now();
+    let mut end = EndReport::default();
+    let out = {
+        let end = &mut end;
+        run_cell_with(
+            &ctx.manifest,
+            &ctx.log_dir,
+            &cell,
+            ctx.timeout_scale,
+            &mut |l| eprintln!("[lockdep]   {l}"),
+            &mut |vm, unit| {
+                let r = unload_during_round(vm, unit, end);
+                if r.is_err() {
+                    // Let the guest finish (it waits for two lines).
+                    let _ = vm.qmp.execute("migrate_cancel", None);
+                    let _ = vm.send_line("go");
+                    let _ = vm.send_line("end");
+                }
+                r
+            },
+        )?
+    };
+    let elapsed_s = started.elapsed().as_secs_f64();
+    for i in 0..out.migrations.len().max(1) {
+        let mut line = cell_json(&cell, &out, i);
+        line.insert("name".into(), json!(format!("lockdep/{}", i + 1)));
+        ctx.record(line);
+    }
+
+    // Everything the VMs printed, from the serial logs on disk.
+    let logs: Vec<(String, String)> = out
+        .logs
+        .iter()
+        .map(|p| (p.clone(), std::fs::read_to_string(p).unwrap_or_default()))
+        .collect();
+    let results: Vec<Map<String, Value>> = logs
+        .iter()
+        .flat_map(|(_, t)| GuestOutput::parse(t).results)
+        .collect();
+    let find = |name: &str| {
+        results
+            .iter()
+            .find(|r| r.get("name").and_then(Value::as_str) == Some(name))
+            .cloned()
+    };
+    let splats: Vec<String> = logs
+        .iter()
+        .flat_map(|(p, t)| {
+            t.lines()
+                .filter(|l| is_splat_line(l))
+                .map(move |l| format!("{p}: {l}"))
+        })
+        .collect();
+
+    let banner = logs
+        .first()
+        .is_some_and(|(_, t)| t.contains(LOCKDEP_BANNER));
+    let boot = find("lockdep");
+    let rmmod = find("rmmod");
+    let debug_locks_end = rmmod
+        .as_ref()
+        .and_then(|r| r.get("debug_locks"))
+        .and_then(Value::as_u64);
+    let lockdep_active =
+        banner && boot.as_ref().is_some_and(result_ok) && debug_locks_end == Some(1);
+    let rmmod_ok = rmmod.as_ref().is_some_and(result_ok);
+    let round_ends = logs
+        .last()
+        .map(|(_, t)| round_ends_after(t, RMMOD_MARKER))
+        .unwrap_or_default();
+
+    let mut r = Map::new();
+    r.insert("name".into(), json!("lockdep_active"));
+    r.insert("ok".into(), json!(lockdep_active));
+    r.insert("banner".into(), json!(banner));
+    r.insert("boot".into(), json!(boot));
+    r.insert("debug_locks_end".into(), json!(debug_locks_end));
+    ctx.record(r);
+    let mut r = Map::new();
+    r.insert("name".into(), json!("no_splat"));
+    r.insert("ok".into(), json!(splats.is_empty()));
+    r.insert("splats".into(), json!(splats.len()));
+    r.insert("logs".into(), json!(logs.len()));
+    if !splats.is_empty() {
+        r.insert(
+            "first".into(),
+            json!(splats.iter().take(10).collect::<Vec<_>>()),
+        );
+    }
+    ctx.record(r);
+    let mut r = Map::new();
+    r.insert("name".into(), json!("rmmod_during_round"));
+    r.insert("ok".into(), json!(rmmod_ok));
+    r.insert("guest".into(), json!(rmmod));
+    r.insert("migration_status".into(), json!(end.status_at_rmmod));
+    r.insert("hint_used_delta".into(), json!(end.hint_used_delta));
+    r.insert("sink_bytes".into(), json!(end.sink_bytes));
+    r.insert("round_ends".into(), json!(round_ends));
+    ctx.record(r);
+
+    let migrations_ok = out.migrations.len() == MIGRATIONS;
+    let mut s = Map::new();
+    s.insert("migrations".into(), json!(out.migrations.len()));
+    s.insert("integrity_failures".into(), json!(out.integrity_failures()));
+    s.insert("splats".into(), json!(splats.len()));
+    s.insert("lockdep_active".into(), json!(lockdep_active));
+    s.insert("rmmod_ok".into(), json!(rmmod_ok));
+    s.insert(
+        "round_at_rmmod".into(),
+        json!(round_ends.last().cloned().unwrap_or_else(|| "none".into())),
+    );
+    s.insert("mem_mib".into(), json!(MEM_MIB));
+    s.insert("elapsed_s".into(), json!((elapsed_s * 10.0).round() / 10.0));
+    s.insert("qemu".into(), json!(qemu_version(&ctx.manifest)));
+    if !out.problems.is_empty() {
+        s.insert("problems".into(), json!(out.problems));
+    }
+    s.insert(
+        "ok".into(),
+        json!(
+            out.ok()
+                && migrations_ok
+                && out.integrity.len() == MIGRATIONS
+                && splats.is_empty()
+                && lockdep_active
+                && rmmod_ok
+        ),
+    );
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_ends_are_read_after_the_marker_only() {
+        let log = "\
+[ 9.0] freehint: hint round 0x80000003: 1 blocks in 1 ranges, 1 pages (0 MiB), 1 lock holds (max 1 us), 0 ring-full waits, 0 returned, STOP after 1 ms, 2 ms, end=complete
+@@RMMOD waiting
+go
+[ 10.0] freehint: hint round 0x80000004: 9 blocks in 3 ranges, 9 pages (0 MiB), 4 lock holds (max 3 us), 0 ring-full waits, 0 returned, STOP after 0 ms, 5 ms, end=removing
+";
+        assert_eq!(round_ends_after(log, RMMOD_MARKER), vec!["removing"]);
+        assert!(round_ends_after("no marker", RMMOD_MARKER).is_empty());
+    }
+
+    #[test]
+    fn sink_counts_and_stops() {
+        use std::io::Write;
+        let sink = Sink::start().unwrap();
+        let mut c = TcpStream::connect(("127.0.0.1", sink.port)).unwrap();
+        c.write_all(&[7u8; 10_000]).unwrap();
+        drop(c);
+        let t = Instant::now();
+        while sink.bytes() < 10_000 && t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(sink.bytes(), 10_000);
+        drop(sink); // joins: the thread saw EOF or the stop flag
+    }
+}
