@@ -10,17 +10,18 @@
 # lockdep=1 prints `@@RESULT {"name":"lockdep",...}` before the driver loads:
 # ok only if /proc/lockdep exists and /proc/lockdep_stats says debug_locks 1
 # (lockdep compiled in and not switched off by an earlier report);
-# rmmod_at_end=1: after fhwork exits, starts `fhtool churn` (churn_mib) in the
-# background, prints `@@RMMOD waiting` and waits for a line on the console;
-# the host then starts a migration, whose hint request arrives as a config
-# interrupt of the balloon: as soon as /proc/interrupts shows it (or after
-# 20 s), `rmmod freehint` runs, so it lands on a running hint round while
-# the churn runs. Then it stops the churn, prints
-# `@@RESULT {"name":"rmmod",...}` (ok: rmmod exit 0, module gone from
-# /proc/modules, balloon device left without a driver, churn ok, and with
-# lockdep=1 debug_locks still 1; `hint_irq`: the interrupt was seen) and
-# waits for one more console line (the host ends its migration) before it
-# exits.
+# rmmod_at_end=N (N >= 1 cycles): after fhwork exits, starts `fhtool churn`
+# (churn_mib) in the background; then, per cycle (from the second one on,
+# after loading the driver again): prints `@@RMMOD waiting N` and waits for a
+# line on the console; the host then starts a migration, whose hint request
+# arrives as a config interrupt of the balloon: as soon as /proc/interrupts
+# shows it (or after 20 s), `rmmod freehint` runs, so it lands on a hint
+# round while the churn runs; prints `@@RESULT {"name":"rmmod_cycle",...}`
+# (ok: rmmod exit 0, module gone from /proc/modules, balloon left without a
+# driver; `hint_irq`: the interrupt was seen) and waits for a console line
+# (the host has ended its migration). At the end it stops the churn and
+# prints `@@RESULT {"name":"rmmod",...}` (ok: every cycle ok, churn ok, and
+# with lockdep=1 debug_locks still 1).
 #
 # Loads the driver, then runs fhwork (tests/guest-workload) in the
 # foreground with the console as stdin: it prints `@@FHWORK ready` when its
@@ -120,7 +121,9 @@ esac
 
 fhwork run --mib "$churn_mib" --pace-us "$pace_us" "$@" </dev/console
 rc=$?
-[ "$rmmod_at_end" = 1 ] || exit $rc
+case $rmmod_at_end in
+  '' | 0 | *[!0-9]*) exit $rc ;;
+esac
 
 # Unload the driver while memory churns and a hint round runs (see above).
 stop=/tmp/rmmod-churn.stop
@@ -128,39 +131,52 @@ rm -f "$stop"
 fhtool churn --seconds 600 --max-mib "$churn_mib" --stop-file "$stop" >/tmp/rmmod-churn.out 2>&1 &
 churn=$!
 bname=$(balloon_name)
-balloon_config_irqs
-irqs_before=$irqs
-echo "@@RMMOD waiting"
-read -r _go </dev/console
-read -r w0 _ </proc/uptime
-hint_irq=false
-while :; do
+ok=true
+fails=0
+cycle=0
+while [ "$cycle" -lt "$rmmod_at_end" ]; do
+  cycle=$((cycle + 1))
+  if [ "$cycle" -gt 1 ]; then
+    out=$(insmod "$ko" 2>&1) || echo "insmod: $out"
+  fi
   balloon_config_irqs
-  [ "$irqs" != "$irqs_before" ] && { hint_irq=true; break; }
-  read -r now _ </proc/uptime
-  [ "${now%.*}" -ge $((${w0%.*} + 20)) ] && break
+  irqs_before=$irqs
+  echo "@@RMMOD waiting $cycle"
+  read -r _go </dev/console
+  read -r w0 _ </proc/uptime
+  hint_irq=false
+  while :; do
+    balloon_config_irqs
+    [ "$irqs" != "$irqs_before" ] && { hint_irq=true; break; }
+    read -r now _ </proc/uptime
+    [ "${now%.*}" -ge $((${w0%.*} + 20)) ] && break
+  done
+  read -r t0 _ </proc/uptime
+  out=$(rmmod freehint 2>&1)
+  rmrc=$?
+  read -r t1 _ </proc/uptime
+  gone=true
+  grep -q '^freehint ' /proc/modules && gone=false
+  left=$(balloon_driver)
+  unbound=true
+  [ -z "$left" ] || unbound=false
+  cok=false
+  [ "$rmrc" = 0 ] && [ "$gone" = true ] && [ "$unbound" = true ] && cok=true
+  [ "$cok" = true ] || { ok=false; fails=$((fails + 1)); }
+  ms=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%d", (b - a) * 1000 }')
+  wait_ms=$(awk -v a="$w0" -v b="$t0" 'BEGIN { printf "%d", (b - a) * 1000 }')
+  err=$(echo "$out" | tr -d '"\\' | head -1)
+  echo "@@RESULT {\"name\":\"rmmod_cycle\",\"ok\":$cok,\"cycle\":$cycle,\"rmmod_rc\":$rmrc,\"unloaded\":$gone,\"unbound\":$unbound,\"hint_irq\":$hint_irq,\"irq_wait_ms\":${wait_ms:-null},\"rmmod_at_s\":$t0,\"rmmod_ms\":${ms:-null},\"error\":\"$err\"}"
+  # The host ends the migration it started before the next cycle.
+  read -r _next </dev/console
 done
-read -r t0 _ </proc/uptime
-out=$(rmmod freehint 2>&1)
-rmrc=$?
-read -r t1 _ </proc/uptime
-gone=true
-grep -q '^freehint ' /proc/modules && gone=false
-left=$(balloon_driver)
-unbound=true
-[ -z "$left" ] || unbound=false
 touch "$stop"
 wait "$churn"
 crc=$?
 cat /tmp/rmmod-churn.out
+[ "$crc" = 0 ] || ok=false
 dl=$(debug_locks)
-ok=false
-[ "$rmrc" = 0 ] && [ "$gone" = true ] && [ "$unbound" = true ] && [ "$crc" = 0 ] && ok=true
 [ "$lockdep" = 1 ] && [ "$dl" != 1 ] && ok=false
-ms=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%d", (b - a) * 1000 }')
-wait_ms=$(awk -v a="$w0" -v b="$t0" 'BEGIN { printf "%d", (b - a) * 1000 }')
-err=$(echo "$out" | tr -d '"\\' | head -1)
-echo "@@RESULT {\"name\":\"rmmod\",\"ok\":$ok,\"rmmod_rc\":$rmrc,\"unloaded\":$gone,\"unbound\":$unbound,\"churn_rc\":$crc,\"rmmod_ms\":${ms:-null},\"hint_irq\":$hint_irq,\"irq_wait_ms\":${wait_ms:-null},\"rmmod_at_s\":$t0,\"debug_locks\":${dl:-null},\"error\":\"$err\"}"
+echo "@@RESULT {\"name\":\"rmmod\",\"ok\":$ok,\"cycles\":$cycle,\"failed_cycles\":$fails,\"churn_rc\":$crc,\"debug_locks\":${dl:-null}}"
 [ "$ok" = true ] || rc=1
-read -r _end </dev/console
 exit $rc

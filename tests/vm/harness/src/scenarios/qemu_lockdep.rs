@@ -5,16 +5,18 @@
 //! working set churning, migrated [`MIGRATIONS`] times (two round trips),
 //! every destination verifying every live page (issue 5, "Done when").
 //!
-//! At the end, on the last destination, the harness starts one more
-//! migration (to a local sink that only reads, capped at
-//! [`SINK_BANDWIDTH`] so that it cannot converge) so that QEMU asks for a
-//! hint round; the guest (`qemu-migrate.sh rmmod_at_end=1`) polls
-//! `/proc/interrupts` for that request (the balloon's config interrupt) and
-//! unloads the driver with `rmmod freehint` at once, so the unload lands on
-//! the round while `fhtool churn` allocates and frees memory; then the
-//! migration is cancelled and the guest powers off. Whether the round was
-//! still walking (`end=removing`) or had just finished is timing and is
-//! reported (`round_at_rmmod`), not asserted.
+//! At the end, on the last destination, come [`UNLOAD_CYCLES`] unload
+//! cycles: the harness starts one more migration (to a local sink that only
+//! reads, capped at [`SINK_BANDWIDTH`] so that it cannot converge) so that
+//! QEMU asks for a hint round; the guest (`qemu-migrate.sh rmmod_at_end=N`)
+//! polls `/proc/interrupts` for that request (the balloon's config
+//! interrupt) and unloads the driver with `rmmod freehint` at once, so the
+//! unload lands on the round while `fhtool churn` allocates and frees
+//! memory; the harness cancels the migration, the guest loads the driver
+//! again for the next cycle. Whether the module's exit begins while the
+//! round still walks (the driver logs the round after `unloaded after`, or
+//! ends it `removing`) or just after it finished is timing: counted
+//! (`rounds_during_unload`), not asserted.
 //!
 //! Passes only if lockdep really ran (the boot banner of the lock dependency
 //! validator on the source console, `/proc/lockdep` in the guest, and
@@ -52,16 +54,29 @@ pub const SINK_BANDWIDTH: u64 = 4_000_000;
 pub const LOCKDEP_BANNER: &str = "Lock dependency validator: Copyright";
 /// The guest script's line when it waits to unload the driver.
 pub const RMMOD_MARKER: &str = "@@RMMOD waiting";
+/// Unload cycles at the end (load, hint request, `rmmod`): whether an
+/// unload meets a round that is still walking is timing, so try a few.
+pub const UNLOAD_CYCLES: usize = 3;
 
-/// What the final step saw.
+/// What one unload cycle of the final step saw.
 #[derive(Debug, Default)]
-struct EndReport {
+struct CycleReport {
     /// `query-migrate` status when the guest reported the unload.
     status_at_rmmod: Option<String>,
     /// Bytes the sink received before the cancel.
     sink_bytes: u64,
-    /// Movement of the free page hint queue's used index during the step.
+    /// Movement of the free page hint queue's used index during the cycle.
     hint_used_delta: Option<u64>,
+}
+
+impl CycleReport {
+    fn to_json(&self) -> Value {
+        json!({
+            "migration_status": self.status_at_rmmod,
+            "sink_bytes": self.sink_bytes,
+            "hint_used_delta": self.hint_used_delta,
+        })
+    }
 }
 
 /// A TCP server on 127.0.0.1 that accepts one connection and discards what
@@ -172,17 +187,17 @@ fn wait_status(
     }
 }
 
-/// The final step on the last destination (see the module documentation):
-/// the guest script is waiting at [`RMMOD_MARKER`] for `go`, then for `end`.
-fn unload_during_round(
+/// One unload cycle on the last destination (see the module
+/// documentation): the guest script has printed [`RMMOD_MARKER`] at line
+/// index `marker`, waits for `go`, then (after its `rmmod_cycle` result) for
+/// one more line. Returns the index of the result line.
+fn unload_cycle(
     vm: &mut MigVm,
     unit: Duration,
-    rep: &mut EndReport,
-) -> Result<(), MigrateError> {
+    marker: usize,
+    rep: &mut CycleReport,
+) -> Result<usize, MigrateError> {
     let used = |v: &Value| v.get("used_idx").and_then(Value::as_u64);
-    vm.wait_line(0, "the guest to wait for the unload", unit * 120, |l| {
-        l.contains(RMMOD_MARKER)
-    })?;
     let sink = Sink::start()?;
     vm.qmp.execute(
         "migrate-set-parameters",
@@ -191,15 +206,14 @@ fn unload_during_round(
     let before = free_page_vq(vm).ok();
     // The guest now polls /proc/interrupts and unloads the driver as soon as
     // the hint request (a config interrupt) arrives.
-    let from = vm.line_count();
     vm.send_line("go")?;
     vm.qmp.execute(
         "migrate",
         Some(json!({"uri": format!("tcp:127.0.0.1:{}", sink.port)})),
     )?;
     wait_status(vm, &["active"], "the held-open migration", unit * 60)?;
-    vm.wait_line(from, "the guest's rmmod result", unit * 300, |l| {
-        l.contains("@@RESULT ") && l.contains("\"name\":\"rmmod\"")
+    let (result, _) = vm.wait_line(marker + 1, "the guest's rmmod result", unit * 300, |l| {
+        l.contains("\"name\":\"rmmod_cycle\"")
     })?;
     rep.status_at_rmmod = Some(migrate_status(vm)?);
     let after = free_page_vq(vm).ok();
@@ -213,19 +227,66 @@ fn unload_during_round(
     wait_status(vm, &["cancelled"], "the migration cancel", unit * 60)?;
     rep.sink_bytes = sink.bytes();
     drop(sink);
-    vm.send_line("end")
+    vm.send_line("next")?;
+    Ok(result)
 }
 
-/// `hint round 0x...: ... end=X` lines of the freehint driver in `text`
-/// after `marker` (their `end=` values).
-fn round_ends_after(text: &str, marker: &str) -> Vec<String> {
-    let Some(pos) = text.find(marker) else {
-        return Vec::new();
-    };
-    text[pos..]
-        .lines()
-        .filter(|l| l.contains("freehint") && l.contains("round 0x"))
-        .filter_map(|l| l.rsplit_once("end=").map(|(_, e)| e.trim().to_string()))
+/// The final step: [`UNLOAD_CYCLES`] unload cycles, then waits for the
+/// guest's overall `rmmod` result.
+fn unload_during_rounds(
+    vm: &mut MigVm,
+    unit: Duration,
+    reps: &mut Vec<CycleReport>,
+) -> Result<(), MigrateError> {
+    let mut from = 0;
+    for _ in 0..UNLOAD_CYCLES {
+        let (marker, _) =
+            vm.wait_line(from, "the guest to wait for the unload", unit * 120, |l| {
+                l.contains(RMMOD_MARKER)
+            })?;
+        let mut rep = CycleReport::default();
+        let r = unload_cycle(vm, unit, marker, &mut rep);
+        reps.push(rep);
+        from = r? + 1;
+    }
+    vm.wait_line(from, "the guest's rmmod summary", unit * 120, |l| {
+        l.contains("\"name\":\"rmmod\"")
+    })?;
+    Ok(())
+}
+
+/// The hint rounds the driver logged in one unload cycle.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct CycleRounds {
+    /// `end=` of each `hint round 0x...` line of the cycle.
+    ends: Vec<String>,
+    /// A round was still running when the module's exit began: it ended
+    /// `removing`, or its line comes after the driver's `unloaded after`
+    /// line (the device removal then waited for it).
+    during_unload: bool,
+}
+
+/// Splits the last destination's console at each [`RMMOD_MARKER`] and reads
+/// the driver's hint round lines of each cycle.
+fn cycle_rounds(text: &str) -> Vec<CycleRounds> {
+    text.split(RMMOD_MARKER)
+        .skip(1)
+        .map(|seg| {
+            let mut c = CycleRounds::default();
+            let mut unloading = false;
+            for l in seg.lines() {
+                if l.contains("freehint: unloaded after") {
+                    unloading = true;
+                } else if l.contains("freehint") && l.contains("round 0x") {
+                    if let Some((_, e)) = l.rsplit_once("end=") {
+                        let e = e.trim().to_string();
+                        c.during_unload |= unloading || e == "removing";
+                        c.ends.push(e);
+                    }
+                }
+            }
+            c
+        })
         .collect()
 }
 
@@ -236,15 +297,15 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     cell.migrations = MIGRATIONS;
     cell.churn_mib = 64;
     cell.pace_us = 50;
-    cell.extra_guest_args = vec!["lockdep=1".into(), "rmmod_at_end=1".into()];
+    cell.extra_guest_args = vec!["lockdep=1".into(), format!("rmmod_at_end={UNLOAD_CYCLES}")];
     eprintln!(
         "[lockdep] debug kernel, {} MiB, {} migrations, then rmmod during a hint round",
         MEM_MIB, MIGRATIONS
     );
     let started = Instant::now();
-    let mut end = EndReport::default();
+    let mut cycles: Vec<CycleReport> = Vec::new();
     let out = {
-        let end = &mut end;
+        let cycles = &mut cycles;
         run_cell_with(
             &ctx.manifest,
             &ctx.log_dir,
@@ -252,12 +313,13 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
             ctx.timeout_scale,
             &mut |l| eprintln!("[lockdep]   {l}"),
             &mut |vm, unit| {
-                let r = unload_during_round(vm, unit, end);
+                let r = unload_during_rounds(vm, unit, cycles);
                 if r.is_err() {
-                    // Let the guest finish (it waits for two lines).
+                    // Let the guest finish (each cycle waits for two lines).
                     let _ = vm.qmp.execute("migrate_cancel", None);
-                    let _ = vm.send_line("go");
-                    let _ = vm.send_line("end");
+                    for _ in 0..UNLOAD_CYCLES * 2 {
+                        let _ = vm.send_line("go");
+                    }
                 }
                 r
             },
@@ -306,11 +368,19 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         .and_then(Value::as_u64);
     let lockdep_active =
         banner && boot.as_ref().is_some_and(result_ok) && debug_locks_end == Some(1);
-    let rmmod_ok = rmmod.as_ref().is_some_and(result_ok);
-    let round_ends = logs
+    let cycles_ok = results
+        .iter()
+        .filter(|r| r.get("name").and_then(Value::as_str) == Some("rmmod_cycle"))
+        .map(result_ok)
+        .collect::<Vec<_>>();
+    let rmmod_ok = rmmod.as_ref().is_some_and(result_ok)
+        && cycles_ok.len() == UNLOAD_CYCLES
+        && cycles_ok.iter().all(|&ok| ok);
+    let rounds = logs
         .last()
-        .map(|(_, t)| round_ends_after(t, RMMOD_MARKER))
+        .map(|(_, t)| cycle_rounds(t))
         .unwrap_or_default();
+    let during_unload = rounds.iter().filter(|c| c.during_unload).count();
 
     let mut r = Map::new();
     r.insert("name".into(), json!("lockdep_active"));
@@ -335,10 +405,20 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     r.insert("name".into(), json!("rmmod_during_round"));
     r.insert("ok".into(), json!(rmmod_ok));
     r.insert("guest".into(), json!(rmmod));
-    r.insert("migration_status".into(), json!(end.status_at_rmmod));
-    r.insert("hint_used_delta".into(), json!(end.hint_used_delta));
-    r.insert("sink_bytes".into(), json!(end.sink_bytes));
-    r.insert("round_ends".into(), json!(round_ends));
+    let guest_cycles: Vec<&Map<String, Value>> = results
+        .iter()
+        .filter(|r| r.get("name").and_then(Value::as_str) == Some("rmmod_cycle"))
+        .collect();
+    r.insert("cycles".into(), json!(guest_cycles));
+    r.insert(
+        "host".into(),
+        json!(cycles.iter().map(CycleReport::to_json).collect::<Vec<_>>()),
+    );
+    r.insert(
+        "round_ends".into(),
+        json!(rounds.iter().map(|c| c.ends.clone()).collect::<Vec<_>>()),
+    );
+    r.insert("rounds_during_unload".into(), json!(during_unload));
     ctx.record(r);
 
     let migrations_ok = out.migrations.len() == MIGRATIONS;
@@ -348,10 +428,8 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     s.insert("splats".into(), json!(splats.len()));
     s.insert("lockdep_active".into(), json!(lockdep_active));
     s.insert("rmmod_ok".into(), json!(rmmod_ok));
-    s.insert(
-        "round_at_rmmod".into(),
-        json!(round_ends.last().cloned().unwrap_or_else(|| "none".into())),
-    );
+    s.insert("unload_cycles".into(), json!(cycles_ok.len()));
+    s.insert("rounds_during_unload".into(), json!(during_unload));
     s.insert("mem_mib".into(), json!(MEM_MIB));
     s.insert("elapsed_s".into(), json!((elapsed_s * 10.0).round() / 10.0));
     s.insert("qemu".into(), json!(qemu_version(&ctx.manifest)));
@@ -377,15 +455,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn round_ends_are_read_after_the_marker_only() {
-        let log = "\
-[ 9.0] freehint: hint round 0x80000003: 1 blocks in 1 ranges, 1 pages (0 MiB), 1 lock holds (max 1 us), 0 ring-full waits, 0 returned, STOP after 1 ms, 2 ms, end=complete
-@@RMMOD waiting
-go
-[ 10.0] freehint: hint round 0x80000004: 9 blocks in 3 ranges, 9 pages (0 MiB), 4 lock holds (max 3 us), 0 ring-full waits, 0 returned, STOP after 0 ms, 5 ms, end=removing
-";
-        assert_eq!(round_ends_after(log, RMMOD_MARKER), vec!["removing"]);
-        assert!(round_ends_after("no marker", RMMOD_MARKER).is_empty());
+    fn rounds_are_read_per_cycle() {
+        let round = |id: u32, end: &str| {
+            format!("[ 9.0] freehint: hint round {id:#x}: 1 blocks in 1 ranges, 1 pages (0 MiB), walk 9 us, 1 lock holds (max 1 us), 0 ring-full waits, 0 returned, STOP after 1 ms, 2 ms, end={end}\n")
+        };
+        let unloaded = "[ 9.1] freehint: freehint: unloaded after 1 builds\n";
+        let log = [
+            round(0x8000_0003, "complete"), // before the first cycle: ignored
+            format!("{RMMOD_MARKER} 1\ngo\n"),
+            round(0x8000_0004, "complete"),
+            unloaded.to_string(),
+            format!("{RMMOD_MARKER} 2\ngo\n"),
+            unloaded.to_string(),
+            round(0x8000_0005, "complete"),
+            format!("{RMMOD_MARKER} 3\ngo\n"),
+            round(0x8000_0006, "removing"),
+            unloaded.to_string(),
+        ]
+        .concat();
+        let c = cycle_rounds(&log);
+        assert_eq!(c.len(), 3);
+        assert_eq!(c[0].ends, vec!["complete"]);
+        assert!(!c[0].during_unload);
+        assert!(c[1].during_unload);
+        assert_eq!(c[2].ends, vec!["removing"]);
+        assert!(c[2].during_unload);
+        assert!(cycle_rounds("no marker").is_empty());
     }
 
     #[test]
