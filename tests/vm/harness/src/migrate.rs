@@ -508,15 +508,23 @@ pub fn migrate(
     port: u16,
     timeout: Duration,
 ) -> Result<MigrationStats, MigrateError> {
+    migrate_to(src, &format!("tcp:127.0.0.1:{port}"), timeout)
+}
+
+/// [`migrate`] to any migration URI (e.g. `exec:cat > /dev/null`, a sink
+/// that makes QEMU run one hint round without a destination); the source is
+/// left paused (`postmigrate`) on success.
+pub fn migrate_to(
+    src: &mut MigVm,
+    uri: &str,
+    timeout: Duration,
+) -> Result<MigrationStats, MigrateError> {
     src.qmp.execute(
         "migrate-set-parameters",
         Some(json!({"max-bandwidth": MAX_BANDWIDTH})),
     )?;
     let start = Instant::now();
-    src.qmp.execute(
-        "migrate",
-        Some(json!({"uri": format!("tcp:127.0.0.1:{port}")})),
-    )?;
+    src.qmp.execute("migrate", Some(json!({ "uri": uri })))?;
     loop {
         let q = src.qmp.execute("query-migrate", None)?;
         let status = q["status"].as_str().unwrap_or("?").to_string();
@@ -820,7 +828,9 @@ pub fn splat_lines(text: &str) -> Vec<String> {
         .collect()
 }
 
-fn splat_problems(vm: &MigVm, out: &mut Vec<String>) {
+/// Adds one problem to `out` if any console line of `vm` so far is a kernel
+/// complaint ([`is_splat_line`]): count, first line, serial log.
+pub fn splat_problems(vm: &MigVm, out: &mut Vec<String>) {
     let (count, first) = {
         let st = vm.lock();
         let mut it = st.lines.iter().filter(|l| is_splat_line(l));

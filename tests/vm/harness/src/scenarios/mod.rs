@@ -16,6 +16,7 @@ pub mod bench_bitmap;
 pub mod bench_vfio;
 pub mod bitmap;
 pub mod demo;
+pub mod qemu_balloon;
 pub mod qemu_hint;
 pub mod qemu_lockdep;
 pub mod qemu_migrate;
@@ -60,6 +61,12 @@ pub const SCENARIOS: &[Scenario] = &[
         description: "one free page hint round against QEMU's virtio-balloon, hints consumed (issue 5)",
         ci: true,
         run: qemu_hint::run,
+    },
+    Scenario {
+        name: "qemu-balloon",
+        description: "freehint.ko vs QEMU's virtio-balloon: bind, inflate/deflate, stats, OOM deflate, unload while busy, page poison (issue 5)",
+        ci: true,
+        run: qemu_balloon::run,
     },
     Scenario {
         name: "qemu-migrate",

@@ -1,0 +1,802 @@
+//! `qemu-balloon` (CI): `freehint.ko` as a full virtio-balloon driver
+//! against QEMU's own device (`-device virtio-balloon-pci,free-page-hint=on,
+//! iothread=…,deflate-on-oom=on`, QEMU 11.1.3), issue 5 item 1.
+//!
+//! One [`MigVm`] (QMP plus a serial console the harness reads and types
+//! into) per boot; the guest half (`tests/vm/guest/scenarios/qemu-balloon.sh`)
+//! answers one command per console line with one `@@RESULT` line, and this
+//! side makes every verdict. Three boots of [`MEM_MIB`], normal kernel.
+//! First boot:
+//!
+//! 1. **bind**: `insmod freehint.ko` binds the balloon (sysfs driver link
+//!    `freehint`); the negotiated features (sysfs `features`) have STATS_VQ,
+//!    DEFLATE_ON_OOM and FREE_PAGE_HINT (bits 1–3) and, without
+//!    `init_on_free`, not PAGE_POISON (bit 4: free pages hold nothing
+//!    particular, so the driver must not claim a poison value);
+//! 2. **inflate/deflate**: QMP `balloon` to 3/4 of RAM, `query-balloon`
+//!    `actual` reaches it; with DEFLATE_ON_OOM the driver (as Linux's) keeps
+//!    inflated pages in the managed count, so `MemTotal` stays and free
+//!    memory (`MemFree` plus the per-CPU lists) drops by the inflated
+//!    amount; back to full size, `actual` and free memory return;
+//! 3. **stats**: `guest-stats-polling-interval` 2 s, then `guest-stats`
+//!    until `last-update` advances: free, total and available memory are
+//!    real values that agree with the guest's `/proc/meminfo`;
+//! 4. **deflate on OOM**: balloon to [`OOM_TARGET_MIB`], then the guest
+//!    maps and keeps [`OOM_EXTRA_MIB`] more than it has free (`fhwork
+//!    dirty-keep`): the driver's OOM notifier must deflate (`actual` grows)
+//!    and no process is killed; the kept pages verify;
+//! 5. **unload while busy**: balloon to [`UNLOAD_TARGET_MIB`] and, while
+//!    `actual` is still on its way, `rmmod freehint`: succeeds, the driver
+//!    gave back fewer pages than the target (it was still inflating), the
+//!    pages come back (`actual` = RAM), the balloon is left unbound;
+//!    `insmod` binds again; sysfs unbind/bind works and the rebound driver
+//!    inflates and deflates.
+//!
+//! At the end of that boot a migration to a file (`exec:cat > FILE`)
+//! makes QEMU ask for hints and write the device state: the reference for
+//! check 6 (no PAGE_POISON: no page-poison subsection in the stream).
+//!
+//! Second boot, `deflate-on-oom=off`: bind (bit 2 not negotiated) and
+//! inflate/deflate again: now the inflated pages leave the managed count,
+//! `MemTotal` falls by exactly the balloon and comes back.
+//!
+//! Third boot, `init_on_free=1` (freed pages are zeroed): 6. **poison**:
+//! PAGE_POISON negotiated (bit 4), the driver says it reported
+//! `poison_val` 0, and QEMU holds 0: QMP has no read-out of `poison_val`
+//! (`x-query-virtio-status` on the balloon aborts QEMU 11.1.3), so it is
+//! read from the migration stream, whose
+//! `virtio-balloon-device/page-poison` subsection QEMU writes only when
+//! PAGE_POISON is negotiated; and hinting still works: during that
+//! migration the free page virtqueue's `used-idx` moves and a round ends
+//! `complete` (or `done`).
+//!
+//! Every boot's console must be free of kernel complaints
+//! ([`splat_problems`]) and the guest script must end with rc 0.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+use crate::migrate::{free_page_vq, migrate_to, qemu_version, splat_problems, MigVm, MigrateError};
+use crate::qemu::BootSpec;
+use crate::runner::{Ctx, HarnessError};
+
+/// Guest RAM (MiB).
+pub const MEM_MIB: u64 = 1024;
+/// Guest size of the inflate check (3/4 of RAM).
+pub const INFLATE_TARGET_MIB: u64 = MEM_MIB * 3 / 4;
+/// Guest size before the OOM allocation.
+pub const OOM_TARGET_MIB: u64 = 384;
+/// MiB the OOM allocation asks for beyond the guest's `MemFree`.
+pub const OOM_EXTRA_MIB: u64 = 128;
+/// Least growth of `actual` (MiB) that counts as deflation on OOM.
+pub const OOM_MIN_DEFLATE_MIB: u64 = 64;
+/// Far guest size of the unload check (an inflation of 3/4 of RAM).
+pub const UNLOAD_TARGET_MIB: u64 = MEM_MIB / 4;
+/// Guest size the rebound driver inflates to.
+pub const REBIND_TARGET_MIB: u64 = MEM_MIB * 7 / 8;
+/// Allowed gap (MiB) between the inflated amount and the fall of free
+/// memory (`MemFree` + per-CPU lists), between free memory before the
+/// inflation and after the deflation, and between `guest-stats` free
+/// memory and `MemFree`.
+pub const FREE_TOLERANCE_MIB: u64 = 16;
+/// Stats polling interval (s).
+pub const STATS_INTERVAL_S: u64 = 2;
+/// QOM path of the balloon proxy (`id=balloon0`; see [`crate::migrate::BALLOON_QOM`]).
+pub const BALLOON_DEV: &str = "/machine/peripheral/balloon0";
+/// Line the guest script prints when it waits for commands.
+pub const READY_MARKER: &str = "@@BALLOON ready";
+/// Feature bits (virtio 1.2 §5.5.3).
+const F_STATS_VQ: usize = 1;
+const F_DEFLATE_ON_OOM: usize = 2;
+const F_FREE_PAGE_HINT: usize = 3;
+const F_PAGE_POISON: usize = 4;
+/// QEMU's "not set" value of a guest stat.
+const STAT_UNSET: u64 = u64::MAX;
+const MIB: u64 = 1 << 20;
+
+/// The boot: 1 GiB, QEMU's balloon with hints (on an iothread) and
+/// DEFLATE_ON_OOM (`deflate_on_oom`); `init_on_free=1` for the poison boot.
+pub fn boot_spec(init_on_free: bool, deflate_on_oom: bool) -> BootSpec {
+    let mut spec = BootSpec::new("qemu-balloon");
+    spec.mem_mib = MEM_MIB;
+    spec.extra_qemu_args = vec![
+        "-object".into(),
+        "iothread,id=fhio".into(),
+        "-device".into(),
+        format!(
+            "virtio-balloon-pci,id=balloon0,free-page-hint=on,iothread=fhio,deflate-on-oom={}",
+            if deflate_on_oom { "on" } else { "off" }
+        ),
+    ];
+    if init_on_free {
+        spec.extra_cmdline = vec!["init_on_free=1".into()];
+    }
+    spec
+}
+
+/// Whether feature `bit` is set in a sysfs `features` string (one `0`/`1`
+/// per bit, bit 0 first).
+pub fn feature(features: &str, bit: usize) -> bool {
+    features.as_bytes().get(bit) == Some(&b'1')
+}
+
+/// One VM and its scaled timeout unit.
+struct Guest {
+    vm: MigVm,
+    unit: Duration,
+}
+
+impl Guest {
+    /// Types `line` and returns the guest's `@@RESULT` named `name`.
+    fn cmd(
+        &mut self,
+        line: &str,
+        name: &str,
+        secs: u64,
+    ) -> Result<Map<String, Value>, MigrateError> {
+        let from = self.vm.line_count();
+        self.vm.send_line(line)?;
+        let key = format!("\"name\":\"{name}\"");
+        let (_, l) = self.vm.wait_line(
+            from,
+            &format!("the guest's answer to `{line}`"),
+            self.unit * secs as u32,
+            |l| l.contains("@@RESULT ") && l.contains(&key),
+        )?;
+        Ok(l.split_once("@@RESULT ")
+            .and_then(|(_, j)| serde_json::from_str::<Value>(j.trim()).ok())
+            .and_then(|v| v.as_object().cloned())
+            .unwrap_or_else(|| {
+                let mut m = Map::new();
+                m.insert("malformed".into(), json!(l));
+                m
+            }))
+    }
+
+    /// `query-balloon` `actual` in bytes.
+    fn actual(&mut self) -> Result<u64, MigrateError> {
+        let q = self.vm.qmp.execute("query-balloon", None)?;
+        Ok(q["actual"].as_u64().unwrap_or(0))
+    }
+
+    fn balloon(&mut self, mib: u64) -> Result<(), MigrateError> {
+        self.vm
+            .qmp
+            .execute("balloon", Some(json!({"value": mib * MIB})))?;
+        Ok(())
+    }
+
+    /// Polls `actual` until `pred` holds (returns it and the wait in ms) or
+    /// `secs` (scaled) pass (returns the last value as an error text).
+    fn wait_actual(
+        &mut self,
+        what: &str,
+        secs: u64,
+        pred: impl Fn(u64) -> bool,
+    ) -> Result<(u64, u64), String> {
+        let start = Instant::now();
+        let limit = self.unit * secs as u32;
+        loop {
+            let a = self.actual().map_err(|e| e.to_string())?;
+            if pred(a) {
+                return Ok((a, start.elapsed().as_millis() as u64));
+            }
+            if start.elapsed() >= limit {
+                return Err(format!(
+                    "{what}: actual still {} MiB after {}s",
+                    a / MIB,
+                    limit.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn meminfo(&mut self, tag: &str) -> Result<MemInfo, MigrateError> {
+        let r = self.cmd(&format!("meminfo {tag}"), "meminfo", 60)?;
+        let kb = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(0);
+        Ok(MemInfo {
+            total_kb: kb("mem_total_kb"),
+            free_kb: kb("mem_free_kb"),
+            available_kb: kb("mem_available_kb"),
+            pcp_kb: kb("pcp_kb"),
+        })
+    }
+}
+
+/// The guest's `/proc/meminfo` figures (KiB).
+#[derive(Debug, Clone, Copy, Default)]
+struct MemInfo {
+    total_kb: u64,
+    free_kb: u64,
+    available_kb: u64,
+    /// Pages on the per-CPU lists: free, but not in `MemFree`.
+    pcp_kb: u64,
+}
+
+impl MemInfo {
+    fn to_json(self) -> Value {
+        json!({"mem_total_mib": self.total_kb / 1024, "mem_free_mib": self.free_kb / 1024,
+            "mem_available_mib": self.available_kb / 1024, "pcp_mib": self.pcp_kb / 1024})
+    }
+
+    /// Free bytes: `MemFree` plus the per-CPU lists (pages a deflate frees
+    /// land there first, up to tens of MiB in a 1 GiB guest).
+    fn free_bytes(self) -> u64 {
+        (self.free_kb + self.pcp_kb) * 1024
+    }
+}
+
+fn abs_diff_mib(a_bytes: u64, b_bytes: u64) -> u64 {
+    a_bytes.abs_diff(b_bytes) / MIB
+}
+
+/// A result line `balloon/<name>` from `fields` (an error becomes a failed
+/// line carrying it).
+fn result(name: &str, r: Result<(bool, Map<String, Value>), String>) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("name".into(), json!(format!("balloon/{name}")));
+    match r {
+        Ok((ok, fields)) => {
+            m.insert("ok".into(), json!(ok));
+            m.extend(fields);
+        }
+        Err(e) => {
+            m.insert("ok".into(), json!(false));
+            m.insert("error".into(), json!(e));
+        }
+    }
+    m
+}
+
+type Check = Result<(bool, Map<String, Value>), String>;
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+/// Check 1 (and the poison boot's first half): load and bind.
+fn check_bind(g: &mut Guest, poison: bool, deflate_on_oom: bool) -> Check {
+    let r = g.cmd("bind", "bind", 120).map_err(err)?;
+    let feats = r.get("features").and_then(Value::as_str).unwrap_or("");
+    let driver = r.get("driver").and_then(Value::as_str).unwrap_or("");
+    let log = r.get("log").and_then(Value::as_str).unwrap_or("");
+    let has = |b| feature(feats, b);
+    let want_poison_log = if poison {
+        "poison=Some(0)"
+    } else {
+        "poison=None"
+    };
+    let ok = r.get("insmod_rc").and_then(Value::as_i64) == Some(0)
+        && driver == "freehint"
+        && has(F_STATS_VQ)
+        && has(F_DEFLATE_ON_OOM) == deflate_on_oom
+        && has(F_FREE_PAGE_HINT)
+        && has(F_PAGE_POISON) == poison
+        && log.contains(want_poison_log);
+    let mut m = Map::new();
+    m.insert("driver".into(), json!(driver));
+    m.insert("features".into(), json!(feats.get(..8).unwrap_or(feats)));
+    m.insert("stats_vq".into(), json!(has(F_STATS_VQ)));
+    m.insert("deflate_on_oom".into(), json!(has(F_DEFLATE_ON_OOM)));
+    m.insert("free_page_hint".into(), json!(has(F_FREE_PAGE_HINT)));
+    m.insert("page_poison".into(), json!(has(F_PAGE_POISON)));
+    m.insert("driver_log".into(), json!(log));
+    if !ok {
+        m.insert("guest".into(), Value::Object(r));
+    }
+    Ok((ok, m))
+}
+
+/// Check 2: inflate to 3/4 of RAM and back. With DEFLATE_ON_OOM the
+/// inflated pages stay in the managed count (`MemTotal` unchanged), without
+/// it they leave it (`MemTotal` falls by exactly the balloon), as Linux's
+/// driver does.
+fn check_inflate(g: &mut Guest, deflate_on_oom: bool) -> Check {
+    let full = MEM_MIB * MIB;
+    let before = g.meminfo("before").map_err(err)?;
+    g.balloon(INFLATE_TARGET_MIB).map_err(err)?;
+    let (a_in, ms_in) = g.wait_actual("inflate", 120, |a| a == INFLATE_TARGET_MIB * MIB)?;
+    let inflated = g.meminfo("inflated").map_err(err)?;
+    g.balloon(MEM_MIB).map_err(err)?;
+    let (a_out, ms_out) = g.wait_actual("deflate", 120, |a| a == full)?;
+    let after = g.meminfo("deflated").map_err(err)?;
+    let balloon_bytes = full - INFLATE_TARGET_MIB * MIB;
+    let total_drop = before.total_kb.saturating_sub(inflated.total_kb) * 1024;
+    let want_total_drop = if deflate_on_oom { 0 } else { balloon_bytes };
+    let total_ok = total_drop == want_total_drop && after.total_kb == before.total_kb;
+    let free_drop = before.free_bytes().saturating_sub(inflated.free_bytes());
+    let drop_ok = abs_diff_mib(free_drop, balloon_bytes) <= FREE_TOLERANCE_MIB;
+    let back_ok = abs_diff_mib(after.free_bytes(), before.free_bytes()) <= FREE_TOLERANCE_MIB;
+    let ok = total_ok && drop_ok && back_ok;
+    let mut m = Map::new();
+    m.insert("target_mib".into(), json!(INFLATE_TARGET_MIB));
+    m.insert("actual_mib".into(), json!(a_in / MIB));
+    m.insert("inflate_ms".into(), json!(ms_in));
+    m.insert("deflated_actual_mib".into(), json!(a_out / MIB));
+    m.insert("deflate_ms".into(), json!(ms_out));
+    m.insert("balloon_mib".into(), json!(balloon_bytes / MIB));
+    m.insert("free_drop_mib".into(), json!(free_drop / MIB));
+    m.insert(
+        "free_returned_diff_mib".into(),
+        json!(abs_diff_mib(after.free_bytes(), before.free_bytes())),
+    );
+    m.insert("deflate_on_oom".into(), json!(deflate_on_oom));
+    m.insert("mem_total_drop_mib".into(), json!(total_drop / MIB));
+    m.insert("mem_total_ok".into(), json!(total_ok));
+    m.insert("before".into(), before.to_json());
+    m.insert("inflated".into(), inflated.to_json());
+    m.insert("after".into(), after.to_json());
+    Ok((ok, m))
+}
+
+/// Reads `guest-stats`: (last-update, free, total, available).
+fn guest_stats(g: &mut Guest) -> Result<(u64, u64, u64, u64), String> {
+    let v =
+        g.vm.qmp
+            .execute(
+                "qom-get",
+                Some(json!({"path": BALLOON_DEV, "property": "guest-stats"})),
+            )
+            .map_err(|e| e.to_string())?;
+    let s = |k: &str| v["stats"][k].as_u64().unwrap_or(STAT_UNSET);
+    Ok((
+        v["last-update"].as_u64().unwrap_or(0),
+        s("stat-free-memory"),
+        s("stat-total-memory"),
+        s("stat-available-memory"),
+    ))
+}
+
+/// Check 3: the stats queue.
+fn check_stats(g: &mut Guest) -> Check {
+    g.vm.qmp
+        .execute(
+            "qom-set",
+            Some(
+                json!({"path": BALLOON_DEV, "property": "guest-stats-polling-interval",
+                "value": STATS_INTERVAL_S}),
+            ),
+        )
+        .map_err(err)?;
+    let start = Instant::now();
+    let limit = g.unit * 60;
+    let first = loop {
+        let s = guest_stats(g)?;
+        if s.0 != 0 && s.1 != STAT_UNSET {
+            break s;
+        }
+        if start.elapsed() >= limit {
+            return Err(format!("no guest-stats within {}s: {s:?}", limit.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // Wait for the next update, then read the guest's own figures.
+    let second = loop {
+        let s = guest_stats(g)?;
+        if s.0 > first.0 {
+            break s;
+        }
+        if start.elapsed() >= limit {
+            return Err(format!(
+                "guest-stats last-update stuck at {} for {}s",
+                first.0,
+                limit.as_secs()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mi = g.meminfo("stats").map_err(err)?;
+    let (_, free, total, avail) = second;
+    let real = |v: u64| v != STAT_UNSET && v > 0;
+    let total_ok = real(total) && abs_diff_mib(total, mi.total_kb * 1024) <= 1;
+    let free_ok = real(free) && abs_diff_mib(free, mi.free_kb * 1024) <= FREE_TOLERANCE_MIB;
+    let avail_ok = real(avail) && abs_diff_mib(avail, mi.available_kb * 1024) <= FREE_TOLERANCE_MIB;
+    let ok = total_ok && free_ok && avail_ok && second.0 > first.0;
+    let mut m = Map::new();
+    m.insert("last_update".into(), json!([first.0, second.0]));
+    m.insert("stat_free_mib".into(), json!(free / MIB));
+    m.insert("stat_total_mib".into(), json!(total / MIB));
+    m.insert("stat_available_mib".into(), json!(avail / MIB));
+    m.insert("guest".into(), mi.to_json());
+    m.insert(
+        "free_diff_mib".into(),
+        json!(abs_diff_mib(free, mi.free_kb * 1024)),
+    );
+    Ok((ok, m))
+}
+
+/// Check 4: deflate on OOM.
+fn check_oom(g: &mut Guest) -> Check {
+    g.balloon(OOM_TARGET_MIB).map_err(err)?;
+    let (a0, ms) = g.wait_actual("inflate before OOM", 180, |a| a == OOM_TARGET_MIB * MIB)?;
+    let mi = g.meminfo("oom").map_err(err)?;
+    let alloc_mib = mi.free_kb / 1024 + OOM_EXTRA_MIB;
+    let r = g
+        .cmd(&format!("oom {alloc_mib}"), "oom", 600)
+        .map_err(err)?;
+    let a1 = g.actual().map_err(err)?;
+    let grown = a1.saturating_sub(a0) / MIB;
+    let killed = r.get("killed").and_then(Value::as_u64);
+    let rc = r.get("fhwork_rc").and_then(Value::as_i64);
+    let verdict_ok = r.get("verdict").is_some_and(|v| v["ok"] == json!(true));
+    let ok = grown >= OOM_MIN_DEFLATE_MIB && killed == Some(0) && rc == Some(0) && verdict_ok;
+    // Back to full size for the next check.
+    g.balloon(MEM_MIB).map_err(err)?;
+    let back = g.wait_actual("deflate after OOM", 120, |a| a == MEM_MIB * MIB);
+    let mut m = Map::new();
+    m.insert("balloon_target_mib".into(), json!(OOM_TARGET_MIB));
+    m.insert("inflate_ms".into(), json!(ms));
+    m.insert("mem_free_mib".into(), json!(mi.free_kb / 1024));
+    m.insert("alloc_mib".into(), json!(alloc_mib));
+    m.insert("actual_before_mib".into(), json!(a0 / MIB));
+    m.insert("actual_after_mib".into(), json!(a1 / MIB));
+    m.insert("deflated_on_oom_mib".into(), json!(grown));
+    m.insert("killed".into(), json!(killed));
+    m.insert("fhwork_rc".into(), json!(rc));
+    m.insert("kept_pages_ok".into(), json!(verdict_ok));
+    m.insert("back_to_full".into(), json!(back.is_ok()));
+    if !ok {
+        m.insert("guest".into(), Value::Object(r));
+    }
+    Ok((ok && back.is_ok(), m))
+}
+
+/// Check 5: unload while inflating, load again, sysfs unbind/bind.
+fn check_unload(g: &mut Guest) -> Check {
+    let full = MEM_MIB * MIB;
+    let target = UNLOAD_TARGET_MIB * MIB;
+    g.balloon(UNLOAD_TARGET_MIB).map_err(err)?;
+    // Inflation under way: at least one buffer of pfns went to the host.
+    let (a_started, _) = g.wait_actual("inflation start", 60, |a| a < full)?;
+    let a_at_rmmod = g.actual().map_err(err)?;
+    let rm = g.cmd("rmmod", "rmmod", 300).map_err(err)?;
+    let a_after = g.wait_actual("deflate on rmmod", 60, |a| a == full);
+    let returned = rm.get("pages_returned").and_then(Value::as_u64);
+    let balloon_pages = (full - target) >> 12;
+    // Busy: the balloon held pages, but not yet all of the target.
+    let busy = a_at_rmmod > target && returned.is_some_and(|p| p > 0 && p < balloon_pages);
+    let rm_ok = rm.get("rmmod_rc").and_then(Value::as_i64) == Some(0)
+        && rm.get("unloaded") == Some(&json!(true))
+        && rm.get("driver").and_then(Value::as_str) == Some("")
+        && a_after.is_ok();
+    g.balloon(MEM_MIB).map_err(err)?;
+    let ins = g.cmd("insmod", "insmod", 120).map_err(err)?;
+    let ins_ok = ins.get("insmod_rc").and_then(Value::as_i64) == Some(0)
+        && ins.get("driver").and_then(Value::as_str) == Some("freehint");
+    let rb = g.cmd("rebind", "rebind", 120).map_err(err)?;
+    let rb_ok = rb.get("unbind_rc").and_then(Value::as_i64) == Some(0)
+        && rb.get("driver_after_unbind").and_then(Value::as_str) == Some("")
+        && rb.get("bind_rc").and_then(Value::as_i64) == Some(0)
+        && rb.get("driver_after_bind").and_then(Value::as_str) == Some("freehint")
+        && rb.get("bound_lines").and_then(Value::as_u64) == Some(1);
+    // The rebound driver still works.
+    g.balloon(REBIND_TARGET_MIB).map_err(err)?;
+    let re_in = g.wait_actual("inflate after rebind", 120, |a| {
+        a == REBIND_TARGET_MIB * MIB
+    });
+    g.balloon(MEM_MIB).map_err(err)?;
+    let re_out = g.wait_actual("deflate after rebind", 120, |a| a == full);
+    let ok = busy && rm_ok && ins_ok && rb_ok && re_in.is_ok() && re_out.is_ok();
+    let mut m = Map::new();
+    m.insert("target_mib".into(), json!(UNLOAD_TARGET_MIB));
+    m.insert("actual_started_mib".into(), json!(a_started / MIB));
+    m.insert("actual_at_rmmod_mib".into(), json!(a_at_rmmod / MIB));
+    m.insert("pages_returned".into(), json!(returned));
+    m.insert("busy".into(), json!(busy));
+    m.insert("rmmod_ok".into(), json!(rm_ok));
+    m.insert(
+        "actual_after_rmmod_mib".into(),
+        json!(a_after.as_ref().map(|a| a.0 / MIB).ok()),
+    );
+    m.insert("insmod_ok".into(), json!(ins_ok));
+    m.insert("rebind_ok".into(), json!(rb_ok));
+    m.insert(
+        "rebound_inflate_ok".into(),
+        json!(re_in.is_ok() && re_out.is_ok()),
+    );
+    if !ok {
+        m.insert(
+            "guest".into(),
+            json!({"rmmod": rm, "insmod": ins, "rebind": rb}),
+        );
+        for e in [a_after.err(), re_in.err(), re_out.err()]
+            .into_iter()
+            .flatten()
+        {
+            m.insert("wait_error".into(), json!(e));
+        }
+    }
+    Ok((ok, m))
+}
+
+/// Name of the migration stream subsection QEMU writes for the balloon
+/// only when PAGE_POISON is negotiated; it carries `poison_val` as QEMU
+/// holds it (`hw/virtio/virtio-balloon.c`, `vmstate_virtio_balloon_page_poison`).
+pub const POISON_SUBSECTION: &[u8] = b"virtio-balloon-device/page-poison";
+/// `QEMU_VM_SUBSECTION` (`migration/savevm.c`).
+const QEMU_VM_SUBSECTION: u8 = 0x05;
+
+/// Finds the page-poison subsection in a migration stream: `0x05`, name
+/// length, name, be32 version id, then the be32 `poison_val`. Returns
+/// `poison_val` of the last occurrence, `None` when absent.
+pub fn poison_val_in_stream(stream: &[u8]) -> Option<u32> {
+    let n = POISON_SUBSECTION.len();
+    let mut found = None;
+    let mut i = 2;
+    while i + n + 8 <= stream.len() {
+        if &stream[i..i + n] == POISON_SUBSECTION
+            && stream[i - 1] as usize == n
+            && stream[i - 2] == QEMU_VM_SUBSECTION
+        {
+            let v = &stream[i + n + 4..i + n + 8];
+            found = Some(u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
+            i += n;
+        } else {
+            i += 1;
+        }
+    }
+    found
+}
+
+/// The driver's hint rounds so far: (count, `end=` word of each).
+fn hint_rounds(g: &mut Guest) -> Result<(u64, Vec<String>, String), String> {
+    let h = g.cmd("hintlog", "hintlog", 60).map_err(err)?;
+    let ends = h
+        .get("ends")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    let log = h
+        .get("log")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    Ok((
+        h.get("rounds").and_then(Value::as_u64).unwrap_or(0),
+        ends,
+        log,
+    ))
+}
+
+/// Migrates to a file (`exec:cat > FILE`): QEMU asks for hints (a new
+/// round after every dirty bitmap sync; STOP when it no longer wants them)
+/// and writes the device state; reads `poison_val` out of the stream, the
+/// free page virtqueue's movement and the driver's round lines; resumes the
+/// guest. ok: hints were consumed (`used-idx` moved) and at least one round
+/// of this migration ended `complete` (or `done`: QEMU finished first); a
+/// round may also end `stop` (QEMU stopped asking before it was sent).
+fn check_stream(g: &mut Guest, file: &std::path::Path) -> Check {
+    let _ = std::fs::remove_file(file);
+    let (r0, _, _) = hint_rounds(g)?;
+    let vq0 = free_page_vq(&mut g.vm).map_err(err)?;
+    let uri = format!("exec:cat > '{}'", file.display());
+    let stats = migrate_to(&mut g.vm, &uri, g.unit * 300).map_err(err)?;
+    let vq1 = free_page_vq(&mut g.vm).map_err(err)?;
+    g.vm.qmp.execute("cont", None).map_err(err)?;
+    let stream = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()));
+    let _ = std::fs::remove_file(file);
+    let stream = stream?;
+    let poison_val = poison_val_in_stream(&stream);
+    let stream_bytes = stream.len();
+    drop(stream);
+    let used = |v: &Value| v.get("used_idx").and_then(Value::as_u64);
+    let delta = match (used(&vq0), used(&vq1)) {
+        (Some(a), Some(b)) => Some(b.wrapping_sub(a) & 0xffff),
+        _ => None,
+    };
+    // The last round logs once the guest runs again: poll (bounded).
+    let start = Instant::now();
+    let (ends, log) = loop {
+        let (_, ends, log) = hint_rounds(g)?;
+        let new: Vec<String> = ends.into_iter().skip(r0 as usize).collect();
+        let done = new.iter().any(|e| e == "complete" || e == "done");
+        if done || start.elapsed() >= g.unit * 30 {
+            break (new, log);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let completed = ends.iter().any(|e| e == "complete" || e == "done");
+    let ok = delta.is_some_and(|d| d > 0) && completed;
+    let mut m = Map::new();
+    m.insert("poison_subsection".into(), json!(poison_val.is_some()));
+    m.insert("qemu_poison_val".into(), json!(poison_val));
+    m.insert("stream_bytes".into(), json!(stream_bytes));
+    m.insert("free_page_vq_used_delta".into(), json!(delta));
+    m.insert("round_ends".into(), json!(ends));
+    m.insert("last_round_log".into(), json!(log));
+    m.insert("migration_mb".into(), json!(stats.transferred / 1_000_000));
+    m.insert("migration_ms".into(), json!(stats.total_ms));
+    Ok((ok, m))
+}
+
+/// Boots one guest, waits for the script, runs `body`, ends the guest and
+/// records the boot (clean exit, rc 0, no kernel complaint).
+fn with_guest(
+    ctx: &mut Ctx,
+    role: &str,
+    spec: BootSpec,
+    body: &mut dyn FnMut(&mut Guest, &mut Ctx),
+) -> Result<bool, HarnessError> {
+    let unit = Duration::from_secs(1).mul_f64(ctx.timeout_scale.max(0.1));
+    eprintln!("[balloon] boot {role}: {}", spec.cmdline());
+    let started = Instant::now();
+    let vm = MigVm::start(&ctx.manifest, &spec, &ctx.log_dir, role, None)?;
+    let mut g = Guest { vm, unit };
+    let mut problems = Vec::new();
+    match g.vm.wait_line(0, "the guest script", unit * 300, |l| {
+        l.contains(READY_MARKER)
+    }) {
+        Ok(_) => {
+            body(&mut g, ctx);
+            if let Err(e) = g.vm.send_line("quit") {
+                problems.push(e.to_string());
+            }
+            if !g.vm.wait_exit(unit * 120) {
+                problems.push("guest did not power off after quit".into());
+            }
+        }
+        Err(e) => problems.push(e.to_string()),
+    }
+    let out = g.vm.output();
+    if out.done_rc != Some(0) {
+        problems.push(format!("guest script rc {:?}", out.done_rc));
+    }
+    splat_problems(&g.vm, &mut problems);
+    let ok = problems.is_empty();
+    let mut r = Map::new();
+    r.insert("name".into(), json!(format!("balloon/boot/{role}")));
+    r.insert("ok".into(), json!(ok));
+    r.insert("cmdline".into(), json!(spec.extra_cmdline));
+    r.insert("device".into(), json!(spec.extra_qemu_args.get(3)));
+    r.insert("elapsed_s".into(), json!(started.elapsed().as_secs()));
+    if !ok {
+        r.insert("problems".into(), json!(problems));
+        r.insert("log".into(), json!(g.vm.serial_log.display().to_string()));
+    }
+    ctx.record(r);
+    Ok(ok)
+}
+
+/// Runs one named check, records its line, returns whether it passed.
+fn step(ctx: &mut Ctx, name: &str, r: Check) -> (bool, Map<String, Value>) {
+    let line = result(name, r);
+    let ok = crate::guest::result_ok(&line);
+    ctx.record(line.clone());
+    (ok, line)
+}
+
+/// Runs the scenario: three boots (DEFLATE_ON_OOM; without it; with
+/// `init_on_free=1`).
+pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
+    let started = Instant::now();
+    let stream_file = ctx.log_dir.join("migration-stream.bin");
+    let (mut bind_ok, mut inflate_ok, mut stats_ok, mut oom_ok, mut unload_ok) =
+        (false, false, false, false, false);
+    let mut normal_stream: Check = Err("not run".into());
+    let b1 = with_guest(ctx, "bal", boot_spec(false, true), &mut |g, ctx| {
+        eprintln!("[balloon]   bind, inflate, stats, oom_deflate, unload");
+        bind_ok = step(ctx, "bind", check_bind(g, false, true)).0;
+        inflate_ok = step(ctx, "inflate", check_inflate(g, true)).0;
+        stats_ok = step(ctx, "stats", check_stats(g)).0;
+        oom_ok = step(ctx, "oom_deflate", check_oom(g)).0;
+        unload_ok = step(ctx, "unload", check_unload(g)).0;
+        // The reference for the poison check: no PAGE_POISON, no subsection.
+        normal_stream = check_stream(g, &stream_file);
+    })?;
+    let b2 = with_guest(ctx, "nodoom", boot_spec(false, false), &mut |g, ctx| {
+        eprintln!("[balloon]   bind and inflate without DEFLATE_ON_OOM");
+        let b = step(ctx, "bind_no_deflate_on_oom", check_bind(g, false, false)).0;
+        let i = step(ctx, "inflate_no_deflate_on_oom", check_inflate(g, false)).0;
+        bind_ok &= b;
+        inflate_ok &= i;
+    })?;
+    let mut poison_ok = false;
+    let b3 = with_guest(ctx, "poison", boot_spec(true, true), &mut |g, ctx| {
+        eprintln!("[balloon]   poison");
+        let bind = check_bind(g, true, true);
+        let stream = if bind.as_ref().is_ok_and(|b| b.0) {
+            check_stream(g, &stream_file)
+        } else {
+            Err("not bound with PAGE_POISON".into())
+        };
+        let normal = std::mem::replace(&mut normal_stream, Err("taken".into()));
+        // QEMU holds poison_val 0 only where PAGE_POISON was negotiated.
+        let normal_ok = normal
+            .as_ref()
+            .is_ok_and(|(ok, m)| *ok && m.get("poison_subsection") == Some(&json!(false)));
+        let poison_stream_ok = stream
+            .as_ref()
+            .is_ok_and(|(ok, m)| *ok && m.get("qemu_poison_val") == Some(&json!(0)));
+        let mut f = Map::new();
+        let mut ok = normal_ok && poison_stream_ok;
+        for (k, r) in [
+            ("bind", bind),
+            ("stream", stream),
+            ("normal_boot_stream", normal),
+        ] {
+            let r = result(k, r);
+            ok &= crate::guest::result_ok(&r);
+            f.insert(k.into(), Value::Object(r));
+        }
+        poison_ok = step(ctx, "poison", Ok((ok, f))).0;
+    })?;
+    let boots_clean = b1 && b2 && b3;
+    let mut s = Map::new();
+    s.insert("bind_ok".into(), json!(bind_ok));
+    s.insert("inflate_ok".into(), json!(inflate_ok));
+    s.insert("stats_ok".into(), json!(stats_ok));
+    s.insert("oom_deflate_ok".into(), json!(oom_ok));
+    s.insert("unload_ok".into(), json!(unload_ok));
+    s.insert("poison_ok".into(), json!(poison_ok));
+    s.insert("boots_clean".into(), json!(boots_clean));
+    s.insert("elapsed_s".into(), json!(started.elapsed().as_secs()));
+    s.insert("qemu".into(), json!(qemu_version(&ctx.manifest)));
+    s.insert(
+        "ok".into(),
+        json!(bind_ok && inflate_ok && stats_ok && oom_ok && unload_ok && poison_ok && boots_clean),
+    );
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn feature_bits_read_from_sysfs_string() {
+        // What QEMU 11.1.3 + freehint.ko negotiate without init_on_free:
+        // STATS_VQ, DEFLATE_ON_OOM, FREE_PAGE_HINT; VERSION_1 is bit 32.
+        let s = "0111000000000000000000000000000010000000000000000000000000000000";
+        assert!(feature(s, F_STATS_VQ) && feature(s, F_DEFLATE_ON_OOM));
+        assert!(feature(s, F_FREE_PAGE_HINT) && !feature(s, F_PAGE_POISON));
+        assert!(feature(s, 32) && !feature(s, 0));
+        assert!(!feature("", 1) && !feature("01", 5));
+    }
+
+    #[test]
+    fn boot_spec_has_the_device_and_poison_only_when_asked() {
+        let a = boot_spec(false, true);
+        assert!(a.extra_qemu_args.iter().any(|x| x.contains(
+            "virtio-balloon-pci,id=balloon0,free-page-hint=on,iothread=fhio,deflate-on-oom=on"
+        )));
+        assert!(!a.cmdline().contains("init_on_free"));
+        assert!(a.cmdline().contains("fh.scenario=qemu-balloon"));
+        assert!(boot_spec(true, true).cmdline().ends_with("init_on_free=1"));
+        assert!(boot_spec(false, false).extra_qemu_args[3].ends_with("deflate-on-oom=off"));
+        assert!(crate::migrate::BALLOON_QOM.starts_with(BALLOON_DEV));
+    }
+
+    #[test]
+    fn poison_val_is_read_from_the_subsection() {
+        let mut st = vec![0u8, 0x05, 0x05];
+        let mut sub = vec![QEMU_VM_SUBSECTION, POISON_SUBSECTION.len() as u8];
+        sub.extend_from_slice(POISON_SUBSECTION);
+        sub.extend_from_slice(&1u32.to_be_bytes());
+        sub.extend_from_slice(&0xaaaa_aaaau32.to_be_bytes());
+        st.extend_from_slice(&sub);
+        st.extend_from_slice(&[0x04, 0, 0, 0]);
+        assert_eq!(poison_val_in_stream(&st), Some(0xaaaa_aaaa));
+        // The name alone (e.g. in the JSON description at the end) is not it.
+        let name_only = [&[0u8, 7][..], POISON_SUBSECTION, &[0; 8]].concat();
+        assert_eq!(poison_val_in_stream(&name_only), None);
+        // Cut short: no read past the end.
+        assert_eq!(poison_val_in_stream(&sub[..sub.len() - 1]), None);
+        assert_eq!(poison_val_in_stream(&[]), None);
+    }
+
+    #[test]
+    fn failed_check_lines_carry_the_error() {
+        let r = result("stats", Err("no stats".into()));
+        assert_eq!(r["name"], "balloon/stats");
+        assert_eq!(r["ok"], false);
+        assert_eq!(r["error"], "no stats");
+        let mut f = Map::new();
+        f.insert("x".into(), json!(1));
+        let r = result("bind", Ok((true, f)));
+        assert_eq!((r["ok"].clone(), r["x"].clone()), (json!(true), json!(1)));
+    }
+}
