@@ -17,8 +17,11 @@
 #                 dirty-keep`), verifies them, exits; reports fhwork's exit
 #                 status and verdict and how many processes the kernel killed
 #                 meanwhile (its "Killed process" lines)
-#   rmmod         rmmod freehint; module gone, balloon unbound, the driver's
-#                 "virtio-balloon removed" figures
+#   rmmod [MIB]   rmmod freehint; module gone, balloon unbound, the driver's
+#                 "virtio-balloon removed" figures. With MIB: first prints
+#                 `@@BALLOON armed` and polls MemFree (shell builtins only)
+#                 until it fell by MIB MiB (the host has started an
+#                 inflation), at most 60 s, then unloads at once
 #   insmod        insmod freehint.ko again; the balloon's driver
 #   rebind        sysfs unbind then bind of the balloon on driver freehint
 #   hintlog       the number of the driver's "hint round" lines, the end=
@@ -86,8 +89,29 @@ cmd_oom() {
   echo "@@RESULT {\"name\":\"oom\",\"ok\":true,\"mib\":$1,\"fhwork_rc\":$rc,\"killed\":$((killed1 - killed0)),\"verdict\":${verdict:-null},\"ready\":${ready:-null},\"mem_free_kb_after\":$(meminfo_kb MemFree)}"
 }
 
+# Sets free to MemFree (KiB), builtins only.
+mem_free() {
+  while read -r k v _; do
+    [ "$k" = MemFree: ] && { free=$v; return; }
+  done </proc/meminfo
+}
+
 cmd_rmmod() {
   removed0=$(count_log "virtio-balloon removed")
+  fell=null
+  if [ -n "$1" ]; then
+    mem_free
+    base=$free
+    read -r t0 _ </proc/uptime
+    echo "@@BALLOON armed"
+    while :; do
+      mem_free
+      [ $((base - free)) -ge $(($1 * 1024)) ] && break
+      read -r now _ </proc/uptime
+      [ "${now%.*}" -ge $((${t0%.*} + 60)) ] && break
+    done
+    fell=$(((base - free) / 1024))
+  fi
   out=$(rmmod freehint 2>&1)
   rc=$?
   gone=true
@@ -96,7 +120,7 @@ cmd_rmmod() {
   removed=$(($(count_log "virtio-balloon removed") - removed0))
   line=$(last_log "virtio-balloon removed")
   returned=$(echo "$line" | sed -n 's/.*removed: \([0-9][0-9]*\) pages returned.*/\1/p')
-  echo "@@RESULT {\"name\":\"rmmod\",\"ok\":true,\"rmmod_rc\":$rc,\"unloaded\":$gone,\"driver\":\"$drv\",\"removed_lines\":$removed,\"pages_returned\":${returned:-null},\"log\":\"$line\",\"error\":\"$(echo "$out" | clean)\"}"
+  echo "@@RESULT {\"name\":\"rmmod\",\"ok\":true,\"rmmod_rc\":$rc,\"free_fell_mib\":$fell,\"unloaded\":$gone,\"driver\":\"$drv\",\"removed_lines\":$removed,\"pages_returned\":${returned:-null},\"log\":\"$line\",\"error\":\"$(echo "$out" | clean)\"}"
 }
 
 cmd_insmod() {
@@ -133,7 +157,7 @@ while read -r cmd arg </dev/console; do
     bind) cmd_bind ;;
     meminfo) cmd_meminfo "$arg" ;;
     oom) cmd_oom "$arg" ;;
-    rmmod) cmd_rmmod ;;
+    rmmod) cmd_rmmod "$arg" ;;
     insmod) cmd_insmod ;;
     rebind) cmd_rebind ;;
     hintlog) cmd_hintlog ;;
