@@ -643,11 +643,18 @@ fn check_stream(g: &mut Guest, file: &std::path::Path) -> Check {
 fn with_guest(
     ctx: &mut Ctx,
     role: &str,
-    spec: BootSpec,
+    mut spec: BootSpec,
     body: &mut dyn FnMut(&mut Guest, &mut Ctx),
 ) -> Result<bool, HarnessError> {
+    if let Some(f) = &ctx.flavour_override {
+        spec.flavour = f.clone();
+    }
     let unit = Duration::from_secs(1).mul_f64(ctx.timeout_scale.max(0.1));
-    eprintln!("[balloon] boot {role}: {}", spec.cmdline());
+    eprintln!(
+        "[balloon] boot {role} ({} flavour): {}",
+        spec.flavour,
+        spec.cmdline()
+    );
     let started = Instant::now();
     let vm = MigVm::start(&ctx.manifest, &spec, &ctx.log_dir, role, None)?;
     let mut g = Guest { vm, unit };
@@ -675,6 +682,7 @@ fn with_guest(
     let mut r = Map::new();
     r.insert("name".into(), json!(format!("balloon/boot/{role}")));
     r.insert("ok".into(), json!(ok));
+    r.insert("flavour".into(), json!(spec.flavour));
     r.insert("cmdline".into(), json!(spec.extra_cmdline));
     r.insert("device".into(), json!(spec.extra_qemu_args.get(3)));
     r.insert("elapsed_s".into(), json!(started.elapsed().as_secs()));
