@@ -21,7 +21,9 @@
 # driver; `hint_irq`: the interrupt was seen) and waits for a console line
 # (the host has ended its migration). At the end it stops the churn and
 # prints `@@RESULT {"name":"rmmod",...}` (ok: every cycle ok, churn ok, and
-# with lockdep=1 debug_locks still 1).
+# with lockdep=1 debug_locks still 1). With lockdep=1 and kmemleak in the
+# kernel, kmemleak's suspects are cleared before the driver loads, and after
+# the cycles `@@RESULT {"name":"kmemleak",...}` lists the new ones (ok: none).
 #
 # Loads the driver, then runs fhwork (tests/guest-workload) in the
 # foreground with the console as stdin: it prints `@@FHWORK ready` when its
@@ -30,6 +32,7 @@
 # prints `@@RESULT {"name":"integrity",...}`; the line `stop` ends it.
 driver=none workload=idle pre_mib=300 churn_mib=32 pace_us=200
 lockdep=0 rmmod_at_end=0
+kml=/sys/kernel/debug/kmemleak
 for a in "$@"; do
   case $a in
     driver=*) driver=${a#driver=} ;;
@@ -94,6 +97,14 @@ if [ "$lockdep" = 1 ]; then
   ok=false
   [ "$pl" = true ] && [ "$dl" = 1 ] && ok=true
   echo "@@RESULT {\"name\":\"lockdep\",\"ok\":$ok,\"proc_lockdep\":$pl,\"debug_locks\":${dl:-null}}"
+  # Leak baseline: whatever kmemleak suspects before the driver loads is
+  # reported now and cleared, so the check after the unload cycles lists
+  # only what leaked during the test (the debug flavour has kmemleak with
+  # scanning on demand only).
+  if [ -e "$kml" ]; then
+    echo scan >"$kml"
+    echo clear >"$kml"
+  fi
 fi
 
 case $driver in
@@ -178,5 +189,22 @@ cat /tmp/rmmod-churn.out
 dl=$(debug_locks)
 [ "$lockdep" = 1 ] && [ "$dl" != 1 ] && ok=false
 echo "@@RESULT {\"name\":\"rmmod\",\"ok\":$ok,\"cycles\":$cycle,\"failed_cycles\":$fails,\"churn_rc\":$crc,\"debug_locks\":${dl:-null}}"
+# Leaks since the baseline: kmemleak reports an object once it has been
+# unreferenced for 5 s, so wait, scan twice, and list what it suspects.
+if [ "$lockdep" = 1 ]; then
+  kok=false leaks=null first=
+  if [ -e "$kml" ]; then
+    sleep 6
+    echo scan >"$kml"
+    echo scan >"$kml"
+    cat "$kml" >/tmp/kmemleak.txt
+    leaks=$(grep -c '^unreferenced object' /tmp/kmemleak.txt)
+    first=$(grep -A12 -m1 '^unreferenced object' /tmp/kmemleak.txt | tr -d '"\\' | tr '\n' '|' | cut -c1-600)
+    [ "$leaks" = 0 ] && kok=true
+    [ "$leaks" = 0 ] || cat /tmp/kmemleak.txt
+  fi
+  echo "@@RESULT {\"name\":\"kmemleak\",\"ok\":$kok,\"available\":$([ -e "$kml" ] && echo true || echo false),\"leaks\":$leaks,\"first\":\"$first\"}"
+  [ "$kok" = true ] || ok=false
+fi
 [ "$ok" = true ] || rc=1
 exit $rc

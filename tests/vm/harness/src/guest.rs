@@ -33,8 +33,10 @@ pub const SPLAT_MARKERS: &[&str] = &[
 
 /// Console lines that look like splats but are not (exact substrings).
 const SPLAT_IGNORE: &[&str] = &[
-    // kmemleak's start-up banner when built in but disabled.
+    // kmemleak's start-up banners (built in and disabled, or running; the
+    // debug flavour runs it with scanning on demand only).
     "kmemleak: Kernel memory leak detector disabled",
+    "kmemleak: Kernel memory leak detector initialized",
     "kmemleak: Automatic memory scanning thread ended",
 ];
 
@@ -136,10 +138,13 @@ mod tests {
 [    2.0] WARNING: possible circular locking dependency detected
 [    3.0] BUG: sleeping function called from invalid context at mm/x.c:1
 [    3.1] kmemleak: Kernel memory leak detector disabled
+[    3.2] kmemleak: Kernel memory leak detector initialized (mem pool available: 15936)
+[    3.3] kmemleak: 2 new suspected memory leaks (see /sys/kernel/debug/kmemleak)
 [    4.0] Kernel panic - not syncing: Attempted to kill init!
 ";
         let out = GuestOutput::parse(log);
-        assert_eq!(out.splat_count, 3);
+        assert_eq!(out.splat_count, 4);
+        assert!(out.splats[2].contains("suspected memory leaks"));
         assert!(out.splats[0].contains("circular locking"));
         assert_eq!(out.done_rc, None);
     }

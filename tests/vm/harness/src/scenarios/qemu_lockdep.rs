@@ -23,7 +23,10 @@
 //! `debug_locks` still 1 in `/proc/lockdep_stats` at boot and after the
 //! unload: lockdep switches itself off after its first report), no console
 //! line of any VM is a kernel complaint ([`is_splat_line`]), every integrity
-//! verdict is clean and the unload succeeded.
+//! verdict is clean, the unload succeeded and kmemleak (in the debug flavour,
+//! scanning on demand) suspects no object allocated between the guest's
+//! baseline, taken before the driver first loads, and the end of the unload
+//! cycles (`kmemleak_leaks`: 0).
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
@@ -364,6 +367,14 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let rmmod_ok = rmmod.as_ref().is_some_and(result_ok)
         && cycles_ok.len() == UNLOAD_CYCLES
         && cycles_ok.iter().all(|&ok| ok);
+    // kmemleak (debug flavour): objects leaked between the guest's baseline
+    // (before the driver loaded) and the end of the unload cycles.
+    let kmemleak = find("kmemleak");
+    let leaks = kmemleak
+        .as_ref()
+        .and_then(|r| r.get("leaks"))
+        .and_then(Value::as_u64);
+    let kmemleak_ok = kmemleak.as_ref().is_some_and(result_ok) && leaks == Some(0);
     let rounds = logs
         .last()
         .map(|(_, t)| cycle_rounds(t))
@@ -409,6 +420,12 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     r.insert("rounds_during_unload".into(), json!(during_unload));
     ctx.record(r);
 
+    let mut r = Map::new();
+    r.insert("name".into(), json!("kmemleak"));
+    r.insert("ok".into(), json!(kmemleak_ok));
+    r.insert("guest".into(), json!(kmemleak));
+    ctx.record(r);
+
     let migrations_ok = out.migrations.len() == MIGRATIONS;
     let mut s = Map::new();
     s.insert("migrations".into(), json!(out.migrations.len()));
@@ -416,6 +433,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     s.insert("splats".into(), json!(splats.len()));
     s.insert("lockdep_active".into(), json!(lockdep_active));
     s.insert("rmmod_ok".into(), json!(rmmod_ok));
+    s.insert("kmemleak_leaks".into(), json!(leaks));
     s.insert("unload_cycles".into(), json!(cycles_ok.len()));
     s.insert("rounds_during_unload".into(), json!(during_unload));
     s.insert("mem_mib".into(), json!(MEM_MIB));
@@ -433,6 +451,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
                 && splats.is_empty()
                 && lockdep_active
                 && rmmod_ok
+                && kmemleak_ok
         ),
     );
     Ok(s)
