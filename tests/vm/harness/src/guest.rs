@@ -56,6 +56,24 @@ pub struct GuestOutput {
 }
 
 impl GuestOutput {
+    /// What fails a boot on the guest's side: no `@@DONE` or a non-zero rc,
+    /// kernel splats, no `@@RESULT` line at all.
+    pub fn boot_problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        match self.done_rc {
+            None => problems.push("no @@DONE (guest did not finish)".into()),
+            Some(0) => {}
+            Some(rc) => problems.push(format!("guest scenario exited rc={rc}")),
+        }
+        if self.splat_count > 0 {
+            problems.push(format!("{} kernel splat line(s)", self.splat_count));
+        }
+        if self.results.is_empty() {
+            problems.push("no @@RESULT lines".into());
+        }
+        problems
+    }
+
     /// Parses a whole serial log.
     pub fn parse(text: &str) -> Self {
         let mut out = GuestOutput::default();

@@ -114,6 +114,39 @@ pub fn emit(obj: &Value) {
     let _ = out.flush();
 }
 
+/// The `boot` result line of one boot: ok (no `problems`), scenario,
+/// flavour, machine and memory, the guest's rc and the wall time; when it
+/// failed also the problems, the splat and malformed lines and the serial
+/// log.
+pub fn boot_result(
+    spec: &BootSpec,
+    out: &GuestOutput,
+    elapsed: std::time::Duration,
+    problems: &[String],
+    serial_log: &Path,
+) -> Map<String, Value> {
+    let ok = problems.is_empty();
+    let mut b = Map::new();
+    b.insert("name".into(), json!("boot"));
+    b.insert("ok".into(), json!(ok));
+    b.insert("scenario".into(), json!(spec.guest_scenario));
+    for (k, v) in Ctx::boot_fields(spec) {
+        b.insert(k.into(), v);
+    }
+    b.insert("rc".into(), json!(out.done_rc));
+    b.insert(
+        "elapsed_s".into(),
+        json!((elapsed.as_secs_f64() * 10.0).round() / 10.0),
+    );
+    if !ok {
+        b.insert("problems".into(), json!(problems));
+        b.insert("splats".into(), json!(out.splats));
+        b.insert("malformed".into(), json!(out.malformed));
+        b.insert("log".into(), json!(serial_log.display().to_string()));
+    }
+    b
+}
+
 impl Ctx {
     /// A context for `scenario`, logs under `repo/target/vm/logs/<scenario>`.
     pub fn new(repo: &Path, manifest: Manifest, scenario: &str) -> Result<Ctx, HarnessError> {
@@ -240,42 +273,15 @@ impl Ctx {
         if exit.timed_out {
             problems.push(format!("timeout after {}s", exit.elapsed.as_secs()));
         }
-        match out.done_rc {
-            None => problems.push("no @@DONE (guest did not finish)".into()),
-            Some(0) => {}
-            Some(rc) => problems.push(format!("guest scenario exited rc={rc}")),
-        }
-        if out.splat_count > 0 {
-            problems.push(format!("{} kernel splat line(s)", out.splat_count));
-        }
+        problems.extend(out.boot_problems());
         if !out.malformed.is_empty() {
             problems.push(format!(
                 "{} malformed @@RESULT line(s)",
                 out.malformed.len()
             ));
         }
-        if out.results.is_empty() {
-            problems.push("no @@RESULT lines".into());
-        }
         let boot_ok = problems.is_empty();
-        let mut b = Map::new();
-        b.insert("name".into(), json!("boot"));
-        b.insert("ok".into(), json!(boot_ok));
-        b.insert("scenario".into(), json!(spec.guest_scenario));
-        for (k, v) in Self::boot_fields(&spec) {
-            b.insert(k.into(), v);
-        }
-        b.insert("rc".into(), json!(out.done_rc));
-        b.insert(
-            "elapsed_s".into(),
-            json!((exit.elapsed.as_secs_f64() * 10.0).round() / 10.0),
-        );
-        if !boot_ok {
-            b.insert("problems".into(), json!(problems));
-            b.insert("splats".into(), json!(out.splats));
-            b.insert("malformed".into(), json!(out.malformed));
-            b.insert("log".into(), json!(serial_log.display().to_string()));
-        }
+        let b = boot_result(&spec, &out, exit.elapsed, &problems, &serial_log);
         self.record(b);
         let ok = boot_ok && all_ok;
         if !ok {

@@ -31,7 +31,7 @@ use serde_json::{json, Map, Value};
 
 use crate::guest::{result_ok, GuestOutput};
 use crate::qemu::{BootSpec, Machine, Vm};
-use crate::runner::{Ctx, HarnessError};
+use crate::runner::{boot_result, Ctx, HarnessError};
 
 fn other(msg: impl Into<String>) -> HarnessError {
     HarnessError::Other(msg.into())
@@ -557,37 +557,14 @@ impl VfioBoot {
             results.push(r.clone());
             ctx.record(r);
         }
-        match out.done_rc {
-            None => problems.push("no @@DONE (guest did not finish)".into()),
-            Some(0) => {}
-            Some(rc) => problems.push(format!("guest scenario exited rc={rc}")),
-        }
-        if out.splat_count > 0 {
-            problems.push(format!("{} kernel splat line(s)", out.splat_count));
-        }
-        if out.results.is_empty() {
-            problems.push("no @@RESULT lines".into());
-        }
+        problems.extend(out.boot_problems());
         let runs = Runs::parse(&text);
         if let Some(bad) = runs.damaged.first() {
             problems.push(format!("damaged @@RUNS dump: {bad}"));
         }
         let boot_ok = problems.is_empty();
-        let mut b = Map::new();
-        b.insert("name".into(), json!("boot"));
-        b.insert("ok".into(), json!(boot_ok));
-        b.insert("scenario".into(), json!(spec.guest_scenario));
-        b.insert("machine".into(), json!(spec.machine.name()));
-        b.insert("mem_mib".into(), json!(spec.mem_mib));
-        b.insert("rc".into(), json!(out.done_rc));
-        b.insert(
-            "elapsed_s".into(),
-            json!((exit.elapsed.as_secs_f64() * 10.0).round() / 10.0),
-        );
+        let mut b = boot_result(&spec, &out, exit.elapsed, &problems, &serial_log);
         if !boot_ok {
-            b.insert("problems".into(), json!(problems));
-            b.insert("splats".into(), json!(out.splats));
-            b.insert("log".into(), json!(serial_log.display().to_string()));
             b.insert("server_log".into(), json!(server.log.display().to_string()));
         }
         ctx.record(b);
