@@ -241,7 +241,6 @@ pub(crate) fn run_round(q: &mut HintQueue, builder: &mut Builder, cmd_id: u32, c
         r.st.end = if e == EBUSY { End::Busy } else { End::Error(e.to_errno()) };
         return r.st;
     }
-    r.q.kick();
     let b0 = zone::now_ns();
     builder.build();
     r.st.build_ns = zone::now_ns().saturating_sub(b0);
