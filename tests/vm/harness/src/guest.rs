@@ -40,6 +40,76 @@ const SPLAT_IGNORE: &[&str] = &[
     "kmemleak: Automatic memory scanning thread ended",
 ];
 
+/// Rejoins a guest `@@RESULT` line that a kernel message split on the serial
+/// console. The kernel writes to the console directly, so a message printed
+/// while a guest program writes its line lands inside it: the console shows
+/// `@@RESULT {"a":1,"b":2[    1.8] kernel text` and then `3}` on the next
+/// line. When a `@@RESULT` line's JSON does not parse and a printk
+/// timestamp (`[ seconds.micros]`) follows the marker, the kernel text from
+/// the last timestamp on is passed on as a line of its own and the rest is
+/// completed with the next console line.
+#[derive(Debug, Default)]
+pub struct LineJoiner {
+    pending: Option<String>,
+}
+
+impl LineJoiner {
+    /// Feeds one raw console line; calls `emit` with each line it completes.
+    pub fn push(&mut self, raw: &str, mut emit: impl FnMut(&str)) {
+        let raw = raw.trim_end_matches(['\r', '\n']);
+        let line = match self.pending.take() {
+            Some(mut head) => {
+                head.push_str(raw);
+                head
+            }
+            None => raw.to_string(),
+        };
+        if let Some(cut) = split_point(&line) {
+            emit(&line[cut..]);
+            self.pending = Some(line[..cut].to_string());
+        } else {
+            emit(&line);
+        }
+    }
+
+    /// Passes on a line still waiting for its end (the console closed).
+    pub fn finish(&mut self, mut emit: impl FnMut(&str)) {
+        if let Some(line) = self.pending.take() {
+            emit(&line);
+        }
+    }
+}
+
+/// Where a kernel message starts inside a split `@@RESULT` line, if it is one.
+fn split_point(line: &str) -> Option<usize> {
+    let marker = line.find("@@RESULT ")?;
+    let json = &line[marker + "@@RESULT ".len()..];
+    if serde_json::from_str::<Value>(json.trim()).is_ok() {
+        return None;
+    }
+    let cut = (marker..line.len())
+        .rev()
+        .find(|&i| line.as_bytes()[i] == b'[' && is_printk_stamp(&line[i..]))?;
+    (cut > marker + "@@RESULT ".len()).then_some(cut)
+}
+
+/// Whether `s` starts with a printk timestamp: `[`, spaces, digits, `.`,
+/// digits, `]`.
+fn is_printk_stamp(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix('[') else {
+        return false;
+    };
+    let rest = rest.trim_start_matches(' ');
+    let Some((secs, tail)) = rest.split_once('.') else {
+        return false;
+    };
+    let micros: String = tail.chars().take_while(char::is_ascii_digit).collect();
+    !secs.is_empty()
+        && secs.bytes().all(|b| b.is_ascii_digit())
+        && !micros.is_empty()
+        && tail[micros.len()..].starts_with(']')
+}
+
 /// What the guest reported during one boot.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct GuestOutput {
@@ -77,9 +147,11 @@ impl GuestOutput {
     /// Parses a whole serial log.
     pub fn parse(text: &str) -> Self {
         let mut out = GuestOutput::default();
+        let mut joiner = LineJoiner::default();
         for raw in text.lines() {
-            out.feed_line(raw);
+            joiner.push(raw, |l| out.feed_line(l));
         }
+        joiner.finish(|l| out.feed_line(l));
         out
     }
 
@@ -172,6 +244,30 @@ mod tests {
         let out = GuestOutput::parse("@@RESULT {\"name\":\"x\"}\n");
         assert_eq!(out.results.len(), 1);
         assert!(!result_ok(&out.results[0]));
+    }
+
+    #[test]
+    fn a_result_split_by_a_kernel_message_is_rejoined() {
+        let log = "\
+@@RESULT {\"name\":\"meminfo\",\"ok\":true,\"mem_free_kb\":93217[    1.829894] clocksource: tsc: mask: 0xffffffffffffffff
+2,\"pcp_kb\":5}
+@@RESULT {\"name\":\"x\",\"ok\":true,\"log\":\"[    1.2] freehint: bound\"}
+[    2.0] WARNING: something[    2.1] x
+";
+        let out = GuestOutput::parse(log);
+        assert!(out.malformed.is_empty(), "{:?}", out.malformed);
+        assert_eq!(out.results.len(), 2);
+        assert_eq!(out.results[0]["mem_free_kb"], 932172);
+        assert_eq!(out.results[0]["pcp_kb"], 5);
+        assert_eq!(out.results[1]["log"], "[    1.2] freehint: bound");
+        assert_eq!(out.splat_count, 1);
+    }
+
+    #[test]
+    fn a_broken_result_without_a_kernel_message_stays_malformed() {
+        let out = GuestOutput::parse("@@RESULT {\"name\":\"x\",\"ok\":tr\nnext line\n");
+        assert_eq!(out.malformed.len(), 1);
+        assert!(out.results.is_empty());
     }
 
     #[test]

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 use thiserror::Error;
 
-use crate::guest::GuestOutput;
+use crate::guest::{GuestOutput, LineJoiner};
 use crate::manifest::Manifest;
 use crate::qemu::BootSpec;
 use crate::qmp::{Qmp, QmpError};
@@ -418,6 +418,14 @@ impl Drop for MigVm {
 fn pump_serial(stream: UnixStream, mut log: File, state: Arc<Mutex<SerialState>>) {
     let mut r = BufReader::new(stream);
     let mut buf = Vec::new();
+    let mut joiner = LineJoiner::default();
+    let keep = |line: &str| {
+        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+        st.output.feed_line(line);
+        if st.lines.len() < MAX_LINES {
+            st.lines.push(line.to_string());
+        }
+    };
     loop {
         buf.clear();
         match (&mut r)
@@ -428,15 +436,9 @@ fn pump_serial(stream: UnixStream, mut log: File, state: Arc<Mutex<SerialState>>
             Ok(_) => {}
         }
         let _ = log.write_all(&buf);
-        let line = String::from_utf8_lossy(&buf)
-            .trim_end_matches(['\r', '\n'])
-            .to_string();
-        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-        st.output.feed_line(&line);
-        if st.lines.len() < MAX_LINES {
-            st.lines.push(line);
-        }
+        joiner.push(&String::from_utf8_lossy(&buf), keep);
     }
+    joiner.finish(keep);
     let _ = log.flush();
     state.lock().unwrap_or_else(|p| p.into_inner()).closed = true;
 }

@@ -127,9 +127,6 @@ pub fn feature(features: &str, bit: usize) -> bool {
 }
 
 /// One VM and its scaled timeout unit.
-/// Times a read-only query is asked before a malformed answer stands.
-const QUERY_TRIES: usize = 3;
-
 struct Guest {
     vm: MigVm,
     unit: Duration,
@@ -146,26 +143,6 @@ impl Guest {
         let from = self.vm.line_count();
         self.vm.send_line(line)?;
         self.answer(from, line, name, secs)
-    }
-
-    /// [`Guest::cmd`] for a read-only query (`meminfo`, `hintlog`), asked
-    /// again (up to [`QUERY_TRIES`] times) when its answer line is malformed:
-    /// a kernel message printed while the guest writes the line can split
-    /// it on the serial console.
-    fn query(
-        &mut self,
-        line: &str,
-        name: &str,
-        secs: u64,
-    ) -> Result<Map<String, Value>, MigrateError> {
-        let mut r = self.cmd(line, name, secs)?;
-        for _ in 1..QUERY_TRIES {
-            if !r.contains_key("malformed") {
-                break;
-            }
-            r = self.cmd(line, name, secs)?;
-        }
-        Ok(r)
     }
 
     /// The first `@@RESULT` named `name` from console line `from` on.
@@ -233,7 +210,7 @@ impl Guest {
     }
 
     fn meminfo(&mut self, tag: &str) -> Result<MemInfo, MigrateError> {
-        let r = self.query(&format!("meminfo {tag}"), "meminfo", 60)?;
+        let r = self.cmd(&format!("meminfo {tag}"), "meminfo", 60)?;
         let kb = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(0);
         Ok(MemInfo {
             total_kb: kb("mem_total_kb"),
@@ -590,7 +567,7 @@ pub fn poison_val_in_stream(stream: &[u8]) -> Option<u32> {
 
 /// The driver's hint rounds so far: (count, `end=` word of each).
 fn hint_rounds(g: &mut Guest) -> Result<(u64, Vec<String>, String), String> {
-    let h = g.query("hintlog", "hintlog", 60).map_err(err)?;
+    let h = g.cmd("hintlog", "hintlog", 60).map_err(err)?;
     let ends = h
         .get("ends")
         .and_then(Value::as_str)
