@@ -4,7 +4,8 @@
 //!
 //! Layout: [`manifest`] (where the image is), [`qemu`] (one QEMU process),
 //! [`qmp`] (QMP client), [`guest`] (console protocol and splat detection),
-//! [`runner`] (boot + report), [`scenarios`] (the registry).
+//! [`runner`] (boot + report), [`scenarios`] (the registry), [`sockets`]
+//! (short UNIX socket paths).
 #![warn(missing_docs)]
 
 pub mod guest;
@@ -14,4 +15,5 @@ pub mod qemu;
 pub mod qmp;
 pub mod runner;
 pub mod scenarios;
+pub mod sockets;
 pub mod vfio;

@@ -137,6 +137,7 @@ fn main() -> ExitCode {
             log.display()
         );
     }
+    freehint_vmtest::sockets::remove_dir();
     let failed = ctx.failed() + usize::from(!ok && ctx.failed() == 0);
     println!("{} passed, {} failed", ctx.passed(), failed);
     if ok {

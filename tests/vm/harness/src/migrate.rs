@@ -34,6 +34,7 @@ use crate::manifest::Manifest;
 use crate::qemu::BootSpec;
 use crate::qmp::{Qmp, QmpError};
 use crate::runner::HarnessError;
+use crate::sockets;
 
 /// Bandwidth cap set before every migration (bytes/s): 10 GB/s, i.e. never
 /// the bottleneck on 127.0.0.1.
@@ -232,12 +233,20 @@ impl MigVm {
                 source: std::io::Error::other(e.to_string()),
             })?;
         let base = format!("{}-{role}", spec.label());
-        let serial_sock = log_dir.join(format!("{base}.ser"));
-        let qmp_sock = log_dir.join(format!("{base}.qmp"));
+        let sock = |ext: &str| {
+            let name = format!("{base}.{ext}");
+            sockets::socket_path(&name).map_err(|source| MigrateError::Io {
+                what: "cannot create socket dir",
+                path: name.into(),
+                source,
+            })
+        };
+        let serial_sock = sock("ser")?;
+        let qmp_sock = sock("qmp")?;
         let serial_log = log_dir.join(format!("{base}.log"));
         let qemu_log = log_dir.join(format!("{base}.qemu.log"));
         for s in [&serial_sock, &qmp_sock] {
-            let _ = std::fs::remove_file(s);
+            sockets::release(s);
         }
         let mut args = migration_args(spec.qemu_args(&image, Some(&qmp_sock)), &serial_sock);
         if let Some(port) = incoming {
@@ -410,7 +419,7 @@ impl Drop for MigVm {
     fn drop(&mut self) {
         self.kill();
         for s in &self.sockets {
-            let _ = std::fs::remove_file(s);
+            sockets::release(s);
         }
     }
 }

@@ -64,6 +64,15 @@ pub enum QemuError {
         #[source]
         source: std::io::Error,
     },
+    /// The socket directory could not be created.
+    #[error("cannot create a socket for {name}: {source}")]
+    Socket {
+        /// The socket's name.
+        name: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Waiting for the process failed.
     #[error("waiting for QEMU failed: {0}")]
     Wait(#[source] std::io::Error),
@@ -224,12 +233,15 @@ impl Vm {
     pub fn start(manifest: &Manifest, spec: &BootSpec, log_dir: &Path) -> Result<Vm, QemuError> {
         let image = manifest.flavour(&spec.flavour)?;
         let serial_log = log_dir.join(format!("{}.log", spec.label()));
-        let qmp_socket = spec
-            .qmp
-            .then(|| log_dir.join(format!("{}.qmp", spec.label())));
-        if let Some(s) = &qmp_socket {
-            let _ = std::fs::remove_file(s);
-        }
+        let qmp_socket = if spec.qmp {
+            let name = format!("{}.qmp", spec.label());
+            let path = crate::sockets::socket_path(&name)
+                .map_err(|source| QemuError::Socket { name, source })?;
+            crate::sockets::release(&path);
+            Some(path)
+        } else {
+            None
+        };
         let out = File::create(&serial_log).map_err(|source| QemuError::Log {
             path: serial_log.clone(),
             source,
@@ -312,7 +324,7 @@ impl Drop for Vm {
             let _ = child.wait();
         }
         if let Some(s) = &self.qmp_socket {
-            let _ = std::fs::remove_file(s);
+            crate::sockets::release(s);
         }
     }
 }

@@ -148,15 +148,16 @@ impl Server {
         layout: &RamLayout,
         extra: &[&str],
     ) -> Result<Server, HarnessError> {
-        // UNIX socket paths are limited to 107 bytes: keep them short.
-        let sock_dir = std::env::temp_dir().join(format!("fh-vfio-{}", std::process::id()));
-        std::fs::create_dir_all(&sock_dir).map_err(|source| HarnessError::Io {
-            what: "cannot create socket dir",
-            path: sock_dir.clone(),
-            source,
-        })?;
-        let socket = sock_dir.join(format!("{label}.sock"));
-        let control = sock_dir.join(format!("{label}.ctl"));
+        let sock = |ext: &str| {
+            let name = format!("{label}.{ext}");
+            crate::sockets::socket_path(&name).map_err(|source| HarnessError::Io {
+                what: "cannot create socket dir",
+                path: name.into(),
+                source,
+            })
+        };
+        let socket = sock("sock")?;
+        let control = sock("ctl")?;
         let log = dir.join(format!("{label}.server.log"));
         let log_file = std::fs::File::create(&log).map_err(|source| HarnessError::Io {
             what: "cannot create server log",
@@ -269,12 +270,8 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
-        // The sockets' directory is per harness process; it goes once empty.
         for p in [&self.socket, &self.control] {
-            let _ = std::fs::remove_file(p);
-        }
-        if let Some(dir) = self.socket.parent() {
-            let _ = std::fs::remove_dir(dir);
+            crate::sockets::release(p);
         }
     }
 }
