@@ -72,6 +72,49 @@ fn descriptor_chain_too_long() {
     still_works(&mut d);
 }
 
+/// An inflate of pfn 5 through a one-entry indirect table.
+fn inflate_indirect(d: &mut BalloonDriver) -> Vec<(u16, u32)> {
+    let pfns = d.alloc(4);
+    d.m().write_obj(5u32, GuestAddress(pfns)).unwrap();
+    let table = d.alloc(16);
+    let desc = RawDesc {
+        addr: pfns,
+        len: 4,
+        flags: 0,
+        next: 0,
+    };
+    let mem = d.m();
+    d.queue(QueueKind::Inflate)
+        .add_indirect(&mem, table, &[desc])
+        .unwrap();
+    drop(mem);
+    d.kick(QueueKind::Inflate)
+}
+
+#[test]
+fn indirect_chain_is_followed_when_negotiated() {
+    let mut d = drv();
+    assert!(has_feature(
+        d.handle().acked_features(),
+        VIRTIO_RING_F_INDIRECT_DESC
+    ));
+    assert_eq!(inflate_indirect(&mut d).len(), 1);
+    assert_eq!(metrics(&d).inflate_pages, 1);
+    assert_eq!(metrics(&d).indirect_not_negotiated, 0);
+}
+
+#[test]
+fn indirect_chain_without_the_feature() {
+    let layout = Layout::from_ram_byte_ranges(&[(0, 16 * MIB)]).unwrap();
+    let f = !feature(VIRTIO_RING_F_INDIRECT_DESC);
+    let mut d = BalloonDriver::new(BalloonConfig::all_features(layout), f, 64);
+    let used = inflate_indirect(&mut d);
+    assert_eq!(used.len(), 1, "still returned to the driver");
+    assert_eq!(metrics(&d).indirect_not_negotiated, 1);
+    assert_eq!(metrics(&d).inflate_pages, 0, "nothing of it was processed");
+    still_works(&mut d);
+}
+
 #[test]
 fn looping_descriptor_chain() {
     let mut d = drv();

@@ -28,6 +28,9 @@ pub const VIRTIO_BALLOON_F_REPORTING: u32 = 5;
 /// together with [`VIRTIO_BALLOON_F_FREE_PAGE_HINT`]. Bit 23 is the top of
 /// the device-specific range 0–23, far from upstream's sequential allocation.
 pub const VIRTIO_BALLOON_F_FREE_PAGE_BITMAP: u32 = 23;
+/// Transport feature bit: the driver may use indirect descriptor tables
+/// (`VIRTQ_DESC_F_INDIRECT`); without it a driver must not.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
 /// Transport feature bit: virtio 1.x device.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
 

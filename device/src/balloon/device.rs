@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use freehint_protocol::balloon::{has_feature, QueueKind, QueueLayout, CONFIG_SIZE};
+use freehint_protocol::balloon::{
+    has_feature, QueueKind, QueueLayout, CONFIG_SIZE, VIRTIO_RING_F_INDIRECT_DESC,
+};
 use freehint_protocol::bitmap_hint::{LayoutReply, Message, MSG_HEADER_SIZE};
 use freehint_protocol::layout::{PAGE_SHIFT, PAGE_SIZE};
 use log::{debug, info, warn};
@@ -508,6 +510,18 @@ impl Ctx<'_> {
                 warn!("{kind}: available ring names descriptor {head} beyond the queue; skipped");
                 continue;
             }
+            let indirect_ok = has_feature(st.acked_features, VIRTIO_RING_F_INDIRECT_DESC);
+            if !indirect_ok && head_is_indirect(self.mem, q.desc_table(), head) {
+                BalloonMetrics::inc(&self.metrics().indirect_not_negotiated);
+                warn!("{kind}: chain {head} is indirect but INDIRECT_DESC was not negotiated; dropped");
+                q.add_used(self.mem, head, 0)
+                    .map_err(|source| BalloonError::UsedRing {
+                        queue: index,
+                        source,
+                    })?;
+                used_any = true;
+                continue;
+            }
             let mut descs = std::mem::take(&mut st.descs);
             let collected = collect_chain(chain, self.mem, &mut descs);
             let used_len = match collected {
@@ -904,6 +918,20 @@ impl Ctx<'_> {
             Err(())
         }
     }
+}
+
+/// Whether descriptor `head` of the table at `desc_table` has
+/// `VIRTQ_DESC_F_INDIRECT` (virtio-queue follows such tables unasked, so the
+/// device checks the feature itself). An unreadable descriptor counts as not
+/// indirect: the chain walk then reports it.
+fn head_is_indirect(mem: &GuestMemoryMmap, desc_table: u64, head: u16) -> bool {
+    const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+    const FLAGS_OFFSET: u64 = 12;
+    let addr = desc_table
+        .checked_add(u64::from(head) * 16 + FLAGS_OFFSET)
+        .map(GuestAddress);
+    addr.and_then(|a| mem.read_obj::<u16>(a).ok())
+        .is_some_and(|flags| u16::from_le(flags) & VIRTQ_DESC_F_INDIRECT != 0)
 }
 
 /// Reads a chain's descriptors into `out` (bounded), checking each lies in

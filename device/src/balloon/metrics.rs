@@ -62,6 +62,9 @@ metrics! {
     /// Chains rejected because they had more than `MAX_CHAIN_DESCRIPTORS`
     /// descriptors or ended in a cut-off loop.
     chain_too_long,
+    /// Chains using an indirect table although the driver did not accept
+    /// `VIRTIO_RING_F_INDIRECT_DESC`.
+    indirect_not_negotiated,
     /// Available ring entries naming a descriptor beyond the queue size
     /// (skipped; they cannot be returned used).
     bad_head_index,

@@ -35,6 +35,7 @@ pub use freehint_protocol::balloon::{
     VIRTIO_BALLOON_F_FREE_PAGE_BITMAP, VIRTIO_BALLOON_F_FREE_PAGE_HINT,
     VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_PAGE_POISON, VIRTIO_BALLOON_F_REPORTING,
     VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_BALLOON_PFN_SHIFT, VIRTIO_F_VERSION_1, VIRTIO_ID_BALLOON,
+    VIRTIO_RING_F_INDIRECT_DESC,
 };
 pub use freehint_protocol::layout::{Layout, PAGE_SHIFT, PAGE_SIZE};
 
@@ -100,9 +101,10 @@ impl BalloonConfig {
         }
     }
 
-    /// The feature bits this configuration offers (with `VIRTIO_F_VERSION_1`).
+    /// The feature bits this configuration offers (with `VIRTIO_F_VERSION_1`
+    /// and, as QEMU's devices do, `VIRTIO_RING_F_INDIRECT_DESC`).
     pub fn features(&self) -> u64 {
-        let mut f = feature(VIRTIO_F_VERSION_1);
+        let mut f = feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_RING_F_INDIRECT_DESC);
         for (on, bit) in [
             (self.must_tell_host, VIRTIO_BALLOON_F_MUST_TELL_HOST),
             (self.stats, VIRTIO_BALLOON_F_STATS_VQ),

@@ -458,10 +458,13 @@ impl VfioBoot {
         let mut spec = self.spec.clone();
         spec.timeout = spec.timeout.mul_f64(ctx.timeout_scale.max(0.1));
         let label = format!("{}-{}", spec.label(), self.tag);
-        let chan = std::env::temp_dir()
-            .join(format!("fh-vfio-{}", std::process::id()))
-            .join(format!("{label}.tty"));
-        let _ = std::fs::remove_file(&chan);
+        let name = format!("{label}.tty");
+        let chan = crate::sockets::socket_path(&name).map_err(|source| HarnessError::Io {
+            what: "cannot create socket dir",
+            path: name.into(),
+            source,
+        })?;
+        crate::sockets::release(&chan);
         spec.extra_qemu_args.extend([
             "-object".into(),
             format!(
@@ -536,6 +539,7 @@ impl VfioBoot {
             problems.push(format!("timeout after {}s", exit.elapsed.as_secs()));
         }
         drop(vm);
+        crate::sockets::release(&chan);
         let text = String::from_utf8_lossy(&std::fs::read(&serial_log).map_err(|source| {
             HarnessError::Io {
                 what: "cannot read serial log",
