@@ -11,7 +11,9 @@
 //! fhtool bits [--machine pc|q35]     bitmap bits == RAM pages, PCI hole folded out
 //! fhtool host-layout                 a layout given from outside is used and validated
 //! fhtool churn --seconds S [--max-mib M] [--stop-file F]   mmap/touch/munmap churn
-//! fhtool builds --count N            N builds, all must succeed
+//! fhtool builds --count N [--min-restarts R]
+//!                                    N builds, all must succeed (and the walk
+//!                                    restarted a list from its head R times)
 //! fhtool bench [--builds N]          walk time, lock hold, memset baseline (medians)
 //! fhtool stats                       one build, its statistics as a result
 //! ```
@@ -98,7 +100,7 @@ impl Args {
 
 fn usage() -> &'static str {
     "usage: fhtool false-free [--mib N] | kpageflags | bits [--machine pc|q35] | host-layout\n\
-     \x20      | churn --seconds S [--max-mib M] | builds --count N | bench [--builds N] | stats"
+     \x20      | churn --seconds S [--max-mib M] | builds --count N [--min-restarts R] | bench [--builds N] | stats"
 }
 
 fn main() -> ExitCode {

@@ -10,7 +10,7 @@ use std::path::Path;
 use freehint_protocol::balloon::{
     feature, VIRTIO_BALLOON_F_DEFLATE_ON_OOM, VIRTIO_BALLOON_F_FREE_PAGE_BITMAP,
     VIRTIO_BALLOON_F_FREE_PAGE_HINT, VIRTIO_BALLOON_F_PAGE_POISON, VIRTIO_BALLOON_F_REPORTING,
-    VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_F_VERSION_1,
+    VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use freehint_protocol::bitmap_hint::{
     KIND_CHUNK, KIND_LAYOUT_QUERY, KIND_ROUND_END, LAYOUT_REPLY_MAX,
@@ -342,14 +342,21 @@ pub fn hostile() -> BalloonInput {
     )
 }
 
-/// Indirect descriptors: a standard round whose free blocks come in one
-/// indirect table, then a table of 600 entries (more than the device follows).
+/// Indirect descriptors (VIRTIO_RING_F_INDIRECT_DESC acknowledged): a
+/// standard round whose free blocks come in one indirect table, then a table
+/// of 600 entries (more than the device follows).
 pub fn indirect() -> BalloonInput {
+    input(
+        ack_standard() | feature(VIRTIO_RING_F_INDIRECT_DESC),
+        indirect_ops(),
+    )
+}
+
+fn indirect_ops() -> Vec<Op> {
     let id = DATA_BASE;
     let table = DATA_BASE + 0x1000;
     let big = DATA_BASE + 0x4000;
-    input(
-        ack_standard(),
+    {
         vec![
             Op::StartRound { stale_epoch: false },
             Op::WriteCmdId {
@@ -387,8 +394,8 @@ pub fn indirect() -> BalloonInput {
                 queue: FREEQ as u16,
             },
             Op::Apply,
-        ],
-    )
+        ]
+    }
 }
 
 /// Every seed with its file name.
@@ -482,6 +489,14 @@ mod tests {
         // Applied by the Apply op and again by the final invariant check.
         assert_eq!(o.cleared, 2 * 40);
         assert_eq!(o.metrics.chain_too_long, 1);
+    }
+
+    #[test]
+    fn indirect_tables_are_dropped_when_the_feature_is_not_acked() {
+        let o = run(&input(ack_standard(), indirect_ops()));
+        assert_eq!(o.metrics.indirect_not_negotiated, 2);
+        assert_eq!(o.metrics.hint_pages, 0, "nothing of the tables is merged");
+        assert_eq!(o.metrics.chain_too_long, 0);
     }
 
     #[test]

@@ -784,6 +784,16 @@ impl CellOutcome {
     pub fn ok(&self) -> bool {
         self.problems.is_empty() && self.integrity_failures() == 0
     }
+
+    /// The outcome of a cell that [`run_cell`] could not run (QEMU did not
+    /// start, a socket failed, ...): no figures, one problem. Scenarios
+    /// record it as a failed result and go on with their next cell.
+    pub fn harness_error(e: &MigrateError) -> CellOutcome {
+        CellOutcome {
+            problems: vec![format!("harness error: {e}")],
+            ..CellOutcome::default()
+        }
+    }
 }
 
 /// Failed `@@RESULT`s the guest printed (e.g. the driver did not load).

@@ -8,7 +8,7 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::migrate::{median, qemu_version, run_cell, Cell, Driver, Workload};
+use crate::migrate::{median, qemu_version, run_cell, Cell, CellOutcome, Driver, Workload};
 use crate::runner::{Ctx, HarnessError};
 
 /// One row of the table: driver, runs, medians, integrity.
@@ -94,7 +94,8 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
                 &cell,
                 ctx.timeout_scale,
                 &mut |l| eprintln!("[demo]   {l}"),
-            )?;
+            )
+            .unwrap_or_else(|e| CellOutcome::harness_error(&e));
             let good = out.ok() && !out.migrations.is_empty();
             ok &= good;
             verdicts.push(if good {

@@ -7,7 +7,7 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::migrate::{qemu_version, run_cell, Cell, Driver, Workload};
+use crate::migrate::{qemu_version, run_cell, Cell, CellOutcome, Driver, Workload};
 use crate::runner::{emit, Ctx, HarnessError};
 
 /// Runs the scenario.
@@ -33,7 +33,8 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
             &cell,
             ctx.timeout_scale,
             &mut |l| eprintln!("[hint]   {l}"),
-        )?;
+        )
+        .unwrap_or_else(|e| CellOutcome::harness_error(&e));
         let used = out
             .hint_vq
             .first()

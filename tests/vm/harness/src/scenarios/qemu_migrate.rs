@@ -199,12 +199,9 @@ fn run_counted(ctx: &mut Ctx, t: &mut Table, cell: &Cell, rep: usize) {
         let (out, error) = match res {
             Ok(out) => (out, None),
             Err(e) => {
-                let msg = format!("harness error: {e}");
+                let out = CellOutcome::harness_error(&e);
+                let msg = out.problems.join("; ");
                 eprintln!("[migrate] {}: {msg}", cell.label());
-                let out = CellOutcome {
-                    problems: vec![msg.clone()],
-                    ..CellOutcome::default()
-                };
                 (out, Some(msg))
             }
         };
