@@ -5,20 +5,22 @@
 # frees memory concurrently, unload, then require a clean dmesg (no lockdep
 # report, warning or BUG) and, if kmemleak is enabled, no leak.
 # A small walk budget (default 8 entries per lock hold) makes nearly every
-# list resume from a kept pfn or restart, so that path runs thousands of
-# times under churn. Arguments: builds=N churn_mib=M budget=B (words, or
-# fh.args= comma separated).
+# long list resume from a kept pfn, so that path runs thousands of
+# times under churn; then `restart_builds` builds with a budget of 1 must
+# restart lists from their head. Arguments: builds=N churn_mib=M budget=B
+# restart_builds=R (words, or fh.args= comma separated).
 PATH=/bin:/sbin:/usr/bin:/usr/sbin
 MOD=/lib/freehint/freehint.ko
 
 args="$*"
 [ -n "$args" ] || args=$(sed -n 's/.*fh\.args=\([^ ]*\).*/\1/p' /proc/cmdline)
-builds=1000 churn_mib=64 budget=8
+builds=1000 churn_mib=64 budget=8 restart_builds=1000
 for kv in $(echo "$args" | tr ',' ' '); do
   case $kv in
     builds=*) builds=${kv#builds=} ;;
     churn_mib=*) churn_mib=${kv#churn_mib=} ;;
     budget=*) budget=${kv#budget=} ;;
+    restart_builds=*) restart_builds=${kv#restart_builds=} ;;
   esac
 done
 
@@ -43,7 +45,15 @@ rm -f "$stop"
 fhtool churn --seconds 3600 --max-mib "$churn_mib" --stop-file "$stop" >/tmp/churn.out 2>&1 &
 churn=$!
 fhtool builds --count "$builds" || ok=false
+# The restart-from-head path: with one entry per hold every list resumes
+# from its first block, and churn (per-CPU refills take blocks from the list
+# heads) keeps taking that block away, so lists restart (and some are given
+# up after MAX_RESTARTS). The builds must still succeed, the path must have
+# run, and no page held by a process may be marked free.
+echo 1 >/sys/kernel/debug/freehint/budget || ok=false
+fhtool builds --count "$restart_builds" --min-restarts 1 || ok=false
 fhtool false-free --mib 32 || ok=false
+echo "$budget" >/sys/kernel/debug/freehint/budget || ok=false
 touch "$stop"
 wait "$churn" || ok=false
 cat /tmp/churn.out
