@@ -21,23 +21,10 @@ use freehint_device::test_utils::*;
 use freehint_protocol::bitmap::{set_bit_run, words_for_bits};
 use freehint_protocol::bitmap_hint::Message;
 use proptest::prelude::*;
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
 
 const PAGES: u64 = 2048;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// The guest's memory as far as migration is concerned.
 struct Guest {
@@ -137,10 +124,10 @@ impl Migrator {
         self.cleared_total += n;
     }
 
-    fn send_some(&mut self, g: &Guest, rng: &mut Rng, percent: u64) {
+    fn send_some(&mut self, g: &Guest, rng: &mut SmallRng, percent: u64) {
         for p in 0..PAGES {
             let (w, b) = ((p / 64) as usize, 1u64 << (p % 64));
-            if self.to_send[w] & b != 0 && rng.below(100) < percent {
+            if self.to_send[w] & b != 0 && rng.random_range(0..100) < percent {
                 self.dest[p as usize] = g.content[p as usize].load(Ordering::SeqCst);
                 self.to_send[w] &= !b;
             }
@@ -161,7 +148,7 @@ impl Migrator {
 
     fn final_check(&mut self, g: &Guest, h: &HintHandle) -> Result<(), String> {
         self.sync(g, h);
-        let mut rng = Rng(1);
+        let mut rng = SmallRng::seed_from_u64(1);
         self.send_some(g, &mut rng, 100);
         let z = g.zone.lock().unwrap();
         for p in 0..PAGES as usize {
@@ -289,16 +276,16 @@ fn threaded(bitmap: bool, seed: u64, duration: Duration) -> Migrator {
     let mutator = {
         let (g, stop) = (guest.clone(), stop.clone());
         std::thread::spawn(move || {
-            let mut rng = Rng(seed | 1);
+            let mut rng = SmallRng::seed_from_u64(seed | 1);
             while !stop.load(Ordering::Relaxed) {
-                let p = rng.below(PAGES);
+                let p = rng.random_range(0..PAGES);
                 if !g.alloc(p) {
-                    match rng.below(10) {
+                    match rng.random_range(0..10) {
                         0..=5 => g.write(p),
                         _ => g.free(p),
                     }
                 }
-                if rng.below(64) == 0 {
+                if rng.random_range(0..64) == 0 {
                     std::thread::yield_now();
                 }
             }
@@ -323,7 +310,7 @@ fn threaded(bitmap: bool, seed: u64, duration: Duration) -> Migrator {
     };
 
     let mut m = Migrator::new();
-    let mut rng = Rng(seed.rotate_left(17) | 1);
+    let mut rng = SmallRng::seed_from_u64(seed.rotate_left(17) | 1);
     let start = Instant::now();
     let mut epoch = h.epoch();
     h.start_round(epoch).unwrap();
@@ -331,7 +318,7 @@ fn threaded(bitmap: bool, seed: u64, duration: Duration) -> Migrator {
     while start.elapsed() < duration {
         for _ in 0..4 {
             std::thread::sleep(Duration::from_micros(200));
-            m.apply(&h, rng.below(2) == 0);
+            m.apply(&h, rng.random_range(0..2) == 0);
             m.send_some(&guest, &mut rng, 20);
         }
         epoch = m.sync(&guest, &h);
@@ -387,7 +374,7 @@ fn stale_set_would_lose_a_reused_page_and_is_refused() {
     let mut drv = driver(false);
     let h = drv.hints();
     let mut m = Migrator::new();
-    m.send_some(&g, &mut Rng(3), 100); // bulk phase sent everything
+    m.send_some(&g, &mut SmallRng::seed_from_u64(3), 100); // bulk phase sent everything
     let id = h.start_round(h.epoch()).unwrap();
     drv.send_cmd_id(id);
     drv.send_block(5 << 12, 4096); // page 5 is free
@@ -446,7 +433,7 @@ fn run_ops(bitmap: bool, ops: &[Op]) -> Result<(), String> {
         pending: None,
     };
     let mut m = Migrator::new();
-    let mut rng = Rng(7);
+    let mut rng = SmallRng::seed_from_u64(7);
     h.start_round(h.epoch()).map_err(|e| e.to_string())?;
     for op in ops {
         match *op {

@@ -768,20 +768,6 @@ mod tests {
         assert!(d.check_ram_layout().unwrap().contains("outside"));
     }
 
-    /// xorshift64*: a tiny deterministic PRNG for the hostile-driver test.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n.max(1)
-        }
-    }
-
     /// A hostile driver against the real Balloon: random register writes,
     /// status sequences, queue addresses into (random) guest memory and
     /// notifies. The server must never panic and must come back clean after
@@ -790,6 +776,8 @@ mod tests {
     fn hostile_driver_against_the_real_balloon() {
         use freehint_device::balloon::Layout;
         use freehint_device::{Balloon, BalloonConfig};
+        use rand::rngs::SmallRng;
+        use rand::{Rng, RngExt, SeedableRng};
         use std::io::Write;
 
         const MEM: u64 = 1 << 20;
@@ -804,8 +792,8 @@ mod tests {
         assert!(fd >= 0);
         // SAFETY: fresh fd owned by nobody else.
         let mut f = unsafe { File::from_raw_fd(fd) };
-        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-        let garbage: Vec<u8> = (0..MEM).map(|_| rng.next() as u8).collect();
+        let mut rng = SmallRng::seed_from_u64(0x9e37_79b9_7f4a_7c15);
+        let garbage: Vec<u8> = (0..MEM).map(|_| rng.next_u64() as u8).collect();
         f.write_all(&garbage).unwrap();
         d.dma_map(
             DmaMapFlags::READ_WRITE,
@@ -846,22 +834,22 @@ mod tests {
                     (common::DEVICE_STATUS, 1, 0u64),
                     (common::DEVICE_STATUS, 1, 3),
                     (common::DRIVER_FEATURE_SELECT, 4, 0),
-                    (common::DRIVER_FEATURE, 4, rng.next() & 0x3e),
+                    (common::DRIVER_FEATURE, 4, rng.next_u64() & 0x3e),
                     (common::DRIVER_FEATURE_SELECT, 4, 1),
                     (common::DRIVER_FEATURE, 4, 1),
                     (common::DEVICE_STATUS, 1, 0xb),
                 ] {
                     bar0_write(&mut d, reg, len, v);
                 }
-                if rng.below(2) == 0 {
+                if rng.random_range(0..2) == 0 {
                     f.set_len(0).unwrap();
                     f.set_len(MEM).unwrap();
                 }
                 for q in 0..6u64 {
                     bar0_write(&mut d, common::QUEUE_SELECT, 2, q);
-                    bar0_write(&mut d, common::QUEUE_SIZE, 2, 1 << rng.below(9));
-                    let base = if rng.below(8) == 0 {
-                        rng.below(MEM + 0x2000) & !0xf
+                    bar0_write(&mut d, common::QUEUE_SIZE, 2, 1 << rng.random_range(0..9));
+                    let base = if rng.random_range(0..8) == 0 {
+                        rng.random_range(0..MEM + 0x2000) & !0xf
                     } else {
                         q * RING_STRIDE
                     };
@@ -875,62 +863,73 @@ mod tests {
                     driver_ok_seen += 1;
                 }
             }
-            match rng.below(10) {
+            match rng.random_range(0..10) {
                 0..=3 => {
-                    let q = rng.below(8);
+                    let q = rng.random_range(0..8);
                     let _ = d.region_write(0, NOTIFY_CFG_OFFSET + 4 * q, &[0, 0]);
                 }
                 4 => {
-                    let reg = regs[rng.below(regs.len() as u64) as usize];
-                    let len = [1usize, 2, 4, 8][rng.below(4) as usize];
-                    let v = rng.next().to_le_bytes();
+                    let reg = regs[rng.random_range(0..regs.len() as u64) as usize];
+                    let len = [1usize, 2, 4, 8][rng.random_range(0..4) as usize];
+                    let v = rng.next_u64().to_le_bytes();
                     let _ = d.region_write(0, reg, &v[..len]);
                 }
                 5 => {
                     // Scribble on the rings: a small avail index, an avail
                     // entry, or a random descriptor (addr, len, flags, next).
-                    let base = rng.below(6) * RING_STRIDE;
-                    let (at, v): (u64, Vec<u8>) = match rng.below(3) {
-                        0 => (base + 0x4002, (rng.below(8) as u16).to_le_bytes().to_vec()),
+                    let base = rng.random_range(0..6) * RING_STRIDE;
+                    let (at, v): (u64, Vec<u8>) = match rng.random_range(0..3) {
+                        0 => (
+                            base + 0x4002,
+                            (rng.random_range(0..8) as u16).to_le_bytes().to_vec(),
+                        ),
                         1 => (
-                            base + 0x4004 + 2 * rng.below(8),
-                            (rng.below(300) as u16).to_le_bytes().to_vec(),
+                            base + 0x4004 + 2 * rng.random_range(0..8),
+                            (rng.random_range(0..300) as u16).to_le_bytes().to_vec(),
                         ),
                         _ => {
                             let mut desc = Vec::with_capacity(16);
-                            let addr = if rng.below(4) == 0 {
-                                rng.next()
+                            let addr = if rng.random_range(0..4) == 0 {
+                                rng.next_u64()
                             } else {
-                                rng.below(MEM)
+                                rng.random_range(0..MEM)
                             };
                             desc.extend_from_slice(&addr.to_le_bytes());
-                            desc.extend_from_slice(&(rng.below(0x3000) as u32).to_le_bytes());
-                            desc.extend_from_slice(&(rng.below(8) as u16).to_le_bytes());
-                            desc.extend_from_slice(&(rng.below(300) as u16).to_le_bytes());
-                            (base + 16 * rng.below(256), desc)
+                            desc.extend_from_slice(
+                                &(rng.random_range(0..0x3000) as u32).to_le_bytes(),
+                            );
+                            desc.extend_from_slice(&(rng.random_range(0..8) as u16).to_le_bytes());
+                            desc.extend_from_slice(
+                                &(rng.random_range(0..300) as u16).to_le_bytes(),
+                            );
+                            (base + 16 * rng.random_range(0..256), desc)
                         }
                     };
                     let _ = std::os::unix::fs::FileExt::write_at(&f, &v, at);
                 }
                 6 => {
-                    let off = rng.below(0x40);
-                    let len = [1usize, 2, 4, 8][rng.below(4) as usize];
-                    let v = rng.next().to_le_bytes();
+                    let off = rng.random_range(0..0x40);
+                    let len = [1usize, 2, 4, 8][rng.random_range(0..4) as usize];
+                    let v = rng.next_u64().to_le_bytes();
                     let _ = d.region_write(0, crate::pci::DEVICE_CFG_OFFSET + off, &v[..len]);
                 }
                 7 => {
                     let mut b = [0u8; 8];
-                    let len = 1 + rng.below(8) as usize;
-                    let _ = d.region_read(rng.below(8) as u32, rng.below(0x5000), &mut b[..len]);
+                    let len = 1 + rng.random_range(0..8) as usize;
+                    let _ = d.region_read(
+                        rng.random_range(0..8) as u32,
+                        rng.random_range(0..0x5000),
+                        &mut b[..len],
+                    );
                 }
                 8 => {
-                    let v = rng.next().to_le_bytes();
-                    let len = 1 + rng.below(4) as usize;
-                    let _ = d.region_write(CFG, rng.below(260), &v[..len]);
+                    let v = rng.next_u64().to_le_bytes();
+                    let len = 1 + rng.random_range(0..4) as usize;
+                    let _ = d.region_write(CFG, rng.random_range(0..260), &v[..len]);
                 }
                 _ => {
-                    handle.set_target_pages(rng.below(300) as u32);
-                    if rng.below(4) == 0 {
+                    handle.set_target_pages(rng.random_range(0..300) as u32);
+                    if rng.random_range(0..4) == 0 {
                         let _ = hints.start_round(hints.new_epoch());
                     }
                     let _ = handle.request_stats();
