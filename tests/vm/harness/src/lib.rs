@@ -4,10 +4,12 @@
 //!
 //! Layout: [`manifest`] (where the image is), [`qemu`] (one QEMU process),
 //! [`qmp`] (QMP client), [`guest`] (console protocol and splat detection),
-//! [`runner`] (boot + report), [`scenarios`] (the registry), [`sockets`]
+//! [`runner`] (boot + report), [`scenarios`] (the registry), [`errors`]
+//! (the shared I/O error), [`sockets`]
 //! (short UNIX socket paths).
 #![warn(missing_docs)]
 
+pub mod errors;
 pub mod guest;
 pub mod manifest;
 pub mod migrate;

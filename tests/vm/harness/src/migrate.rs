@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 use thiserror::Error;
 
+use crate::errors::{io_error, PathIoError};
 use crate::guest::{GuestOutput, LineJoiner};
 use crate::manifest::Manifest;
 use crate::qemu::BootSpec;
@@ -63,16 +64,11 @@ pub enum MigrateError {
         source: std::io::Error,
     },
     /// A file or socket failed.
-    #[error("{what} {path}: {source}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] PathIoError),
+    /// The manifest lacks the flavour asked for.
+    #[error(transparent)]
+    Manifest(#[from] crate::manifest::ManifestError),
     /// QMP failed.
     #[error(transparent)]
     Qmp(#[from] QmpError),
@@ -130,18 +126,12 @@ pub fn check_migratable(spec: &BootSpec) -> Result<(), MigrateError> {
 /// A free TCP port on 127.0.0.1 (bound then released; the tiny race with
 /// other processes is acceptable for tests).
 pub fn free_port() -> Result<u16, MigrateError> {
-    let l = TcpListener::bind("127.0.0.1:0").map_err(|source| MigrateError::Io {
-        what: "cannot bind a port on",
-        path: "127.0.0.1".into(),
-        source,
-    })?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(|source| MigrateError::Io {
-            what: "cannot read the port of",
-            path: "127.0.0.1".into(),
-            source,
-        })
+    let l =
+        TcpListener::bind("127.0.0.1:0").map_err(io_error("cannot bind a port on", "127.0.0.1"))?;
+    let addr = l
+        .local_addr()
+        .map_err(io_error("cannot read the port of", "127.0.0.1"))?;
+    Ok(addr.port())
 }
 
 /// The QEMU argument list of `spec` with the serial console moved to a UNIX
@@ -202,11 +192,7 @@ fn connect_retry(
             Ok(s) => return Ok(s),
             Err(source) => {
                 if matches!(child.try_wait(), Ok(Some(_))) || start.elapsed() >= timeout {
-                    return Err(MigrateError::Io {
-                        what: "cannot connect to serial socket",
-                        path: path.to_path_buf(),
-                        source,
-                    });
+                    return Err(io_error("cannot connect to serial socket", path)(source).into());
                 }
                 std::thread::sleep(Duration::from_millis(25));
             }
@@ -225,21 +211,11 @@ impl MigVm {
         incoming: Option<u16>,
     ) -> Result<MigVm, MigrateError> {
         check_migratable(spec)?;
-        let image = manifest
-            .flavour(&spec.flavour)
-            .map_err(|e| MigrateError::Io {
-                what: "no image",
-                path: spec.flavour.clone().into(),
-                source: std::io::Error::other(e.to_string()),
-            })?;
+        let image = manifest.flavour(&spec.flavour)?;
         let base = format!("{}-{role}", spec.label());
         let sock = |ext: &str| {
             let name = format!("{base}.{ext}");
-            sockets::socket_path(&name).map_err(|source| MigrateError::Io {
-                what: "cannot create socket dir",
-                path: name.into(),
-                source,
-            })
+            sockets::socket_path(&name).map_err(io_error("cannot create socket dir", &name))
         };
         let serial_sock = sock("ser")?;
         let qmp_sock = sock("qmp")?;
@@ -253,12 +229,10 @@ impl MigVm {
             args.push("-incoming".into());
             args.push(format!("tcp:127.0.0.1:{port}"));
         }
-        let io = |what, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| MigrateError::Io { what, path, source }
-        };
-        let out = File::create(&qemu_log).map_err(io("cannot create", &qemu_log))?;
-        let err = out.try_clone().map_err(io("cannot clone", &qemu_log))?;
+        let out = File::create(&qemu_log).map_err(io_error("cannot create", &qemu_log))?;
+        let err = out
+            .try_clone()
+            .map_err(io_error("cannot clone", &qemu_log))?;
         log::debug!("{role}: {} {}", manifest.qemu.display(), args.join(" "));
         let mut child = Command::new(&manifest.qemu)
             .args(&args)
@@ -288,8 +262,8 @@ impl MigVm {
         };
         let serial_tx = serial
             .try_clone()
-            .map_err(io("cannot clone", &serial_sock))?;
-        let log_file = File::create(&serial_log).map_err(io("cannot create", &serial_log))?;
+            .map_err(io_error("cannot clone", &serial_sock))?;
+        let log_file = File::create(&serial_log).map_err(io_error("cannot create", &serial_log))?;
         let state = Arc::new(Mutex::new(SerialState::default()));
         let st = Arc::clone(&state);
         std::thread::spawn(move || pump_serial(serial, log_file, st));
@@ -373,13 +347,11 @@ impl MigVm {
     pub fn send_line(&mut self, line: &str) -> Result<(), MigrateError> {
         let mut b = line.as_bytes().to_vec();
         b.push(b'\n');
-        self.serial_tx
-            .write_all(&b)
-            .map_err(|source| MigrateError::Io {
-                what: "cannot write to the guest console of",
-                path: self.serial_log.clone(),
-                source,
-            })
+        self.serial_tx.write_all(&b).map_err(io_error(
+            "cannot write to the guest console of",
+            &self.serial_log,
+        ))?;
+        Ok(())
     }
 
     /// Waits for QEMU to exit (the guest powers off with `reboot -f` and QEMU

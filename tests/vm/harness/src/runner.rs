@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Map, Value};
 use thiserror::Error;
 
+use crate::errors::{io_error, PathIoError};
 use crate::guest::{result_ok, GuestOutput};
 use crate::manifest::{Manifest, ManifestError};
 use crate::qemu::{BootSpec, QemuError, Vm};
@@ -24,17 +25,9 @@ pub enum HarnessError {
     /// QMP failed.
     #[error(transparent)]
     Qmp(#[from] crate::qmp::QmpError),
-    /// A file could not be read or written.
-    #[error("{what} {path}: {source}")]
-    Io {
-        /// What was being done.
-        what: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
+    /// A file or socket failed.
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     /// Anything else, with a message.
     #[error("{0}")]
     Other(String),
@@ -151,22 +144,11 @@ impl Ctx {
     /// A context for `scenario`, logs under `repo/target/vm/logs/<scenario>`.
     pub fn new(repo: &Path, manifest: Manifest, scenario: &str) -> Result<Ctx, HarnessError> {
         let log_dir = repo.join("target/vm/logs").join(scenario);
-        std::fs::create_dir_all(&log_dir).map_err(|source| HarnessError::Io {
-            what: "cannot create log dir",
-            path: log_dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&log_dir).map_err(io_error("cannot create log dir", &log_dir))?;
         let lock_path = log_dir.join(".lock");
-        let lock = std::fs::File::create(&lock_path).map_err(|source| HarnessError::Io {
-            what: "cannot create lock file",
-            path: lock_path.clone(),
-            source,
-        })?;
-        lock_exclusive(&lock, scenario).map_err(|source| HarnessError::Io {
-            what: "cannot lock",
-            path: lock_path,
-            source,
-        })?;
+        let lock = std::fs::File::create(&lock_path)
+            .map_err(io_error("cannot create lock file", &lock_path))?;
+        lock_exclusive(&lock, scenario).map_err(io_error("cannot lock", lock_path))?;
         Ok(Ctx {
             repo: repo.to_path_buf(),
             manifest,
@@ -234,11 +216,8 @@ impl Ctx {
         let exit = vm.wait()?;
         let serial_log = vm.serial_log.clone();
         drop(vm);
-        let text = std::fs::read(&serial_log).map_err(|source| HarnessError::Io {
-            what: "cannot read serial log",
-            path: serial_log.clone(),
-            source,
-        })?;
+        let text =
+            std::fs::read(&serial_log).map_err(io_error("cannot read serial log", &serial_log))?;
         let out = GuestOutput::parse(&String::from_utf8_lossy(&text));
         self.finish_boot(spec, out, exit, serial_log, &label)
     }

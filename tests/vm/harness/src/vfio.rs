@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
+use crate::errors::io_error;
 use crate::guest::{result_ok, GuestOutput};
 use crate::qemu::{BootSpec, Machine, Vm};
 use crate::runner::{boot_result, Ctx, HarnessError};
@@ -150,20 +151,13 @@ impl Server {
     ) -> Result<Server, HarnessError> {
         let sock = |ext: &str| {
             let name = format!("{label}.{ext}");
-            crate::sockets::socket_path(&name).map_err(|source| HarnessError::Io {
-                what: "cannot create socket dir",
-                path: name.into(),
-                source,
-            })
+            crate::sockets::socket_path(&name).map_err(io_error("cannot create socket dir", &name))
         };
         let socket = sock("sock")?;
         let control = sock("ctl")?;
         let log = dir.join(format!("{label}.server.log"));
-        let log_file = std::fs::File::create(&log).map_err(|source| HarnessError::Io {
-            what: "cannot create server log",
-            path: log.clone(),
-            source,
-        })?;
+        let log_file =
+            std::fs::File::create(&log).map_err(io_error("cannot create server log", &log))?;
         let child = Command::new(bin)
             .arg("--socket")
             .arg(&socket)
@@ -322,11 +316,8 @@ pub fn overlay_initramfs(ctx: &Ctx) -> Result<PathBuf, HarnessError> {
     let dir = ctx.log_dir.join("overlay");
     let root = dir.join("root");
     for d in ["bin", "scenarios"] {
-        std::fs::create_dir_all(root.join(d)).map_err(|source| HarnessError::Io {
-            what: "cannot create overlay dir",
-            path: root.join(d),
-            source,
-        })?;
+        std::fs::create_dir_all(root.join(d))
+            .map_err(io_error("cannot create overlay dir", root.join(d)))?;
     }
     let scripts = ctx.repo.join("device/vfio-user/scripts");
     for (src, name) in [
@@ -352,20 +343,13 @@ pub fn overlay_initramfs(ctx: &Ctx) -> Result<PathBuf, HarnessError> {
         }
     }
     let guest_scripts = ctx.repo.join("tests/vm/guest/scenarios");
-    let entries = std::fs::read_dir(&guest_scripts).map_err(|source| HarnessError::Io {
-        what: "cannot list",
-        path: guest_scripts.clone(),
-        source,
-    })?;
+    let entries =
+        std::fs::read_dir(&guest_scripts).map_err(io_error("cannot list", &guest_scripts))?;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with("vfio-") && name.ends_with(".sh") {
             let to = root.join("scenarios").join(&name);
-            std::fs::copy(e.path(), &to).map_err(|source| HarnessError::Io {
-                what: "cannot copy",
-                path: to,
-                source,
-            })?;
+            std::fs::copy(e.path(), &to).map_err(io_error("cannot copy", to))?;
         }
     }
     let overlay = dir.join("overlay.cpio.gz");
@@ -379,26 +363,14 @@ pub fn overlay_initramfs(ctx: &Ctx) -> Result<PathBuf, HarnessError> {
         "cpio (overlay)",
     )?;
     let combined = dir.join("initramfs-vfio.cpio.gz");
-    let mut bytes = std::fs::read(&base).map_err(|source| HarnessError::Io {
-        what: "cannot read initramfs",
-        path: base.clone(),
-        source,
-    })?;
-    let ov = std::fs::read(&overlay).map_err(|source| HarnessError::Io {
-        what: "cannot read",
-        path: overlay.clone(),
-        source,
-    })?;
+    let mut bytes = std::fs::read(&base).map_err(io_error("cannot read initramfs", &base))?;
+    let ov = std::fs::read(&overlay).map_err(io_error("cannot read", &overlay))?;
     // The kernel needs each archive to start 4-byte aligned.
     while bytes.len() % 4 != 0 {
         bytes.push(0);
     }
     bytes.extend_from_slice(&ov);
-    std::fs::write(&combined, bytes).map_err(|source| HarnessError::Io {
-        what: "cannot write",
-        path: combined.clone(),
-        source,
-    })?;
+    std::fs::write(&combined, bytes).map_err(io_error("cannot write", &combined))?;
     Ok(combined)
 }
 
@@ -459,11 +431,8 @@ impl VfioBoot {
         spec.timeout = spec.timeout.mul_f64(ctx.timeout_scale.max(0.1));
         let label = format!("{}-{}", spec.label(), self.tag);
         let name = format!("{label}.tty");
-        let chan = crate::sockets::socket_path(&name).map_err(|source| HarnessError::Io {
-            what: "cannot create socket dir",
-            path: name.into(),
-            source,
-        })?;
+        let chan = crate::sockets::socket_path(&name)
+            .map_err(io_error("cannot create socket dir", &name))?;
         crate::sockets::release(&chan);
         spec.extra_qemu_args.extend([
             "-object".into(),
@@ -493,11 +462,7 @@ impl VfioBoot {
         // Vm::start names the serial log after the spec's label: one
         // directory per tag keeps boots of the same spec apart.
         let dir = ctx.log_dir.join(&self.tag);
-        std::fs::create_dir_all(&dir).map_err(|source| HarnessError::Io {
-            what: "cannot create log dir",
-            path: dir.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&dir).map_err(io_error("cannot create log dir", &dir))?;
         let mut vm = Vm::start(&ctx.manifest, &spec, &dir)?;
         let serial_log = vm.serial_log.clone();
         let t0 = Instant::now();
@@ -540,13 +505,9 @@ impl VfioBoot {
         }
         drop(vm);
         crate::sockets::release(&chan);
-        let text = String::from_utf8_lossy(&std::fs::read(&serial_log).map_err(|source| {
-            HarnessError::Io {
-                what: "cannot read serial log",
-                path: serial_log.clone(),
-                source,
-            }
-        })?)
+        let text = String::from_utf8_lossy(
+            &std::fs::read(&serial_log).map_err(io_error("cannot read serial log", &serial_log))?,
+        )
         .into_owned();
         let out = GuestOutput::parse(&text);
         let mut all_ok = true;
@@ -662,11 +623,7 @@ impl Runs {
 
 /// Reads a `hint-dump` file (little-endian `u64` words).
 pub fn read_dump(path: &Path) -> Result<Vec<u64>, HarnessError> {
-    let bytes = std::fs::read(path).map_err(|source| HarnessError::Io {
-        what: "cannot read hint dump",
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bytes = std::fs::read(path).map_err(io_error("cannot read hint dump", path))?;
     Ok(bytes
         .chunks(8)
         .map(|c| {

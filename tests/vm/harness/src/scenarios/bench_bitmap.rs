@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 
 use super::{max_of, num, walk_ms};
+use crate::errors::io_error;
 use crate::qemu::BootSpec;
 use crate::runner::{Ctx, HarnessError};
 
@@ -53,11 +54,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
                 serde_json::to_string_pretty(&doc).unwrap_or_default() + "\n",
             )
         })
-        .map_err(|source| HarnessError::Io {
-            what: "cannot write",
-            path: path.clone(),
-            source,
-        })?;
+        .map_err(io_error("cannot write", &path))?;
     eprintln!("[vmtest] wrote {}", path.display());
     s.insert("json".into(), json!(path.display().to_string()));
     Ok(s)

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
+use crate::errors::io_error;
 use crate::migrate::{median, qemu_version, MigVm, BALLOON_QOM, FREE_PAGE_VQ, MAX_BANDWIDTH};
 use crate::qemu::{BootSpec, Machine};
 use crate::runner::{emit, Ctx, HarnessError};
@@ -47,11 +48,7 @@ fn ours(
 ) -> Result<Map<String, Value>, HarnessError> {
     let layout = RamLayout::for_machine(mem_mib, Machine::Pc);
     let dir = ctx.log_dir.join(name);
-    std::fs::create_dir_all(&dir).map_err(|source| HarnessError::Io {
-        what: "cannot create log dir",
-        path: dir.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&dir).map_err(io_error("cannot create log dir", &dir))?;
     let label = format!("pc-{mem_mib}m");
     let server = Server::start(bin, &dir, &label, &layout, server_args)?;
     let mut spec = BootSpec::new("vfio-bench");
@@ -131,11 +128,7 @@ fn qemu_device(
         initramfs.display().to_string(),
     ];
     let dir = ctx.log_dir.join("qemu-stock");
-    std::fs::create_dir_all(&dir).map_err(|source| HarnessError::Io {
-        what: "cannot create log dir",
-        path: dir.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&dir).map_err(io_error("cannot create log dir", &dir))?;
     let mut vm = MigVm::start(&ctx.manifest, &spec, &dir, "src", None)?;
     vm.wait_line(0, "@@VFIO ready", Duration::from_secs(300), |l| {
         l.contains("@@VFIO ready")
@@ -253,13 +246,8 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     if let Some(d) = out.parent() {
         let _ = std::fs::create_dir_all(d);
     }
-    std::fs::write(&out, serde_json::to_string_pretty(&doc).unwrap_or_default()).map_err(
-        |source| HarnessError::Io {
-            what: "cannot write",
-            path: out.clone(),
-            source,
-        },
-    )?;
+    std::fs::write(&out, serde_json::to_string_pretty(&doc).unwrap_or_default())
+        .map_err(io_error("cannot write", &out))?;
     let mut s = Map::new();
     s.insert("ok".into(), json!(ok));
     s.insert("round_ms_8g".into(), round_8g);

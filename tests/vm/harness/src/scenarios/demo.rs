@@ -8,6 +8,7 @@
 
 use serde_json::{json, Map, Value};
 
+use crate::errors::io_error;
 use crate::migrate::{median, qemu_version, run_cell, Cell, CellOutcome, Driver, Workload};
 use crate::runner::{Ctx, HarnessError};
 
@@ -140,11 +141,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let path = dir.join("table.txt");
     std::fs::create_dir_all(&dir)
         .and_then(|()| std::fs::write(&path, &text))
-        .map_err(|source| HarnessError::Io {
-            what: "cannot write",
-            path: path.clone(),
-            source,
-        })?;
+        .map_err(io_error("cannot write", &path))?;
     s.insert("table".into(), json!(path.display().to_string()));
     s.insert("ok".into(), json!(ok));
     Ok(s)

@@ -37,6 +37,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
+use crate::errors::io_error;
 use crate::guest::{result_ok, GuestOutput};
 use crate::migrate::{
     cell_json, is_splat_line, qemu_version, run_cell_with, Cell, Driver, MigVm, MigrateError,
@@ -90,20 +91,16 @@ struct Sink {
 
 impl Sink {
     fn start() -> Result<Sink, MigrateError> {
-        let io = |what: &'static str| {
-            move |source| MigrateError::Io {
-                what,
-                path: "127.0.0.1".into(),
-                source,
-            }
-        };
-        let l = TcpListener::bind("127.0.0.1:0").map_err(io("cannot bind a sink on"))?;
+        let l = TcpListener::bind("127.0.0.1:0")
+            .map_err(io_error("cannot bind a sink on", "127.0.0.1"))?;
         let port = l
             .local_addr()
-            .map_err(io("cannot read the port of"))?
+            .map_err(io_error("cannot read the port of", "127.0.0.1"))?
             .port();
-        l.set_nonblocking(true)
-            .map_err(io("cannot make the sink non-blocking on"))?;
+        l.set_nonblocking(true).map_err(io_error(
+            "cannot make the sink non-blocking on",
+            "127.0.0.1",
+        ))?;
         let stop = Arc::new(AtomicBool::new(false));
         let bytes = Arc::new(AtomicU64::new(0));
         let (st, by) = (Arc::clone(&stop), Arc::clone(&bytes));

@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
+use crate::errors::io_error;
 use crate::migrate::{
     cell_json, median, qemu_version, run_cell, Cell, CellOutcome, Driver, MigrateError, Workload,
 };
@@ -401,11 +402,7 @@ pub fn bench(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     });
     std::fs::create_dir_all(&dir)
         .and_then(|()| std::fs::write(&path, format!("{doc:#}\n")))
-        .map_err(|source| HarnessError::Io {
-            what: "cannot write",
-            path: path.clone(),
-            source,
-        })?;
+        .map_err(io_error("cannot write", &path))?;
     eprintln!("[migrate] wrote {}", path.display());
     Ok(s)
 }

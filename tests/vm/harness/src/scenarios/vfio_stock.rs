@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
+use crate::errors::io_error;
 use crate::qemu::{BootSpec, Machine};
 use crate::runner::{Ctx, HarnessError};
 use crate::vfio::{
@@ -136,11 +137,7 @@ pub fn boot_round(
 ) -> Result<Map<String, Value>, HarnessError> {
     let layout = RamLayout::for_machine(mem_mib, machine);
     let dir = ctx.log_dir.join(tag);
-    std::fs::create_dir_all(&dir).map_err(|source| HarnessError::Io {
-        what: "cannot create log dir",
-        path: dir.clone(),
-        source,
-    })?;
+    std::fs::create_dir_all(&dir).map_err(io_error("cannot create log dir", &dir))?;
     let label = format!("{}-{}m", machine.name(), mem_mib);
     let mut server = Server::start(bin, &dir, &label, &layout, server_args)?;
     let anon_before = server.status_kb("RssAnon");
