@@ -4,6 +4,7 @@
 //! QMP socket, a hard timeout, and the process killed when the value is
 //! dropped (a failing test never leaves a QEMU behind).
 
+use crate::errors::{io_error, PathIoError};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -55,24 +56,9 @@ pub enum QemuError {
         #[source]
         source: std::io::Error,
     },
-    /// The serial log file could not be created.
-    #[error("cannot create serial log {path}: {source}")]
-    Log {
-        /// The log path.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The socket directory could not be created.
-    #[error("cannot create a socket for {name}: {source}")]
-    Socket {
-        /// The socket's name.
-        name: String,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The serial log or a socket could not be created.
+    #[error(transparent)]
+    Io(#[from] PathIoError),
     /// Waiting for the process failed.
     #[error("waiting for QEMU failed: {0}")]
     Wait(#[source] std::io::Error),
@@ -236,20 +222,17 @@ impl Vm {
         let qmp_socket = if spec.qmp {
             let name = format!("{}.qmp", spec.label());
             let path = crate::sockets::socket_path(&name)
-                .map_err(|source| QemuError::Socket { name, source })?;
+                .map_err(io_error("cannot create a socket for", &name))?;
             crate::sockets::release(&path);
             Some(path)
         } else {
             None
         };
-        let out = File::create(&serial_log).map_err(|source| QemuError::Log {
-            path: serial_log.clone(),
-            source,
-        })?;
-        let err = out.try_clone().map_err(|source| QemuError::Log {
-            path: serial_log.clone(),
-            source,
-        })?;
+        let out =
+            File::create(&serial_log).map_err(io_error("cannot create serial log", &serial_log))?;
+        let err = out
+            .try_clone()
+            .map_err(io_error("cannot clone serial log", &serial_log))?;
         let args = spec.qemu_args(&image, qmp_socket.as_deref());
         log::debug!("{} {}", manifest.qemu.display(), args.join(" "));
         let child = Command::new(&manifest.qemu)
