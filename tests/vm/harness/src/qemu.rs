@@ -4,7 +4,6 @@
 //! QMP socket, a hard timeout, and the process killed when the value is
 //! dropped (a failing test never leaves a QEMU behind).
 
-use crate::errors::{io_error, PathIoError};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -12,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
+use crate::errors::{io_error, PathIoError};
 use crate::manifest::{FlavourImage, Manifest};
 
 /// Kernel parameters that give a TCG guest an exact TSC clocksource:
