@@ -13,7 +13,8 @@
 //! fhtool churn --seconds S [--max-mib M] [--stop-file F]   mmap/touch/munmap churn
 //! fhtool builds --count N [--min-restarts R]
 //!                                    N builds, all must succeed (and the walk
-//!                                    restarted a list from its head R times)
+//!                                    restarted a list from its head R times,
+//!                                    going on up to 4 N builds for it)
 //! fhtool bench [--builds N]          walk time, lock hold, memset baseline (medians)
 //! fhtool stats                       one build, its statistics as a result
 //! ```
