@@ -34,7 +34,7 @@ use crate::guest::{GuestOutput, LineJoiner};
 use crate::manifest::Manifest;
 use crate::qemu::BootSpec;
 use crate::qmp::{Qmp, QmpError};
-use crate::runner::HarnessError;
+use crate::runner::{object, HarnessError};
 use crate::sockets;
 
 /// Bandwidth cap set before every migration (bytes/s): 10 GB/s, i.e. never
@@ -1024,13 +1024,14 @@ pub fn free_page_vq(vm: &mut MigVm) -> Result<Value, MigrateError> {
 
 /// The JSON line of one migration of a cell.
 pub fn cell_json(cell: &Cell, out: &CellOutcome, index: usize) -> Map<String, Value> {
-    let mut m = Map::new();
-    m.insert("name".into(), json!(format!("migrate/{}", cell.label())));
-    m.insert("driver".into(), json!(cell.driver.name()));
-    m.insert("workload".into(), json!(cell.workload.name()));
-    m.insert("init_on_alloc".into(), json!(u8::from(cell.init_on_alloc)));
-    m.insert("mem_mib".into(), json!(cell.mem_mib));
-    m.insert("migration".into(), json!(index + 1));
+    let mut m = object(json!({
+        "name": format!("migrate/{}", cell.label()),
+        "driver": cell.driver.name(),
+        "workload": cell.workload.name(),
+        "init_on_alloc": u8::from(cell.init_on_alloc),
+        "mem_mib": cell.mem_mib,
+        "migration": index + 1,
+    }));
     if let Some(s) = out.migrations.get(index) {
         m.extend(s.to_json());
     }

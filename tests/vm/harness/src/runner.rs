@@ -100,6 +100,15 @@ fn lock_exclusive(file: &std::fs::File, scenario: &str) -> std::io::Result<()> {
     }
 }
 
+/// The fields of a `json!({...})` object literal (any other value: none),
+/// so a result is written as one literal rather than a chain of inserts.
+pub fn object(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
 /// Emits one JSON line on stdout.
 pub fn emit(obj: &Value) {
     let mut out = std::io::stdout().lock();

@@ -59,7 +59,7 @@ use serde_json::{json, Map, Value};
 
 use crate::migrate::{free_page_vq, migrate_to, qemu_version, splat_problems, MigVm, MigrateError};
 use crate::qemu::BootSpec;
-use crate::runner::{Ctx, HarnessError};
+use crate::runner::{object, Ctx, HarnessError};
 
 /// Guest RAM (MiB).
 pub const MEM_MIB: u64 = 1024;
@@ -291,14 +291,15 @@ fn check_bind(g: &mut Guest, poison: bool, deflate_on_oom: bool) -> Check {
         && has(F_FREE_PAGE_HINT)
         && has(F_PAGE_POISON) == poison
         && log.contains(want_poison_log);
-    let mut m = Map::new();
-    m.insert("driver".into(), json!(driver));
-    m.insert("features".into(), json!(feats.get(..8).unwrap_or(feats)));
-    m.insert("stats_vq".into(), json!(has(F_STATS_VQ)));
-    m.insert("deflate_on_oom".into(), json!(has(F_DEFLATE_ON_OOM)));
-    m.insert("free_page_hint".into(), json!(has(F_FREE_PAGE_HINT)));
-    m.insert("page_poison".into(), json!(has(F_PAGE_POISON)));
-    m.insert("driver_log".into(), json!(log));
+    let mut m = object(json!({
+        "driver": driver,
+        "features": feats.get(..8).unwrap_or(feats),
+        "stats_vq": has(F_STATS_VQ),
+        "deflate_on_oom": has(F_DEFLATE_ON_OOM),
+        "free_page_hint": has(F_FREE_PAGE_HINT),
+        "page_poison": has(F_PAGE_POISON),
+        "driver_log": log,
+    }));
     if !ok {
         m.insert("guest".into(), Value::Object(r));
     }
@@ -326,24 +327,22 @@ fn check_inflate(g: &mut Guest, deflate_on_oom: bool) -> Check {
     let drop_ok = abs_diff_mib(free_drop, balloon_bytes) <= FREE_TOLERANCE_MIB;
     let back_ok = abs_diff_mib(after.free_bytes(), before.free_bytes()) <= FREE_TOLERANCE_MIB;
     let ok = total_ok && drop_ok && back_ok;
-    let mut m = Map::new();
-    m.insert("target_mib".into(), json!(INFLATE_TARGET_MIB));
-    m.insert("actual_mib".into(), json!(a_in / MIB));
-    m.insert("inflate_ms".into(), json!(ms_in));
-    m.insert("deflated_actual_mib".into(), json!(a_out / MIB));
-    m.insert("deflate_ms".into(), json!(ms_out));
-    m.insert("balloon_mib".into(), json!(balloon_bytes / MIB));
-    m.insert("free_drop_mib".into(), json!(free_drop / MIB));
-    m.insert(
-        "free_returned_diff_mib".into(),
-        json!(abs_diff_mib(after.free_bytes(), before.free_bytes())),
-    );
-    m.insert("deflate_on_oom".into(), json!(deflate_on_oom));
-    m.insert("mem_total_drop_mib".into(), json!(total_drop / MIB));
-    m.insert("mem_total_ok".into(), json!(total_ok));
-    m.insert("before".into(), before.to_json());
-    m.insert("inflated".into(), inflated.to_json());
-    m.insert("after".into(), after.to_json());
+    let m = object(json!({
+        "target_mib": INFLATE_TARGET_MIB,
+        "actual_mib": a_in / MIB,
+        "inflate_ms": ms_in,
+        "deflated_actual_mib": a_out / MIB,
+        "deflate_ms": ms_out,
+        "balloon_mib": balloon_bytes / MIB,
+        "free_drop_mib": free_drop / MIB,
+        "free_returned_diff_mib": abs_diff_mib(after.free_bytes(), before.free_bytes()),
+        "deflate_on_oom": deflate_on_oom,
+        "mem_total_drop_mib": total_drop / MIB,
+        "mem_total_ok": total_ok,
+        "before": before.to_json(),
+        "inflated": inflated.to_json(),
+        "after": after.to_json(),
+    }));
     Ok((ok, m))
 }
 
@@ -410,16 +409,14 @@ fn check_stats(g: &mut Guest) -> Check {
     let free_ok = real(free) && abs_diff_mib(free, mi.free_kb * 1024) <= FREE_TOLERANCE_MIB;
     let avail_ok = real(avail) && abs_diff_mib(avail, mi.available_kb * 1024) <= FREE_TOLERANCE_MIB;
     let ok = total_ok && free_ok && avail_ok && second.0 > first.0;
-    let mut m = Map::new();
-    m.insert("last_update".into(), json!([first.0, second.0]));
-    m.insert("stat_free_mib".into(), json!(free / MIB));
-    m.insert("stat_total_mib".into(), json!(total / MIB));
-    m.insert("stat_available_mib".into(), json!(avail / MIB));
-    m.insert("guest".into(), mi.to_json());
-    m.insert(
-        "free_diff_mib".into(),
-        json!(abs_diff_mib(free, mi.free_kb * 1024)),
-    );
+    let m = object(json!({
+        "last_update": [first.0, second.0],
+        "stat_free_mib": free / MIB,
+        "stat_total_mib": total / MIB,
+        "stat_available_mib": avail / MIB,
+        "guest": mi.to_json(),
+        "free_diff_mib": abs_diff_mib(free, mi.free_kb * 1024),
+    }));
     Ok((ok, m))
 }
 
@@ -441,18 +438,19 @@ fn check_oom(g: &mut Guest) -> Check {
     // Back to full size for the next check.
     g.balloon(MEM_MIB).map_err(err)?;
     let back = g.wait_actual("deflate after OOM", 120, |a| a == MEM_MIB * MIB);
-    let mut m = Map::new();
-    m.insert("balloon_target_mib".into(), json!(OOM_TARGET_MIB));
-    m.insert("inflate_ms".into(), json!(ms));
-    m.insert("mem_free_mib".into(), json!(mi.free_kb / 1024));
-    m.insert("alloc_mib".into(), json!(alloc_mib));
-    m.insert("actual_before_mib".into(), json!(a0 / MIB));
-    m.insert("actual_after_mib".into(), json!(a1 / MIB));
-    m.insert("deflated_on_oom_mib".into(), json!(grown));
-    m.insert("killed".into(), json!(killed));
-    m.insert("fhwork_rc".into(), json!(rc));
-    m.insert("kept_pages_ok".into(), json!(verdict_ok));
-    m.insert("back_to_full".into(), json!(back.is_ok()));
+    let mut m = object(json!({
+        "balloon_target_mib": OOM_TARGET_MIB,
+        "inflate_ms": ms,
+        "mem_free_mib": mi.free_kb / 1024,
+        "alloc_mib": alloc_mib,
+        "actual_before_mib": a0 / MIB,
+        "actual_after_mib": a1 / MIB,
+        "deflated_on_oom_mib": grown,
+        "killed": killed,
+        "fhwork_rc": rc,
+        "kept_pages_ok": verdict_ok,
+        "back_to_full": back.is_ok(),
+    }));
     if !ok {
         m.insert("guest".into(), Value::Object(r));
     }
@@ -504,23 +502,18 @@ fn check_unload(g: &mut Guest) -> Check {
     g.balloon(MEM_MIB).map_err(err)?;
     let re_out = g.wait_actual("deflate after rebind", 120, |a| a == full);
     let ok = busy && rm_ok && ins_ok && rb_ok && re_in.is_ok() && re_out.is_ok();
-    let mut m = Map::new();
-    m.insert("target_mib".into(), json!(UNLOAD_TARGET_MIB));
-    m.insert("free_fell_at_rmmod_mib".into(), json!(fell));
-    m.insert("pages_returned".into(), json!(returned));
-    m.insert("balloon_target_pages".into(), json!(balloon_pages));
-    m.insert("busy".into(), json!(busy));
-    m.insert("rmmod_ok".into(), json!(rm_ok));
-    m.insert(
-        "actual_after_rmmod_mib".into(),
-        json!(a_after.as_ref().map(|a| a.0 / MIB).ok()),
-    );
-    m.insert("insmod_ok".into(), json!(ins_ok));
-    m.insert("rebind_ok".into(), json!(rb_ok));
-    m.insert(
-        "rebound_inflate_ok".into(),
-        json!(re_in.is_ok() && re_out.is_ok()),
-    );
+    let mut m = object(json!({
+        "target_mib": UNLOAD_TARGET_MIB,
+        "free_fell_at_rmmod_mib": fell,
+        "pages_returned": returned,
+        "balloon_target_pages": balloon_pages,
+        "busy": busy,
+        "rmmod_ok": rm_ok,
+        "actual_after_rmmod_mib": a_after.as_ref().map(|a| a.0 / MIB).ok(),
+        "insmod_ok": ins_ok,
+        "rebind_ok": rb_ok,
+        "rebound_inflate_ok": re_in.is_ok() && re_out.is_ok(),
+    }));
     if !ok {
         m.insert(
             "guest".into(),
@@ -626,15 +619,16 @@ fn check_stream(g: &mut Guest, file: &std::path::Path) -> Check {
     };
     let completed = ends.iter().any(|e| e == "complete" || e == "done");
     let ok = delta.is_some_and(|d| d > 0) && completed;
-    let mut m = Map::new();
-    m.insert("poison_subsection".into(), json!(poison_val.is_some()));
-    m.insert("qemu_poison_val".into(), json!(poison_val));
-    m.insert("stream_bytes".into(), json!(stream_bytes));
-    m.insert("free_page_vq_used_delta".into(), json!(delta));
-    m.insert("round_ends".into(), json!(ends));
-    m.insert("last_round_log".into(), json!(log));
-    m.insert("migration_mb".into(), json!(stats.transferred / 1_000_000));
-    m.insert("migration_ms".into(), json!(stats.total_ms));
+    let m = object(json!({
+        "poison_subsection": poison_val.is_some(),
+        "qemu_poison_val": poison_val,
+        "stream_bytes": stream_bytes,
+        "free_page_vq_used_delta": delta,
+        "round_ends": ends,
+        "last_round_log": log,
+        "migration_mb": stats.transferred / 1_000_000,
+        "migration_ms": stats.total_ms,
+    }));
     Ok((ok, m))
 }
 
@@ -679,13 +673,14 @@ fn with_guest(
     }
     splat_problems(&g.vm, &mut problems);
     let ok = problems.is_empty();
-    let mut r = Map::new();
-    r.insert("name".into(), json!(format!("balloon/boot/{role}")));
-    r.insert("ok".into(), json!(ok));
-    r.insert("flavour".into(), json!(spec.flavour));
-    r.insert("cmdline".into(), json!(spec.extra_cmdline));
-    r.insert("device".into(), json!(spec.extra_qemu_args.get(3)));
-    r.insert("elapsed_s".into(), json!(started.elapsed().as_secs()));
+    let mut r = object(json!({
+        "name": format!("balloon/boot/{role}"),
+        "ok": ok,
+        "flavour": spec.flavour,
+        "cmdline": spec.extra_cmdline,
+        "device": spec.extra_qemu_args.get(3),
+        "elapsed_s": started.elapsed().as_secs(),
+    }));
     if !ok {
         r.insert("problems".into(), json!(problems));
         r.insert("log".into(), json!(g.vm.serial_log.display().to_string()));
@@ -758,21 +753,19 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         poison_ok = step(ctx, "poison", Ok((ok, f))).0;
     })?;
     let boots_clean = b1 && b2 && b3;
-    let mut s = Map::new();
-    s.insert("bind_ok".into(), json!(bind_ok));
-    s.insert("inflate_ok".into(), json!(inflate_ok));
-    s.insert("stats_ok".into(), json!(stats_ok));
-    s.insert("oom_deflate_ok".into(), json!(oom_ok));
-    s.insert("unload_ok".into(), json!(unload_ok));
-    s.insert("poison_ok".into(), json!(poison_ok));
-    s.insert("boots_clean".into(), json!(boots_clean));
-    s.insert("elapsed_s".into(), json!(started.elapsed().as_secs()));
-    s.insert("qemu".into(), json!(qemu_version(&ctx.manifest)));
-    s.insert(
-        "ok".into(),
-        json!(bind_ok && inflate_ok && stats_ok && oom_ok && unload_ok && poison_ok && boots_clean),
-    );
-    Ok(s)
+    let ok = bind_ok && inflate_ok && stats_ok && oom_ok && unload_ok && poison_ok && boots_clean;
+    Ok(object(json!({
+        "bind_ok": bind_ok,
+        "inflate_ok": inflate_ok,
+        "stats_ok": stats_ok,
+        "oom_deflate_ok": oom_ok,
+        "unload_ok": unload_ok,
+        "poison_ok": poison_ok,
+        "boots_clean": boots_clean,
+        "elapsed_s": started.elapsed().as_secs(),
+        "qemu": qemu_version(&ctx.manifest),
+        "ok": ok,
+    })))
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::migrate::{qemu_version, run_cell, Cell, CellOutcome, Driver, Workload};
-use crate::runner::{emit, Ctx, HarnessError};
+use crate::runner::{emit, object, Ctx, HarnessError};
 
 /// Runs the scenario.
 pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
@@ -49,13 +49,14 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         if let Some(b) = sent {
             bytes.insert(d.name().into(), json!(b));
         }
-        let mut r = Map::new();
-        r.insert("name".into(), json!(format!("hint/{}", d.name())));
-        r.insert("ok".into(), json!(r_ok));
-        r.insert("free_page_vq_used_delta".into(), json!(used));
-        r.insert("hints_consumed".into(), json!(hinted));
-        r.insert("bytes".into(), json!(sent));
-        r.insert("integrity_failures".into(), json!(out.integrity_failures()));
+        let mut r = object(json!({
+            "name": format!("hint/{}", d.name()),
+            "ok": r_ok,
+            "free_page_vq_used_delta": used,
+            "hints_consumed": hinted,
+            "bytes": sent,
+            "integrity_failures": out.integrity_failures(),
+        }));
         if !out.problems.is_empty() {
             r.insert("problems".into(), json!(out.problems));
             r.insert("logs".into(), json!(out.logs));

@@ -43,7 +43,7 @@ use crate::migrate::{
     cell_json, is_splat_line, qemu_version, run_cell_with, Cell, Driver, MigVm, MigrateError,
     Workload,
 };
-use crate::runner::{Ctx, HarnessError};
+use crate::runner::{object, Ctx, HarnessError};
 
 /// Migrations under the workload (2 round trips).
 pub const MIGRATIONS: usize = 4;
@@ -378,18 +378,20 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         .unwrap_or_default();
     let during_unload = rounds.iter().filter(|c| c.during_unload).count();
 
-    let mut r = Map::new();
-    r.insert("name".into(), json!("lockdep_active"));
-    r.insert("ok".into(), json!(lockdep_active));
-    r.insert("banner".into(), json!(banner));
-    r.insert("boot".into(), json!(boot));
-    r.insert("debug_locks_end".into(), json!(debug_locks_end));
+    let r = object(json!({
+        "name": "lockdep_active",
+        "ok": lockdep_active,
+        "banner": banner,
+        "boot": boot,
+        "debug_locks_end": debug_locks_end,
+    }));
     ctx.record(r);
-    let mut r = Map::new();
-    r.insert("name".into(), json!("no_splat"));
-    r.insert("ok".into(), json!(splats.is_empty()));
-    r.insert("splats".into(), json!(splats.len()));
-    r.insert("logs".into(), json!(logs.len()));
+    let mut r = object(json!({
+        "name": "no_splat",
+        "ok": splats.is_empty(),
+        "splats": splats.len(),
+        "logs": logs.len(),
+    }));
     if !splats.is_empty() {
         r.insert(
             "first".into(),
@@ -424,18 +426,19 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     ctx.record(r);
 
     let migrations_ok = out.migrations.len() == MIGRATIONS;
-    let mut s = Map::new();
-    s.insert("migrations".into(), json!(out.migrations.len()));
-    s.insert("integrity_failures".into(), json!(out.integrity_failures()));
-    s.insert("splats".into(), json!(splats.len()));
-    s.insert("lockdep_active".into(), json!(lockdep_active));
-    s.insert("rmmod_ok".into(), json!(rmmod_ok));
-    s.insert("kmemleak_leaks".into(), json!(leaks));
-    s.insert("unload_cycles".into(), json!(cycles_ok.len()));
-    s.insert("rounds_during_unload".into(), json!(during_unload));
-    s.insert("mem_mib".into(), json!(MEM_MIB));
-    s.insert("elapsed_s".into(), json!((elapsed_s * 10.0).round() / 10.0));
-    s.insert("qemu".into(), json!(qemu_version(&ctx.manifest)));
+    let mut s = object(json!({
+        "migrations": out.migrations.len(),
+        "integrity_failures": out.integrity_failures(),
+        "splats": splats.len(),
+        "lockdep_active": lockdep_active,
+        "rmmod_ok": rmmod_ok,
+        "kmemleak_leaks": leaks,
+        "unload_cycles": cycles_ok.len(),
+        "rounds_during_unload": during_unload,
+        "mem_mib": MEM_MIB,
+        "elapsed_s": (elapsed_s * 10.0).round() / 10.0,
+        "qemu": qemu_version(&ctx.manifest),
+    }));
     if !out.problems.is_empty() {
         s.insert("problems".into(), json!(out.problems));
     }

@@ -23,7 +23,7 @@ use crate::errors::io_error;
 use crate::migrate::{
     cell_json, median, qemu_version, run_cell, Cell, CellOutcome, Driver, MigrateError, Workload,
 };
-use crate::runner::{emit, Ctx, HarnessError};
+use crate::runner::{emit, object, Ctx, HarnessError};
 
 /// All drivers, in column order.
 pub const DRIVERS: [Driver; 3] = [Driver::None, Driver::Stock, Driver::Freehint];
@@ -298,23 +298,15 @@ pub fn summary(ctx: &Ctx, t: &Table, sizes: &[u64], ioas: &[bool]) -> Map<String
         }
         worst.map_or(Value::Null, |x| json!((x * 1000.0).round() / 1000.0))
     };
-    let mut s = Map::new();
-    s.insert(
-        "bytes_freehint_over_stock".into(),
-        ratio(t.bytes_med(&df("freehint")), t.bytes_med(&df("stock"))),
-    );
-    s.insert(
-        "bytes_freehint_over_used".into(),
-        ratio(t.bytes_med(&df("freehint")), used_bytes(&df("freehint"))),
-    );
-    s.insert(
-        "bytes_freehint_over_nonfree".into(),
-        ratio(t.bytes_med(&df("freehint")), nonfree_bytes(&df("freehint"))),
-    );
-    s.insert("time_hints_over_nohints_max".into(), time_max("freehint"));
-    s.insert("integrity_failures".into(), json!(t.integrity_failures));
-    s.insert("failed_runs".into(), json!(t.failures));
-    s.insert("reference_flakes".into(), json!(t.reference_flakes.len()));
+    let mut s = object(json!({
+        "bytes_freehint_over_stock": ratio(t.bytes_med(&df("freehint")), t.bytes_med(&df("stock"))),
+        "bytes_freehint_over_used": ratio(t.bytes_med(&df("freehint")), used_bytes(&df("freehint"))),
+        "bytes_freehint_over_nonfree": ratio(t.bytes_med(&df("freehint")), nonfree_bytes(&df("freehint"))),
+        "time_hints_over_nohints_max": time_max("freehint"),
+        "integrity_failures": t.integrity_failures,
+        "failed_runs": t.failures,
+        "reference_flakes": t.reference_flakes.len(),
+    }));
     if !t.reference_flakes.is_empty() {
         s.insert("reference_flake_cells".into(), json!(t.reference_flakes));
     }
@@ -532,31 +524,20 @@ mod tests {
             }
         }
         // Spelled out: the cases the brief names.
-        assert!(retry_as_reference_flake(
-            Driver::Stock,
-            AttemptEnd::Broken,
-            0
-        ));
-        assert!(!retry_as_reference_flake(
-            Driver::Stock,
-            AttemptEnd::Damaged,
-            0
-        ));
-        assert!(!retry_as_reference_flake(
-            Driver::Freehint,
-            AttemptEnd::Broken,
-            0
-        ));
-        assert!(!retry_as_reference_flake(
-            Driver::None,
-            AttemptEnd::Broken,
-            0
-        ));
-        assert!(!retry_as_reference_flake(
-            Driver::Stock,
-            AttemptEnd::Passed,
-            0
-        ));
+        for (driver, end, retried) in [
+            (Driver::Stock, AttemptEnd::Broken, true),
+            (Driver::Stock, AttemptEnd::Damaged, false),
+            (Driver::Freehint, AttemptEnd::Broken, false),
+            (Driver::None, AttemptEnd::Broken, false),
+            (Driver::Stock, AttemptEnd::Passed, false),
+        ] {
+            assert_eq!(
+                retry_as_reference_flake(driver, end, 0),
+                retried,
+                "{} {end:?}",
+                driver.name()
+            );
+        }
     }
 
     #[test]

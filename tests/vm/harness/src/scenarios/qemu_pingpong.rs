@@ -7,7 +7,7 @@
 use serde_json::{json, Map, Value};
 
 use crate::migrate::{cell_json, qemu_version, run_cell, Cell, Driver, Workload};
-use crate::runner::{Ctx, HarnessError};
+use crate::runner::{object, Ctx, HarnessError};
 
 fn pingpong(ctx: &mut Ctx, migrations: usize) -> Result<Map<String, Value>, HarnessError> {
     let driver = if Driver::Freehint.enabled() {
@@ -39,21 +39,19 @@ fn pingpong(ctx: &mut Ctx, migrations: usize) -> Result<Map<String, Value>, Harn
         }
         ctx.record(line);
     }
-    let mut s = Map::new();
-    s.insert("migrations".into(), json!(out.migrations.len()));
-    s.insert("integrity_failures".into(), json!(out.integrity_failures()));
-    s.insert("corrupt_pages".into(), json!(out.corrupt_pages()));
-    s.insert("driver".into(), json!(driver.name()));
-    s.insert("guest_alive_at_end".into(), json!(out.problems.is_empty()));
-    s.insert(
-        "pages_checked".into(),
-        json!(out
+    let mut s = object(json!({
+        "migrations": out.migrations.len(),
+        "integrity_failures": out.integrity_failures(),
+        "corrupt_pages": out.corrupt_pages(),
+        "driver": driver.name(),
+        "guest_alive_at_end": out.problems.is_empty(),
+        "pages_checked": out
             .integrity
             .iter()
             .filter_map(|r| r.get("pages_checked").and_then(Value::as_u64))
-            .sum::<u64>()),
-    );
-    s.insert("qemu".into(), json!(qemu_version(&ctx.manifest)));
+            .sum::<u64>(),
+        "qemu": qemu_version(&ctx.manifest),
+    }));
     if !out.problems.is_empty() {
         s.insert("problems".into(), json!(out.problems));
     }

@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value};
 
 use super::vfio_stock::boot_round;
 use crate::qemu::Machine;
-use crate::runner::{Ctx, HarnessError};
+use crate::runner::{object, Ctx, HarnessError};
 use crate::vfio::{overlay_initramfs, server_binary};
 
 /// Runs the scenario.
@@ -83,11 +83,12 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
                    "round_ms": r.get("round_ms"), "bitmap_acked": bitmap_acked}),
         );
     }
-    let mut s = Map::new();
-    s.insert("ok".into(), json!(ok));
-    s.insert("bitmap_mismatch_bits".into(), json!(mismatch));
-    s.insert("false_free".into(), json!(false_free));
-    s.insert("boots".into(), json!(boots));
-    s.insert("cells".into(), Value::Object(per));
+    let s = object(json!({
+        "ok": ok,
+        "bitmap_mismatch_bits": mismatch,
+        "false_free": false_free,
+        "boots": boots,
+        "cells": Value::Object(per),
+    }));
     Ok(s)
 }

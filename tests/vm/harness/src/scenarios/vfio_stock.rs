@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value};
 
 use crate::errors::io_error;
 use crate::qemu::{BootSpec, Machine};
-use crate::runner::{Ctx, HarnessError};
+use crate::runner::{object, Ctx, HarnessError};
 use crate::vfio::{
     compare, memfd_kb, overlay_initramfs, read_dump, server_binary, RamLayout, Server, VfioBoot,
 };
@@ -199,23 +199,20 @@ pub fn boot_round(
         ok &= n("inflate_freed_kb") * 4 >= INFLATE_PAGES * 4 * 3;
         ok &= r.get("stats").is_some_and(|s| !s.is_null());
     }
-    r.insert("server_anon_kb_before".into(), json!(anon_before));
-    r.insert("server_anon_kb_after".into(), json!(anon_after));
-    r.insert("server_alive_at_end".into(), json!(server_alive));
-    r.insert("server_exited_after_client".into(), json!(exited));
-    r.insert(
-        "server_warnings".into(),
-        json!(log
-            .lines()
-            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-            .count()),
-    );
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .count();
     ok &= log.contains("migrates NO state");
-    r.insert(
-        "boot_s".into(),
-        json!((out.elapsed_s * 10.0).round() / 10.0),
-    );
-    r.insert("ok".into(), json!(ok));
+    r.extend(object(json!({
+        "server_anon_kb_before": anon_before,
+        "server_anon_kb_after": anon_after,
+        "server_alive_at_end": server_alive,
+        "server_exited_after_client": exited,
+        "server_warnings": warnings,
+        "boot_s": (out.elapsed_s * 10.0).round() / 10.0,
+        "ok": ok,
+    })));
     ctx.record(r.clone());
     Ok(r)
 }
