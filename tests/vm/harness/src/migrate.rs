@@ -213,17 +213,10 @@ impl MigVm {
         check_migratable(spec)?;
         let image = manifest.flavour(&spec.flavour)?;
         let base = format!("{}-{role}", spec.label());
-        let sock = |ext: &str| {
-            let name = format!("{base}.{ext}");
-            sockets::socket_path(&name).map_err(io_error("cannot create socket dir", &name))
-        };
-        let serial_sock = sock("ser")?;
-        let qmp_sock = sock("qmp")?;
+        let serial_sock = sockets::socket_path(&format!("{base}.ser"))?;
+        let qmp_sock = sockets::socket_path(&format!("{base}.qmp"))?;
         let serial_log = log_dir.join(format!("{base}.log"));
         let qemu_log = log_dir.join(format!("{base}.qemu.log"));
-        for s in [&serial_sock, &qmp_sock] {
-            sockets::release(s);
-        }
         let mut args = migration_args(spec.qemu_args(&image, Some(&qmp_sock)), &serial_sock);
         if let Some(port) = incoming {
             args.push("-incoming".into());

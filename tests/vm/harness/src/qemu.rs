@@ -220,11 +220,10 @@ impl Vm {
         let image = manifest.flavour(&spec.flavour)?;
         let serial_log = log_dir.join(format!("{}.log", spec.label()));
         let qmp_socket = if spec.qmp {
-            let name = format!("{}.qmp", spec.label());
-            let path = crate::sockets::socket_path(&name)
-                .map_err(io_error("cannot create a socket for", &name))?;
-            crate::sockets::release(&path);
-            Some(path)
+            Some(crate::sockets::socket_path(&format!(
+                "{}.qmp",
+                spec.label()
+            ))?)
         } else {
             None
         };

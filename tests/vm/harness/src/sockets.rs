@@ -8,20 +8,24 @@
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::io;
 use std::path::{Path, PathBuf};
+
+use crate::errors::{io_error, PathIoError};
 
 /// Longest socket path accepted: `sun_path` is 108 bytes including the NUL.
 pub const MAX_SOCKET_PATH: usize = 107;
 
-/// A path for the socket called `name`, in a short directory that exists.
+/// A fresh path for the socket called `name`, in a short directory that
+/// exists; a stale socket of that name (from a killed run) is removed.
 ///
 /// The directory is `$TMPDIR/fh-<pid>` (or `/tmp/fh-<pid>` when `$TMPDIR`
 /// is itself too long); the result is at most [`MAX_SOCKET_PATH`] bytes.
-pub fn socket_path(name: &str) -> io::Result<PathBuf> {
+pub fn socket_path(name: &str) -> Result<PathBuf, PathIoError> {
     let dir = socket_dir();
-    std::fs::create_dir_all(&dir)?;
-    Ok(fit(&dir, name))
+    std::fs::create_dir_all(&dir).map_err(io_error("cannot create socket dir", &dir))?;
+    let path = fit(&dir, name);
+    release(&path);
+    Ok(path)
 }
 
 /// Removes a socket made by [`socket_path`]. The directory stays (another

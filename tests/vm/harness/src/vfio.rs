@@ -149,12 +149,8 @@ impl Server {
         layout: &RamLayout,
         extra: &[&str],
     ) -> Result<Server, HarnessError> {
-        let sock = |ext: &str| {
-            let name = format!("{label}.{ext}");
-            crate::sockets::socket_path(&name).map_err(io_error("cannot create socket dir", &name))
-        };
-        let socket = sock("sock")?;
-        let control = sock("ctl")?;
+        let socket = crate::sockets::socket_path(&format!("{label}.sock"))?;
+        let control = crate::sockets::socket_path(&format!("{label}.ctl"))?;
         let log = dir.join(format!("{label}.server.log"));
         let log_file =
             std::fs::File::create(&log).map_err(io_error("cannot create server log", &log))?;
@@ -430,10 +426,7 @@ impl VfioBoot {
         let mut spec = self.spec.clone();
         spec.timeout = spec.timeout.mul_f64(ctx.timeout_scale.max(0.1));
         let label = format!("{}-{}", spec.label(), self.tag);
-        let name = format!("{label}.tty");
-        let chan = crate::sockets::socket_path(&name)
-            .map_err(io_error("cannot create socket dir", &name))?;
-        crate::sockets::release(&chan);
+        let chan = crate::sockets::socket_path(&format!("{label}.tty"))?;
         spec.extra_qemu_args.extend([
             "-object".into(),
             format!(
