@@ -296,6 +296,22 @@ impl MigVm {
         }
     }
 
+    /// Waits for a guest `@@RESULT` line named `name` at index `>= from`.
+    pub fn wait_result(
+        &mut self,
+        from: usize,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+    ) -> Result<ResultLine, MigrateError> {
+        let key = format!("\"name\":\"{name}\"");
+        let (at, line) = self.wait_line(from, what, timeout, |l| {
+            l.contains(RESULT_MARKER) && l.contains(&key)
+        })?;
+        let obj = json_after(&line, RESULT_MARKER);
+        Ok((at, line, obj))
+    }
+
     /// Waits until a serial line at index `>= from` satisfies `pred`;
     /// returns its index and text.
     pub fn wait_line(
@@ -531,19 +547,30 @@ pub fn migrate_to(
     }
 }
 
+/// A guest result line found on the console: its index, its text and its
+/// object (`None` if the JSON was malformed).
+pub type ResultLine = (usize, String, Option<Map<String, Value>>);
+
 /// Marker `fhwork` prints when its working set is in place.
 pub const READY_MARKER: &str = "@@FHWORK ready";
+/// Marker of a guest result line.
+const RESULT_MARKER: &str = "@@RESULT ";
+
+/// The JSON object that follows `marker` on a console line.
+fn json_after(line: &str, marker: &str) -> Option<Map<String, Value>> {
+    let (_, j) = line.split_once(marker)?;
+    match serde_json::from_str::<Value>(j.trim()).ok()? {
+        Value::Object(m) => Some(m),
+        _ => None,
+    }
+}
 
 /// Waits for the workload on `vm` to be ready; returns the ready line's JSON.
 pub fn wait_ready(vm: &mut MigVm, timeout: Duration) -> Result<Map<String, Value>, MigrateError> {
     let (_, line) = vm.wait_line(0, "the guest workload to start", timeout, |l| {
         l.contains(READY_MARKER)
     })?;
-    Ok(line
-        .split_once(READY_MARKER)
-        .and_then(|(_, j)| serde_json::from_str::<Value>(j.trim()).ok())
-        .and_then(|v| v.as_object().cloned())
-        .unwrap_or_default())
+    Ok(json_after(&line, READY_MARKER).unwrap_or_default())
 }
 
 /// Asks the guest on `vm` to verify every live page (`stop`: and then exit)
@@ -555,13 +582,8 @@ pub fn verify_integrity(
 ) -> Result<Map<String, Value>, MigrateError> {
     let from = vm.line_count();
     vm.send_line(if stop { "stop" } else { "verify" })?;
-    let (_, line) = vm.wait_line(from, "the guest's integrity verdict", timeout, |l| {
-        l.contains("@@RESULT ") && l.contains("\"name\":\"integrity\"")
-    })?;
-    let obj = line
-        .split_once("@@RESULT ")
-        .and_then(|(_, j)| serde_json::from_str::<Value>(j.trim()).ok())
-        .and_then(|v| v.as_object().cloned());
+    let (_, line, obj) =
+        vm.wait_result(from, "integrity", "the guest's integrity verdict", timeout)?;
     Ok(obj.unwrap_or_else(|| {
         let mut m = Map::new();
         m.insert("name".into(), json!("integrity"));

@@ -153,21 +153,11 @@ impl Guest {
         name: &str,
         secs: u64,
     ) -> Result<Map<String, Value>, MigrateError> {
-        let key = format!("\"name\":\"{name}\"");
-        let (_, l) = self.vm.wait_line(
-            from,
-            &format!("the guest's answer to `{line}`"),
-            self.unit * secs as u32,
-            |l| l.contains("@@RESULT ") && l.contains(&key),
-        )?;
-        Ok(l.split_once("@@RESULT ")
-            .and_then(|(_, j)| serde_json::from_str::<Value>(j.trim()).ok())
-            .and_then(|v| v.as_object().cloned())
-            .unwrap_or_else(|| {
-                let mut m = Map::new();
-                m.insert("malformed".into(), json!(l));
-                m
-            }))
+        let what = format!("the guest's answer to `{line}`");
+        let (_, l, obj) = self
+            .vm
+            .wait_result(from, name, &what, self.unit * secs as u32)?;
+        Ok(obj.unwrap_or_else(|| object(json!({ "malformed": l }))))
     }
 
     /// `query-balloon` `actual` in bytes.

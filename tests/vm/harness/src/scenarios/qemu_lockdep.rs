@@ -207,9 +207,12 @@ fn unload_cycle(
         Some(json!({"uri": format!("tcp:127.0.0.1:{}", sink.port)})),
     )?;
     wait_status(vm, &["active"], "the held-open migration", unit * 60)?;
-    let (result, _) = vm.wait_line(marker + 1, "the guest's rmmod result", unit * 300, |l| {
-        l.contains("\"name\":\"rmmod_cycle\"")
-    })?;
+    let (result, ..) = vm.wait_result(
+        marker + 1,
+        "rmmod_cycle",
+        "the guest's rmmod result",
+        unit * 300,
+    )?;
     rep.status_at_rmmod = Some(migrate_status(vm)?);
     vm.qmp.execute("migrate_cancel", None)?;
     wait_status(vm, &["cancelled"], "the migration cancel", unit * 60)?;
@@ -237,9 +240,7 @@ fn unload_during_rounds(
         reps.push(rep);
         from = r? + 1;
     }
-    vm.wait_line(from, "the guest's rmmod summary", unit * 120, |l| {
-        l.contains("\"name\":\"rmmod\"")
-    })?;
+    vm.wait_result(from, "rmmod", "the guest's rmmod summary", unit * 120)?;
     Ok(())
 }
 
