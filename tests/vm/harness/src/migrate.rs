@@ -511,39 +511,66 @@ pub fn migrate_to(
     uri: &str,
     timeout: Duration,
 ) -> Result<MigrationStats, MigrateError> {
+    let start = Instant::now();
+    start_migration(src, uri, MAX_BANDWIDTH)?;
+    let end = wait_migration(
+        src,
+        &["completed"],
+        &["failed", "cancelled"],
+        "migration",
+        timeout,
+    );
+    if matches!(end, Err(MigrateError::Timeout { .. })) {
+        let _ = src.qmp.execute("migrate_cancel", None);
+    }
+    let q = end?;
+    Ok(MigrationStats::from_query(
+        &q,
+        start.elapsed().as_millis() as u64,
+    ))
+}
+
+/// Sets the bandwidth cap (bytes/s) and starts migrating `src` to `uri`.
+pub fn start_migration(src: &mut MigVm, uri: &str, max_bandwidth: u64) -> Result<(), MigrateError> {
     src.qmp.execute(
         "migrate-set-parameters",
-        Some(json!({"max-bandwidth": MAX_BANDWIDTH})),
+        Some(json!({ "max-bandwidth": max_bandwidth })),
     )?;
-    let start = Instant::now();
     src.qmp.execute("migrate", Some(json!({ "uri": uri })))?;
+    Ok(())
+}
+
+/// Polls `query-migrate` on `src` until its status is one of `want`
+/// (returns that query), one of `fail_on` ([`MigrateError::Failed`]), or
+/// `timeout` has passed ([`MigrateError::Timeout`]).
+pub fn wait_migration(
+    src: &mut MigVm,
+    want: &[&str],
+    fail_on: &[&str],
+    what: &str,
+    timeout: Duration,
+) -> Result<Value, MigrateError> {
+    let start = Instant::now();
     loop {
         let q = src.qmp.execute("query-migrate", None)?;
         let status = q["status"].as_str().unwrap_or("?").to_string();
-        match status.as_str() {
-            "completed" => {
-                return Ok(MigrationStats::from_query(
-                    &q,
-                    start.elapsed().as_millis() as u64,
-                ))
-            }
-            "failed" | "cancelled" => {
-                return Err(MigrateError::Failed {
-                    status,
-                    error: q["error-desc"].as_str().unwrap_or("").to_string(),
-                })
-            }
-            _ => {}
+        if want.contains(&status.as_str()) {
+            return Ok(q);
+        }
+        if fail_on.contains(&status.as_str()) {
+            return Err(MigrateError::Failed {
+                status,
+                error: q["error-desc"].as_str().unwrap_or("").to_string(),
+            });
         }
         if start.elapsed() >= timeout {
-            let _ = src.qmp.execute("migrate_cancel", None);
             return Err(MigrateError::Timeout {
-                what: format!("migration (last status {status})"),
+                what: format!("{what} (last status {status})"),
                 secs: timeout.as_secs(),
                 log: src.qemu_log.display().to_string(),
             });
         }
-        std::thread::sleep(Duration::from_millis(25));
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -40,8 +40,8 @@ use serde_json::{json, Map, Value};
 use crate::errors::io_error;
 use crate::guest::{result_ok, GuestOutput};
 use crate::migrate::{
-    cell_json, is_splat_line, qemu_version, run_cell_with, Cell, Driver, MigVm, MigrateError,
-    Workload,
+    cell_json, is_splat_line, qemu_version, run_cell_with, start_migration, wait_migration, Cell,
+    Driver, MigVm, MigrateError, Workload,
 };
 use crate::runner::{object, Ctx, HarnessError};
 
@@ -161,27 +161,15 @@ fn migrate_status(vm: &mut MigVm) -> Result<String, MigrateError> {
     Ok(q["status"].as_str().unwrap_or("none").to_string())
 }
 
+/// Waits for the held-open migration to reach `want`; it must neither fail
+/// nor complete (the sink is too slow for that).
 fn wait_status(
     vm: &mut MigVm,
-    want: &[&str],
+    want: &str,
     what: &str,
     timeout: Duration,
-) -> Result<String, MigrateError> {
-    let start = Instant::now();
-    loop {
-        let s = migrate_status(vm)?;
-        if want.contains(&s.as_str()) {
-            return Ok(s);
-        }
-        if s == "failed" || s == "completed" || start.elapsed() >= timeout {
-            return Err(MigrateError::Timeout {
-                what: format!("{what} (migration status {s})"),
-                secs: timeout.as_secs(),
-                log: vm.qemu_log.display().to_string(),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+) -> Result<(), MigrateError> {
+    wait_migration(vm, &[want], &["failed", "completed"], what, timeout).map(|_| ())
 }
 
 /// One unload cycle on the last destination (see the module
@@ -195,18 +183,12 @@ fn unload_cycle(
     rep: &mut CycleReport,
 ) -> Result<usize, MigrateError> {
     let sink = Sink::start()?;
-    vm.qmp.execute(
-        "migrate-set-parameters",
-        Some(json!({"max-bandwidth": SINK_BANDWIDTH})),
-    )?;
     // The guest now polls /proc/interrupts and unloads the driver as soon as
     // the hint request (a config interrupt) arrives.
     vm.send_line("go")?;
-    vm.qmp.execute(
-        "migrate",
-        Some(json!({"uri": format!("tcp:127.0.0.1:{}", sink.port)})),
-    )?;
-    wait_status(vm, &["active"], "the held-open migration", unit * 60)?;
+    let uri = format!("tcp:127.0.0.1:{}", sink.port);
+    start_migration(vm, &uri, SINK_BANDWIDTH)?;
+    wait_status(vm, "active", "the held-open migration", unit * 60)?;
     let (result, ..) = vm.wait_result(
         marker + 1,
         "rmmod_cycle",
@@ -215,7 +197,7 @@ fn unload_cycle(
     )?;
     rep.status_at_rmmod = Some(migrate_status(vm)?);
     vm.qmp.execute("migrate_cancel", None)?;
-    wait_status(vm, &["cancelled"], "the migration cancel", unit * 60)?;
+    wait_status(vm, "cancelled", "the migration cancel", unit * 60)?;
     rep.sink_bytes = sink.bytes();
     drop(sink);
     vm.send_line("next")?;
