@@ -19,6 +19,7 @@ use freehint_protocol::balloon::{
 use freehint_protocol::bitmap_hint::{LayoutReply, Message, MSG_HEADER_SIZE};
 use freehint_protocol::layout::{PAGE_SHIFT, PAGE_SIZE};
 use log::{debug, info, warn};
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -47,6 +48,7 @@ pub(super) struct Desc {
 enum ChainError {
     TooLong,
     OutOfMemory,
+    IndirectNotNegotiated,
 }
 
 /// Runtime state, under one lock (`Shared::state`).
@@ -493,6 +495,7 @@ impl Ctx<'_> {
     ) -> Result<bool, BalloonError> {
         st.returned_extra = false;
         let mut used_any = false;
+        let indirect_ok = has_feature(st.acked_features, VIRTIO_RING_F_INDIRECT_DESC);
         loop {
             let Some(q) = st.queues.get_mut(usize::from(index)) else {
                 return Ok(used_any);
@@ -510,21 +513,18 @@ impl Ctx<'_> {
                 warn!("{kind}: available ring names descriptor {head} beyond the queue; skipped");
                 continue;
             }
-            let indirect_ok = has_feature(st.acked_features, VIRTIO_RING_F_INDIRECT_DESC);
-            if !indirect_ok && head_is_indirect(self.mem, q.desc_table(), head) {
-                BalloonMetrics::inc(&self.metrics().indirect_not_negotiated);
-                warn!("{kind}: chain {head} is indirect but INDIRECT_DESC was not negotiated; dropped");
-                q.add_used(self.mem, head, 0)
-                    .map_err(|source| BalloonError::UsedRing {
-                        queue: index,
-                        source,
-                    })?;
-                used_any = true;
-                continue;
-            }
             let mut descs = std::mem::take(&mut st.descs);
-            let collected = collect_chain(chain, self.mem, &mut descs);
+            let collected = if !indirect_ok && head_is_indirect(self.mem, q.desc_table(), head) {
+                Err(ChainError::IndirectNotNegotiated)
+            } else {
+                collect_chain(chain, self.mem, &mut descs)
+            };
             let used_len = match collected {
+                Err(ChainError::IndirectNotNegotiated) => {
+                    BalloonMetrics::inc(&self.metrics().indirect_not_negotiated);
+                    warn!("{kind}: chain {head} is indirect but INDIRECT_DESC was not negotiated; dropped");
+                    Some(0)
+                }
                 Err(ChainError::TooLong) => {
                     BalloonMetrics::inc(&self.metrics().chain_too_long);
                     warn!("{kind}: chain {head} too long or looping; dropped");
@@ -925,13 +925,11 @@ impl Ctx<'_> {
 /// device checks the feature itself). An unreadable descriptor counts as not
 /// indirect: the chain walk then reports it.
 fn head_is_indirect(mem: &GuestMemoryMmap, desc_table: u64, head: u16) -> bool {
-    const VIRTQ_DESC_F_INDIRECT: u16 = 4;
-    const FLAGS_OFFSET: u64 = 12;
-    let addr = desc_table
-        .checked_add(u64::from(head) * 16 + FLAGS_OFFSET)
-        .map(GuestAddress);
-    addr.and_then(|a| mem.read_obj::<u16>(a).ok())
-        .is_some_and(|flags| u16::from_le(flags) & VIRTQ_DESC_F_INDIRECT != 0)
+    let size = std::mem::size_of::<SplitDescriptor>() as u64;
+    desc_table
+        .checked_add(u64::from(head) * size)
+        .and_then(|a| mem.read_obj::<SplitDescriptor>(GuestAddress(a)).ok())
+        .is_some_and(|d| d.refers_to_indirect_table())
 }
 
 /// Reads a chain's descriptors into `out` (bounded), checking each lies in

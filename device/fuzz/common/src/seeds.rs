@@ -356,46 +356,44 @@ fn indirect_ops() -> Vec<Op> {
     let id = DATA_BASE;
     let table = DATA_BASE + 0x1000;
     let big = DATA_BASE + 0x4000;
-    {
-        vec![
-            Op::StartRound { stale_epoch: false },
-            Op::WriteCmdId {
-                addr: id,
-                id: CmdId::Current,
-            },
-            chain(FREEQ, 0, vec![d(id, 4, 0)]),
-            Op::Notify {
-                queue: FREEQ as u16,
-            },
-            Op::AddIndirect {
-                queue: FREEQ,
-                slot: 1,
-                table,
-                head_len: None,
-                raw: false,
-                descs: vec![
-                    d(0x40000, 0x10000, WRITE),
-                    d(0x50000, 0x10000, WRITE),
-                    d(HIGH_BASE, 0x8000, WRITE),
-                ],
-            },
-            Op::Notify {
-                queue: FREEQ as u16,
-            },
-            Op::AddIndirect {
-                queue: FREEQ,
-                slot: 2,
-                table: big,
-                head_len: None,
-                raw: false,
-                descs: vec![d(0x60000, 0x1000, WRITE); 600],
-            },
-            Op::Notify {
-                queue: FREEQ as u16,
-            },
-            Op::Apply,
-        ]
-    }
+    vec![
+        Op::StartRound { stale_epoch: false },
+        Op::WriteCmdId {
+            addr: id,
+            id: CmdId::Current,
+        },
+        chain(FREEQ, 0, vec![d(id, 4, 0)]),
+        Op::Notify {
+            queue: FREEQ as u16,
+        },
+        Op::AddIndirect {
+            queue: FREEQ,
+            slot: 1,
+            table,
+            head_len: None,
+            raw: false,
+            descs: vec![
+                d(0x40000, 0x10000, WRITE),
+                d(0x50000, 0x10000, WRITE),
+                d(HIGH_BASE, 0x8000, WRITE),
+            ],
+        },
+        Op::Notify {
+            queue: FREEQ as u16,
+        },
+        Op::AddIndirect {
+            queue: FREEQ,
+            slot: 2,
+            table: big,
+            head_len: None,
+            raw: false,
+            descs: vec![d(0x60000, 0x1000, WRITE); 600],
+        },
+        Op::Notify {
+            queue: FREEQ as u16,
+        },
+        Op::Apply,
+    ]
 }
 
 /// Every seed with its file name.
