@@ -109,8 +109,6 @@ pub(crate) struct RoundStats {
     pub(crate) lock_holds: u64,
     /// Longest single `zone->lock` hold (ns).
     pub(crate) max_hold_ns: u64,
-    /// Lists restarted from their head after the resume block went away.
-    pub(crate) restarts: u64,
     /// Times the ring was full and the driver waited for used buffers.
     pub(crate) ring_full_waits: u64,
     /// Buffers the device returned during the round (including id and STOP).
@@ -174,11 +172,13 @@ impl<C: Control> Round<'_, C> {
                 res = self.send_range(pfn, n);
                 pfn += n;
                 pages -= n;
-            }
-            if res.is_ok() && self.st.descs % 64 == 0 {
-                self.q.kick();
-                if let Some(e) = self.ctl.should_stop() {
-                    res = Err(e);
+                // Every 64 descriptors: let the device start, and look for
+                // a STOP or a new command id.
+                if res.is_ok() && self.st.descs % 64 == 0 {
+                    self.q.kick();
+                    if let Some(e) = self.ctl.should_stop() {
+                        res = Err(e);
+                    }
                 }
             }
             res.is_ok()
@@ -208,6 +208,13 @@ impl<C: Control> Round<'_, C> {
     }
 }
 
+/// Builds the free-page bitmap; returns how long that took (ns).
+fn timed_build(builder: &mut Builder) -> u64 {
+    let t0 = zone::now_ns();
+    builder.build();
+    zone::now_ns().saturating_sub(t0)
+}
+
 /// Runs one hint round for `cmd_id`, walking the free lists with `builder`
 /// (which must hold the kernel's own RAM layout).
 pub(crate) fn run_round(q: &mut HintQueue, builder: &mut Builder, cmd_id: u32, ctl: &impl Control) -> RoundStats {
@@ -222,7 +229,6 @@ pub(crate) fn run_round(q: &mut HintQueue, builder: &mut Builder, cmd_id: u32, c
             pages: 0,
             lock_holds: 0,
             max_hold_ns: 0,
-            restarts: 0,
             ring_full_waits: 0,
             returned: 0,
             build_ns: 0,
@@ -241,14 +247,11 @@ pub(crate) fn run_round(q: &mut HintQueue, builder: &mut Builder, cmd_id: u32, c
         r.st.end = if e == EBUSY { End::Busy } else { End::Error(e.to_errno()) };
         return r.st;
     }
-    let b0 = zone::now_ns();
-    builder.build();
-    r.st.build_ns = zone::now_ns().saturating_sub(b0);
+    r.st.build_ns = timed_build(builder);
     let w = builder.last_stats();
     r.st.blocks = w.blocks;
     r.st.lock_holds = w.lock_acquisitions + w.pcp_holds;
     r.st.max_hold_ns = w.max_lock_hold_ns;
-    r.st.restarts = w.restarts;
     let end = match r.ctl.should_stop() {
         Some(e) => e,
         None => r.send_runs(builder).err().unwrap_or(End::Complete),
@@ -316,7 +319,7 @@ fn wait_idle(q: &mut HintQueue, ctl: &impl Control) -> core::result::Result<(), 
 /// from it, and a hostile device could otherwise ask for 512 MiB).
 pub(crate) fn run_bitmap_round(
     q: &mut HintQueue,
-    builder: &mut crate::builder::Builder,
+    builder: &mut Builder,
     own_bits: u64,
     cmd_id: u32,
     ctl: &impl Control,
@@ -371,9 +374,7 @@ pub(crate) fn run_bitmap_round(
         if let Some(e) = ctl.should_stop() {
             return Err(e);
         }
-        let b0 = zone::now_ns();
-        builder.build();
-        st.build_ns = zone::now_ns().saturating_sub(b0);
+        st.build_ns = timed_build(builder);
         let (_, free, _) = builder.summary();
         st.free_pages = free;
         let bytes = builder.bitmap_bytes();

@@ -219,13 +219,16 @@ impl<'a> Walker<'a> {
             let block_pages = 1u64 << order;
             self.stats.pcp_lists += 1;
             let mut pass = PcpPass::default();
-            let mut limit = None;
+            // Entries this pass may visit: the list's length when the pass
+            // began, plus one budget.
+            let mut pass_limit = None;
             let mut visits = 0u64;
             loop {
                 let guard = pcp.lock();
                 self.stats.pcp_holds += 1;
-                let limit = *limit.get_or_insert_with(|| (guard.count() >> order) + u64::from(self.budget));
-                let budget = u32::try_from(limit.saturating_sub(visits)).map_or(self.budget, |left| left.min(self.budget));
+                let limit = *pass_limit.get_or_insert_with(|| (guard.count() >> order) + u64::from(self.budget));
+                // CAST: at most `self.budget`, a u32.
+                let budget = limit.saturating_sub(visits).min(u64::from(self.budget)) as u32;
                 let (n, done) = guard.rotate_front(pindex, budget, &mut pass, |pfn| {
                     self.stats.pcp_blocks += 1;
                     self.mark(pfn, block_pages);
