@@ -261,7 +261,6 @@ impl<'a> ZoneLockGuard<'a> {
         FreeListCursor {
             pos: first,
             heads: start..end,
-            to_page: freehint_buddy_list_page,
             _guard: PhantomData,
         }
     }
@@ -274,19 +273,17 @@ impl Drop for ZoneLockGuard<'_> {
     }
 }
 
-/// Iterates the first pfns of the free blocks on one free list.
+/// Iterates the first pfns of the free blocks on one buddy free list (the
+/// per-CPU lists are walked by `PcpLockGuard::rotate_front` instead).
 ///
 /// # Invariants
 ///
-/// `pos` is an entry of a list protected by the lock the borrowed guard
-/// holds: a zone free list (pages linked by `buddy_list`) or a per-CPU list
-/// (pages linked by `pcp_list`); every head of the lists under that lock lies
-/// in `heads`, and `to_page` maps an entry to its page.
+/// `pos` is an entry of a zone free list (pages linked by `buddy_list`)
+/// protected by the `zone->lock` the borrowed guard holds; every head of the
+/// zone's free lists lies in `heads`.
 pub(crate) struct FreeListCursor<'g> {
     pos: *mut c_void,
     heads: core::ops::Range<usize>,
-    /// `list_entry` for the list's link field (`buddy_list` or `pcp_list`).
-    to_page: unsafe extern "C" fn(*mut c_void) -> *mut c_void,
     _guard: PhantomData<&'g ()>,
 }
 
@@ -300,7 +297,7 @@ impl Iterator for FreeListCursor<'_> {
         // SAFETY: `pos` is not a head, so it is the link of a free page on a
         // list protected by the held lock, valid while the lock is held (type
         // invariant; the guard outlives `self`).
-        let page = unsafe { (self.to_page)(self.pos) };
+        let page = unsafe { freehint_buddy_list_page(self.pos) };
         // SAFETY: `page` is a valid `struct page` (above).
         let pfn = unsafe { freehint_page_to_pfn(page) };
         // SAFETY: as above; the successor is linked in the same list.
