@@ -178,15 +178,19 @@ impl GuestOutput {
             self.done_rc = Some(digits.parse().unwrap_or(-1));
             return;
         }
-        if SPLAT_MARKERS.iter().any(|m| line.contains(m))
-            && !SPLAT_IGNORE.iter().any(|m| line.contains(m))
-        {
+        if is_splat(line) {
             self.splat_count += 1;
             if self.splats.len() < 20 {
                 self.splats.push(line.to_string());
             }
         }
     }
+}
+
+/// Whether a console line (not a result or done line) is a kernel splat:
+/// one of [`SPLAT_MARKERS`], and none of its known harmless look-alikes.
+pub fn is_splat(line: &str) -> bool {
+    SPLAT_MARKERS.iter().any(|m| line.contains(m)) && !SPLAT_IGNORE.iter().any(|m| line.contains(m))
 }
 
 /// Whether a result object says it passed (`"ok": true`).

@@ -844,15 +844,13 @@ pub const EXTRA_SPLAT_MARKERS: &[&str] = &[
 
 /// Whether one console line is (part of) a kernel complaint: a marker of
 /// [`crate::guest::SPLAT_MARKERS`] (with its exceptions) or of
-/// [`EXTRA_SPLAT_MARKERS`]. `@@RESULT` lines never count (they may quote an
-/// error text).
+/// [`EXTRA_SPLAT_MARKERS`]. `@@RESULT` and `@@DONE` lines never count
+/// (they may quote an error text).
 pub fn is_splat_line(line: &str) -> bool {
-    if line.contains("@@RESULT ") {
+    if line.contains(RESULT_MARKER) || line.contains("@@DONE rc=") {
         return false;
     }
-    let mut g = GuestOutput::default();
-    g.feed_line(line);
-    g.splat_count > 0 || EXTRA_SPLAT_MARKERS.iter().any(|m| line.contains(m))
+    crate::guest::is_splat(line) || EXTRA_SPLAT_MARKERS.iter().any(|m| line.contains(m))
 }
 
 /// The splat lines of a whole serial log (see [`is_splat_line`]).

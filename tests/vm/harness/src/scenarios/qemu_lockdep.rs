@@ -40,7 +40,7 @@ use serde_json::{json, Map, Value};
 use crate::errors::io_error;
 use crate::guest::{result_ok, GuestOutput};
 use crate::migrate::{
-    cell_json, is_splat_line, qemu_version, run_cell_with, start_migration, wait_migration, Cell,
+    cell_json, qemu_version, run_cell_with, splat_lines, start_migration, wait_migration, Cell,
     Driver, MigVm, MigrateError, Workload,
 };
 use crate::runner::{object, Ctx, HarnessError};
@@ -321,11 +321,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     };
     let splats: Vec<String> = logs
         .iter()
-        .flat_map(|(p, t)| {
-            t.lines()
-                .filter(|l| is_splat_line(l))
-                .map(move |l| format!("{p}: {l}"))
-        })
+        .flat_map(|(p, t)| splat_lines(t).into_iter().map(move |l| format!("{p}: {l}")))
         .collect();
 
     let banner = logs
@@ -339,14 +335,13 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         .and_then(Value::as_u64);
     let lockdep_active =
         banner && boot.as_ref().is_some_and(result_ok) && debug_locks_end == Some(1);
-    let cycles_ok = results
+    let guest_cycles: Vec<&Map<String, Value>> = results
         .iter()
         .filter(|r| r.get("name").and_then(Value::as_str) == Some("rmmod_cycle"))
-        .map(result_ok)
-        .collect::<Vec<_>>();
+        .collect();
     let rmmod_ok = rmmod.as_ref().is_some_and(result_ok)
-        && cycles_ok.len() == UNLOAD_CYCLES
-        && cycles_ok.iter().all(|&ok| ok);
+        && guest_cycles.len() == UNLOAD_CYCLES
+        && guest_cycles.iter().all(|r| result_ok(r));
     // kmemleak (debug flavour): objects leaked between the guest's baseline
     // (before the driver loaded) and the end of the unload cycles.
     let kmemleak = find("kmemleak");
@@ -386,10 +381,6 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     r.insert("name".into(), json!("rmmod_during_round"));
     r.insert("ok".into(), json!(rmmod_ok));
     r.insert("guest".into(), json!(rmmod));
-    let guest_cycles: Vec<&Map<String, Value>> = results
-        .iter()
-        .filter(|r| r.get("name").and_then(Value::as_str) == Some("rmmod_cycle"))
-        .collect();
     r.insert("cycles".into(), json!(guest_cycles));
     r.insert(
         "host".into(),
@@ -416,7 +407,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         "lockdep_active": lockdep_active,
         "rmmod_ok": rmmod_ok,
         "kmemleak_leaks": leaks,
-        "unload_cycles": cycles_ok.len(),
+        "unload_cycles": guest_cycles.len(),
         "rounds_during_unload": during_unload,
         "mem_mib": MEM_MIB,
         "elapsed_s": (elapsed_s * 10.0).round() / 10.0,
