@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 use thiserror::Error;
@@ -202,14 +203,24 @@ impl Ctx {
         emit(&Value::Object(result));
     }
 
+    /// Applies the command line's flavour override to `spec`.
+    pub fn apply_overrides(&self, spec: &mut BootSpec) {
+        if let Some(f) = &self.flavour_override {
+            spec.flavour = f.clone();
+        }
+    }
+
+    /// `t` scaled by `--timeout-scale` (at least a tenth of it).
+    pub fn scaled(&self, t: Duration) -> Duration {
+        t.mul_f64(self.timeout_scale.max(0.1))
+    }
+
     /// Boots `spec`, waits for it, prints its results (with the boot fields
     /// `flavour`, `machine`, `mem_mib` added) and a `boot` result that fails on
     /// timeout, splat, missing `@@DONE`, non-zero rc, malformed or no results.
     pub fn boot(&mut self, mut spec: BootSpec) -> Result<BootReport, HarnessError> {
-        if let Some(f) = &self.flavour_override {
-            spec.flavour = f.clone();
-        }
-        spec.timeout = spec.timeout.mul_f64(self.timeout_scale.max(0.1));
+        self.apply_overrides(&mut spec);
+        spec.timeout = self.scaled(spec.timeout);
         self.boots += 1;
         let label = spec.label();
         eprintln!(

@@ -424,7 +424,7 @@ impl VfioBoot {
         host: &mut dyn FnMut(u32) -> Result<(), HarnessError>,
     ) -> Result<VfioOutcome, HarnessError> {
         let mut spec = self.spec.clone();
-        spec.timeout = spec.timeout.mul_f64(ctx.timeout_scale.max(0.1));
+        spec.timeout = ctx.scaled(spec.timeout);
         let label = format!("{}-{}", spec.label(), self.tag);
         let chan = crate::sockets::socket_path(&format!("{label}.tty"))?;
         spec.extra_qemu_args.extend([

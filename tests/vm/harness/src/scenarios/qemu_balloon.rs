@@ -630,10 +630,8 @@ fn with_guest(
     mut spec: BootSpec,
     body: &mut dyn FnMut(&mut Guest, &mut Ctx),
 ) -> Result<bool, HarnessError> {
-    if let Some(f) = &ctx.flavour_override {
-        spec.flavour = f.clone();
-    }
-    let unit = Duration::from_secs(1).mul_f64(ctx.timeout_scale.max(0.1));
+    ctx.apply_overrides(&mut spec);
+    let unit = ctx.scaled(Duration::from_secs(1));
     eprintln!(
         "[balloon] boot {role} ({} flavour): {}",
         spec.flavour,
