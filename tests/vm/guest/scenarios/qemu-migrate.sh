@@ -55,10 +55,8 @@ debug_locks() {
 
 # The balloon (virtio device id 5): prints the name of its driver, if any.
 balloon_driver() {
-  for d in /sys/bus/virtio/devices/*; do
-    [ "$(cat "$d/device" 2>/dev/null)" = 0x0005 ] || continue
-    [ -e "$d/driver" ] && basename "$(readlink "$d/driver")"
-  done
+  d=/sys/bus/virtio/devices/$(balloon_name)
+  [ -e "$d/driver" ] && basename "$(readlink "$d/driver")"
 }
 
 # The balloon's virtio device name (virtioN).
