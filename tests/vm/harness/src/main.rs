@@ -12,7 +12,7 @@ use clap::Parser;
 use serde_json::{json, Value};
 
 use freehint_vmtest::manifest::Manifest;
-use freehint_vmtest::runner::{emit, Ctx};
+use freehint_vmtest::runner::{emit, set_versions, Ctx};
 use freehint_vmtest::scenarios::{self, SCENARIOS};
 
 /// Runs a freehint VM test scenario under QEMU (TCG).
@@ -97,6 +97,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    set_versions(&manifest.versions);
     let mut ctx = match Ctx::new(&repo, manifest, name) {
         Ok(c) => c,
         Err(e) => {

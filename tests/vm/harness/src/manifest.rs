@@ -67,6 +67,11 @@ pub struct Manifest {
     /// Host copies of the static guest tools, by name.
     #[serde(default)]
     pub guest_tools: BTreeMap<String, PathBuf>,
+    /// The versions the image was built with and runs on (`qemu`: the
+    /// installed Debian version of qemu-system-x86; `linux_source`, `rustc`,
+    /// `bindgen`), stamped on every result line.
+    #[serde(default)]
+    pub versions: BTreeMap<String, String>,
 }
 
 impl Manifest {
@@ -105,11 +110,13 @@ mod tests {
         std::fs::write(
             &p,
             r#"{"qemu":"/q","flavours":{"normal":{"kernel":"/k","initramfs":"/i",
-               "kdir":"/kd","modules":{"freehint":"/f.ko"}}},"guest_tools":{}}"#,
+               "kdir":"/kd","modules":{"freehint":"/f.ko"}}},"guest_tools":{},
+               "versions":{"qemu":"1:11.1.3+ds-2~bpo13+1","linux_source":"6.12.118-1~deb12u1"}}"#,
         )
         .unwrap();
         let m = Manifest::load(&p).unwrap();
         assert_eq!(m.qemu, PathBuf::from("/q"));
+        assert_eq!(m.versions["qemu"], "1:11.1.3+ds-2~bpo13+1");
         assert_eq!(m.flavour("normal").unwrap().kernel, PathBuf::from("/k"));
         assert!(matches!(
             m.flavour("debug"),

@@ -1,8 +1,10 @@
 //! The scenario context: boots guests, turns their output into results,
 //! prints one JSON object per result on stdout and keeps the tally.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
@@ -110,11 +112,34 @@ pub fn object(v: Value) -> Map<String, Value> {
     }
 }
 
-/// Emits one JSON line on stdout.
+/// The `versions` object every emitted result carries (set once from the
+/// manifest by [`set_versions`]).
+static VERSIONS: OnceLock<Value> = OnceLock::new();
+
+/// Makes every later [`emit`] of an object add `"versions": versions` (the
+/// QEMU package, linux-source, rustc and bindgen the run used).
+pub fn set_versions(versions: &BTreeMap<String, String>) {
+    let _ = VERSIONS.set(json!(versions));
+}
+
+/// Emits one JSON line on stdout; an object gets the run's `versions`.
 pub fn emit(obj: &Value) {
+    let line = stamped(obj, VERSIONS.get());
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{obj}");
+    let _ = writeln!(out, "{line}");
     let _ = out.flush();
+}
+
+/// `obj` with `"versions": versions` added when it is an object without one.
+fn stamped(obj: &Value, versions: Option<&Value>) -> Value {
+    match (obj, versions) {
+        (Value::Object(m), Some(v)) if !m.contains_key("versions") => {
+            let mut m = m.clone();
+            m.insert("versions".into(), v.clone());
+            Value::Object(m)
+        }
+        _ => obj.clone(),
+    }
 }
 
 /// The `boot` result line of one boot: ok (no `problems`), scenario,
@@ -307,5 +332,22 @@ impl Ctx {
             serial_log,
             elapsed_s: exit.elapsed.as_secs_f64(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_carry_the_versions_once() {
+        let v = json!({"qemu": "1:11.1.3+ds-2~bpo13+1", "rustc": "1.96.0"});
+        let r = stamped(&json!({"name": "boot", "ok": true}), Some(&v));
+        assert_eq!(r["versions"], v);
+        assert_eq!(r["name"], "boot");
+        let own = json!({"name": "x", "versions": "kept"});
+        assert_eq!(stamped(&own, Some(&v))["versions"], "kept");
+        assert_eq!(stamped(&json!([1]), Some(&v)), json!([1]));
+        assert!(stamped(&json!({"a": 1}), None).get("versions").is_none());
     }
 }
