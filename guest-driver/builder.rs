@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 
 //! The free-page bitmap builder: owns the layout table, the bitmap buffer
-//! and the figures of the last build. One instance lives behind a mutex in
-//! the module; the debugfs interface (and later the virtio driver) calls it.
+//! and the figures of the last build. Each bound balloon device owns one
+//! (`balloon.rs`, for its hint rounds); the module keeps another behind a
+//! mutex for the debugfs interface.
 
 use core::fmt::{self, Write};
 use kernel::alloc::flags::GFP_KERNEL;

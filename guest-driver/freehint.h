@@ -2,7 +2,7 @@
 /*
  * The interface between helpers.c and the Rust crate of freehint.ko.
  * Rust declares the same functions in `extern "C"` blocks (zone.rs,
- * debugfs.rs); keep both in sync.
+ * clock.rs, debugfs.rs); keep both in sync.
  */
 #ifndef FREEHINT_H
 #define FREEHINT_H

@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! Standard free page hinting (virtio 1.2 §5.5.6.8) without allocating.
+//! Free page hint rounds without allocating: the standard protocol (virtio
+//! 1.2 §5.5.6.8, [`run_round`]) and the freehint bitmap protocol
+//! (docs/protocol.md, [`run_bitmap_round`]).
 //!
 //! Linux's `virtio_balloon` answers a hint request by *allocating* order-10
 //! blocks and reporting them; with `init_on_alloc=1` that zeroes, and so
@@ -9,7 +11,7 @@
 //! safe zone API as the bitmap builder) and describes the free blocks it
 //! finds, touching no page.
 //!
-//! One round, for command id `id`:
+//! One standard round, for command id `id`:
 //! 1. wait until the device holds none of our buffers, then send `id` as a
 //!    4-byte outbuf;
 //! 2. build the free-page bitmap with the bitmap builder (`builder.rs`,

@@ -2,18 +2,25 @@
 
 //! freehint: free page hinting for live migration (guest side).
 //!
-//! This module builds a free-page bitmap on demand: it walks the buddy free
-//! lists of every populated zone under `zone->lock` (interrupts off for a
-//! bounded number of entries at a time) and sets one bit per free page, with
-//! holes of the physical address space (the x86 PCI hole) folded out by a
-//! layout table shared with the host (`freehint-protocol`). Until the virtio
-//! driver lands, `/sys/kernel/debug/freehint/` is the way in (see
-//! `debugfs.rs` and docs/guest-driver.md).
+//! A virtio-balloon driver (it replaces Linux's `virtio_balloon`) that
+//! answers free page hint requests without allocating. Its core builds a
+//! free-page bitmap on demand: it walks the buddy free lists of every
+//! populated zone under `zone->lock` (interrupts off for a bounded number of
+//! entries at a time) and the per-CPU page lists, and sets one bit per free
+//! page, with holes of the physical address space (the x86 PCI hole) folded
+//! out by a layout table shared with the host (`freehint-protocol`). The
+//! driver sends the result as standard hints (runs of free pages) or, with
+//! the freehint extension negotiated, as the bitmap itself. A second builder,
+//! owned by the module, sits behind `/sys/kernel/debug/freehint/` for
+//! diagnostics and tests (see `debugfs.rs` and docs/guest-driver.md).
 //!
 //! Structure: `zone.rs` is the only module with raw access to zones, free
 //! lists and pages; `walk.rs` is the walk; `builder.rs` owns layout, bitmap
-//! and statistics; `debugfs.rs` is the diagnostic interface; `layout` and
-//! `bitmap` are included unchanged from the protocol crate.
+//! and statistics; `clock.rs` times the walk; `debugfs.rs` is the diagnostic
+//! interface; `virtio.rs` wraps the virtio core (with `virtio_shim.c`);
+//! `balloon.rs` is the driver logic and `hint.rs` its hint rounds. `layout`,
+//! `bitmap`, `balloon` (as `abi`) and `bitmap_hint` are included unchanged
+//! from the protocol crate.
 
 use kernel::prelude::*;
 use kernel::sync::Mutex;
@@ -31,7 +38,9 @@ mod debugfs;
 mod walk;
 mod zone;
 
-// The virtio-balloon driver (see balloon.rs; written by the "driver" helper).
+// The virtio-balloon driver: `balloon.rs` (logic), `hint.rs` (hint rounds),
+// `virtio.rs` (the virtio core); `abi` is the protocol crate's virtio-balloon
+// ABI, `bitmap_hint` its bitmap hint messages.
 #[allow(dead_code, unreachable_pub, missing_docs)]
 #[path = "protocol/balloon.rs"]
 mod abi;
@@ -50,9 +59,10 @@ module! {
     license: "GPL",
 }
 
-/// Module state. Fields drop in declaration order: the debugfs directory
-/// first (which waits for file operations in flight), then the file
-/// contexts, then the builder they point to.
+/// Module state. Fields drop in declaration order: the virtio driver first
+/// (unregistering removes every bound device), then the debugfs directory
+/// (which waits for file operations in flight), then the file contexts, then
+/// the builder they point to.
 struct FreeHint {
     /// The virtio-balloon driver; unregistered first (removes bound devices).
     _virtio: Option<virtio::Registration>,

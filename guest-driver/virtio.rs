@@ -10,12 +10,17 @@
 //! (`balloon.rs`, `hint.rs`) uses:
 //!
 //! - [`Registration`]: the registered `struct virtio_driver` (module scope);
+//! - [`Validator`]: a device during `validate`, before features are final;
 //! - [`Device`]: a bound balloon device (features, config space, work items,
 //!   OOM notifier, reset);
 //! - [`Virtqueue`]: a virtqueue with a synchronous "send and wait" request;
 //! - [`StatsQueue`] and [`HintQueue`]: the stats queue and the free page
 //!   queue with the buffers they lend to the device;
-//! - [`BalloonPage`]: one page owned by the balloon.
+//! - [`BalloonPage`]: one page owned by the balloon, and [`PageList`]: the
+//!   balloon's pages linked through `page->lru` (no allocation to track
+//!   them, so the OOM path never allocates);
+//! - [`MemStats`] and [`Poisoning`]: the kernel's memory figures for the
+//!   stats queue and how it treats freed pages.
 
 use core::ffi::c_void;
 use core::pin::Pin;

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! The free-list walk: turns every buddy free list of every populated zone
-//! into bits of a free-page bitmap.
+//! The free-list walk: turns every buddy free list of every populated zone,
+//! and then (unless turned off) every per-CPU page list of the zone, into
+//! bits of a free-page bitmap.
 //!
 //! No raw kernel access here: zones, locks and lists come from `zone.rs`.
 //!

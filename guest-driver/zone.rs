@@ -1,11 +1,13 @@
 // SPDX-License-Identifier: GPL-2.0
 
-//! Zones, their buddy free lists and the pages on them.
+//! Zones, their buddy free lists and per-CPU page lists, the pages on them,
+//! and the kernel's "System RAM" ranges.
 //!
 //! This is the one module of freehint.ko with raw access to `struct zone`,
-//! `struct free_area` and `struct page` (through the C shims in helpers.c,
-//! because the accessors are static inlines and macros). Everything above it
-//! (`walk.rs`) sees only small safe types:
+//! `struct free_area`, `struct per_cpu_pages` and `struct page` (through the
+//! C shims in helpers.c, because the accessors are static inlines and
+//! macros). Everything above it (`walk.rs`, `builder.rs`) sees only small
+//! safe types:
 //!
 //! - [`Zone`]: a populated zone of an online node;
 //! - [`ZoneLockGuard`]: `zone->lock` held with interrupts saved and disabled,
@@ -13,7 +15,12 @@
 //!   long it was held);
 //! - [`FreeListCursor`]: an iterator over the free blocks of one
 //!   `free_area[order].free_list[migratetype]`, borrowing the guard, so no
-//!   list pointer can outlive the lock hold that made it valid.
+//!   list pointer can outlive the lock hold that made it valid;
+//! - [`PerCpuPages`] and [`PcpLockGuard`]: one CPU's page lists of a zone
+//!   and its `pcp->lock` held, walked by [`PcpLockGuard::rotate_front`]
+//!   (state of a pass in [`PcpPass`]);
+//! - [`system_ram_ranges`]: the "System RAM" resources as pfn ranges, for
+//!   the layout.
 //!
 //! Resuming a list after the lock was dropped never reuses a pointer: the
 //! walker keeps only a pfn (a number) and [`ZoneLockGuard::resume_after`]

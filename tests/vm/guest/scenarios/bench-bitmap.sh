@@ -1,5 +1,5 @@
 #!/bin/sh
-# Scenario "bench-bitmap" (issue 2, part 5): on an idle guest, `builds`
+# Scenario "bench-bitmap": on an idle guest, `builds`
 # bitmap builds (default 21); reports the median walk time, the longest
 # single zone->lock hold and the time to memset the same bitmap, for
 # docs/benchmarks.md. Arguments: builds=N (words, or fh.args= comma separated).

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Scenario "bitmap-lockdep" (issue 2, part 4; run on the debug kernel with
+# Scenario "bitmap-lockdep" (run on the debug kernel with
 # PROVE_LOCKING, DEBUG_ATOMIC_SLEEP, DEBUG_LIST, DEBUG_VM): load freehint.ko,
 # run `builds` bitmap builds (default 1000) while `fhtool churn` allocates and
 # frees memory concurrently, unload, then require a clean dmesg (no lockdep

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Scenario "bitmap" (issue 2, part 4): freehint.ko's free-page bitmap in a
+# Scenario "bitmap": freehint.ko's free-page bitmap in a
 # real guest. Loads the module, then checks
 #   bits        one bit per RAM page, the PCI hole folded out (6 GiB guests)
 #   kpageflags  agreement with /proc/kpageflags KPF_BUDDY on a quiet guest

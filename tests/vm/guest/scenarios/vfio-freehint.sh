@@ -1,5 +1,5 @@
 #!/bin/sh
-# Scenario "vfio-freehint" (issue 4): freehint.ko against freehint-vfio-user.
+# Scenario "vfio-freehint": freehint.ko against freehint-vfio-user.
 # Same flow as vfio-stock.sh with driver=freehint mode=freehint: after the
 # host's round, vfio-guest builds freehint's bitmap over the device's layout
 # (debugfs) and dumps it with /proc/kpageflags and the held pages.

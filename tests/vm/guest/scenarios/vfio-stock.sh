@@ -1,5 +1,5 @@
 #!/bin/sh
-# Scenario "vfio-stock" (issue 4): the STOCK virtio_balloon driver against
+# Scenario "vfio-stock": the STOCK virtio_balloon driver against
 # freehint-vfio-user (our device over vfio-user). Guest half:
 #   bind      the driver binds 1af4:1045 and reaches DRIVER_OK (status 0xf)
 #   (host)    inflate/deflate, stats, a standard hint round, dump of its set

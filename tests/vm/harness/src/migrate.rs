@@ -7,11 +7,11 @@
 //! QMP is another one, QEMU's own stdout/stderr go to a log file. Source and
 //! destination get *identical* command lines; the destination adds
 //! `-incoming tcp:127.0.0.1:PORT`. [`migrate`] raises max-bandwidth to
-//! 10 GB/s (as in `/work/shared/anchors.md`), starts the migration, polls
-//! `query-migrate` until it completes or fails and returns the figures
-//! (`ram.transferred`, `normal`, `duplicate`, `total-time`, `downtime`,
-//! `setup-time`). [`verify_integrity`] then asks the destination guest to
-//! verify every live page and returns its verdict.
+//! 10 GB/s (as in the project's reference runs of the stock driver), starts
+//! the migration, polls `query-migrate` until it completes or fails and
+//! returns the figures (`ram.transferred`, `normal`, `duplicate`,
+//! `total-time`, `downtime`, `setup-time`). [`verify_integrity`] then asks
+//! the destination guest to verify every live page and returns its verdict.
 //!
 //! QEMU migrates no state for a `vfio-user-pci` device: on the destination
 //! such a device is dead. [`check_migratable`] refuses those VMs with an
@@ -51,7 +51,7 @@ pub enum MigrateError {
     /// The VM has a device whose state QEMU does not migrate.
     #[error(
         "refusing to migrate a VM with a vfio-user-pci device: QEMU migrates no state for it \
-         and the device would be dead on the destination (issue 4); detach it first"
+         and the device would be dead on the destination (see docs/vfio-user.md); detach it first"
     )]
     VfioUser,
     /// QEMU could not be started.
@@ -701,8 +701,9 @@ pub struct Cell {
 }
 
 impl Cell {
-    /// A one-migration cell with the defaults of `anchors.md` (300 MiB
-    /// dirtied) and a slow 32 MiB integrity working set.
+    /// A one-migration cell with the workload of the project's reference
+    /// runs of the stock driver (300 MiB dirtied) and a slow 32 MiB
+    /// integrity working set.
     pub fn new(mem_mib: u64, driver: Driver, workload: Workload, init_on_alloc: bool) -> Cell {
         Cell {
             mem_mib,

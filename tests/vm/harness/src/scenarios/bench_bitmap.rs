@@ -1,4 +1,4 @@
-//! `bench-bitmap` (issue 2, not in CI): walk time and longest lock hold of
+//! `bench-bitmap` (benchmark, not in CI): walk time and longest lock hold of
 //! the bitmap builder in idle 1, 4 and 8 GiB guests (guest script
 //! `bench-bitmap`). Writes every result to `target/bench/bitmap.json`.
 

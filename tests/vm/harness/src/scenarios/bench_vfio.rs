@@ -1,4 +1,4 @@
-//! `bench-vfio` (issue 4, not in CI): hint round latency, request to the
+//! `bench-vfio` (benchmark, not in CI): hint round latency, request to the
 //! completed free set on the host, at 1, 4 and 8 GiB (pc, idle guest that
 //! dirtied and freed 256 MiB), for
 //! - our device (`freehint-vfio-user`) with `freehint.ko`, bitmap protocol;
@@ -15,7 +15,8 @@
 //! (`x-query-virtio-queue-status`, polled back to back; resolution about
 //! one QMP round trip), one migration per size. Writes every cell to
 //! `target/bench/vfio.json`; summary `round_ms_8g` per protocol and the
-//! ratio to the seed's ~3 ms for an 8 GB bitmap.
+//! ratio to the ~3 ms of Liang Li's 2016 RFC for an 8 GB bitmap (the JSON
+//! calls that RFC the seed).
 
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,7 @@ use crate::vfio::{overlay_initramfs, server_binary, RamLayout, Server, VfioBoot}
 
 /// Rounds per boot on our device.
 const ROUNDS: usize = 9;
-/// The seed RFC's time to pass an 8 GB guest's bitmap to the host, ms.
+/// Liang Li's 2016 RFC's time to pass an 8 GB guest's bitmap to the host, ms.
 const SEED_MS_8G: f64 = 3.0;
 
 fn other(msg: impl Into<String>) -> HarnessError {

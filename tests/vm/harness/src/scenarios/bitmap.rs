@@ -1,4 +1,4 @@
-//! `bitmap` (issue 2): the freehint bitmap builder in a real kernel.
+//! `bitmap` (CI): the freehint bitmap builder in a real kernel.
 //!
 //! Boots the normal flavour at {1, 6} GiB × {pc, q35} running guest script
 //! `bitmap` (no false free, agreement with /proc/kpageflags, one bit per RAM

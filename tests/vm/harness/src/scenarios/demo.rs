@@ -1,9 +1,10 @@
 //! `demo`: the README's main job. One real 4 GiB guest, "dirtied then
 //! freed" (300 MiB written, then freed; Debian's default `init_on_alloc=1`),
 //! live-migrated to a second QEMU on 127.0.0.1 without hints, with the stock
-//! `virtio_balloon` driver + QEMU's free page hints, and with freehint.ko
-//! (when it can hint; else the row says "pending"). Prints a side-by-side
-//! table (bytes, total time, downtime, integrity) and writes it to
+//! `virtio_balloon` driver + QEMU's free page hints, and with freehint.ko +
+//! QEMU's free page hints: three rows (a row left out by
+//! `FREEHINT_MIGRATE_DRIVERS` says "pending"). Prints a side-by-side table
+//! (bytes, total time, downtime, integrity) and writes it to
 //! `target/vm/demo/table.txt` (what `tests/demo` shows).
 
 use serde_json::{json, Map, Value};

@@ -1,6 +1,7 @@
 //! `qemu-balloon` (CI): `freehint.ko` as a full virtio-balloon driver
 //! against QEMU's own device (`-device virtio-balloon-pci,free-page-hint=on,
-//! iothread=…,deflate-on-oom=on`, QEMU 11.1.3), issue 5 item 1.
+//! iothread=…,deflate-on-oom=on`): bind, inflate/deflate, stats, OOM
+//! deflate, unload while busy, page poison.
 //!
 //! One [`MigVm`] (QMP plus a serial console the harness reads and types
 //! into) per boot; the guest half (`tests/vm/guest/scenarios/qemu-balloon.sh`)

@@ -3,7 +3,7 @@
 //! `tests/vm/kernel/debug.fragment`) under the migration workload: a 2 GiB
 //! guest with `init_on_alloc=1`, dirtied then freed memory and the integrity
 //! working set churning, migrated [`MIGRATIONS`] times (two round trips),
-//! every destination verifying every live page (issue 5, "Done when").
+//! every destination verifying every live page.
 //!
 //! At the end, on the last destination, come [`UNLOAD_CYCLES`] unload
 //! cycles: the harness starts one more migration (to a local sink that only

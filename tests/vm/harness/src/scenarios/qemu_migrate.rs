@@ -6,8 +6,9 @@
 //! `target/bench/migrate.json`.
 //!
 //! Every cell prints one JSON line (bytes, total ms, downtime, integrity
-//! verdict of the destination guest); the summary carries the ratios of
-//! issue 5 (`null` while a column is not measurable, e.g. freehint pending).
+//! verdict of the destination guest); the summary carries the ratios that
+//! docs/benchmarks.md holds to their targets (`null` for a column left out
+//! by `FREEHINT_MIGRATE_DRIVERS`).
 //!
 //! One bad cell never ends the matrix: a harness error (timeout, a QEMU that
 //! would not start) is a failed line with `error`, and the next cell runs. A
@@ -275,8 +276,9 @@ pub fn run_matrix(ctx: &mut Ctx, sizes: &[u64], reps: usize, ioas: &[bool]) -> T
     t
 }
 
-/// The issue-5 summary fields from a table (4 GiB, `init_on_alloc=1` for the
-/// byte ratios; the worst workload and both `init_on_alloc` for time).
+/// The summary fields, the ratios docs/benchmarks.md holds to targets, from
+/// a table (4 GiB, `init_on_alloc=1` for the byte ratios; the worst workload
+/// and both `init_on_alloc` for time).
 pub fn summary(ctx: &Ctx, t: &Table, sizes: &[u64], ioas: &[bool]) -> Map<String, Value> {
     let df = |d: &'static str| -> Key { (4096, d, "dirty-free", true) };
     let used_bytes = |k: &Key| t.used_med(k).map(|u| u * 1048576.0);
