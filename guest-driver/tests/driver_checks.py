@@ -23,7 +23,7 @@ Checks:
 """
 import json, os, socket, subprocess, sys, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from vmctl import VM, DIR
+from vmctl import VM, DIR, REPO
 
 K = os.environ.get("FREEHINT_BZIMAGE", f"{DIR}/bzImage")
 I = os.environ.get("FREEHINT_INITRD", f"{DIR}/initrd.gz")
@@ -168,7 +168,7 @@ def check_pingpong(n=6):
 
 
 def check_vfio(mem="1G", *srv_args):
-    srv_bin = os.environ.get("FREEHINT_VFIO_USER", "/work/target-vfio/debug/freehint-vfio-user")
+    srv_bin = os.environ.get("FREEHINT_VFIO_USER", os.path.join(REPO, "target/debug/freehint-vfio-user"))
     sock, ctlp = f"{DIR}/fh.sock", f"{DIR}/fh.ctl"
     for f in (sock, ctlp):
         if os.path.exists(f): os.unlink(f)
