@@ -55,6 +55,15 @@ pub trait VirtioDevice: Send {
     /// fatal error unless the device can no longer operate (then the
     /// transport sets DEVICE_NEEDS_RESET).
     fn queue_notify(&mut self, index: u16) -> Result<(), crate::Error>;
+    /// Like [`Self::queue_notify`], but processes at most `budget` buffers
+    /// and returns `Ok(true)` when the queue may hold more. The transport
+    /// then comes back later (a device may process available buffers
+    /// lazily), so a driver that keeps re-posting buffers cannot hold the
+    /// transport's only thread. The default processes everything.
+    fn queue_notify_budget(&mut self, index: u16, budget: usize) -> Result<bool, crate::Error> {
+        let _ = budget;
+        self.queue_notify(index).map(|()| false)
+    }
     /// Device reset (status written to 0): drop queues and negotiated state.
     fn reset(&mut self);
 }

@@ -26,6 +26,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, Gues
 use super::discard::{MmapDiscard, PageDiscard};
 use super::hints::{HintHandle, HintShared};
 use super::metrics::BalloonMetrics;
+use super::poller::StatsPoller;
 use super::stats::BalloonStats;
 use super::{
     BalloonConfig, BalloonError, MAX_CHAIN_DESCRIPTORS, MAX_PFNS_PER_DESCRIPTOR,
@@ -80,6 +81,8 @@ pub(super) struct Shared {
     pub(super) metrics: Arc<BalloonMetrics>,
     /// Bumped at every activation and reset (stops the stats poller).
     pub(super) generation: AtomicU64,
+    /// The stats polling thread (stopped and joined at reset).
+    pub(super) poller: StatsPoller,
 }
 
 impl Shared {
@@ -148,6 +151,7 @@ impl Balloon {
                 hints,
                 metrics,
                 generation: AtomicU64::new(0),
+                poller: StatsPoller::default(),
             }),
         })
     }
@@ -396,9 +400,11 @@ impl VirtioDevice for Balloon {
         // Linux adds and kicks the stats buffer before DRIVER_OK (init_vqs
         // runs before virtio_device_ready), so a notify may have come before
         // activation: process whatever is already available.
+        // At most a queue's worth each: a driver has no more outstanding
+        // (a transport with budgets comes back for the rest).
         let n = self.shared.lock().queue_layout.num_queues() as u16;
         for index in 0..n {
-            self.queue_notify(index)?;
+            self.queue_notify_budget(index, usize::from(self.config.queue_size))?;
         }
         if self.config.stats_polling_interval_s > 0
             && has_feature(acked, super::VIRTIO_BALLOON_F_STATS_VQ)
@@ -413,22 +419,26 @@ impl VirtioDevice for Balloon {
     }
 
     fn queue_notify(&mut self, index: u16) -> Result<(), crate::Error> {
+        self.queue_notify_budget(index, usize::MAX).map(|_| ())
+    }
+
+    fn queue_notify_budget(&mut self, index: u16, budget: usize) -> Result<bool, crate::Error> {
         let mut st = self.shared.lock();
         let Some(mem) = st.mem.clone() else {
             debug!("notify on queue {index} before activation; processed at activation");
-            return Ok(());
+            return Ok(false);
         };
         let Some(kind) = st.queue_layout.kind_of(index) else {
             BalloonMetrics::inc(&self.shared.metrics.unknown_queue);
             warn!("notify on unknown queue {index}; ignored");
-            return Ok(());
+            return Ok(false);
         };
         let guard = mem.memory();
         let ctx = Ctx {
             shared: &self.shared,
             mem: &guard,
         };
-        let used_any = ctx.process_queue(&mut st, index, kind)?;
+        let (used_any, more) = ctx.process_queue(&mut st, index, kind, budget)?;
         // Signal without holding the device lock (the interrupt is a leaf,
         // but a transport may call back into the device).
         let irq = st.interrupt.clone();
@@ -436,10 +446,11 @@ impl VirtioDevice for Balloon {
         if let (true, Some(irq)) = (used_any, irq) {
             irq.signal_queue(index);
         }
-        Ok(())
+        Ok(more)
     }
 
     fn reset(&mut self) {
+        self.shared.poller.stop();
         let mut st = self.shared.lock();
         self.shared.generation.fetch_add(1, Ordering::AcqRel);
         st.queues.clear();
@@ -458,22 +469,22 @@ impl VirtioDevice for Balloon {
 }
 
 pub(super) fn spawn_stats_poller(shared: Weak<Shared>, generation: u64, every: Duration) {
-    let r = std::thread::Builder::new()
-        .name("balloon-stats".into())
-        .spawn(move || loop {
-            std::thread::sleep(every);
-            let Some(s) = shared.upgrade() else { return };
-            if s.generation.load(Ordering::Acquire) != generation {
-                return;
-            }
-            if let Err(e) = (BalloonHandle { shared: s }).request_stats() {
-                warn!("stats polling: {e}");
-                return;
-            }
-        });
-    if let Err(e) = r {
-        warn!("cannot start the stats polling thread: {e}");
-    }
+    let Some(owner) = shared.upgrade() else {
+        return;
+    };
+    owner.poller.start(every, move || {
+        let Some(s) = shared.upgrade() else {
+            return false;
+        };
+        if s.generation.load(Ordering::Acquire) != generation {
+            return false;
+        }
+        if let Err(e) = (BalloonHandle { shared: s }).request_stats() {
+            warn!("stats polling: {e}");
+            return false;
+        }
+        true
+    });
 }
 
 /// Queue processing context.
@@ -487,25 +498,33 @@ impl Ctx<'_> {
         &self.shared.metrics
     }
 
+    /// Processes at most `budget` chains of queue `index`. Returns whether
+    /// the driver must be interrupted and whether the budget ran out (more
+    /// buffers may wait).
     fn process_queue(
         &self,
         st: &mut DeviceState,
         index: u16,
         kind: QueueKind,
-    ) -> Result<bool, BalloonError> {
+        mut budget: usize,
+    ) -> Result<(bool, bool), BalloonError> {
         st.returned_extra = false;
         let mut used_any = false;
         let indirect_ok = has_feature(st.acked_features, VIRTIO_RING_F_INDIRECT_DESC);
         loop {
             let Some(q) = st.queues.get_mut(usize::from(index)) else {
-                return Ok(used_any);
+                return Ok((used_any, false));
             };
             if !q.ready() {
-                return Ok(used_any);
+                return Ok((used_any, false));
+            }
+            if budget == 0 {
+                return Ok((used_any || st.returned_extra, true));
             }
             let Some(chain) = q.pop_descriptor_chain(self.mem) else {
                 break;
             };
+            budget -= 1;
             let head = chain.head_index();
             if head >= q.size() {
                 // Cannot be returned through the used ring either.
@@ -557,7 +576,7 @@ impl Ctx<'_> {
                 used_any = true;
             }
         }
-        Ok(used_any || st.returned_extra)
+        Ok((used_any || st.returned_extra, false))
     }
 
     /// Inflate (`inflate = true`) or deflate: an array of le32 pfns.

@@ -20,6 +20,7 @@ pub mod discard;
 pub mod hints;
 pub mod metrics;
 pub mod persist;
+mod poller;
 pub mod stats;
 
 pub use device::{Balloon, BalloonHandle};
