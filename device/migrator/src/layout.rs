@@ -16,8 +16,10 @@ use crate::PAGE_SIZE;
 /// hotplug adds one per DIMM).
 pub const MAX_RANGES: usize = 1024;
 
-/// Default cap on the RAM a layout may describe (64 TiB).
-pub const DEFAULT_MAX_RAM_BYTES: u64 = 1 << 46;
+/// Default cap on the RAM a layout may describe: 1 TiB. A receiver keeps
+/// one bit per page of the announced RAM (32 MiB at this cap); raise it
+/// with [`Decoder::with_max_ram_bytes`](crate::Decoder::with_max_ram_bytes).
+pub const DEFAULT_MAX_RAM_BYTES: u64 = 1 << 40;
 
 /// One contiguous range of guest RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
