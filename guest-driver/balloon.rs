@@ -241,7 +241,9 @@ impl Balloon {
     /// poison value, sets DRIVER_OK and starts towards the target. On error
     /// the caller runs [`Balloon::teardown`].
     pub(crate) fn start(&self) -> Result {
-        if let Some(s) = self.stats.lock().as_mut() {
+        // `Option::as_mut` by path: 7.3's lock guard has an `as_mut` of its
+        // own (a pinned reference), which method syntax would pick.
+        if let Some(s) = Option::as_mut(&mut self.stats.lock()) {
             s.post(fill_stats)?;
         }
         if self.feat.deflate_on_oom {
@@ -451,7 +453,7 @@ impl Balloon {
     /// The host took the stats buffer back: refill and lend it again.
     pub(crate) fn stats_work(&self) {
         let mut s = self.stats.lock();
-        let Some(q) = s.as_mut() else { return };
+        let Some(q) = Option::as_mut(&mut s) else { return };
         if !q.take_back() {
             return;
         }
@@ -464,7 +466,7 @@ impl Balloon {
     /// the command id is new.
     pub(crate) fn hint_work(&self) {
         let mut guard = self.hint.lock();
-        let Some(h) = guard.as_mut() else { return };
+        let Some(h) = Option::as_mut(&mut guard) else { return };
         let id = self.cmd_id_received();
         if id == abi::FREE_PAGE_HINT_CMD_ID_DONE {
             // Nothing to give back: this driver never allocates to hint.

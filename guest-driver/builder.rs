@@ -55,7 +55,7 @@ fn layout_from_iomem() -> Result<Layout> {
     let mut ranges = [(0u64, 0u64); MAX_LAYOUT_RANGES];
     let n = zone::system_ram_ranges(&mut ranges)?;
     Layout::from_ram_pfn_ranges(&ranges[..n]).map_err(|e| {
-        pr_err!("freehint: cannot build a layout from System RAM: {}\n", e);
+        pr_err!("freehint: cannot build a layout from System RAM: {}\n", format_args!("{e}"));
         EINVAL
     })
 }
@@ -276,7 +276,7 @@ pub(crate) fn parse_layout(text: &[u8]) -> Result<Option<Layout>> {
         n += 1;
     }
     Layout::from_ranges(&ranges[..n]).map(Some).map_err(|e| {
-        pr_warn!("freehint: layout rejected: {}\n", e);
+        pr_warn!("freehint: layout rejected: {}\n", format_args!("{e}"));
         EINVAL
     })
 }

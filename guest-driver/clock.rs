@@ -11,6 +11,7 @@
 //! or with a rate calibrated once at module load against jiffies (a 200 ms
 //! sleep between two jiffy edges: error well under 1 %).
 
+use core::num::NonZeroU64;
 use core::sync::atomic::{AtomicU64, Ordering};
 use kernel::ffi::{c_uint, c_ulong};
 
@@ -29,8 +30,10 @@ static TSC_KHZ: AtomicU64 = AtomicU64::new(0);
 static NS_MULT: AtomicU64 = AtomicU64::new(0);
 
 fn set_khz(khz: u64) {
-    let khz = khz.max(1);
-    TSC_KHZ.store(khz, Ordering::Relaxed);
+    // A `NonZeroU64` divisor: no division-by-zero panic path in the code
+    // (objtool of 7.3 does not know `panic_const_div_by_zero` as noreturn).
+    let khz = NonZeroU64::new(khz).unwrap_or(NonZeroU64::MIN);
+    TSC_KHZ.store(khz.get(), Ordering::Relaxed);
     NS_MULT.store((1_000_000u64 << 32) / khz, Ordering::Relaxed);
 }
 /// Whether the rate was calibrated here (true) or came from the kernel.
@@ -75,7 +78,7 @@ pub(crate) fn init() {
     unsafe { freehint_sleep_ms(200) };
     let (jb, tb) = next_jiffy_edge();
     let ticks = tb.wrapping_sub(ta);
-    let jifs = jb.wrapping_sub(ja).max(1);
+    let jifs = NonZeroU64::new(jb.wrapping_sub(ja)).unwrap_or(NonZeroU64::MIN);
     // ticks per second = ticks * hz / jifs; in kHz divide by 1000. 200 ms
     // of even a 10 GHz TSC times HZ=1000 is far below 2^64.
     set_khz(ticks.saturating_mul(hz) / jifs / 1000);

@@ -256,8 +256,12 @@ pub(crate) unsafe extern "C" fn freehint_rust_write(
         return errno(E2BIG);
     }
     let mut input = KVec::new();
-    // CAST: a user pointer is an address.
-    if let Err(e) = UserSlice::new(buf as usize, count).read_all(&mut input, GFP_KERNEL) {
+    // CAST: a user pointer is an address (6.12's `UserPtr` is a `usize`).
+    #[cfg(not(freehint_kernel_7_3))]
+    let ptr = buf as usize;
+    #[cfg(freehint_kernel_7_3)]
+    let ptr = kernel::uaccess::UserPtr::from_ptr(buf.cast_mut().cast());
+    if let Err(e) = UserSlice::new(ptr, count).read_all(&mut input, GFP_KERNEL) {
         return errno(e);
     }
     // SAFETY: by the `FileCtx` invariant the builder is alive.

@@ -51,10 +51,22 @@ mod balloon;
 mod hint;
 mod virtio;
 
+// 6.12's `module!` takes `author`, 7.3's only `authors` (the
+// `freehint_kernel_7_3` cfg comes from Kbuild, keyed on the kernel version).
+#[cfg(not(freehint_kernel_7_3))]
 module! {
     type: FreeHint,
     name: "freehint",
     author: "freehint developers",
+    description: "Free page hinting: free-page bitmap builder (virtio-balloon extension)",
+    license: "GPL",
+}
+
+#[cfg(freehint_kernel_7_3)]
+module! {
+    type: FreeHint,
+    name: "freehint",
+    authors: ["freehint developers"],
     description: "Free page hinting: free-page bitmap builder (virtio-balloon extension)",
     license: "GPL",
 }

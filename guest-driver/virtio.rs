@@ -840,7 +840,15 @@ impl Drop for PageList {
     }
 }
 
+/// Removes and returns the last element of `v` (7.3 has `KVec::pop`, 6.12
+/// only `set_len`).
+#[cfg(freehint_kernel_7_3)]
+pub(crate) fn vec_pop<T>(v: &mut KVec<T>) -> Option<T> {
+    v.pop()
+}
+
 /// Removes and returns the last element of `v`.
+#[cfg(not(freehint_kernel_7_3))]
 pub(crate) fn vec_pop<T>(v: &mut KVec<T>) -> Option<T> {
     let len = v.len();
     if len == 0 {
