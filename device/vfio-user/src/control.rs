@@ -11,15 +11,22 @@
 //! | `hint-status` | state, cmd id, epoch, free pages collected |
 //! | `hint-round [timeout_ms]` | start a round and wait (1 ms polls) until the guest ends it; reply has `ms` from request to the completed free set on the host |
 //! | `hint-stop` / `hint-finish` | stop the round / send DONE |
-//! | `hint-dump PATH` | write the round's free set to PATH (raw little-endian `u64` words, bit *i* = layout bit *i*) |
+//! | `hint-dump NAME` | write the round's free set to the file NAME inside the dump directory (`--dump-dir`; raw little-endian `u64` words, bit *i* = layout bit *i*) |
 //! | `metrics` | the device's counters |
 //!
 //! `hint-start` is only meaningful for tests: a real migrator must start
 //! dirty logging before a round (see docs/architecture.md).
+//!
+//! The socket has mode 0600 (only the server's user can connect). Dumps go
+//! only into the directory given at start-up: NAME is one file name, the
+//! file is created with mode 0600 and a symlink in its place is refused.
+//! Without a dump directory `hint-dump` is refused.
 
+use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
@@ -60,6 +67,33 @@ pub struct Control {
     pub hints: HintHandle,
     /// The virtio device status register.
     pub status: Arc<AtomicU8>,
+    /// Where `hint-dump` may write (`None`: the command is refused).
+    pub dump_dir: Option<PathBuf>,
+}
+
+/// The file `hint-dump NAME` writes: NAME must be one plain file name.
+fn dump_path(dir: Option<&Path>, name: &str) -> Result<PathBuf, String> {
+    let dir = dir.ok_or("hint-dump is off: start the server with --dump-dir DIR")?;
+    let plain = !name.is_empty() && name != "." && name != ".." && !name.contains('/');
+    if !plain || name.len() > 255 {
+        return Err(format!(
+            "bad dump name {name:?}: give a file name (no '/'); it is written in {}",
+            dir.display()
+        ));
+    }
+    Ok(dir.join(name))
+}
+
+/// Writes `bytes` to `path` (mode 0600 when created; never through a symlink).
+fn write_dump(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?
+        .write_all(bytes)
 }
 
 /// Executes one command line; returns the JSON reply.
@@ -151,10 +185,14 @@ pub fn execute(line: &str, c: &Control) -> String {
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
-        ("hint-dump", Some(path)) => {
+        ("hint-dump", Some(name)) => {
+            let path = match dump_path(c.dump_dir.as_deref(), name) {
+                Ok(p) => p,
+                Err(e) => return err(&e),
+            };
             let set = hints.snapshot();
             let bytes: Vec<u8> = set.words().iter().flat_map(|w| w.to_le_bytes()).collect();
-            match std::fs::write(path, &bytes) {
+            match write_dump(&path, &bytes) {
                 Ok(()) => format!(
                     "{{\"ok\":true,\"cmd_id\":{},\"epoch\":{},\"complete\":{},\"total_bits\":{},\"free_pages\":{}}}",
                     set.cmd_id(),
@@ -163,7 +201,7 @@ pub fn execute(line: &str, c: &Control) -> String {
                     set.total_bits(),
                     set.free_pages()
                 ),
-                Err(e) => err(&format!("cannot write {path}: {e}")),
+                Err(e) => err(&format!("cannot write {}: {e}", path.display())),
             }
         }
         ("hint-stop", None) => {
@@ -208,12 +246,13 @@ fn handle(stream: UnixStream, c: &Control) {
     }
 }
 
-/// Binds `path` and serves control connections (one at a time) on a thread.
+/// Binds `path` (mode 0600) and serves control connections (one at a
+/// time) on a thread.
 pub fn spawn(path: &Path, control: Control, force: bool) -> std::io::Result<()> {
     if force && path.exists() {
         let _ = std::fs::remove_file(path);
     }
-    let listener = UnixListener::bind(path)?;
+    let listener = crate::sockets::bind_private(path)?;
     info!("control socket on {}", path.display());
     std::thread::Builder::new()
         .name("control".into())
@@ -238,10 +277,13 @@ mod tests {
     fn commands_and_errors() {
         let layout = Layout::from_ram_byte_ranges(&[(0, 1 << 30)]).unwrap();
         let b = Balloon::new(BalloonConfig::all_features(layout)).unwrap();
-        let c = Control {
+        let dir = std::env::temp_dir().join(format!("fh-ctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut c = Control {
             balloon: b.handle(),
             hints: b.hint_handle(),
             status: Arc::new(AtomicU8::new(0xf)),
+            dump_dir: Some(dir.clone()),
         };
         assert_eq!(execute("target 256", &c), "{\"ok\":true,\"target\":256}");
         let st = execute("status", &c);
@@ -255,14 +297,59 @@ mod tests {
         assert!(execute("hint-status", &c).contains("\"state\":\"Idle\""));
         assert!(execute("metrics", &c).starts_with("{\"ok\":true"));
         // No round yet: an all-zero set of the layout's size.
-        let dir = std::env::temp_dir().join(format!("fh-ctl-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("set.bin");
-        let reply = execute(&format!("hint-dump {}", path.display()), &c);
+        let reply = execute("hint-dump set.bin", &c);
         assert!(reply.contains("\"total_bits\":262144"), "{reply}");
         assert!(reply.contains("\"free_pages\":0"), "{reply}");
-        assert_eq!(std::fs::read(&path).unwrap().len(), 262144 / 8);
-        assert!(execute("hint-dump /nonexistent/dir/x", &c).starts_with("{\"ok\":false"));
+        assert_eq!(
+            std::fs::read(dir.join("set.bin")).unwrap().len(),
+            262144 / 8
+        );
+        c.dump_dir = None;
+        assert!(execute("hint-dump set.bin", &c).contains("--dump-dir"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn dumps_stay_inside_the_dump_dir() {
+        use std::os::unix::fs::PermissionsExt;
+        let layout = Layout::from_ram_byte_ranges(&[(0, 1 << 20)]).unwrap();
+        let b = Balloon::new(BalloonConfig::all_features(layout)).unwrap();
+        let base = std::env::temp_dir().join(format!("fh-dump-{}", std::process::id()));
+        let dir = base.join("dumps");
+        std::fs::create_dir_all(&dir).unwrap();
+        let c = Control {
+            balloon: b.handle(),
+            hints: b.hint_handle(),
+            status: Arc::new(AtomicU8::new(0)),
+            dump_dir: Some(dir.clone()),
+        };
+        let outside = base.join("victim");
+        std::fs::write(&outside, b"keep").unwrap();
+        for name in [
+            outside.display().to_string(),
+            "../victim".into(),
+            "..".into(),
+            ".".into(),
+            "a/b".into(),
+            "x".repeat(300),
+        ] {
+            let reply = execute(&format!("hint-dump {name}"), &c);
+            assert!(reply.starts_with("{\"ok\":false"), "{name}: {reply}");
+        }
+        std::os::unix::fs::symlink(&outside, dir.join("link")).unwrap();
+        assert!(execute("hint-dump link", &c).starts_with("{\"ok\":false"));
+        assert_eq!(std::fs::read(&outside).unwrap(), b"keep");
+        assert!(execute("hint-dump ok.bin", &c).starts_with("{\"ok\":true"));
+        let mode = std::fs::metadata(dir.join("ok.bin"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(
+            std::fs::read_dir(&base).unwrap().count(),
+            2,
+            "nothing else written"
+        );
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -7,7 +7,8 @@
 //! the same lock. The lock is never held while calling into the device.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Mutex, MutexGuard};
 
 use log::{debug, warn};
@@ -43,12 +44,64 @@ pub struct InterruptRouter {
     state: Mutex<State>,
 }
 
+/// Why the client's interrupt fd was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum IrqFdError {
+    /// The fd is not an eventfd (a pipe, a file, a socket, ...).
+    #[error("interrupt fd {fd} is not an eventfd ({found}): pass eventfds only")]
+    NotEventfd {
+        /// The fd number in this process.
+        fd: RawFd,
+        /// What it is instead, from `/proc/self/fd`.
+        found: String,
+    },
+    /// Making the fd non-blocking failed.
+    #[error("cannot make interrupt fd {fd} non-blocking: {source}")]
+    NonBlocking {
+        /// The fd number in this process.
+        fd: RawFd,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Accepts `f` as an interrupt fd only if it is an eventfd
+/// (`/proc/self/fdinfo` has `eventfd-count`), and makes it non-blocking so
+/// that signalling it can never block the server (a client can fill an
+/// eventfd's counter). The eventfd's open file is shared with the client:
+/// QEMU creates its eventfds non-blocking already.
+pub fn prepare_eventfd(f: &File) -> Result<(), IrqFdError> {
+    let fd = f.as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
+    if !info.lines().any(|l| l.starts_with("eventfd-count:")) {
+        let found = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|e| format!("unknown: {e}"));
+        return Err(IrqFdError::NotEventfd { fd, found });
+    }
+    // SAFETY: fcntl(F_GETFL) on an fd we own has no memory preconditions.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above; F_SETFL only changes the file status flags.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        let source = io::Error::last_os_error();
+        return Err(IrqFdError::NonBlocking { fd, source });
+    }
+    Ok(())
+}
+
 fn kick(fd: &Option<File>, what: &str) {
     match fd {
         Some(f) => {
             let mut f: &File = f;
-            if let Err(e) = f.write_all(&1u64.to_ne_bytes()) {
-                warn!("cannot signal {what} eventfd: {e}");
+            match f.write(&1u64.to_ne_bytes()) {
+                Ok(_) => {}
+                // The counter is full: the eventfd is readable, so the
+                // interrupt is pending anyway.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    debug!("{what} eventfd counter full: interrupt already pending")
+                }
+                Err(e) => warn!("cannot signal {what} eventfd: {e}"),
             }
         }
         None => debug!("{what}: no eventfd registered, interrupt dropped"),

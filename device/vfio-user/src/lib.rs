@@ -9,7 +9,8 @@
 //! config, ISR, device config, notify), [`msix`] (table and PBA),
 //! [`interrupt`] (MSI-X/INTx routing), [`memory`] (DMA_MAP → guest memory),
 //! [`server`] (the `ServerBackend` and the serve loop), [`control`] (a
-//! line-based control socket), [`signals`] (socket cleanup on SIGTERM).
+//! line-based control socket), [`signals`] (socket cleanup on SIGTERM),
+//! [`sockets`] (sockets only their owner can connect to).
 #![warn(missing_docs)]
 
 pub mod control;
@@ -19,6 +20,7 @@ pub mod msix;
 pub mod pci;
 pub mod server;
 pub mod signals;
+pub mod sockets;
 pub mod virtio_pci;
 
 pub use server::{serve, VfioUserDevice, MIGRATION_WARNING};

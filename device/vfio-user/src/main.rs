@@ -45,6 +45,10 @@ struct Args {
     /// docs/vfio-user.md).
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Directory the control command `hint-dump NAME` writes into (without
+    /// it, `hint-dump` is refused).
+    #[arg(long)]
+    dump_dir: Option<PathBuf>,
     /// Guest RAM size (bytes, or with K/M/G suffix), to derive the RAM
     /// layout for hints together with --machine.
     #[arg(long, value_parser = parse_size)]
@@ -125,6 +129,17 @@ fn parse_layout(s: &str) -> Result<Vec<(u64, u64)>, String> {
         .collect()
 }
 
+/// The `--dump-dir` as an absolute path, checked to be a directory.
+fn dump_dir(dir: &std::path::Path) -> Result<PathBuf, String> {
+    let abs = dir
+        .canonicalize()
+        .map_err(|e| format!("--dump-dir {}: {e}", dir.display()))?;
+    if !abs.is_dir() {
+        return Err(format!("--dump-dir {}: not a directory", dir.display()));
+    }
+    Ok(abs)
+}
+
 fn run(args: Args) -> Result<(), String> {
     let ranges = match (&args.ram_layout, args.ram_size) {
         (Some(l), _) => Some(parse_layout(l)?),
@@ -166,10 +181,12 @@ fn run(args: Args) -> Result<(), String> {
         device.set_expected_ram(r);
     }
     if let Some(path) = &args.control {
+        let dump_dir = args.dump_dir.as_deref().map(dump_dir).transpose()?;
         let c = control::Control {
             balloon: handle,
             hints: hint_handle,
             status: device.status_handle(),
+            dump_dir,
         };
         control::spawn(path, c, args.force)
             .map_err(|e| format!("control socket {}: {e}", path.display()))?;

@@ -4,7 +4,10 @@
 //! region set is rebuilt into a fresh [`GuestMemoryMmap`] that is swapped into
 //! the [`GuestMemoryAtomic`] the device holds, so the device sees each change
 //! at its next memory access. Mappings without an fd (QEMU's ROM and VRAM
-//! sections) are logged and ignored. During boot QEMU maps and unmaps
+//! sections) are logged and ignored. Read-only mappings are left out of the
+//! device's memory (the device writes used rings and hint replies, and a
+//! write through a read-only mapping would kill the server); like any map,
+//! they still replace what they overlap. During boot QEMU maps and unmaps
 //! overlapping ranges many times, so unmaps work by range: a partly covered
 //! mapping is cut and its remainder mapped again from the same fd.
 
@@ -184,7 +187,9 @@ impl DmaMemory {
     }
 
     /// DMA_MAP. Without an fd the range is ignored (QEMU sends ROM/VRAM
-    /// sections that way). A new map replaces what it overlaps.
+    /// sections that way). A read-only map is checked, then left out of the
+    /// device's memory: the device must never write through it. A new map
+    /// replaces what it overlaps.
     pub fn map(
         &mut self,
         address: u64,
@@ -215,6 +220,13 @@ impl DmaMemory {
                 file_size: meta.len(),
             });
         }
+        if !writable {
+            info!(
+                "read-only DMA_MAP {address:#x}+{size:#x} left out of the device's memory \
+                 (the device writes guest memory)"
+            );
+            return self.cut_and_publish(address, end);
+        }
         let file = Arc::new(fd);
         let region = map_region(&file, offset, address, size, writable)?;
         if let Err(e) = self.cut(address, end) {
@@ -243,12 +255,16 @@ impl DmaMemory {
     /// DMA_UNMAP of a range (partly covered mappings keep their remainder).
     pub fn unmap(&mut self, address: u64, size: u64) -> Result<()> {
         let end = self.check(address, size, 0)?;
-        if let Err(e) = self.cut(address, end) {
-            self.publish()?;
-            return Err(e);
-        }
         debug!("DMA_UNMAP {address:#x}+{size:#x}");
-        self.publish()
+        self.cut_and_publish(address, end)
+    }
+
+    /// Removes [start, end) and publishes the result (also after an error,
+    /// so that what the device sees always equals the table).
+    fn cut_and_publish(&mut self, start: u64, end: u64) -> Result<()> {
+        let cut = self.cut(start, end);
+        self.publish()?;
+        cut
     }
 
     /// DMA_UNMAP with the UNMAP_ALL flag, or a client that went away.
@@ -376,6 +392,22 @@ mod tests {
             .write_obj(0xabu8, GuestAddress(0x10_0001))
             .unwrap();
         assert_eq!(byte_at(&m, 0x10_0001), Some(0xab));
+    }
+
+    #[test]
+    fn read_only_map_is_left_out_and_replaces_what_it_covers() {
+        let mut m = DmaMemory::new();
+        m.map(0, 4 * PAGE, 0, true, Some(memfd(4))).unwrap();
+        m.map(PAGE, 2 * PAGE, PAGE, false, Some(memfd(4))).unwrap();
+        assert_eq!(m.ranges(), vec![(0, PAGE), (3 * PAGE, PAGE)]);
+        assert_eq!(byte_at(&m, 2 * PAGE), None, "the device cannot reach it");
+        m.map(4 * PAGE, PAGE, 0, false, Some(memfd(1))).unwrap();
+        assert_eq!(m.ranges(), vec![(0, PAGE), (3 * PAGE, PAGE)]);
+        // Still checked like any map.
+        assert!(matches!(
+            m.map(0, 2 * PAGE, 0, false, Some(memfd(1))),
+            Err(MemoryError::PastEof { .. })
+        ));
     }
 
     #[test]

@@ -3,10 +3,13 @@
 //!
 //! Driver input is hostile: every register access is bounds-checked, bad
 //! values are ignored (and logged) or read back as the spec's failure value,
-//! never a panic.
+//! never a panic. A notify processes at most a queue's worth of buffers; what
+//! is left waits in [`PendingWork`] for [`VirtioPciTransport::run_pending_work`]
+//! (the serve loop's work thread), so a driver that keeps re-posting buffers
+//! cannot hold the loop that serves every other message.
 
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use freehint_device::{GuestMemoryHandle, VirtioDevice};
 use log::{debug, error, info, warn};
@@ -97,6 +100,71 @@ pub struct TransportStats {
     pub bad_notifies: u64,
     /// Accesses outside any structure of BAR0.
     pub out_of_range: u64,
+    /// Notifies that used up their budget (the rest was processed later).
+    pub deferred_notifies: u64,
+}
+
+/// Queues with buffers left after a notify used up its budget, and the
+/// wake-up of the thread that processes them ([`crate::serve`] runs one).
+#[derive(Debug, Default)]
+pub struct PendingWork {
+    state: Mutex<PendingState>,
+    wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct PendingState {
+    /// Bit `i`: queue `i` has buffers left.
+    queues: u64,
+    /// The work thread must end.
+    stopped: bool,
+}
+
+impl PendingWork {
+    fn lock(&self) -> MutexGuard<'_, PendingState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn add(&self, index: usize) {
+        if let Some(bit) = 1u64.checked_shl(index as u32) {
+            self.lock().queues |= bit;
+            self.wake.notify_all();
+        }
+    }
+
+    fn take(&self) -> u64 {
+        std::mem::take(&mut self.lock().queues)
+    }
+
+    fn clear(&self) {
+        self.lock().queues = 0;
+    }
+
+    /// Whether some queue has buffers left.
+    pub fn is_pending(&self) -> bool {
+        self.lock().queues != 0
+    }
+
+    /// Waits until some queue has buffers left (true) or [`Self::stop`]
+    /// was called (false).
+    pub fn wait(&self) -> bool {
+        let mut st = self.lock();
+        while st.queues == 0 && !st.stopped {
+            st = self.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        !st.stopped
+    }
+
+    /// Ends [`Self::wait`] for good (until [`Self::restart`]).
+    pub fn stop(&self) {
+        self.lock().stopped = true;
+        self.wake.notify_all();
+    }
+
+    /// Lets [`Self::wait`] wait again after a [`Self::stop`].
+    pub fn restart(&self) {
+        self.lock().stopped = false;
+    }
 }
 
 /// The virtio-pci function's transport state around one device.
@@ -118,6 +186,8 @@ pub struct VirtioPciTransport {
     status_mirror: Arc<AtomicU8>,
     /// Warnings logged so far (a hostile driver must not flood the log).
     warnings: u64,
+    /// Queues whose last notify ran out of budget.
+    pending: Arc<PendingWork>,
 }
 
 impl std::fmt::Debug for VirtioPciTransport {
@@ -174,7 +244,28 @@ impl VirtioPciTransport {
             stats: TransportStats::default(),
             status_mirror: Arc::new(AtomicU8::new(0)),
             warnings: 0,
+            pending: Arc::default(),
         }
+    }
+
+    /// Queues with buffers left, shared with the thread that calls
+    /// [`Self::run_pending_work`].
+    pub fn pending_work(&self) -> Arc<PendingWork> {
+        Arc::clone(&self.pending)
+    }
+
+    /// Processes one more budget of every queue that had buffers left;
+    /// returns whether some queue still has. Call it without holding up the
+    /// serve loop for longer than that (once per lock).
+    pub fn run_pending_work(&mut self) -> bool {
+        let queues = self.pending.take();
+        let has = |i: usize| 1u64.checked_shl(i as u32).is_some_and(|b| queues & b != 0);
+        for index in (0..self.queues.len()).filter(|&i| has(i)) {
+            if self.queue_live(index as u64) {
+                self.process(index as u64);
+            }
+        }
+        self.pending.is_pending()
     }
 
     /// Device status register.
@@ -231,6 +322,7 @@ impl VirtioPciTransport {
         self.status_mirror.store(0, Ordering::Release);
         self.queue_select = 0;
         self.early_kicks.fill(false);
+        self.pending.clear();
         for q in &mut self.queues {
             *q = QueueRegs {
                 size: max,
@@ -308,11 +400,7 @@ impl VirtioPciTransport {
             self.early_kicks[index as usize] = true;
             return;
         }
-        let ok = self.status & status::DRIVER_OK != 0
-            && self.status & status::DEVICE_NEEDS_RESET == 0
-            && (index as usize) < self.queues.len()
-            && self.queues[index as usize].enabled;
-        if !ok {
+        if !self.queue_live(index) {
             self.stats.bad_notifies += 1;
             debug!(
                 "notify of queue {index} ignored (status {:#x}, {} queues)",
@@ -321,11 +409,37 @@ impl VirtioPciTransport {
             );
             return;
         }
-        if let Err(e) = self.device.queue_notify(index as u16) {
-            self.warn_limited(format_args!(
-                "queue {index}: device failed: {e}; setting DEVICE_NEEDS_RESET"
-            ));
-            self.needs_reset();
+        self.process(index);
+    }
+
+    /// Whether queue `index` exists, is enabled and the device is live.
+    fn queue_live(&self, index: u64) -> bool {
+        self.status & status::DRIVER_OK != 0
+            && self.status & status::DEVICE_NEEDS_RESET == 0
+            && self.queues.get(index as usize).is_some_and(|q| q.enabled)
+    }
+
+    /// Processes at most [`NOTIFY_BUDGET`] buffers (and no more than the
+    /// queue's size) of live queue `index`; if more wait, they go to
+    /// [`PendingWork`].
+    fn process(&mut self, index: u64) {
+        let budget = self
+            .queues
+            .get(index as usize)
+            .map_or(0, |q| usize::from(q.size).min(NOTIFY_BUDGET));
+        match self.device.queue_notify_budget(index as u16, budget) {
+            Ok(false) => {}
+            Ok(true) => {
+                self.stats.deferred_notifies += 1;
+                debug!("queue {index}: budget of {budget} buffers used up, the rest comes later");
+                self.pending.add(index as usize);
+            }
+            Err(e) => {
+                self.warn_limited(format_args!(
+                    "queue {index}: device failed: {e}; setting DEVICE_NEEDS_RESET"
+                ));
+                self.needs_reset();
+            }
         }
     }
 
@@ -583,6 +697,10 @@ impl VirtioPciTransport {
 
 /// Driver warnings logged in full before rate limiting starts.
 pub const WARN_BURST: u64 = 64;
+
+/// Most buffers one notify (or one turn of left-over work) processes before
+/// the serve loop gets to answer the next message.
+pub const NOTIFY_BUDGET: usize = 64;
 
 /// `VIRTIO_RING_F_EVENT_IDX` bit number.
 const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
