@@ -1,10 +1,12 @@
 //! Running guests against `freehint-vfio-user` (the project's device served
-//! over vfio-user, issue 4).
+//! over vfio-user).
 //!
 //! - [`server_binary`] builds the server (`cargo build --release -p
 //!   freehint-vfio-user`) and finds it in cargo's target dir;
 //! - [`Server`] runs it as a separate process with its vfio-user socket and
-//!   control socket ([`Server::ctl`] sends one control command);
+//!   control socket ([`Server::ctl`] sends one control command) and its
+//!   directory as the dump directory (`hint-dump NAME` writes
+//!   [`Server::dump_path`]);
 //! - [`RamLayout`] is the guest RAM layout of a QEMU x86 machine, the bit
 //!   space of the device's free set (passed to the server as `--ram-layout`);
 //! - [`overlay_initramfs`] adds the guest programs (`vfio-guest`,
@@ -137,11 +139,14 @@ pub struct Server {
     pub control: PathBuf,
     /// The server's log (stderr).
     pub log: PathBuf,
+    /// Where the control command `hint-dump NAME` writes (`--dump-dir`).
+    pub dump_dir: PathBuf,
 }
 
 impl Server {
     /// Starts `bin` with sockets and log under `dir` (named after `label`),
-    /// the RAM layout `layout` and `extra` arguments (feature switches).
+    /// `dir` as its dump directory, the RAM layout `layout` and `extra`
+    /// arguments (feature switches).
     pub fn start(
         bin: &Path,
         dir: &Path,
@@ -160,6 +165,8 @@ impl Server {
             .arg("--control")
             .arg(&control)
             .arg("--force")
+            .arg("--dump-dir")
+            .arg(dir)
             .arg("--ram-layout")
             .arg(layout.server_arg())
             .args(extra)
@@ -177,6 +184,7 @@ impl Server {
             socket,
             control,
             log,
+            dump_dir: dir.to_path_buf(),
         };
         let t0 = Instant::now();
         while !(s.socket.exists() && s.control.exists()) {
@@ -189,6 +197,11 @@ impl Server {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(s)
+    }
+
+    /// The file `hint-dump NAME` writes.
+    pub fn dump_path(&self, name: &str) -> PathBuf {
+        self.dump_dir.join(name)
     }
 
     /// The server's process id.

@@ -1,4 +1,4 @@
-//! `vfio-freehint` (issue 4): `freehint.ko` against `freehint-vfio-user`.
+//! `vfio-freehint`: `freehint.ko` against `freehint-vfio-user`.
 //!
 //! Bitmap protocol (FREE_PAGE_BITMAP) at {1, 6} GiB × {pc, q35}, then the
 //! standard protocol (server `--no-bitmap`) at pc 1 GiB and q35 6 GiB. Each

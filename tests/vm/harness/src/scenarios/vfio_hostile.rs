@@ -1,5 +1,4 @@
-//! `vfio-hostile` (issue 4): a hostile guest driver against
-//! `freehint-vfio-user`.
+//! `vfio-hostile`: a hostile guest driver against `freehint-vfio-user`.
 //!
 //! The guest program `hostile` (device/vfio-user/scripts/hostile-guest.rs)
 //! unbinds `virtio-pci`, drives BAR0 with 4000 rounds of garbage (random

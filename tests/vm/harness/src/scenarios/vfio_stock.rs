@@ -1,4 +1,4 @@
-//! `vfio-stock` (issue 4): Linux's stock `virtio_balloon` driver against
+//! `vfio-stock`: Linux's stock `virtio_balloon` driver against
 //! `freehint-vfio-user` (our device as a vfio-user PCI device in QEMU 11.1).
 //!
 //! One pc 1 GiB boot (guest script `vfio-stock`): the driver binds and
@@ -53,12 +53,13 @@ fn wait_actual(server: &Server, want: u64) -> Result<(), HarnessError> {
 
 /// The host step while the guest waits: DRIVER_OK, optionally inflate/
 /// deflate with the memfd check and stats, then one hint round, its dump
-/// to `dump`, and DONE. Returns the figures; an error fails the boot.
+/// to the server's dump file `dump_name`, and DONE. Returns the figures; an
+/// error fails the boot.
 pub fn host_round(
     server: &Server,
     qemu_pid: u32,
     balloon: bool,
-    dump: &Path,
+    dump_name: &str,
     figures: &mut Map<String, Value>,
 ) -> Result<(), HarnessError> {
     // Here the guest has run whatever it ran before (the hostile driver).
@@ -109,7 +110,7 @@ pub fn host_round(
         "round_free_pages".into(),
         json!(field(&round, "free_pages")),
     );
-    let d = server.ctl(&format!("hint-dump {}", dump.display()))?;
+    let d = server.ctl(&format!("hint-dump {dump_name}"))?;
     figures.insert(
         "dump_complete".into(),
         d.get("complete").cloned().unwrap_or(Value::Null),
@@ -152,12 +153,13 @@ pub fn boot_round(
         initramfs: initramfs.to_path_buf(),
         tag: tag.to_string(),
     };
-    let dump = dir.join(format!("{label}.hint-set.bin"));
+    let dump_name = format!("{label}.hint-set.bin");
+    let dump = server.dump_path(&dump_name);
     let _ = std::fs::remove_file(&dump);
     let mut figures = Map::new();
     let mut host_err = None;
     let out = boot.run(ctx, &server, &layout, &mut |pid| {
-        let r = host_round(&server, pid, balloon, &dump, &mut figures);
+        let r = host_round(&server, pid, balloon, &dump_name, &mut figures);
         if let Err(e) = &r {
             host_err = Some(e.to_string());
         }
