@@ -204,7 +204,7 @@ impl RamLayout {
     /// The layout of a vm-memory guest memory: one range per region, in
     /// guest-physical order, stored back to back in the RAM file (as QEMU
     /// stores one memory backend split around the PCI hole).
-    pub fn from_guest_memory<M: GuestMemoryBackend>(mem: &M) -> Result<Self, LayoutError> {
+    pub fn from_guest_memory<M: GuestMemoryBackend + ?Sized>(mem: &M) -> Result<Self, LayoutError> {
         let mut ranges = Vec::new();
         let mut file_offset = 0u64;
         for region in mem.iter() {

@@ -357,7 +357,7 @@ impl<W: Write> Encoder<W> {
             Record::Pass { number, kind } => self.pass(number, kind),
             Record::Pages { start, data } => self.pages(start, data),
             Record::Zero { start, count } => self.zero(start, count),
-            Record::End { pages, zero_pages } => self.end(pages, zero_pages),
+            Record::End { pages, zero_pages } => self.end_with(pages, zero_pages),
         }
     }
 
@@ -394,18 +394,23 @@ impl<W: Write> Encoder<W> {
         self.put(&run_header(TAG_ZERO, start, count))
     }
 
-    /// Ends the stream with the totals counted so far, flushes it and
-    /// returns the writer.
-    pub fn finish(mut self) -> Result<W> {
-        self.end(self.seq.pages, self.seq.zero_pages)?;
+    /// Ends the stream with the totals counted so far and flushes it; the
+    /// encoder accepts no record after this.
+    pub fn end(&mut self) -> Result<()> {
+        self.end_with(self.seq.pages, self.seq.zero_pages)?;
         let offset = self.bytes;
         self.out
             .flush()
-            .map_err(|source| WireError::Io { offset, source })?;
+            .map_err(|source| WireError::Io { offset, source })
+    }
+
+    /// [`end`](Self::end), then returns the writer.
+    pub fn finish(mut self) -> Result<W> {
+        self.end()?;
         Ok(self.out)
     }
 
-    fn end(&mut self, pages: u64, zero_pages: u64) -> Result<()> {
+    fn end_with(&mut self, pages: u64, zero_pages: u64) -> Result<()> {
         let checked = self.seq.end(pages, zero_pages);
         self.record(checked)?;
         self.put(&run_header(TAG_END, pages, zero_pages))

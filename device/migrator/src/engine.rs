@@ -1,0 +1,450 @@
+//! The pre-copy engine: copies a running guest's RAM to a stream.
+//!
+//! 1. The dirty log starts, then hint epoch 0 begins.
+//! 2. The bulk pass sends every page; pages hinted free go as zero runs,
+//!    zero pages as zero runs, the rest with their contents.
+//! 3. After each pass the dirty log is synced (a new hint epoch begins) and
+//!    the [`Policy`] decides: another dirty pass over what was written, or
+//!    stop.
+//! 4. [`VmControl::pause`] stops the guest; a last sync, then the final
+//!    pass (no hints), then the end record.
+//!
+//! Each pass walks one to-send bitmap by runs, at most [`CHUNK_PAGES`]
+//! pages at a time and never across a RAM range. If `run` fails after the
+//! pause, the guest stays paused: resuming it is the caller's decision.
+
+use std::io::Write;
+use std::ops::Range;
+use std::time::Instant;
+
+use bitvec::prelude::{bitarr, Lsb0};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryError};
+
+use crate::bits::{runs, PageBitmap, PageBits};
+use crate::dirty::{DirtyLog, HookError};
+use crate::hints::HintSource;
+use crate::layout::{LayoutError, RamLayout, RunError};
+use crate::policy::{Decision, Policy, StopReason};
+use crate::stats::{MigrationReport, PassStats};
+use crate::wire::{Encoder, PassKind, WireError};
+use crate::PAGE_SIZE;
+
+/// Pages read from guest memory at once.
+pub const CHUNK_PAGES: usize = 64;
+
+/// Stops the guest before the final pass (a VMM pauses its vCPUs and
+/// devices; for QEMU, the QMP `stop` command).
+pub trait VmControl {
+    /// Stops the guest; when this returns, nothing writes guest RAM.
+    fn pause(&mut self) -> Result<(), HookError>;
+}
+
+impl<F: FnMut() -> Result<(), HookError>> VmControl for F {
+    fn pause(&mut self) -> Result<(), HookError> {
+        self()
+    }
+}
+
+/// Why a migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The guest memory cannot be described as a layout.
+    #[error("the guest memory has no valid RAM layout")]
+    Layout(#[from] LayoutError),
+    /// A run did not fit the layout (an engine bug).
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// Writing the stream failed.
+    #[error("writing the migration stream failed")]
+    Wire(#[from] WireError),
+    /// The dirty log failed.
+    #[error("the dirty log failed to {what}")]
+    DirtyLog {
+        /// start, sync or stop.
+        what: &'static str,
+        /// What failed.
+        #[source]
+        source: HookError,
+    },
+    /// The hint source failed.
+    #[error("the hint source failed")]
+    Hints(#[source] HookError),
+    /// Pausing the guest failed.
+    #[error("pausing the guest failed")]
+    Pause(#[source] HookError),
+    /// Reading guest memory failed.
+    #[error("reading {pages} pages of guest memory at {gpa:#x} failed")]
+    Memory {
+        /// First address.
+        gpa: u64,
+        /// Pages.
+        pages: usize,
+        /// What failed.
+        #[source]
+        source: GuestMemoryError,
+    },
+}
+
+/// The pre-copy engine over a vm-memory guest memory.
+#[derive(Debug)]
+pub struct Engine<'m, M: ?Sized> {
+    mem: &'m M,
+    layout: RamLayout,
+    policy: Policy,
+}
+
+impl<'m, M: GuestMemoryBackend + ?Sized> Engine<'m, M> {
+    /// An engine for `mem`, with the layout
+    /// [`RamLayout::from_guest_memory`] gives and the default policy.
+    pub fn new(mem: &'m M) -> Result<Self, MigrateError> {
+        let layout = RamLayout::from_guest_memory(mem)?;
+        Ok(Self {
+            mem,
+            layout,
+            policy: Policy::default(),
+        })
+    }
+
+    /// Uses `policy` to decide when to stop.
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The layout the stream announces.
+    pub fn layout(&self) -> &RamLayout {
+        &self.layout
+    }
+
+    /// Migrates to `out`: `log` reports writes, `hints` free pages, `vm`
+    /// stops the guest, and `on_pass` sees each pass when it ends.
+    pub fn run<W, L, H, V, F>(
+        &self,
+        out: W,
+        log: L,
+        hints: H,
+        mut vm: V,
+        mut on_pass: F,
+    ) -> Result<MigrationReport, MigrateError>
+    where
+        W: Write,
+        L: DirtyLog,
+        H: HintSource,
+        V: VmControl,
+        F: FnMut(&PassStats),
+    {
+        let started = Instant::now();
+        let mut session = Session::start(self, out, log, hints)?;
+        let mut done = Vec::new();
+        let mut record = |stats: PassStats, done: &mut Vec<PassStats>| {
+            log::info!("pass {} ({:?}): {stats:?}", stats.pass, stats.kind);
+            on_pass(&stats);
+            done.push(stats);
+        };
+        record(session.pass(0, PassKind::Bulk, true)?, &mut done);
+        let stop_reason = loop {
+            let pending = session.sync()?;
+            match self.policy.decide(&done, pending) {
+                Decision::Stop(reason) => break reason,
+                Decision::Continue => record(
+                    session.pass(done.len() as u32, PassKind::Dirty, true)?,
+                    &mut done,
+                ),
+            }
+        };
+        log::info!("stopping the guest: {stop_reason:?}");
+        vm.pause().map_err(MigrateError::Pause)?;
+        let paused = Instant::now();
+        session.sync()?;
+        record(
+            session.pass(done.len() as u32, PassKind::Final, false)?,
+            &mut done,
+        );
+        let bytes = session.finish()?;
+        Ok(report(done, stop_reason, bytes, paused, started))
+    }
+}
+
+fn report(
+    passes: Vec<PassStats>,
+    stop_reason: StopReason,
+    bytes: u64,
+    paused: Instant,
+    started: Instant,
+) -> MigrationReport {
+    let sum = |f: fn(&PassStats) -> u64| passes.iter().map(f).sum();
+    MigrationReport {
+        stop_reason,
+        pages_sent: sum(|p| p.pages_sent),
+        zero_pages: sum(|p| p.zero_pages),
+        hinted_pages: sum(|p| p.hinted_pages),
+        bytes,
+        downtime_us: micros(paused),
+        total_us: micros(started),
+        passes,
+    }
+}
+
+fn micros(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// One migration in progress.
+struct Session<'e, M: ?Sized, W: Write, L, H> {
+    mem: &'e M,
+    layout: &'e RamLayout,
+    out: Output<W>,
+    log: L,
+    hints: H,
+    /// Pages the current pass still has to send.
+    to_send: PageBitmap,
+    /// Pages hinted free in the current epoch.
+    free: PageBitmap,
+    epoch: u64,
+}
+
+impl<'e, M, W, L, H> Session<'e, M, W, L, H>
+where
+    M: GuestMemoryBackend + ?Sized,
+    W: Write,
+    L: DirtyLog,
+    H: HintSource,
+{
+    /// Writes the header, starts the dirty log, then begins hint epoch 0;
+    /// every page is to be sent.
+    fn start(
+        engine: &'e Engine<'_, M>,
+        out: W,
+        mut log: L,
+        mut hints: H,
+    ) -> Result<Self, MigrateError> {
+        let layout = &engine.layout;
+        let out = Output::new(Encoder::new(out, layout)?);
+        let pages = layout.total_pages() as usize;
+        log.start().map_err(|source| MigrateError::DirtyLog {
+            what: "start",
+            source,
+        })?;
+        hints.on_sync(0);
+        let (to_send, free) = (
+            PageBitmap::repeat(true, pages),
+            PageBitmap::repeat(false, pages),
+        );
+        Ok(Self {
+            mem: engine.mem,
+            layout,
+            out,
+            log,
+            hints,
+            to_send,
+            free,
+            epoch: 0,
+        })
+    }
+
+    /// Adds the pages written since the last sync to the to-send bitmap,
+    /// drops all hints and begins a new epoch; returns the pages to send.
+    fn sync(&mut self) -> Result<u64, MigrateError> {
+        self.log
+            .sync(&mut self.to_send)
+            .map_err(|source| MigrateError::DirtyLog {
+                what: "sync",
+                source,
+            })?;
+        self.free.fill(false);
+        self.epoch += 1;
+        self.hints.on_sync(self.epoch);
+        Ok(self.to_send.count_ones() as u64)
+    }
+
+    /// Sends every page of the to-send bitmap, clearing it.
+    fn pass(
+        &mut self,
+        number: u32,
+        kind: PassKind,
+        use_hints: bool,
+    ) -> Result<PassStats, MigrateError> {
+        let started = Instant::now();
+        let bytes_before = self.out.enc.bytes_written();
+        let mut stats = PassStats::new(number, kind, self.to_send.count_ones() as u64);
+        self.out.enc.pass(number, kind)?;
+        let mut cursor = 0;
+        while let Some(offset) = self.to_send[cursor..].first_one() {
+            let start = cursor + offset;
+            if use_hints {
+                self.hints
+                    .mark_free(&mut self.free)
+                    .map_err(MigrateError::Hints)?;
+            }
+            let end = self.chunk_end(start);
+            let hinted: &PageBits = if use_hints {
+                &self.free[start..end]
+            } else {
+                &NO_HINTS[..end - start]
+            };
+            for (free, pages) in runs(hinted) {
+                let pages = start + pages.start..start + pages.end;
+                if free {
+                    stats.hinted_pages += pages.len() as u64;
+                    self.out.zero(self.layout, pages)?;
+                } else {
+                    self.out.send(self.mem, self.layout, pages, &mut stats)?;
+                }
+            }
+            self.to_send[start..end].fill(false);
+            cursor = end;
+        }
+        self.out.flush_zero()?;
+        stats.bytes = self.out.enc.bytes_written() - bytes_before;
+        stats.elapsed_us = micros(started);
+        Ok(stats)
+    }
+
+    /// End of the run of to-send pages from `start`: at most
+    /// [`CHUNK_PAGES`] pages, within one RAM range.
+    fn chunk_end(&self, start: usize) -> usize {
+        let range_end = self
+            .layout
+            .range_end(start as u64)
+            .map_or(start + 1, |end| end as usize);
+        let limit = range_end.min(start + CHUNK_PAGES);
+        start
+            + self.to_send[start..limit]
+                .first_zero()
+                .unwrap_or(limit - start)
+    }
+
+    /// Writes the end record, stops the dirty log; returns the stream size.
+    fn finish(self) -> Result<u64, MigrateError> {
+        let Self {
+            mut out, mut log, ..
+        } = self;
+        out.enc.end()?;
+        log.stop().map_err(|source| MigrateError::DirtyLog {
+            what: "stop",
+            source,
+        })?;
+        Ok(out.enc.bytes_written())
+    }
+}
+
+/// Hint bits for a pass that uses none.
+static NO_HINTS: bitvec::BitArr!(for CHUNK_PAGES, in u64, Lsb0) =
+    bitarr![const u64, Lsb0; 0; CHUNK_PAGES];
+
+/// The stream side of a session: the encoder, a zero run being gathered,
+/// and the page buffer.
+struct Output<W: Write> {
+    enc: Encoder<W>,
+    zero_run: Option<Range<u64>>,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> Output<W> {
+    fn new(enc: Encoder<W>) -> Self {
+        Self {
+            enc,
+            zero_run: None,
+            buf: vec![0; CHUNK_PAGES * PAGE_SIZE],
+        }
+    }
+
+    /// Reads `pages` (within one range) and sends them, zero pages as zero
+    /// runs.
+    fn send<M>(
+        &mut self,
+        mem: &M,
+        layout: &RamLayout,
+        pages: Range<usize>,
+        stats: &mut PassStats,
+    ) -> Result<(), MigrateError>
+    where
+        M: GuestMemoryBackend + ?Sized,
+    {
+        let count = pages.len();
+        let at = layout.check_run(pages.start as u64, count as u64)?;
+        let data = &mut self.buf[..count * PAGE_SIZE];
+        mem.read_slice(data, at.gpa)
+            .map_err(|source| MigrateError::Memory {
+                gpa: at.gpa.0,
+                pages: count,
+                source,
+            })?;
+        let mut zero = bitarr![u64, Lsb0; 0; CHUNK_PAGES];
+        for (index, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            zero.set(index, is_zero(page));
+        }
+        for (is_zero, run) in runs(&zero[..count]) {
+            let first = (pages.start + run.start) as u64;
+            if is_zero {
+                stats.zero_pages += run.len() as u64;
+                gather_zero(
+                    &mut self.zero_run,
+                    &mut self.enc,
+                    layout,
+                    first..first + run.len() as u64,
+                )?;
+            } else {
+                stats.pages_sent += run.len() as u64;
+                self.enc
+                    .pages(first, &self.buf[run.start * PAGE_SIZE..run.end * PAGE_SIZE])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `pages` as zero, merged with adjacent zero pages.
+    fn zero(&mut self, layout: &RamLayout, pages: Range<usize>) -> Result<(), MigrateError> {
+        gather_zero(
+            &mut self.zero_run,
+            &mut self.enc,
+            layout,
+            pages.start as u64..pages.end as u64,
+        )
+    }
+
+    fn flush_zero(&mut self) -> Result<(), MigrateError> {
+        if let Some(run) = self.zero_run.take() {
+            self.enc.zero(run.start, run.end - run.start)?;
+        }
+        Ok(())
+    }
+}
+
+/// Extends the gathered zero run by `pages` when they follow it in the same
+/// RAM range; otherwise sends it and starts a new one.
+fn gather_zero<W: Write>(
+    gathered: &mut Option<Range<u64>>,
+    enc: &mut Encoder<W>,
+    layout: &RamLayout,
+    pages: Range<u64>,
+) -> Result<(), MigrateError> {
+    if let Some(run) = gathered {
+        if run.end == pages.start && layout.range_end(run.start) == layout.range_end(pages.start) {
+            run.end = pages.end;
+            return Ok(());
+        }
+        enc.zero(run.start, run.end - run.start)?;
+    }
+    *gathered = Some(pages);
+    Ok(())
+}
+
+/// Whether a page is all zero (blocks of 256 bytes, each a vectorisable OR).
+fn is_zero(page: &[u8]) -> bool {
+    page.chunks(256)
+        .all(|block| block.iter().fold(0, |acc, &byte| acc | byte) == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_detection() {
+        let mut page = [0u8; PAGE_SIZE];
+        assert!(is_zero(&page));
+        page[PAGE_SIZE - 1] = 1;
+        assert!(!is_zero(&page));
+    }
+}
