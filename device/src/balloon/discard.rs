@@ -5,13 +5,22 @@
 //!
 //! | mapping of the region              | call                                   |
 //! |------------------------------------|----------------------------------------|
-//! | private (anonymous or file)        | `madvise(MADV_DONTNEED)`               |
+//! | private anonymous                  | `madvise(MADV_DONTNEED)`               |
+//! | private, backed by a file          | `mmap(MAP_FIXED \| MAP_PRIVATE \| MAP_ANONYMOUS)` over the range |
 //! | shared, backed by a file / memfd   | `fallocate(PUNCH_HOLE \| KEEP_SIZE)`, falling back to `madvise(MADV_REMOVE)` |
 //! | shared anonymous                   | `madvise(MADV_REMOVE)`                 |
 //!
 //! In every case the guest reads zeros afterwards and the host frees the
 //! backing pages (for shared memory, also in other processes mapping it,
 //! such as a vfio-user client).
+//!
+//! A private file mapping (e.g. guest RAM restored from a snapshot file) is
+//! the odd one: `MADV_DONTNEED` there drops the private copy and the page
+//! reads the **file's** data again, not zeros, and `MADV_REMOVE` and
+//! `fallocate` would change the file that the mapping only copies. So the
+//! range is replaced by a fresh private anonymous mapping with the region's
+//! protection, as Firecracker does for snapshot-restored memory: zeros, and
+//! the copied pages are freed. The file is left unchanged.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -160,9 +169,11 @@ fn discard_in_region(
         if r != 0 {
             return Err(("madvise(MADV_REMOVE)", io::Error::last_os_error()));
         }
+    } else if region.file_offset().is_some() {
+        zero_private_file_range(host, len_usize, region.prot(), region.flags())?;
     } else {
-        // SAFETY: as above; MADV_DONTNEED on a private mapping makes the
-        // range read as zero (anonymous) or as the file (private file).
+        // SAFETY: as above; MADV_DONTNEED on a private anonymous mapping
+        // makes the range read as zero.
         let r = unsafe { libc::madvise(host.cast(), len_usize, libc::MADV_DONTNEED) };
         if r != 0 {
             return Err(("madvise(MADV_DONTNEED)", io::Error::last_os_error()));
@@ -171,12 +182,116 @@ fn discard_in_region(
     Ok(())
 }
 
+/// Replaces `[host, host + len)` of a private file mapping (protection
+/// `prot`, flags `flags`) with private anonymous memory, which reads as zero.
+fn zero_private_file_range(
+    host: *mut u8,
+    len: usize,
+    prot: i32,
+    flags: i32,
+) -> Result<(), (&'static str, io::Error)> {
+    let flags =
+        libc::MAP_FIXED | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | (flags & libc::MAP_NORESERVE);
+    // SAFETY: `host..host+len` is a page-aligned piece of this region's own
+    // mapping (checked by the callers), so MAP_FIXED replaces only guest
+    // memory, which no Rust reference points into; the region unmaps the
+    // whole range, whatever backs it, when it is dropped.
+    let p = unsafe { libc::mmap(host.cast(), len, prot, flags, -1, 0) };
+    if p == libc::MAP_FAILED {
+        return Err(("mmap(MAP_FIXED|MAP_ANONYMOUS)", io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::fs::File;
+    use std::io::{Read, Seek, SeekFrom, Write};
     use std::os::fd::FromRawFd;
-    use vm_memory::{Bytes, FileOffset};
+    use vm_memory::mmap::MmapRegion;
+    use vm_memory::{Bytes, FileOffset, GuestRegionMmap};
+
+    const BASE: u64 = 0x10_0000;
+    const PAGES: u64 = 64;
+
+    /// A real file of `PAGES` pages of 0x5a.
+    fn data_file() -> File {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&vec![0x5a; (PAGES << 12) as usize]).unwrap();
+        f
+    }
+
+    /// Guest memory at `BASE` mapping `file` (or anonymous memory) with
+    /// `flags`.
+    fn mapped(file: Option<&File>, flags: i32) -> GuestMemoryMmap {
+        let fo = file.map(|f| FileOffset::new(f.try_clone().unwrap(), 0));
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let region = MmapRegion::build(fo, (PAGES << 12) as usize, prot, flags).unwrap();
+        let r = GuestRegionMmap::new(region, GuestAddress(BASE)).unwrap();
+        GuestMemoryMmap::from_regions(vec![r]).unwrap()
+    }
+
+    /// Discards pages 8..24 and checks they read zero (and stay writable)
+    /// while the rest keeps `fill`.
+    fn discard_reads_zero(mem: &GuestMemoryMmap, fill: u8) {
+        mem.write_slice(&vec![fill; (PAGES << 12) as usize], GuestAddress(BASE))
+            .unwrap();
+        MmapDiscard
+            .discard(mem, GuestAddress(BASE + (8 << 12)), 16 << 12)
+            .unwrap();
+        let mut b = vec![0u8; (PAGES << 12) as usize];
+        mem.read_slice(&mut b, GuestAddress(BASE)).unwrap();
+        assert!(b[..8 << 12].iter().all(|&x| x == fill));
+        assert!(
+            b[8 << 12..24 << 12].iter().all(|&x| x == 0),
+            "discarded pages must read zero"
+        );
+        assert!(b[24 << 12..].iter().all(|&x| x == fill));
+        mem.write_obj(0x77u8, GuestAddress(BASE + (9 << 12)))
+            .unwrap();
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(BASE + (9 << 12))).unwrap(),
+            0x77
+        );
+    }
+
+    fn file_bytes(f: &File) -> Vec<u8> {
+        let mut f = f.try_clone().unwrap();
+        let mut b = Vec::new();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.read_to_end(&mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn private_file_backed_reads_zero_and_leaves_the_file() {
+        let f = data_file();
+        let mem = mapped(Some(&f), libc::MAP_PRIVATE | libc::MAP_NORESERVE);
+        // The guest's view differs from the file (0x11), as after a restore
+        // from a snapshot file followed by guest writes.
+        discard_reads_zero(&mem, 0x11);
+        assert!(
+            file_bytes(&f).iter().all(|&x| x == 0x5a),
+            "a private mapping never writes its file"
+        );
+    }
+
+    #[test]
+    fn shared_file_backed_reads_zero_and_punches_the_file() {
+        let f = data_file();
+        let mem = mapped(Some(&f), libc::MAP_SHARED | libc::MAP_NORESERVE);
+        discard_reads_zero(&mem, 0x22);
+        let bytes = file_bytes(&f);
+        assert!(bytes[8 << 12..9 << 12].iter().all(|&x| x == 0));
+        assert!(bytes[24 << 12..].iter().all(|&x| x == 0x22));
+    }
+
+    #[test]
+    fn shared_and_private_anonymous_read_zero() {
+        discard_reads_zero(&mapped(None, libc::MAP_SHARED | libc::MAP_ANONYMOUS), 0x33);
+        discard_reads_zero(&mapped(None, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS), 0x44);
+    }
 
     fn memfd(size: u64) -> File {
         let name = c"freehint-test";
