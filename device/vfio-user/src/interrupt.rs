@@ -5,6 +5,8 @@
 //! [`freehint_device::Interrupt`] trait, possibly from another thread; the
 //! transport updates the routing (vectors, MSI-X enable, INTx disable) under
 //! the same lock. The lock is never held while calling into the device.
+//! The client's interrupt fds must be eventfds ([`prepare_eventfd`]) and are
+//! written non-blocking, so signalling never blocks under that lock.
 
 use std::fs::File;
 use std::io::{self, Write};

@@ -47,7 +47,7 @@ struct Args {
     control: Option<PathBuf>,
     /// Directory the control command `hint-dump NAME` writes into (without
     /// it, `hint-dump` is refused).
-    #[arg(long)]
+    #[arg(long, requires = "control")]
     dump_dir: Option<PathBuf>,
     /// Guest RAM size (bytes, or with K/M/G suffix), to derive the RAM
     /// layout for hints together with --machine.
