@@ -56,6 +56,24 @@ pub struct RawDesc {
     pub next: u16,
 }
 
+impl RawDesc {
+    /// The descriptor as it lies in a table.
+    pub fn to_bytes(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[0..8].copy_from_slice(&self.addr.to_le_bytes());
+        b[8..12].copy_from_slice(&self.len.to_le_bytes());
+        b[12..14].copy_from_slice(&self.flags.to_le_bytes());
+        b[14..16].copy_from_slice(&self.next.to_le_bytes());
+        b
+    }
+
+    /// Writes the descriptor at `addr` (e.g. into an indirect table).
+    pub fn write_at(&self, mem: &GuestMemoryMmap, addr: u64) {
+        mem.write_slice(&self.to_bytes(), GuestAddress(addr))
+            .expect("descriptor");
+    }
+}
+
 /// Records interrupts raised by the device.
 #[derive(Debug, Default)]
 pub struct TestInterrupt {
@@ -138,13 +156,7 @@ impl DriverQueue {
 
     /// Writes descriptor `i`.
     pub fn write_desc(&self, mem: &GuestMemoryMmap, i: u16, d: RawDesc) {
-        let a = self.desc_table + 16 * u64::from(i);
-        let mut b = [0u8; 16];
-        b[0..8].copy_from_slice(&d.addr.to_le_bytes());
-        b[8..12].copy_from_slice(&d.len.to_le_bytes());
-        b[12..14].copy_from_slice(&d.flags.to_le_bytes());
-        b[14..16].copy_from_slice(&d.next.to_le_bytes());
-        mem.write_slice(&b, GuestAddress(a)).expect("desc table");
+        d.write_at(mem, self.desc_table + 16 * u64::from(i));
     }
 
     /// Publishes `head` in the available ring.
@@ -199,13 +211,7 @@ impl DriverQueue {
     ) -> Option<u16> {
         let id = self.free.pop()?;
         for (i, d) in descs.iter().enumerate() {
-            let mut b = [0u8; 16];
-            b[0..8].copy_from_slice(&d.addr.to_le_bytes());
-            b[8..12].copy_from_slice(&d.len.to_le_bytes());
-            b[12..14].copy_from_slice(&d.flags.to_le_bytes());
-            b[14..16].copy_from_slice(&d.next.to_le_bytes());
-            mem.write_slice(&b, GuestAddress(table_addr + 16 * i as u64))
-                .expect("indirect table");
+            d.write_at(mem, table_addr + 16 * i as u64);
         }
         self.write_desc(
             mem,

@@ -10,10 +10,11 @@ use freehint_protocol::balloon::{encode_stat, VIRTIO_BALLOON_S_MEMFREE};
 use freehint_protocol::bitmap_hint::{
     ChunkHeader, Message, MsgHeader, KIND_CHUNK, LAYOUT_REPLY_MAX, MAX_CHUNK_BITS, MSG_MAGIC,
 };
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 const MIB: u64 = 1 << 20;
 const F_NEXT: u16 = 1;
+const F_INDIRECT: u16 = 4;
 
 fn drv() -> BalloonDriver {
     let layout = Layout::from_ram_byte_ranges(&[(0, 16 * MIB)]).unwrap();
@@ -113,6 +114,166 @@ fn indirect_chain_without_the_feature() {
     assert_eq!(metrics(&d).indirect_not_negotiated, 1);
     assert_eq!(metrics(&d).inflate_pages, 0, "nothing of it was processed");
     still_works(&mut d);
+}
+
+fn no_indirect_drv() -> BalloonDriver {
+    let layout = Layout::from_ram_byte_ranges(&[(0, 16 * MIB)]).unwrap();
+    let f = !feature(VIRTIO_RING_F_INDIRECT_DESC);
+    BalloonDriver::new(BalloonConfig::all_features(layout), f, 64)
+}
+
+/// An indirect table at `table` holding one buffer with pfn `pfn`.
+fn pfn_table(d: &mut BalloonDriver, pfn: u32) -> u64 {
+    let buf = d.alloc(4);
+    d.m().write_obj(pfn, GuestAddress(buf)).unwrap();
+    let table = d.alloc(16);
+    let entry = RawDesc {
+        addr: buf,
+        len: 4,
+        flags: 0,
+        next: 0,
+    };
+    entry.write_at(&d.m(), table);
+    table
+}
+
+/// A chain whose second descriptor is indirect: refused as a whole
+/// without INDIRECT_DESC, like an indirect head.
+#[test]
+fn indirect_descriptor_after_the_head_without_the_feature() {
+    let mut d = no_indirect_drv();
+    let first = d.alloc(4);
+    d.m().write_obj(3u32, GuestAddress(first)).unwrap();
+    let table = pfn_table(&mut d, 5);
+    let descs = [
+        RawDesc {
+            addr: first,
+            len: 4,
+            flags: F_NEXT,
+            next: 1,
+        },
+        RawDesc {
+            addr: table,
+            len: 16,
+            flags: F_INDIRECT,
+            next: 0,
+        },
+    ];
+    let mem = d.m();
+    d.queue(QueueKind::Inflate).add_raw(&mem, &descs, 0);
+    drop(mem);
+    assert_eq!(d.kick(QueueKind::Inflate).len(), 1, "still returned");
+    assert_eq!(metrics(&d).indirect_not_negotiated, 1);
+    assert_eq!(metrics(&d).inflate_pages, 0, "nothing of it was processed");
+    still_works(&mut d);
+}
+
+/// With INDIRECT_DESC: an indirect descriptor that also has NEXT, and one
+/// inside an indirect table, are malformed (virtio 1.2 §2.7.5.3.1).
+#[test]
+fn malformed_indirect_descriptors() {
+    let mut d = drv();
+    let table = pfn_table(&mut d, 5);
+    let buf = d.alloc(4);
+    let with_next = [
+        RawDesc {
+            addr: table,
+            len: 16,
+            flags: F_INDIRECT | F_NEXT,
+            next: 1,
+        },
+        RawDesc {
+            addr: buf,
+            len: 4,
+            flags: 0,
+            next: 0,
+        },
+    ];
+    let mem = d.m();
+    d.queue(QueueKind::Inflate).add_raw(&mem, &with_next, 0);
+    drop(mem);
+    assert_eq!(d.kick(QueueKind::Inflate).len(), 1);
+    assert_eq!(metrics(&d).bad_indirect, 1);
+    let nested = RawDesc {
+        addr: table,
+        len: 16,
+        flags: F_INDIRECT,
+        next: 0,
+    };
+    let outer = d.alloc(16);
+    let mem = d.m();
+    d.queue(QueueKind::Inflate)
+        .add_indirect(&mem, outer, &[nested])
+        .unwrap();
+    drop(mem);
+    assert_eq!(d.kick(QueueKind::Inflate).len(), 1);
+    assert_eq!(metrics(&d).bad_indirect, 2);
+    assert_eq!(metrics(&d).inflate_pages, 0);
+    still_works(&mut d);
+}
+
+/// A guest flips the head descriptor's flags between NEXT (a chain that
+/// loops back to itself) and INDIRECT while the device processes it, over
+/// and over, without INDIRECT_DESC. The device reads each descriptor once:
+/// it either refuses the indirect descriptor or drops the loop, and never
+/// follows the table (which would inflate pfn 5). Reading the flags twice
+/// (once to check, once to walk) lets the table through.
+#[test]
+fn head_flags_rewritten_during_processing_are_read_once() {
+    const MIN_CHAINS: u32 = 20_000;
+    const MAX_CHAINS: u32 = 1_000_000;
+    let mut d = no_indirect_drv();
+    let table = pfn_table(&mut d, 5);
+    let head = RawDesc {
+        addr: table,
+        len: 16,
+        flags: F_NEXT,
+        next: 0,
+    };
+    let flags_at = GuestAddress(d.queue(QueueKind::Inflate).desc_table + 12);
+    let mem = d.m();
+    d.queue(QueueKind::Inflate).add_raw(&mem, &[head], 0);
+    drop(mem);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = {
+        let (mem, stop) = (d.mem.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let m = mem.memory();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                m.write_obj(F_INDIRECT, flags_at).unwrap();
+                m.write_obj(F_NEXT, flags_at).unwrap();
+            }
+        })
+    };
+    let mut chains = 1;
+    d.kick(QueueKind::Inflate);
+    loop {
+        let m = metrics(&d);
+        let both_seen = m.indirect_not_negotiated > 0 && m.chain_too_long > 0;
+        if m.inflate_pages > 0 || chains >= MAX_CHAINS || (both_seen && chains >= MIN_CHAINS) {
+            break;
+        }
+        let mem = d.m();
+        d.queue(QueueKind::Inflate).publish(&mem, 0);
+        drop(mem);
+        d.kick(QueueKind::Inflate);
+        chains += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flipper.join().unwrap();
+    let m = metrics(&d);
+    assert_eq!(
+        m.inflate_pages, 0,
+        "an indirect table was followed without INDIRECT_DESC ({chains} chains)"
+    );
+    assert!(
+        m.indirect_not_negotiated > 0 && m.chain_too_long > 0,
+        "the guest's flips were never seen: {m:?}"
+    );
+    assert_eq!(
+        m.indirect_not_negotiated + m.chain_too_long,
+        u64::from(chains)
+    );
 }
 
 #[test]

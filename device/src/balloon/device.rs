@@ -19,38 +19,23 @@ use freehint_protocol::balloon::{
 use freehint_protocol::bitmap_hint::{LayoutReply, Message, MSG_HEADER_SIZE};
 use freehint_protocol::layout::{PAGE_SHIFT, PAGE_SIZE};
 use log::{debug, info, warn};
-use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::chain::{collect_chain, ChainError, Desc, DescTable};
 use super::discard::{MmapDiscard, PageDiscard};
 use super::hints::{HintHandle, HintShared};
 use super::metrics::BalloonMetrics;
 use super::poller::StatsPoller;
 use super::stats::BalloonStats;
 use super::{
-    BalloonConfig, BalloonError, MAX_CHAIN_DESCRIPTORS, MAX_PFNS_PER_DESCRIPTOR,
-    VIRTIO_BALLOON_F_FREE_PAGE_HINT, VIRTIO_BALLOON_F_PAGE_POISON, VIRTIO_ID_BALLOON,
+    BalloonConfig, BalloonError, MAX_PFNS_PER_DESCRIPTOR, VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+    VIRTIO_BALLOON_F_PAGE_POISON, VIRTIO_ID_BALLOON,
 };
 use crate::virtio_device::{GuestMemoryHandle, Interrupt, VirtioDevice};
 
 /// Largest stats buffer the device reads (the rest is ignored and counted).
 const MAX_STATS_BYTES: usize = 4096;
-
-/// One descriptor of a chain, as read from the descriptor table.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct Desc {
-    addr: u64,
-    len: u32,
-    write: bool,
-}
-
-/// Why a chain was rejected before looking at its contents.
-enum ChainError {
-    TooLong,
-    OutOfMemory,
-    IndirectNotNegotiated,
-}
 
 /// Runtime state, under one lock (`Shared::state`).
 pub(super) struct DeviceState {
@@ -532,26 +517,14 @@ impl Ctx<'_> {
                 warn!("{kind}: available ring names descriptor {head} beyond the queue; skipped");
                 continue;
             }
-            let mut descs = std::mem::take(&mut st.descs);
-            let collected = if !indirect_ok && head_is_indirect(self.mem, q.desc_table(), head) {
-                Err(ChainError::IndirectNotNegotiated)
-            } else {
-                collect_chain(chain, self.mem, &mut descs)
+            let table = DescTable {
+                addr: q.desc_table(),
+                entries: q.size(),
             };
-            let used_len = match collected {
-                Err(ChainError::IndirectNotNegotiated) => {
-                    BalloonMetrics::inc(&self.metrics().indirect_not_negotiated);
-                    warn!("{kind}: chain {head} is indirect but INDIRECT_DESC was not negotiated; dropped");
-                    Some(0)
-                }
-                Err(ChainError::TooLong) => {
-                    BalloonMetrics::inc(&self.metrics().chain_too_long);
-                    warn!("{kind}: chain {head} too long or looping; dropped");
-                    Some(0)
-                }
-                Err(ChainError::OutOfMemory) => {
-                    BalloonMetrics::inc(&self.metrics().descriptor_out_of_memory);
-                    warn!("{kind}: chain {head} has a descriptor outside guest memory; dropped");
+            let mut descs = std::mem::take(&mut st.descs);
+            let used_len = match collect_chain(self.mem, table, head, indirect_ok, &mut descs) {
+                Err(e) => {
+                    self.count_chain_error(kind, head, e);
                     Some(0)
                 }
                 Ok(()) => match kind {
@@ -577,6 +550,25 @@ impl Ctx<'_> {
             }
         }
         Ok((used_any || st.returned_extra, false))
+    }
+
+    /// Counts and logs a rejected chain.
+    fn count_chain_error(&self, kind: QueueKind, head: u16, e: ChainError) {
+        let m = self.metrics();
+        let (counter, why) = match e {
+            ChainError::IndirectNotNegotiated => (
+                &m.indirect_not_negotiated,
+                "has an indirect descriptor but INDIRECT_DESC was not negotiated",
+            ),
+            ChainError::BadIndirect => (&m.bad_indirect, "has a malformed indirect descriptor"),
+            ChainError::TooLong => (&m.chain_too_long, "is too long or looping"),
+            ChainError::OutOfMemory => (
+                &m.descriptor_out_of_memory,
+                "has a descriptor outside guest memory",
+            ),
+        };
+        BalloonMetrics::inc(counter);
+        warn!("{kind}: chain {head} {why}; dropped");
     }
 
     /// Inflate (`inflate = true`) or deflate: an array of le32 pfns.
@@ -937,52 +929,4 @@ impl Ctx<'_> {
             Err(())
         }
     }
-}
-
-/// Whether descriptor `head` of the table at `desc_table` has
-/// `VIRTQ_DESC_F_INDIRECT` (virtio-queue follows such tables unasked, so the
-/// device checks the feature itself). An unreadable descriptor counts as not
-/// indirect: the chain walk then reports it.
-fn head_is_indirect(mem: &GuestMemoryMmap, desc_table: u64, head: u16) -> bool {
-    let size = std::mem::size_of::<SplitDescriptor>() as u64;
-    desc_table
-        .checked_add(u64::from(head) * size)
-        .and_then(|a| mem.read_obj::<SplitDescriptor>(GuestAddress(a)).ok())
-        .is_some_and(|d| d.refers_to_indirect_table())
-}
-
-/// Reads a chain's descriptors into `out` (bounded), checking each lies in
-/// guest memory and the chain was not cut off (a loop, or a `next` outside
-/// the table, ends with a descriptor that still has NEXT set).
-fn collect_chain<M>(
-    chain: virtio_queue::DescriptorChain<M>,
-    mem: &GuestMemoryMmap,
-    out: &mut Vec<Desc>,
-) -> Result<(), ChainError>
-where
-    M: std::ops::Deref,
-    M::Target: vm_memory::GuestMemory,
-{
-    out.clear();
-    let mut cut = false;
-    for d in chain {
-        if out.len() == MAX_CHAIN_DESCRIPTORS {
-            return Err(ChainError::TooLong);
-        }
-        cut = d.has_next();
-        out.push(Desc {
-            addr: d.addr().0,
-            len: d.len(),
-            write: d.is_write_only(),
-        });
-    }
-    if cut {
-        return Err(ChainError::TooLong);
-    }
-    for d in out.iter() {
-        if d.len > 0 && !mem.check_range(GuestAddress(d.addr), d.len as usize) {
-            return Err(ChainError::OutOfMemory);
-        }
-    }
-    Ok(())
 }

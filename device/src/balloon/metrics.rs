@@ -62,9 +62,12 @@ metrics! {
     /// Chains rejected because they had more than `MAX_CHAIN_DESCRIPTORS`
     /// descriptors or ended in a cut-off loop.
     chain_too_long,
-    /// Chains using an indirect table although the driver did not accept
-    /// `VIRTIO_RING_F_INDIRECT_DESC`.
+    /// Chains with an indirect descriptor (anywhere in the chain) although
+    /// the driver did not accept `VIRTIO_RING_F_INDIRECT_DESC`.
     indirect_not_negotiated,
+    /// Chains with a malformed indirect descriptor: with NEXT, inside an
+    /// indirect table, or with an empty or misaligned table.
+    bad_indirect,
     /// Available ring entries naming a descriptor beyond the queue size
     /// (skipped; they cannot be returned used).
     bad_head_index,

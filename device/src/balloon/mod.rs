@@ -7,6 +7,8 @@
 //!   [`BalloonError`];
 //! - [`device`]: [`Balloon`], its config space, the
 //!   [`VirtioDevice`](crate::VirtioDevice) implementation and queue processing;
+//! - `chain`: reading a descriptor chain out of guest memory, each
+//!   descriptor once, with the indirect-descriptor rules;
 //! - [`hints`]: the free page hint state machine, the host-side free page set
 //!   and the epoch rule ([`HintHandle`], [`HintSet`]);
 //! - [`discard`]: the memory backend trait [`PageDiscard`] and the real
@@ -15,6 +17,7 @@
 //! - [`persist`]: [`BalloonState`], save/restore with validation;
 //! - [`stats`]: the statistics queue payload.
 
+mod chain;
 pub mod device;
 pub mod discard;
 pub mod hints;
