@@ -12,7 +12,9 @@
 //!   read. One [`PassStats`] per pass, serializable as a JSON line.
 //! - [`DirtyLog`] (source): which pages were written;
 //!   [`VmMemoryLog`] reads vm-memory's dirty bitmaps, [`SharedLog`] is
-//!   marked by hand (a device model's own writes), [`AnyOf`] merges logs.
+//!   marked by hand (a device model's own writes),
+//!   [`PagemapScanLog`](pagemap_scan::PagemapScanLog) reads a process's
+//!   page tables (uffd-wp, see [`uffd`]), [`AnyOf`] merges logs.
 //! - [`wire`]: the versioned stream between the two; the [`Decoder`]
 //!   treats the sender as untrusted.
 //! - [`Receiver`] (destination): stores pages into a [`PageSink`]: the
@@ -78,10 +80,13 @@ pub mod dirty;
 pub mod engine;
 pub mod hints;
 pub mod layout;
+pub mod pagemap_scan;
 pub mod policy;
 pub mod ram_file;
 pub mod receiver;
 pub mod stats;
+mod sys;
+pub mod uffd;
 pub mod wire;
 
 pub use bits::{PageBitmap, PageBits};
