@@ -246,6 +246,26 @@ fn page_poison_keeps_reported_pages_and_refuses_hints() {
     assert!(drv.hints().start_round(0).is_ok());
 }
 
+/// `poison_val` exists only once PAGE_POISON is negotiated: a driver
+/// write to it is ignored when the feature is merely offered, or not
+/// offered at all.
+#[test]
+fn poison_val_write_is_ignored_unless_negotiated() {
+    for offered in [true, false] {
+        let config = BalloonConfig {
+            page_poison: offered,
+            ..BalloonConfig::all_features(layout_64m())
+        };
+        let feats = !feature(VIRTIO_BALLOON_F_PAGE_POISON);
+        let mut drv = BalloonDriver::new(config, feats, 64);
+        assert!(!has_feature(drv.features, VIRTIO_BALLOON_F_PAGE_POISON));
+        drv.dev.write_config(12, &0xaau32.to_le_bytes());
+        drv.dev.write_config(4, &[3, 0, 0, 0, 0xbb]);
+        let c = drv.config();
+        assert_eq!((c.actual, c.poison_val), (3, 0), "offered: {offered}");
+    }
+}
+
 #[test]
 fn poison_val_not_negotiated_does_not_block() {
     let feats = !feature(VIRTIO_BALLOON_F_PAGE_POISON);

@@ -315,7 +315,9 @@ impl VirtioDevice for Balloon {
             poison_val: st.poison_val,
         }
         .to_bytes();
-        let poison_ok = self.config.page_poison;
+        // poison_val exists only once PAGE_POISON is negotiated (virtio 1.2
+        // §5.5.4).
+        let poison_ok = has_feature(st.acked_features, VIRTIO_BALLOON_F_PAGE_POISON);
         for (i, &b) in data.iter().enumerate() {
             let Some(o) = usize::try_from(offset).ok().and_then(|o| o.checked_add(i)) else {
                 continue;
@@ -334,10 +336,7 @@ impl VirtioDevice for Balloon {
         st.actual = new.actual;
         if new.poison_val != st.poison_val {
             st.poison_val = new.poison_val;
-            let negotiated = has_feature(st.acked_features, VIRTIO_BALLOON_F_PAGE_POISON);
-            self.shared
-                .hints
-                .set_poison(negotiated.then_some(new.poison_val));
+            self.shared.hints.set_poison(Some(new.poison_val));
         }
     }
 
