@@ -38,8 +38,8 @@
 use std::time::{Duration, Instant};
 
 use freehint_device::balloon::{
-    feature, Balloon, BalloonConfig, HintHandle, Layout, QueueKind, FREE_PAGE_HINT_CMD_ID_STOP,
-    VIRTIO_BALLOON_F_FREE_PAGE_BITMAP, VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+    feature, Balloon, BalloonConfig, EpochToken, HintHandle, Layout, QueueKind,
+    FREE_PAGE_HINT_CMD_ID_STOP, VIRTIO_BALLOON_F_FREE_PAGE_BITMAP, VIRTIO_BALLOON_F_FREE_PAGE_HINT,
 };
 use freehint_device::test_utils::{BalloonDriver, HINT_BLOCK_SIZE};
 use freehint_protocol::bitmap::words_for_bits;
@@ -144,14 +144,13 @@ fn standard_linux(gib: u64, runs: usize) -> Describe {
     let pages = gib * GIB / 4096;
     let mut times = Vec::new();
     for _ in 0..runs {
-        h.start_round(h.epoch()).expect("round");
+        h.start_round(&h.new_epoch()).expect("round");
         let t = Instant::now();
         let rep = d.on_config_change(&blocks);
         times.push(t.elapsed());
         assert_eq!(rep.blocks_sent, blocks.len());
         assert!(rep.stopped);
         assert_eq!(h.status().free_pages, pages, "every page hinted");
-        h.new_epoch();
     }
     Describe {
         protocol: "standard",
@@ -171,7 +170,7 @@ fn standard_batched(gib: u64, runs: usize) -> Describe {
     let mut times = Vec::new();
     let mut kicks = 0;
     for _ in 0..runs {
-        let id = h.start_round(h.epoch()).expect("round");
+        let id = h.start_round(&h.new_epoch()).expect("round");
         d.send_cmd_id(id);
         let mut t = Duration::ZERO;
         kicks = 0;
@@ -192,7 +191,6 @@ fn standard_batched(gib: u64, runs: usize) -> Describe {
         d.send_cmd_id(FREE_PAGE_HINT_CMD_ID_STOP);
         assert_eq!(h.status().free_pages, pages, "every page hinted");
         times.push(t);
-        h.new_epoch();
     }
     Describe {
         protocol: "standard",
@@ -288,13 +286,12 @@ fn bitmap_round(gib: u64, runs: usize) -> Describe {
         .collect();
     let mut times = Vec::new();
     for _ in 0..runs {
-        let id = h.start_round(h.epoch()).expect("round");
+        let id = h.start_round(&h.new_epoch()).expect("round");
         let t = Instant::now();
         d.bitmap_round(id, &free, ROUND_CHUNK_BITS)
             .expect("layout reply");
         times.push(t.elapsed());
         assert_eq!(h.status().free_pages, l.total_bits(), "every page hinted");
-        h.new_epoch();
     }
     let chunks = l.total_bits().div_ceil(u64::from(ROUND_CHUNK_BITS));
     Describe {
@@ -315,14 +312,13 @@ fn bitmap_device(gib: u64, runs: usize) -> Describe {
     let mut times = Vec::new();
     let mut kicks = 0;
     for _ in 0..runs {
-        let id = h.start_round(h.epoch()).expect("round");
+        let id = h.start_round(&h.new_epoch()).expect("round");
         d.layout_query(id).expect("layout reply");
         let (t, k) = send_bitmap(&mut d, id, &words, l.total_bits());
         kicks = k;
         end_round(&mut d, id);
         assert_eq!(h.status().free_pages, l.total_bits(), "every page hinted");
         times.push(t);
-        h.new_epoch();
     }
     Describe {
         protocol: "bitmap",
@@ -368,7 +364,7 @@ impl Apply {
 
 /// Fills the free set of a `pages`-page guest through one bitmap round
 /// (words alternate: all free, none free, `0x00ff..`, `0x5555..`).
-fn filled_hints(pages: u64) -> (HintHandle, BalloonDriver, u64) {
+fn filled_hints(pages: u64) -> (HintHandle, EpochToken, BalloonDriver, u64) {
     let l = Layout::from_ram_pfn_ranges(&[(0, pages)]).expect("layout");
     let mut d = bitmap_driver(l);
     let h = d.hints();
@@ -377,16 +373,17 @@ fn filled_hints(pages: u64) -> (HintHandle, BalloonDriver, u64) {
         .map(|i| pattern[i % pattern.len()])
         .collect();
     let free: u64 = words.iter().map(|w| u64::from(w.count_ones())).sum();
-    let id = h.start_round(h.epoch()).expect("round");
+    let token = h.new_epoch();
+    let id = h.start_round(&token).expect("round");
     d.layout_query(id).expect("layout reply");
     send_bitmap(&mut d, id, &words, pages);
     end_round(&mut d, id);
     assert_eq!(h.status().free_pages, free);
-    (h, d, free)
+    (h, token, d, free)
 }
 
 fn apply(pages: u64, runs: usize) -> Apply {
-    let (h, _d, free) = filled_hints(pages);
+    let (h, token, _d, free) = filled_hints(pages);
     let mut to_send = vec![!0u64; words_for_bits(pages)];
     let (mut t_set, mut t_live, mut t_snap) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
@@ -396,13 +393,13 @@ fn apply(pages: u64, runs: usize) -> Apply {
 
         to_send.fill(!0);
         let s = Instant::now();
-        let n = set.apply_to(&mut to_send).expect("apply snapshot");
+        let n = set.apply_to(&token, &mut to_send).expect("apply snapshot");
         t_set.push(s.elapsed());
         assert_eq!(n, free);
 
         to_send.fill(!0);
         let s = Instant::now();
-        let n = h.apply_to(&mut to_send).expect("apply live");
+        let n = h.apply_to(&token, &mut to_send).expect("apply live");
         t_live.push(s.elapsed());
         assert_eq!(n, free);
     }

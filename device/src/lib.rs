@@ -10,7 +10,9 @@ pub mod balloon;
 pub mod test_utils;
 pub mod virtio_device;
 
-pub use balloon::{Balloon, BalloonConfig, BalloonError, BalloonHandle, HintHandle, HintSet};
+pub use balloon::{
+    Balloon, BalloonConfig, BalloonError, BalloonHandle, EpochToken, HintHandle, HintSet,
+};
 pub use virtio_device::{GuestMemoryHandle, Interrupt, VirtioDevice};
 
 /// Errors a device returns to its transport.

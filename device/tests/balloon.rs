@@ -238,12 +238,12 @@ fn page_poison_keeps_reported_pages_and_refuses_hints() {
     assert!(b.iter().all(|&x| x == 0xaa), "poisoned content preserved");
     assert_eq!(drv.handle().metrics().snapshot().discard_skipped_poison, 1);
     assert_eq!(
-        drv.hints().start_round(0),
+        drv.hints().start_round(&drv.hints().new_epoch()),
         Err(HintError::GuestPoisons(0xaaaa_aaaa))
     );
     // poison_val 0 (init_on_free): content is zero anyway; discard allowed.
     drv.dev.write_config(12, &0u32.to_le_bytes());
-    assert!(drv.hints().start_round(0).is_ok());
+    assert!(drv.hints().start_round(&drv.hints().new_epoch()).is_ok());
 }
 
 /// `poison_val` exists only once PAGE_POISON is negotiated: a driver
@@ -271,21 +271,24 @@ fn poison_val_not_negotiated_does_not_block() {
     let feats = !feature(VIRTIO_BALLOON_F_PAGE_POISON);
     let mut drv = BalloonDriver::new(BalloonConfig::all_features(layout_64m()), feats, 64);
     drv.dev.write_config(12, &0xaau32.to_le_bytes());
-    assert!(drv.hints().start_round(0).is_ok());
+    assert!(drv.hints().start_round(&drv.hints().new_epoch()).is_ok());
 }
 
 #[test]
 fn reset_drops_negotiated_state() {
     let mut drv = BalloonDriver::new(BalloonConfig::all_features(layout_64m()), all(), 64);
     drv.write_actual(5);
-    let id = drv.hints().start_round(0).unwrap();
+    let id = drv.hints().start_round(&drv.hints().new_epoch()).unwrap();
     assert_eq!(drv.config().free_page_hint_cmd_id, id);
     drv.dev.reset();
     assert_eq!(drv.handle().acked_features(), 0);
     assert_eq!(drv.config().actual, 0);
     assert_eq!(drv.config().free_page_hint_cmd_id, 0);
     assert_eq!(drv.hints().status().state, HintState::Idle);
-    assert_eq!(drv.hints().start_round(0), Err(HintError::NotActive));
+    assert_eq!(
+        drv.hints().start_round(&drv.hints().new_epoch()),
+        Err(HintError::NotActive)
+    );
     // Notifies after reset are ignored, not errors.
     assert!(drv.dev.queue_notify(0).is_ok());
 }
@@ -330,7 +333,10 @@ fn hints_refused_when_page_poison_not_offered() {
         ..BalloonConfig::all_features(layout_64m())
     };
     let drv = BalloonDriver::new(c, all(), 64);
-    assert_eq!(drv.hints().start_round(0), Err(HintError::PoisonUnknown));
+    assert_eq!(
+        drv.hints().start_round(&drv.hints().new_epoch()),
+        Err(HintError::PoisonUnknown)
+    );
     assert_eq!(drv.handle().metrics().snapshot().hint_rounds_refused, 1);
 }
 

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 
 use freehint_device::balloon::*;
 use freehint_device::test_utils::*;
+use freehint_device::VirtioDevice;
 use freehint_protocol::bitmap_hint::Message;
 
 const MIB: u64 = 1 << 20;
@@ -30,7 +31,8 @@ fn standard_driver(queue_size: u16) -> BalloonDriver {
 fn standard_round_like_linux() {
     let mut drv = standard_driver(64);
     let h = drv.hints();
-    let id = h.start_round(h.epoch()).unwrap();
+    let token = h.new_epoch();
+    let id = h.start_round(&token).unwrap();
     assert_eq!(id, FREE_PAGE_HINT_CMD_ID_MIN);
     assert_eq!(drv.irq.config.load(Ordering::SeqCst), 1);
     assert_eq!(h.status().state, HintState::Requested);
@@ -54,7 +56,7 @@ fn standard_round_like_linux() {
     assert!(!set.contains(0));
     // Apply to an all-dirty bitmap.
     let mut to_send = vec![!0u64; 8192 / 64];
-    assert_eq!(set.apply_to(&mut to_send), Ok(3 * 1024));
+    assert_eq!(set.apply_to(&token, &mut to_send), Ok(3 * 1024));
     assert_eq!(
         freehint_protocol::bitmap::count_ones(&to_send),
         8192 - 3 * 1024
@@ -77,7 +79,7 @@ fn standard_round_like_linux() {
 fn standard_round_keeps_one_slot_for_stop() {
     let mut drv = standard_driver(8);
     let h = drv.hints();
-    h.start_round(0).unwrap();
+    h.start_round(&h.new_epoch()).unwrap();
     let blocks: Vec<u64> = (0..4)
         .map(|i| i * HINT_BLOCK_SIZE)
         .chain((0..4).map(|i| 4 * GIB + i * HINT_BLOCK_SIZE))
@@ -96,7 +98,7 @@ fn standard_round_keeps_one_slot_for_stop() {
 fn stale_cmd_id_and_late_blocks_are_dropped() {
     let mut drv = standard_driver(64);
     let h = drv.hints();
-    let id = h.start_round(0).unwrap();
+    let id = h.start_round(&h.new_epoch()).unwrap();
     // A block before the id outbuf: no round accepting yet.
     drv.send_block(0, 4096);
     drv.send_cmd_id(id + 5);
@@ -110,7 +112,7 @@ fn stale_cmd_id_and_late_blocks_are_dropped() {
     assert_eq!(h.status().free_pages, 1);
     assert!(h.snapshot().contains(1));
     // A new round gets a new id; the old id is now stale.
-    let id2 = h.start_round(0).unwrap();
+    let id2 = h.start_round(&h.new_epoch()).unwrap();
     assert_eq!(id2, id + 1);
     drv.send_cmd_id(id);
     assert_eq!(drv.handle().metrics().snapshot().hint_stale, 4);
@@ -121,13 +123,15 @@ fn stale_cmd_id_and_late_blocks_are_dropped() {
 fn new_epoch_stops_the_round_and_drops_late_hints() {
     let mut drv = standard_driver(64);
     let h = drv.hints();
-    let id = h.start_round(0).unwrap();
+    let t0 = h.new_epoch();
+    let id = h.start_round(&t0).unwrap();
     drv.send_cmd_id(id);
     drv.send_block(0, 4 * MIB as u32);
     let old = h.snapshot();
     assert_eq!(old.free_pages(), 1024);
     let irqs = drv.irq.config.load(Ordering::SeqCst);
-    assert_eq!(h.new_epoch(), 1);
+    let t1 = h.new_epoch();
+    assert_eq!(t1.epoch(), t0.epoch() + 1);
     // The guest is told to stop.
     assert_eq!(drv.irq.config.load(Ordering::SeqCst), irqs + 1);
     assert_eq!(
@@ -139,23 +143,102 @@ fn new_epoch_stops_the_round_and_drops_late_hints() {
     assert_eq!(drv.handle().metrics().snapshot().hint_epoch_dropped, 1);
     assert_eq!(h.status().free_pages, 0);
     let mut to_send = vec![!0u64; 128];
-    assert_eq!(
-        old.apply_to(&mut to_send),
-        Err(HintError::StaleEpoch {
-            given: 0,
-            current: 1
-        })
-    );
-    assert_eq!(h.apply_to(&mut to_send), Ok(0));
-    assert_eq!(
-        h.start_round(0),
-        Err(HintError::StaleEpoch {
-            given: 0,
-            current: 1
-        })
-    );
-    let id2 = h.start_round(1).unwrap();
+    let stale = Err(HintError::StaleEpoch {
+        given: t0.epoch(),
+        current: t1.epoch(),
+    });
+    assert_eq!(old.apply_to(&t0, &mut to_send), stale);
+    assert_eq!(old.apply_to(&t1, &mut to_send), stale);
+    assert_eq!(h.apply_to(&t1, &mut to_send), Ok(0));
+    assert_eq!(h.start_round(&t0), stale.map(|_| 0));
+    let id2 = h.start_round(&t1).unwrap();
     assert_ne!(id2, id);
+}
+
+/// The driver ends every round with STOP. A STOP for the previous round
+/// that arrives after the host requested the next one (the host moved on
+/// before the driver finished) must not end the new round: QEMU acts on STOP
+/// only once the round has started, and so does the device.
+#[test]
+fn late_stop_of_the_previous_round_does_not_end_the_next() {
+    let mut drv = standard_driver(64);
+    let h = drv.hints();
+    let id1 = h.start_round(&h.new_epoch()).unwrap();
+    drv.send_cmd_id(id1);
+    drv.send_block(0, 4 * MIB as u32);
+    // Next sync: a new epoch and round 2, before the driver's STOP for
+    // round 1 got through.
+    let t2 = h.new_epoch();
+    let id2 = h.start_round(&t2).unwrap();
+    drv.send_cmd_id(FREE_PAGE_HINT_CMD_ID_STOP);
+    assert_eq!(h.status().state, HintState::Requested);
+    assert_eq!(drv.config().free_page_hint_cmd_id, id2);
+    assert_eq!(drv.handle().metrics().snapshot().hint_stale, 1);
+    // The driver answers round 2 as usual.
+    let rep = drv.on_config_change(&[8 * MIB]);
+    assert_eq!((rep.cmd_id, rep.blocks_sent, rep.stopped), (id2, 1, true));
+    assert_eq!(h.status().state, HintState::Stopped);
+    assert_eq!(h.status().free_pages, 1024);
+    let mut to_send = vec![!0u64; 128];
+    assert_eq!(h.apply_to(&t2, &mut to_send), Ok(1024));
+}
+
+/// Every way the host moves the epoch ends the round in progress: hints
+/// still arriving for it are dropped (counted as epoch drops), the set is
+/// empty, and the token of the old epoch is refused.
+#[test]
+fn every_epoch_move_ends_the_round_and_drops_its_hints() {
+    type EpochMove = fn(&HintHandle);
+    let moves: [(&str, EpochMove); 3] = [
+        ("new_epoch", |h| {
+            h.new_epoch();
+        }),
+        ("stop", HintHandle::stop),
+        ("finish", HintHandle::finish),
+    ];
+    for (name, move_epoch) in moves {
+        let mut drv = standard_driver(64);
+        let h = drv.hints();
+        let t = h.new_epoch();
+        let id = h.start_round(&t).unwrap();
+        drv.send_cmd_id(id);
+        drv.send_block(0, 4 * MIB as u32);
+        assert_eq!(h.status().free_pages, 1024);
+        move_epoch(&h);
+        drv.send_block(4 * MIB, 4 * MIB as u32);
+        drv.send_cmd_id(id);
+        let m = drv.handle().metrics().snapshot();
+        assert_eq!((m.hint_epoch_dropped, m.hint_pages), (2, 1024), "{name}");
+        assert_eq!(h.status().free_pages, 0, "{name}");
+        assert_eq!(h.snapshot().free_pages(), 0, "{name}");
+        let mut to_send = vec![!0u64; 128];
+        assert!(
+            matches!(
+                h.apply_to(&t, &mut to_send),
+                Err(HintError::StaleEpoch { .. })
+            ),
+            "{name}"
+        );
+        assert!(
+            matches!(h.start_round(&t), Err(HintError::StaleEpoch { .. })),
+            "{name}"
+        );
+    }
+}
+
+/// A device reset (and the activation after it) moves the epoch too.
+#[test]
+fn reset_makes_tokens_stale() {
+    let mut drv = standard_driver(64);
+    let h = drv.hints();
+    let t = h.new_epoch();
+    h.start_round(&t).unwrap();
+    drv.dev.reset();
+    assert!(matches!(
+        h.apply_to(&t, &mut [!0u64; 128]),
+        Err(HintError::StaleEpoch { .. })
+    ));
+    assert_eq!(h.start_round(&h.new_epoch()), Err(HintError::NotActive));
 }
 
 #[test]
@@ -163,7 +246,7 @@ fn bitmap_round_over_the_pci_gap() {
     let mut drv = BalloonDriver::new(BalloonConfig::all_features(pc_layout()), !0, 64);
     assert!(freehint_protocol::balloon::bitmap_hints(drv.features));
     let h = drv.hints();
-    let id = h.start_round(0).unwrap();
+    let id = h.start_round(&h.new_epoch()).unwrap();
     // Free: pfns 10..20, a run across the low/high boundary of bits, and a
     // high range; plus a range outside RAM (ignored by the driver's layout).
     let high = (4 * GIB) >> 12;
@@ -197,13 +280,13 @@ fn bitmap_and_standard_protocols_build_the_same_set() {
     let blocks = [0, 8 * MIB, 4 * GIB + 12 * MIB];
     let mut std_drv = standard_driver(64);
     let h = std_drv.hints();
-    h.start_round(0).unwrap();
+    h.start_round(&h.new_epoch()).unwrap();
     std_drv.on_config_change(&blocks);
     let a = h.snapshot();
 
     let mut bm = BalloonDriver::new(BalloonConfig::all_features(pc_layout()), !0, 64);
     let h2 = bm.hints();
-    let id = h2.start_round(0).unwrap();
+    let id = h2.start_round(&h2.new_epoch()).unwrap();
     let free: Vec<(u64, u64)> = blocks.iter().map(|&b| (b >> 12, 1024)).collect();
     bm.bitmap_round(id, &free, 1 << 23).unwrap();
     let b = h2.snapshot();
@@ -215,7 +298,7 @@ fn bitmap_and_standard_protocols_build_the_same_set() {
 fn bitmap_stale_id_and_after_round_end_are_dropped() {
     let mut drv = BalloonDriver::new(BalloonConfig::all_features(pc_layout()), !0, 64);
     let h = drv.hints();
-    let id = h.start_round(0).unwrap();
+    let id = h.start_round(&h.new_epoch()).unwrap();
     assert!(
         drv.layout_query(id + 1).is_none(),
         "stale query gets no reply"
@@ -246,7 +329,7 @@ fn bitmap_stale_id_and_after_round_end_are_dropped() {
 fn chunk_payload_split_over_many_descriptors_and_masked() {
     let mut drv = BalloonDriver::new(BalloonConfig::all_features(pc_layout()), !0, 64);
     let h = drv.hints();
-    let id = h.start_round(0).unwrap();
+    let id = h.start_round(&h.new_epoch()).unwrap();
     drv.layout_query(id).unwrap();
     // 100 bits from bit 64, payload 2 words of all ones: bits beyond
     // nr_bits must be ignored. Payload in 3-byte descriptors.
@@ -268,7 +351,7 @@ fn cmd_ids_wrap_without_reaching_stop_or_done() {
     let h = drv.hints();
     let mut last = 0;
     for _ in 0..3 {
-        last = h.start_round(0).unwrap();
+        last = h.start_round(&h.new_epoch()).unwrap();
         drv.on_config_change(&[0]);
     }
     assert_eq!(last, FREE_PAGE_HINT_CMD_ID_MIN + 2);
@@ -296,7 +379,7 @@ mod prop {
         fn blocks_set_exactly_whole_pages_in_ram(blocks in proptest::collection::vec(block(), 1..24)) {
             let mut drv = standard_driver(64);
             let h = drv.hints();
-            let id = h.start_round(0).unwrap();
+            let id = h.start_round(&h.new_epoch()).unwrap();
             drv.send_cmd_id(id);
             let layout = pc_layout();
             let mut expect = vec![false; 8192];

@@ -41,7 +41,7 @@ fn still_works(d: &mut BalloonDriver) {
 
 fn started_round(d: &mut BalloonDriver) -> u32 {
     let h = d.hints();
-    let id = h.start_round(h.epoch()).unwrap();
+    let id = h.start_round(&h.new_epoch()).unwrap();
     assert!(d.layout_query(id).is_some());
     id
 }
@@ -413,7 +413,7 @@ fn wrong_direction_descriptors() {
 #[test]
 fn cmd_id_outbuf_not_4_bytes() {
     let mut d = standard_drv();
-    let id = d.hints().start_round(0).unwrap();
+    let id = d.hints().start_round(&d.hints().new_epoch()).unwrap();
     let b = id.to_le_bytes();
     d.send_msg(&MsgHeader::default(), &[], 0, 0); // 24 zero bytes
     let a = d.alloc(8);
@@ -550,7 +550,7 @@ fn bitmap_bad_headers() {
 #[test]
 fn layout_query_reply_buffer_too_small() {
     let mut d = drv();
-    let id = d.hints().start_round(0).unwrap();
+    let id = d.hints().start_round(&d.hints().new_epoch()).unwrap();
     let hdr = Message::LayoutQuery { cmd_id: id }.header();
     let (used, _) = d.send_msg(&hdr, &[], 0, 16);
     assert_eq!(used.last().unwrap().1, 0, "nothing written");
@@ -596,7 +596,7 @@ fn flood_of_reports_keeps_memory_bounded() {
     for i in 0..50_000u64 {
         d.send_block((i % 4096) << 12, 4096).unwrap();
     }
-    let id = h.start_round(0).unwrap();
+    let id = h.start_round(&h.new_epoch()).unwrap();
     d.send_cmd_id(id);
     for i in 0..50_000u64 {
         d.send_block((i % 4096) << 12, 8192).unwrap();
@@ -663,7 +663,7 @@ fn stats_with_odd_length() {
 #[test]
 fn free_block_with_partial_pages_and_outside_ram() {
     let mut d = standard_drv();
-    let id = d.hints().start_round(0).unwrap();
+    let id = d.hints().start_round(&d.hints().new_epoch()).unwrap();
     d.send_cmd_id(id);
     d.send_block(100, 8192); // one whole page (1), two partial ends
     d.send_block(16 * MIB - 4096, 8192); // last page of RAM + one outside
@@ -686,7 +686,7 @@ fn notify_on_unknown_queue() {
 fn bitmap_chunk_before_layout_reply() {
     let mut d = drv();
     let h = d.hints();
-    let id = h.start_round(0).unwrap();
+    let id = h.start_round(&h.new_epoch()).unwrap();
     // The round is started with a standard id outbuf, not a LAYOUT_QUERY:
     // chunks are still refused until the layout was replied.
     d.send_cmd_id(id);

@@ -23,7 +23,7 @@ fn restored_device_continues_with_live_queues() {
     drv.send_stats(&[(VIRTIO_BALLOON_S_MEMFREE, 7)]);
     drv.inflate(&[10, 11]);
     drv.handle().set_target_pages(100);
-    let id = drv.hints().start_round(0).unwrap();
+    let id = drv.hints().start_round(&drv.hints().new_epoch()).unwrap();
     // The standard driver holds its blocks until DONE.
     let mut std_drv_blocks = Vec::new();
     {
@@ -64,7 +64,7 @@ fn restored_device_continues_with_live_queues() {
     assert_eq!(drv.inflate(&[12]).len(), 1);
     assert_eq!(drv.handle().metrics().snapshot().inflate_pages, 1);
     // Command ids continue: an old round's id is stale.
-    let id2 = drv.hints().start_round(0).unwrap();
+    let id2 = drv.hints().start_round(&drv.hints().new_epoch()).unwrap();
     assert_eq!(id2, id + 1);
     drv.send_cmd_id(id);
     assert_eq!(drv.handle().metrics().snapshot().hint_stale, 1);

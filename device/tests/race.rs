@@ -8,9 +8,10 @@
 //! real virtqueues (standard protocol or bitmap protocol, via the driver
 //! model); a migrator that keeps a to-send bitmap, sends pages (copies the
 //! version to a destination), applies hints, and at every dirty bitmap sync
-//! calls `new_epoch()` first, then syncs, then starts a new round. At the
-//! end the guest stops, a final sync sends everything left, and every page
-//! in use must have the same version on the destination as on the source.
+//! calls `new_epoch()` first, then syncs, then (maybe after applying hints
+//! once more) starts a new round. At the end the guest stops, a final sync
+//! sends everything left, and every page in use must have the same version
+//! on the destination as on the source.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,6 +33,8 @@ struct Guest {
     zone: Mutex<Vec<bool>>,
     content: Vec<AtomicU64>,
     dirty: Vec<AtomicU64>,
+    /// Dirty logging is on (between migration attempts it is off).
+    logging: AtomicBool,
 }
 
 impl Guest {
@@ -42,13 +45,17 @@ impl Guest {
             dirty: (0..words_for_bits(PAGES))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
+            logging: AtomicBool::new(true),
         }
     }
 
-    /// A store to page `p`: new content, and the dirty log records it.
+    /// A store to page `p`: new content, and the dirty log records it if
+    /// dirty logging is on.
     fn write(&self, p: u64) {
         self.content[p as usize].fetch_add(1, Ordering::SeqCst);
-        self.dirty[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::SeqCst);
+        if self.logging.load(Ordering::SeqCst) {
+            self.dirty[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::SeqCst);
+        }
     }
 
     /// Allocates `p` if free (and writes it, as every user of a page does).
@@ -87,8 +94,10 @@ impl Guest {
     }
 }
 
-/// The migrator's side: to-send bitmap and destination contents.
+/// The migrator's side: to-send bitmap, destination contents and the token
+/// of the current epoch.
 struct Migrator {
+    token: EpochToken,
     to_send: Vec<u64>,
     dest: Vec<u64>,
     /// Bits cleared by hints in the current epoch.
@@ -100,9 +109,11 @@ struct Migrator {
 }
 
 impl Migrator {
-    fn new() -> Self {
+    /// Dirty logging is on: the first epoch opens, with everything to send.
+    fn new(h: &HintHandle) -> Self {
         let w = words_for_bits(PAGES);
         Self {
+            token: h.new_epoch(),
             to_send: vec![!0u64; w],
             dest: vec![0; PAGES as usize],
             hinted: vec![0; w],
@@ -114,9 +125,11 @@ impl Migrator {
     fn apply(&mut self, h: &HintHandle, via_snapshot: bool) {
         let before = self.to_send.clone();
         let n = if via_snapshot {
-            h.snapshot().apply_to(&mut self.to_send).unwrap()
+            h.snapshot()
+                .apply_to(&self.token, &mut self.to_send)
+                .unwrap()
         } else {
-            h.apply_to(&mut self.to_send).unwrap()
+            h.apply_to(&self.token, &mut self.to_send).unwrap()
         };
         for (i, (b, a)) in before.iter().zip(&self.to_send).enumerate() {
             self.hinted[i] |= b & !a;
@@ -135,15 +148,24 @@ impl Migrator {
     }
 
     /// Dirty bitmap sync: `new_epoch()` first, then fetch-and-clear the log.
-    fn sync(&mut self, g: &Guest, h: &HintHandle) -> u64 {
-        let epoch = h.new_epoch();
+    /// Returns the token of the epoch that ended.
+    fn sync(&mut self, g: &Guest, h: &HintHandle) -> EpochToken {
+        let old = std::mem::replace(&mut self.token, h.new_epoch());
         for (i, d) in g.dirty.iter().enumerate() {
             let bits = d.swap(0, Ordering::SeqCst);
             self.reused_after_hint += u64::from((bits & self.hinted[i]).count_ones());
             self.to_send[i] |= bits;
         }
         self.hinted.fill(0);
-        epoch
+        old
+    }
+
+    fn start_round(&self, h: &HintHandle) -> Result<u32, HintError> {
+        h.start_round(&self.token)
+    }
+
+    fn must_send(&self, p: u64) -> bool {
+        self.to_send[(p / 64) as usize] & (1 << (p % 64)) != 0
     }
 
     fn final_check(&mut self, g: &Guest, h: &HintHandle) -> Result<(), String> {
@@ -309,11 +331,10 @@ fn threaded(bitmap: bool, seed: u64, duration: Duration) -> Migrator {
         })
     };
 
-    let mut m = Migrator::new();
+    let mut m = Migrator::new(&h);
     let mut rng = SmallRng::seed_from_u64(seed.rotate_left(17) | 1);
     let start = Instant::now();
-    let mut epoch = h.epoch();
-    h.start_round(epoch).unwrap();
+    m.start_round(&h).unwrap();
     let mut it = 0u64;
     while start.elapsed() < duration {
         for _ in 0..4 {
@@ -321,8 +342,11 @@ fn threaded(bitmap: bool, seed: u64, duration: Duration) -> Migrator {
             m.apply(&h, rng.random_range(0..2) == 0);
             m.send_some(&guest, &mut rng, 20);
         }
-        epoch = m.sync(&guest, &h);
-        h.start_round(epoch).unwrap();
+        m.sync(&guest, &h);
+        // Between the sync and the next round: the guest may still be
+        // sending hints of the round the sync ended; none may clear a page.
+        m.apply(&h, rng.random_range(0..2) == 0);
+        m.start_round(&h).unwrap();
         it += 1;
     }
     stop.store(true, Ordering::Relaxed);
@@ -373,25 +397,109 @@ fn stale_set_would_lose_a_reused_page_and_is_refused() {
     let g = Guest::new();
     let mut drv = driver(false);
     let h = drv.hints();
-    let mut m = Migrator::new();
+    let mut m = Migrator::new(&h);
     m.send_some(&g, &mut SmallRng::seed_from_u64(3), 100); // bulk phase sent everything
-    let id = h.start_round(h.epoch()).unwrap();
+    let id = m.start_round(&h).unwrap();
     drv.send_cmd_id(id);
     drv.send_block(5 << 12, 4096); // page 5 is free
     let set = h.snapshot();
     assert!(g.alloc(5)); // reused: written, dirty
-    m.sync(&g, &h); // to_send now has page 5
-    assert_eq!(m.to_send[0] & (1 << 5), 1 << 5);
+    let old_token = m.sync(&g, &h); // to_send now has page 5
+    assert!(m.must_send(5));
     // Naively applying the old set would clear page 5 and lose it.
     let mut naive = m.to_send.clone();
     naive[0] &= !set.words()[0];
     assert_eq!(naive[0] & (1 << 5), 0);
-    // The device's rule refuses.
+    // The device's rule refuses, with the old token and with the new one.
+    for token in [&old_token, &m.token] {
+        assert!(matches!(
+            set.apply_to(token, &mut m.to_send),
+            Err(HintError::StaleEpoch { .. })
+        ));
+    }
+    assert!(m.must_send(5));
+    m.final_check(&g, &h).unwrap();
+}
+
+/// Hints applied after a sync but before the next round starts (the guest
+/// may still be sending the old round's hints) clear nothing: the sync's
+/// `new_epoch()` discarded the set, so a page hinted, reused and synced is
+/// still sent.
+#[test]
+fn hints_applied_between_sync_and_next_round_keep_a_reused_page() {
+    let g = Guest::new();
+    let mut drv = driver(false);
+    let h = drv.hints();
+    let mut m = Migrator::new(&h);
+    m.send_some(&g, &mut SmallRng::seed_from_u64(3), 100);
+    let id = m.start_round(&h).unwrap();
+    drv.send_cmd_id(id);
+    drv.send_block(0, 64 << 12); // pages 0..64 are free
+    assert!(g.alloc(5)); // reused: written, dirty
+    m.sync(&g, &h);
+    assert!(m.must_send(5));
+    drv.send_block(64 << 12, 64 << 12); // a late hint of the old round
+    m.apply(&h, false);
+    m.apply(&h, true);
+    assert!(
+        m.must_send(5),
+        "a hint of the old round cleared a reused page"
+    );
+    assert_eq!(m.cleared_total, 0);
+    m.start_round(&h).unwrap();
+    m.final_check(&g, &h).unwrap();
+}
+
+/// Two migration attempts. Attempt 1 starts a round and the guest hints
+/// pages 0..1024; then the migration ends early (`end`: cancelled with
+/// `stop()`, or given up with `finish()`). With dirty logging off, the guest
+/// reuses page 5. Attempt 2 turns dirty logging on and starts over: nothing
+/// of attempt 1 (its token, its set) can clear page 5 or start a round, and
+/// attempt 2's own epoch starts with no hints, so page 5 is sent.
+fn second_attempt_sends_a_page_reused_in_between(end: fn(&HintHandle)) {
+    let g = Guest::new();
+    let mut drv = driver(false);
+    let h = drv.hints();
+    // Attempt 1.
+    let m1 = Migrator::new(&h);
+    let id = m1.start_round(&h).unwrap();
+    let rep = drv.on_config_change(&[0]); // one 4 MiB block: pages 0..1024
+    assert_eq!((rep.cmd_id, rep.blocks_sent), (id, 1));
+    assert_eq!(h.status().free_pages, 1024);
+    let set1 = h.snapshot();
+    assert!(set1.contains(5));
+    end(&h);
+    // Between attempts: dirty logging is off, the guest reuses page 5.
+    g.logging.store(false, Ordering::SeqCst);
+    assert!(g.alloc(5));
+    g.logging.store(true, Ordering::SeqCst);
+    // Attempt 2, with dirty logging on again: what is left of attempt 1 is
+    // refused...
+    let mut to_send = vec![!0u64; words_for_bits(PAGES)];
+    let stale = |r: Result<u64, HintError>| matches!(r, Err(HintError::StaleEpoch { .. }));
+    assert!(stale(h.apply_to(&m1.token, &mut to_send)));
+    assert!(stale(set1.apply_to(&m1.token, &mut to_send)));
     assert!(matches!(
-        set.apply_to(&mut m.to_send),
+        h.start_round(&m1.token),
         Err(HintError::StaleEpoch { .. })
     ));
-    m.final_check(&g, &h).unwrap();
+    assert_eq!(to_send, vec![!0u64; words_for_bits(PAGES)]);
+    // ... and its own first epoch has no hints.
+    let mut m2 = Migrator::new(&h);
+    assert!(stale(set1.apply_to(&m2.token, &mut m2.to_send)));
+    assert_eq!(h.apply_to(&m2.token, &mut m2.to_send), Ok(0));
+    assert!(m2.must_send(5), "page 5 would never be sent");
+    m2.final_check(&g, &h).unwrap();
+}
+
+#[test]
+fn cancelled_migration_hints_never_reach_the_next_attempt() {
+    second_attempt_sends_a_page_reused_in_between(HintHandle::stop);
+}
+
+#[test]
+fn finished_migration_hints_never_reach_the_next_attempt() {
+    second_attempt_sends_a_page_reused_in_between(HintHandle::finish);
 }
 
 #[derive(Clone, Debug)]
@@ -403,7 +511,12 @@ enum Op {
     Send(usize),
     Apply(bool),
     SendSome(u64),
+    /// `new_epoch()` and the dirty log sync, then a new round.
     Sync,
+    /// `new_epoch()` and the dirty log sync only: applies may follow
+    /// before [`Op::StartRound`].
+    SyncOnly,
+    StartRound,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -416,6 +529,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => any::<bool>().prop_map(Op::Apply),
         2 => (0u64..100).prop_map(Op::SendSome),
         1 => Just(Op::Sync),
+        1 => Just(Op::SyncOnly),
+        1 => Just(Op::StartRound),
     ]
 }
 
@@ -432,9 +547,9 @@ fn run_ops(bitmap: bool, ops: &[Op]) -> Result<(), String> {
         active: 0,
         pending: None,
     };
-    let mut m = Migrator::new();
+    let mut m = Migrator::new(&h);
     let mut rng = SmallRng::seed_from_u64(7);
-    h.start_round(h.epoch()).map_err(|e| e.to_string())?;
+    m.start_round(&h).map_err(|e| e.to_string())?;
     for op in ops {
         match *op {
             Op::Alloc(p) => {
@@ -451,8 +566,14 @@ fn run_ops(bitmap: bool, ops: &[Op]) -> Result<(), String> {
             Op::Apply(snap) => m.apply(&h, snap),
             Op::SendSome(pct) => m.send_some(&g, &mut rng, pct),
             Op::Sync => {
-                let e = m.sync(&g, &h);
-                h.start_round(e).map_err(|e| e.to_string())?;
+                m.sync(&g, &h);
+                m.start_round(&h).map_err(|e| e.to_string())?;
+            }
+            Op::SyncOnly => {
+                m.sync(&g, &h);
+            }
+            Op::StartRound => {
+                m.start_round(&h).map_err(|e| e.to_string())?;
             }
         }
     }

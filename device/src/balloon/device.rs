@@ -735,9 +735,8 @@ impl Ctx<'_> {
         if readable.is_empty() {
             // Standard protocol: each writable descriptor is a free block.
             let mut core = hints.lock();
-            let epoch = hints.epoch();
             for d in writable {
-                match core.on_free_block(d.addr, u64::from(d.len), epoch) {
+                match core.on_free_block(d.addr, u64::from(d.len)) {
                     Ok((pages, partial, outside)) => {
                         BalloonMetrics::add(&m.hint_pages, pages);
                         if partial > 0 {
@@ -761,7 +760,7 @@ impl Ctx<'_> {
             }
             let id = u32::from_le_bytes(id);
             let mut core = hints.lock();
-            if let Err(drop) = core.on_cmd_id(id, hints.epoch()) {
+            if let Err(drop) = core.on_cmd_id(id) {
                 debug!("free_page_vq: command id {id:#x} ignored ({drop:?})");
                 hints.count_drop(drop);
             }
@@ -807,7 +806,7 @@ impl Ctx<'_> {
                     );
                     return 0;
                 }
-                if let Err(drop) = core.chunk_accepted(&h, hints.epoch()) {
+                if let Err(drop) = core.chunk_accepted(&h) {
                     hints.count_drop(drop);
                     return 0;
                 }
@@ -838,7 +837,7 @@ impl Ctx<'_> {
             }
             Message::RoundEnd { cmd_id, free_pages } => {
                 let mut core = hints.lock();
-                match core.on_round_end(cmd_id, hints.epoch()) {
+                match core.on_round_end(cmd_id) {
                     Ok(()) => {
                         debug!("round {cmd_id:#x} ended, guest counted {free_pages} free pages")
                     }
@@ -855,7 +854,7 @@ impl Ctx<'_> {
         let wlen: u64 = writable.iter().map(|d| u64::from(d.len)).sum();
         let layout = {
             let mut core = hints.lock();
-            match core.on_layout_query(cmd_id, hints.epoch()) {
+            match core.on_layout_query(cmd_id) {
                 Ok(l) => l,
                 Err(drop) => {
                     hints.count_drop(drop);

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR GPL-2.0-only
-//! Free page hints: the round state machine, the host-side free page set and
-//! the epoch rule, plus [`HintHandle`], the API a migrator calls.
+//! Free page hints: the round state machine, the host-side free page set
+//! and the epoch rule, plus [`HintHandle`], the API a migrator calls.
 //!
 //! # The free page set
 //!
@@ -16,16 +16,28 @@
 //! A hint is a statement about the past: "this page was free at some moment
 //! after the round started". It is safe to skip sending such a page only
 //! because dirty logging was already on at that moment, so a page reused
-//! after being hinted is dirty and will be sent after the next sync. Hence:
+//! after being hinted is dirty and will be sent after the next sync. The
+//! types carry the rule:
 //!
-//! 1. Turn dirty logging on **before** [`HintHandle::start_round`].
-//! 2. Each dirty bitmap sync opens a new *epoch*. Call
-//!    [`HintHandle::new_epoch`] **right before** syncing: it stops the round
-//!    in progress and throws away everything collected so far; hints that
-//!    still arrive for that round are dropped and counted.
-//! 3. Start rounds only **after** the sync that opened the epoch, and apply
-//!    hints only to the to-send bitmap of that epoch, before the next sync:
-//!    [`HintSet::apply_to`] refuses a set whose epoch is not the current one.
+//! 1. Turn dirty logging on **before** asking for an epoch.
+//! 2. Each dirty bitmap sync opens a new *epoch*: call
+//!    [`HintHandle::new_epoch`] **right before** syncing. It is the only way
+//!    to get an [`EpochToken`]. It stops the round in progress and throws
+//!    away everything collected so far; hints that still arrive for that
+//!    round are dropped and counted.
+//! 3. Start rounds ([`HintHandle::start_round`]) only **after** the sync
+//!    that opened the epoch, and apply hints ([`HintHandle::apply_to`],
+//!    [`HintSet::apply_to`]) only to the to-send bitmap of that epoch,
+//!    before the next sync. Both take the token and refuse it once the
+//!    epoch has moved on.
+//!
+//! The epoch also moves, discarding the set and making every token stale,
+//! when the host stops hinting ([`HintHandle::stop`], a cancelled
+//! migration) or finishes ([`HintHandle::finish`]), and when the device is
+//! activated, reset or restored. So nothing collected for one migration
+//! attempt can clear a page in the next: while dirty logging is off between
+//! attempts, the guest may rewrite a page it had hinted, and nothing would
+//! mark it dirty.
 //!
 //! Why the order matters: a page hinted at time *t* and reused at *t'* is
 //! marked dirty at *t'*. If a sync happened between *t'* and the moment the
@@ -44,23 +56,26 @@
 //! let hints = balloon.hint_handle();
 //! // (The transport activates the device; the guest negotiates hints.)
 //!
+//! // Dirty logging is on. The first epoch opens with the bulk phase.
+//! let mut token = hints.new_epoch();
 //! let mut to_send = vec![!0u64; 1024 / 64]; // bulk phase: everything
-//! // dirty logging is on; epoch 0 began with it.
-//! let epoch = hints.epoch();
-//! if let Ok(cmd_id) = hints.start_round(epoch) {
-//!     // ... send pages; the guest reports free pages meanwhile ...
-//!     let cleared = hints.apply_to(&mut to_send).unwrap_or(0);
-//!     # let _ = (cmd_id, cleared);
+//! for _iteration in 0..3 {
+//!     if let Ok(cmd_id) = hints.start_round(&token) {
+//!         // ... send pages; the guest reports free pages meanwhile ...
+//!         let cleared = hints.apply_to(&token, &mut to_send).unwrap_or(0);
+//!         # let _ = (cmd_id, cleared);
+//!     }
+//!     // Next iteration: a new epoch right before the sync.
+//!     token = hints.new_epoch();
+//!     sync_dirty_log(&mut to_send);
 //! }
-//! // Next iteration: invalidate, then sync, then maybe a new round.
-//! let epoch = hints.new_epoch();
-//! sync_dirty_log(&mut to_send);
-//! # let _ = epoch;
 //! // At the end of migration (or when giving up): let the guest reuse the
-//! // pages it had to set aside.
+//! // pages it had to set aside. The token is stale from here on.
 //! hints.finish();
+//! assert!(hints.apply_to(&token, &mut to_send).is_err());
 //! ```
 
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -86,9 +101,10 @@ pub enum HintState {
     /// The driver acknowledged the id (id outbuf or LAYOUT_QUERY); hints are
     /// being collected.
     Started,
-    /// The round ended: the driver sent STOP/ROUND_END, or the host stopped
-    /// it (new epoch, [`HintHandle::stop`]). The collected set stays
-    /// readable until the epoch moves.
+    /// The round ended: the driver sent STOP/ROUND_END (the collected set
+    /// stays usable in this epoch), or the host ended it with
+    /// [`HintHandle::new_epoch`] or [`HintHandle::stop`] (the set was
+    /// discarded).
     Stopped,
     /// The host no longer needs the pages: `free_page_hint_cmd_id` reads DONE.
     Done,
@@ -110,14 +126,20 @@ pub enum HintError {
     /// the feature exactly when it poisons or initialises free pages).
     #[error("PAGE_POISON is not offered, so the device cannot tell whether the guest poisons free pages: hinting refused (offer page_poison)")]
     PoisonUnknown,
-    /// The caller's epoch is not the current one.
-    #[error("epoch {given} is stale (current epoch is {current})")]
+    /// The token (or the set) belongs to an epoch that is over: a sync,
+    /// [`HintHandle::stop`], [`HintHandle::finish`] or a device reset came
+    /// after it. Take a new token with [`HintHandle::new_epoch`] right
+    /// before the next sync.
+    #[error("epoch {given} is over (current epoch is {current}): take a new token with new_epoch() before the next dirty log sync")]
     StaleEpoch {
-        /// Epoch the caller passed or the set was collected in.
+        /// Epoch of the token, or the one the set was collected in.
         given: u64,
         /// Current epoch.
         current: u64,
     },
+    /// The token was handed out by another device.
+    #[error("the epoch token belongs to another balloon device")]
+    ForeignToken,
     /// The to-send bitmap does not cover the layout.
     #[error("to-send bitmap has {got} words, the layout needs {needed}")]
     BitmapTooShort {
@@ -128,6 +150,30 @@ pub enum HintError {
     },
 }
 
+/// Proof that the holder opened the current sync epoch with
+/// [`HintHandle::new_epoch`]: the only thing that starts a hint round or
+/// lets hints clear pages. It cannot be built, cloned or copied outside this
+/// crate, and it goes stale when the epoch moves on (next `new_epoch`,
+/// `stop`, `finish`, device activation, reset or restore).
+#[derive(Debug, PartialEq, Eq)]
+pub struct EpochToken {
+    device: u64,
+    epoch: u64,
+}
+
+impl EpochToken {
+    /// The epoch number (for logs and status output).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+}
+
+impl fmt::Display for EpochToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.epoch)
+    }
+}
+
 /// A snapshot of the hint machinery for the host.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HintStatus {
@@ -135,7 +181,8 @@ pub struct HintStatus {
     pub state: HintState,
     /// Command id of the latest round (0 before the first).
     pub cmd_id: u32,
-    /// Current sync epoch.
+    /// Current sync epoch (a number to show; tokens come from
+    /// [`HintHandle::new_epoch`] only).
     pub epoch: u64,
     /// Epoch the latest round was started in.
     pub round_epoch: u64,
@@ -148,12 +195,17 @@ pub struct HintStatus {
 pub(crate) enum HintDrop {
     /// Stale command id or no round accepting hints.
     Stale,
-    /// The epoch moved since the round started.
+    /// The epoch moved since the round started (which ended the round).
     Epoch,
 }
 
 /// The state machine and the free set. Always used under the mutex in
 /// [`HintShared`].
+///
+/// Invariant: a round accepts hints only in [`HintState::Started`], and
+/// every epoch move ([`Self::move_epoch`]) leaves that state and clears the
+/// set. So the set only ever holds hints of the current epoch, and the
+/// guest-facing methods need no epoch check of their own.
 #[derive(Debug)]
 pub(crate) struct HintCore {
     layout: Layout,
@@ -167,6 +219,8 @@ pub(crate) struct HintCore {
     state: HintState,
     /// Latest round id (0 = none yet).
     round_id: u32,
+    /// Current sync epoch.
+    epoch: u64,
     /// Epoch the latest round was started in.
     round_epoch: u64,
     /// Free set of the current epoch (allocated on the first round).
@@ -187,6 +241,7 @@ impl HintCore {
             poison_unknown: false,
             state: HintState::Idle,
             round_id: 0,
+            epoch: 0,
             round_epoch: 0,
             bits: BitVec::new(),
             bits_clean: true,
@@ -210,8 +265,30 @@ impl HintCore {
         }
     }
 
-    fn drop_reason(&self, epoch: u64) -> HintDrop {
-        if self.round_epoch != epoch {
+    fn round_in_progress(&self) -> bool {
+        matches!(self.state, HintState::Requested | HintState::Started)
+    }
+
+    /// Ends the epoch: the round in progress ends in `end`, the free set is
+    /// discarded and every token of the old epoch goes stale. Returns whether
+    /// a round was in progress (the guest must then be told).
+    fn move_epoch(&mut self, end: HintState) -> bool {
+        let was_running = self.round_in_progress();
+        if was_running || end != HintState::Stopped {
+            self.state = end;
+        }
+        self.epoch = self.epoch.wrapping_add(1);
+        self.layout_replied = false;
+        self.clear_bits();
+        was_running
+    }
+
+    /// Why a message naming `cmd_id` is not merged: the latest round's id
+    /// after an epoch move ended that round is an epoch drop; anything else
+    /// (including any message before the first round) is stale.
+    fn drop_reason(&self, cmd_id: u32) -> HintDrop {
+        let had_round = self.round_id != 0;
+        if had_round && cmd_id == self.round_id && self.round_epoch != self.epoch {
             HintDrop::Epoch
         } else {
             HintDrop::Stale
@@ -219,47 +296,87 @@ impl HintCore {
     }
 
     /// Whether hints for `cmd_id` may be merged now.
-    fn accepting(&self, cmd_id: u32, epoch: u64) -> Result<(), HintDrop> {
+    fn accepting(&self, cmd_id: u32) -> Result<(), HintDrop> {
         if self.state == HintState::Started && cmd_id == self.round_id {
-            if self.round_epoch == epoch {
-                Ok(())
-            } else {
-                Err(HintDrop::Epoch)
-            }
-        } else if cmd_id == self.round_id && self.round_epoch != epoch {
-            Err(HintDrop::Epoch)
+            Ok(())
         } else {
-            Err(HintDrop::Stale)
+            Err(self.drop_reason(cmd_id))
         }
     }
 
-    /// Standard protocol: the driver's 4-byte command id outbuf.
-    pub(crate) fn on_cmd_id(&mut self, id: u32, epoch: u64) -> Result<(), HintDrop> {
-        if id == FREE_PAGE_HINT_CMD_ID_STOP {
-            return match self.state {
-                HintState::Started | HintState::Requested => {
-                    debug!(
-                        "free page hint round {:#x}: driver sent STOP",
-                        self.round_id
-                    );
-                    self.state = HintState::Stopped;
-                    Ok(())
-                }
-                _ => Err(self.drop_reason(epoch)),
-            };
+    /// Checks `token` opened the current epoch of device `device`.
+    fn check_token(&self, device: u64, token: &EpochToken) -> Result<(), HintError> {
+        if token.device != device {
+            return Err(HintError::ForeignToken);
         }
-        if id == self.round_id && self.state == HintState::Requested {
-            if self.round_epoch != epoch {
-                return Err(HintDrop::Epoch);
-            }
-            debug!("free page hint round {id:#x}: started by driver");
-            self.state = HintState::Started;
+        if token.epoch != self.epoch {
+            return Err(HintError::StaleEpoch {
+                given: token.epoch,
+                current: self.epoch,
+            });
+        }
+        Ok(())
+    }
+
+    /// Why a round cannot start now, if it cannot.
+    fn refusal(&self) -> Option<HintError> {
+        if !self.active {
+            return Some(HintError::NotActive);
+        }
+        if self.poison_unknown {
+            warn!("free page hinting refused: PAGE_POISON not offered");
+            return Some(HintError::PoisonUnknown);
+        }
+        if let Some(p) = self.poison {
+            warn!("free page hinting refused: guest poisons free pages with {p:#x}");
+            return Some(HintError::GuestPoisons(p));
+        }
+        None
+    }
+
+    /// Starts a round in the current epoch with an empty set; returns its id.
+    fn begin_round(&mut self) -> u32 {
+        let words = freehint_protocol::bitmap::words_for_bits(self.total_bits());
+        if self.bits.as_raw_slice().len() != words {
+            self.bits = BitVec::repeat(false, words * 64);
+            self.bits_clean = true;
+        } else {
+            self.clear_bits();
+        }
+        self.round_id = next_cmd_id(self.round_id);
+        self.round_epoch = self.epoch;
+        self.layout_replied = false;
+        self.state = HintState::Requested;
+        self.round_id
+    }
+
+    /// Standard protocol: the driver's 4-byte command id outbuf.
+    ///
+    /// STOP ends only a round the driver started: in `Requested` it is the
+    /// end of the previous round arriving late (Linux and the freehint
+    /// driver send STOP after every round), and QEMU ignores it there too.
+    pub(crate) fn on_cmd_id(&mut self, id: u32) -> Result<(), HintDrop> {
+        if id == FREE_PAGE_HINT_CMD_ID_STOP {
+            self.accepting(self.round_id)?;
+            debug!(
+                "free page hint round {:#x}: driver sent STOP",
+                self.round_id
+            );
+            self.state = HintState::Stopped;
             return Ok(());
         }
-        if id == self.round_id && self.state == HintState::Started {
-            return Ok(()); // repeated id: harmless
+        if id != self.round_id {
+            return Err(HintDrop::Stale);
         }
-        Err(self.drop_reason(epoch).max_stale(id != self.round_id))
+        match self.state {
+            HintState::Requested => {
+                debug!("free page hint round {id:#x}: started by driver");
+                self.state = HintState::Started;
+                Ok(())
+            }
+            HintState::Started => Ok(()), // repeated id: harmless
+            _ => Err(self.drop_reason(id)),
+        }
     }
 
     /// Standard protocol: a free block (an inbuf; its address and length are
@@ -269,12 +386,8 @@ impl HintCore {
         &mut self,
         addr: u64,
         len: u64,
-        epoch: u64,
     ) -> Result<(u64, u64, u64), HintDrop> {
-        if self.state != HintState::Started {
-            return Err(self.drop_reason(epoch));
-        }
-        self.accepting(self.round_id, epoch)?;
+        self.accepting(self.round_id)?;
         let end = addr.saturating_add(len);
         let first_pfn = addr.div_ceil(PAGE_SIZE);
         let end_pfn = end >> PAGE_SHIFT;
@@ -298,23 +411,20 @@ impl HintCore {
     }
 
     /// Bitmap protocol: LAYOUT_QUERY. Returns the layout to reply with.
-    pub(crate) fn on_layout_query(&mut self, cmd_id: u32, epoch: u64) -> Result<Layout, HintDrop> {
+    pub(crate) fn on_layout_query(&mut self, cmd_id: u32) -> Result<Layout, HintDrop> {
         match self.state {
             HintState::Requested | HintState::Started if cmd_id == self.round_id => {
-                if self.round_epoch != epoch {
-                    return Err(HintDrop::Epoch);
-                }
                 self.state = HintState::Started;
                 self.layout_replied = true;
                 Ok(self.layout)
             }
-            _ => Err(self.drop_reason(epoch).max_stale(cmd_id != self.round_id)),
+            _ => Err(self.drop_reason(cmd_id)),
         }
     }
 
     /// Bitmap protocol: checks a chunk may be merged now.
-    pub(crate) fn chunk_accepted(&self, h: &ChunkHeader, epoch: u64) -> Result<(), HintDrop> {
-        self.accepting(h.cmd_id, epoch)?;
+    pub(crate) fn chunk_accepted(&self, h: &ChunkHeader) -> Result<(), HintDrop> {
+        self.accepting(h.cmd_id)?;
         if self.layout_replied {
             Ok(())
         } else {
@@ -336,8 +446,8 @@ impl HintCore {
     }
 
     /// Bitmap protocol: ROUND_END.
-    pub(crate) fn on_round_end(&mut self, cmd_id: u32, epoch: u64) -> Result<(), HintDrop> {
-        self.accepting(cmd_id, epoch)?;
+    pub(crate) fn on_round_end(&mut self, cmd_id: u32) -> Result<(), HintDrop> {
+        self.accepting(cmd_id)?;
         debug!("free page hint round {cmd_id:#x}: ROUND_END");
         self.state = HintState::Stopped;
         Ok(())
@@ -356,38 +466,35 @@ impl HintCore {
             self.bits.count_ones() as u64
         }
     }
-}
 
-trait MaxStale {
-    fn max_stale(self, stale_id: bool) -> HintDrop;
-}
-
-impl MaxStale for HintDrop {
-    /// A message naming another round's id is stale even if the epoch moved.
-    fn max_stale(self, stale_id: bool) -> HintDrop {
-        if stale_id {
-            HintDrop::Stale
-        } else {
-            self
-        }
+    /// The free set as words, sized to the layout.
+    fn words(&self) -> Vec<u64> {
+        let mut words = self.bits.as_raw_slice().to_vec();
+        words.resize(
+            freehint_protocol::bitmap::words_for_bits(self.total_bits()),
+            0,
+        );
+        words
     }
 }
 
+/// Source of device ids, so a token of one device is refused by another.
+static NEXT_DEVICE_ID: AtomicU64 = AtomicU64::new(1);
+
 /// State shared between the device (transport thread) and the migrator.
 pub(crate) struct HintShared {
+    /// Identity of this device in its tokens.
+    device: u64,
     pub(crate) core: Mutex<HintCore>,
-    /// Current sync epoch (written under `core`'s lock, read lock-free by
-    /// [`HintSet::apply_to`]).
-    pub(crate) epoch: Arc<AtomicU64>,
     /// The transport's interrupt while activated.
     pub(crate) interrupt: Mutex<Option<Arc<dyn Interrupt>>>,
     pub(crate) metrics: Arc<BalloonMetrics>,
 }
 
-impl std::fmt::Debug for HintShared {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Debug for HintShared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HintShared")
-            .field("epoch", &self.epoch)
+            .field("device", &self.device)
             .finish_non_exhaustive()
     }
 }
@@ -395,8 +502,8 @@ impl std::fmt::Debug for HintShared {
 impl HintShared {
     pub(crate) fn new(layout: Layout, metrics: Arc<BalloonMetrics>) -> Self {
         Self {
+            device: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed),
             core: Mutex::new(HintCore::new(layout)),
-            epoch: Arc::new(AtomicU64::new(0)),
             interrupt: Mutex::new(None),
             metrics,
         }
@@ -406,10 +513,6 @@ impl HintShared {
     /// data, which stays consistent because every update is a single step.
     pub(crate) fn lock(&self) -> MutexGuard<'_, HintCore> {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(crate) fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
     }
 
     fn signal_config(&self) {
@@ -423,9 +526,11 @@ impl HintShared {
         }
     }
 
-    /// Device side: activation/reset/config changes. `poison` is the
-    /// negotiated `poison_val` (`None` if PAGE_POISON was not negotiated);
-    /// `poison_offered` whether the device offered PAGE_POISON at all.
+    /// Device side: activation/reset/restore. `poison` is the negotiated
+    /// `poison_val` (`None` if PAGE_POISON was not negotiated);
+    /// `poison_offered` whether the device offered PAGE_POISON at all. A new
+    /// driver instance knows nothing of earlier rounds: the epoch moves and
+    /// the state goes back to idle.
     pub(crate) fn set_active(
         &self,
         active: bool,
@@ -437,10 +542,7 @@ impl HintShared {
         core.active = active;
         core.poison = poison.filter(|&p| p != 0);
         core.poison_unknown = !poison_offered;
-        if !active {
-            core.state = HintState::Idle;
-            core.clear_bits();
-        }
+        core.move_epoch(HintState::Idle);
         *self.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = interrupt;
     }
 
@@ -453,18 +555,18 @@ impl HintShared {
 
     /// Persistence: continue command ids after `round_id`; if a round had
     /// been requested, end in DONE so the guest gives back the pages it set
-    /// aside (hints never cross a migration: the destination starts a new
-    /// epoch with an empty set).
+    /// aside (hints never cross a migration: the destination's migrator
+    /// opens its own epochs).
     pub(crate) fn restore_round(&self, round_id: u32, had_round: bool) {
         let mut core = self.lock();
         core.round_id = round_id;
-        core.round_epoch = 0;
-        core.state = if had_round {
+        let end = if had_round {
             HintState::Done
         } else {
             HintState::Idle
         };
-        core.clear_bits();
+        core.move_epoch(end);
+        core.round_epoch = core.epoch;
     }
 
     /// Device side: the driver wrote `poison_val`.
@@ -479,6 +581,22 @@ impl HintShared {
             HintDrop::Epoch => BalloonMetrics::inc(&self.metrics.hint_epoch_dropped),
         }
     }
+
+    /// Moves the epoch (ending a round in progress in `end`) and tells the
+    /// guest if a round was running or `end` is DONE.
+    fn end_epoch(&self, end: HintState) -> u64 {
+        let (epoch, signal) = {
+            let mut core = self.lock();
+            let before = core.state;
+            let was_running = core.move_epoch(end);
+            let done_now = core.state == HintState::Done && before != HintState::Done;
+            (core.epoch, was_running || done_now)
+        };
+        if signal {
+            self.signal_config();
+        }
+        epoch
+    }
 }
 
 /// The host-side (migrator) API of free page hinting. Cheap to clone; all
@@ -489,116 +607,67 @@ pub struct HintHandle {
 }
 
 impl HintHandle {
-    /// The current sync epoch.
-    pub fn epoch(&self) -> u64 {
-        self.shared.epoch()
+    /// Opens a new sync epoch and returns its token: call it **right
+    /// before** each dirty bitmap sync (including the first, when dirty
+    /// logging has just been turned on). Stops the round in progress (the
+    /// guest sees STOP), discards the free set collected so far and makes
+    /// every older token and [`HintSet`] stale. Hints still arriving for the
+    /// old round are dropped and counted.
+    pub fn new_epoch(&self) -> EpochToken {
+        let epoch = self.shared.end_epoch(HintState::Stopped);
+        debug!("free page hint epoch {epoch} opened");
+        EpochToken {
+            device: self.shared.device,
+            epoch,
+        }
     }
 
-    /// Starts a hint round in `epoch` and returns its command id (from
-    /// 0x80000000, wrapping, never STOP/DONE): the device publishes the id in
-    /// config space and raises a config interrupt.
+    /// Starts a hint round in the epoch of `token` and returns its command
+    /// id (from 0x80000000, wrapping, never STOP/DONE): the device publishes
+    /// the id in config space and raises a config interrupt.
     ///
     /// The caller **must have dirty logging on** and must call this only
-    /// after the dirty bitmap sync that opened `epoch` (see the module
-    /// docs). A round in progress is replaced (its hints are discarded).
-    pub fn start_round(&self, epoch: u64) -> Result<u32, HintError> {
+    /// after the dirty bitmap sync that followed [`Self::new_epoch`] (see the
+    /// module docs). A round in progress is replaced (its hints are
+    /// discarded).
+    pub fn start_round(&self, token: &EpochToken) -> Result<u32, HintError> {
         let id = {
             let mut core = self.shared.lock();
-            let current = self.shared.epoch();
-            if epoch != current {
-                return Err(HintError::StaleEpoch {
-                    given: epoch,
-                    current,
-                });
-            }
-            if !core.active {
+            core.check_token(self.shared.device, token)?;
+            if let Some(e) = core.refusal() {
                 BalloonMetrics::inc(&self.shared.metrics.hint_rounds_refused);
-                return Err(HintError::NotActive);
+                return Err(e);
             }
-            if core.poison_unknown {
-                BalloonMetrics::inc(&self.shared.metrics.hint_rounds_refused);
-                warn!("free page hinting refused: PAGE_POISON not offered");
-                return Err(HintError::PoisonUnknown);
-            }
-            if let Some(p) = core.poison {
-                BalloonMetrics::inc(&self.shared.metrics.hint_rounds_refused);
-                warn!("free page hinting refused: guest poisons free pages with {p:#x}");
-                return Err(HintError::GuestPoisons(p));
-            }
-            let words = freehint_protocol::bitmap::words_for_bits(core.total_bits());
-            if core.bits.as_raw_slice().len() != words {
-                core.bits = BitVec::repeat(false, words * 64);
-                core.bits_clean = true;
-            } else {
-                core.clear_bits();
-            }
-            core.round_id = next_cmd_id(core.round_id);
-            core.round_epoch = epoch;
-            core.layout_replied = false;
-            core.state = HintState::Requested;
-            BalloonMetrics::inc(&self.shared.metrics.hint_rounds);
-            info!(
-                "free page hint round {:#x} requested (epoch {epoch})",
-                core.round_id
-            );
-            core.round_id
+            core.begin_round()
         };
+        BalloonMetrics::inc(&self.shared.metrics.hint_rounds);
+        info!("free page hint round {id:#x} requested (epoch {token})");
         self.shared.signal_config();
         Ok(id)
     }
 
-    /// Opens a new sync epoch: call it **right before** each dirty bitmap
-    /// sync. Stops the round in progress (the guest sees STOP), discards the
-    /// free set collected so far and makes every older [`HintSet`] stale.
-    /// Hints still arriving for the old round are dropped and counted.
-    /// Returns the new epoch.
-    pub fn new_epoch(&self) -> u64 {
-        let (epoch, signal) = {
-            let mut core = self.shared.lock();
-            let epoch = self.shared.epoch.fetch_add(1, Ordering::AcqRel) + 1;
-            let signal = matches!(core.state, HintState::Requested | HintState::Started);
-            if signal {
-                core.state = HintState::Stopped;
-            }
-            core.clear_bits();
-            (epoch, signal)
-        };
-        if signal {
-            self.shared.signal_config();
-        }
-        epoch
-    }
-
-    /// Stops the round in progress without changing the epoch (the set
-    /// collected so far stays usable in this epoch).
+    /// The host stops hinting, e.g. because the migration was cancelled:
+    /// ends the round in progress (the guest sees STOP), discards the free
+    /// set and moves the epoch, so no token or set of this attempt can clear
+    /// a page later. Hints already applied to a to-send bitmap stay valid
+    /// only as long as dirty logging stays on for that bitmap.
     pub fn stop(&self) {
-        let signal = {
-            let mut core = self.shared.lock();
-            let s = matches!(core.state, HintState::Requested | HintState::Started);
-            if s {
-                core.state = HintState::Stopped;
-            }
-            s
-        };
-        if signal {
-            self.shared.signal_config();
-        }
+        let epoch = self.shared.end_epoch(HintState::Stopped);
+        info!("free page hinting stopped by the host (epoch {epoch} opened)");
     }
 
     /// The host no longer needs the hinted pages: the device writes DONE to
     /// `free_page_hint_cmd_id` and raises a config interrupt, so the driver
-    /// gives back the pages it set aside. Discards the free set.
+    /// gives back the pages it set aside. Discards the free set and moves
+    /// the epoch, like [`Self::stop`].
     pub fn finish(&self) {
-        {
-            let mut core = self.shared.lock();
-            if core.state == HintState::Idle || core.state == HintState::Done {
-                return;
-            }
-            core.state = HintState::Done;
-            core.clear_bits();
-        }
+        let end = if self.shared.lock().state == HintState::Idle {
+            HintState::Idle
+        } else {
+            HintState::Done
+        };
+        self.shared.end_epoch(end);
         info!("free page hinting done");
-        self.shared.signal_config();
     }
 
     /// Current state.
@@ -607,42 +676,33 @@ impl HintHandle {
         HintStatus {
             state: core.state,
             cmd_id: core.round_id,
-            epoch: self.shared.epoch(),
+            epoch: core.epoch,
             round_epoch: core.round_epoch,
             free_pages: core.free_pages(),
         }
     }
 
-    /// A copy of the free set collected so far in this epoch.
+    /// A copy of the free set collected so far in the current epoch, to be
+    /// applied with [`HintSet::apply_to`] while that epoch lasts.
     pub fn snapshot(&self) -> HintSet {
         let core = self.shared.lock();
-        let epoch = self.shared.epoch();
-        let valid = core.round_epoch == epoch && core.state != HintState::Idle;
-        let mut words = if valid {
-            core.bits.as_raw_slice().to_vec()
-        } else {
-            Vec::new()
-        };
-        words.resize(
-            freehint_protocol::bitmap::words_for_bits(core.total_bits()),
-            0,
-        );
         HintSet {
-            epoch,
+            epoch: core.epoch,
             cmd_id: core.round_id,
             total_bits: core.total_bits(),
             complete: core.state == HintState::Stopped,
-            words,
-            current_epoch: Arc::clone(&self.shared.epoch),
+            words: core.words(),
+            shared: Arc::clone(&self.shared),
         }
     }
 
     /// Applies the live free set to `to_send` (`to_send &= !free`, a word at
     /// a time; bit `i` = layout bit `i`) and returns the number of bits it
-    /// cleared. Hints only ever come from the current epoch (older ones were
-    /// discarded by [`Self::new_epoch`]), so this is always within the rule.
-    pub fn apply_to(&self, to_send: &mut [u64]) -> Result<u64, HintError> {
+    /// cleared, if `token` opened the current epoch (else
+    /// [`HintError::StaleEpoch`]).
+    pub fn apply_to(&self, token: &EpochToken, to_send: &mut [u64]) -> Result<u64, HintError> {
         let core = self.shared.lock();
+        core.check_token(self.shared.device, token)?;
         let needed = freehint_protocol::bitmap::words_for_bits(core.total_bits());
         if to_send.len() < needed {
             return Err(HintError::BitmapTooShort {
@@ -650,7 +710,7 @@ impl HintHandle {
                 got: to_send.len(),
             });
         }
-        if core.bits_clean || core.round_epoch != self.shared.epoch() {
+        if core.bits_clean {
             return Ok(0);
         }
         Ok(and_not(to_send, core.bits.as_raw_slice()))
@@ -670,7 +730,7 @@ fn and_not(to_send: &mut [u64], free: &[u64]) -> u64 {
 
 /// A free page set taken out of the device with [`HintHandle::snapshot`].
 /// It may clear bits of a to-send bitmap only while its epoch is the
-/// current one.
+/// current one, proven by that epoch's [`EpochToken`].
 #[derive(Clone, Debug)]
 pub struct HintSet {
     epoch: u64,
@@ -678,7 +738,7 @@ pub struct HintSet {
     total_bits: u64,
     complete: bool,
     words: Vec<u64>,
-    current_epoch: Arc<AtomicU64>,
+    shared: Arc<HintShared>,
 }
 
 impl HintSet {
@@ -719,17 +779,18 @@ impl HintSet {
     }
 
     /// Clears every free page from `to_send` (`to_send &= !free`, word
-    /// operations) and returns the number of bits cleared — only if the
-    /// set's epoch is still the current one, else [`HintError::StaleEpoch`].
+    /// operations) and returns the number of bits cleared — only if the set
+    /// was taken in the epoch `token` opened and that epoch is still the
+    /// current one, else [`HintError::StaleEpoch`].
     ///
     /// Must not race with [`HintHandle::new_epoch`] (the migrator calls both
     /// from its own loop).
-    pub fn apply_to(&self, to_send: &mut [u64]) -> Result<u64, HintError> {
-        let current = self.current_epoch.load(Ordering::Acquire);
-        if current != self.epoch {
+    pub fn apply_to(&self, token: &EpochToken, to_send: &mut [u64]) -> Result<u64, HintError> {
+        self.shared.lock().check_token(self.shared.device, token)?;
+        if token.epoch != self.epoch {
             return Err(HintError::StaleEpoch {
                 given: self.epoch,
-                current,
+                current: token.epoch,
             });
         }
         if to_send.len() < self.words.len() {
@@ -742,8 +803,12 @@ impl HintSet {
     }
 
     /// [`Self::apply_to`] for a `bitvec` to-send bitmap.
-    pub fn apply_to_bits(&self, to_send: &mut BitVec<u64, Lsb0>) -> Result<u64, HintError> {
-        self.apply_to(to_send.as_raw_mut_slice())
+    pub fn apply_to_bits(
+        &self,
+        token: &EpochToken,
+        to_send: &mut BitVec<u64, Lsb0>,
+    ) -> Result<u64, HintError> {
+        self.apply_to(token, to_send.as_raw_mut_slice())
     }
 }
 
@@ -762,33 +827,49 @@ mod tests {
         }
     }
 
-    fn handle(pages: u64) -> (HintHandle, Arc<CountIrq>) {
+    fn shared(pages: u64) -> Arc<HintShared> {
         let layout = Layout::from_ram_pfn_ranges(&[(0, pages)]).unwrap();
-        let shared = Arc::new(HintShared::new(layout, Arc::default()));
+        Arc::new(HintShared::new(layout, Arc::default()))
+    }
+
+    fn handle(pages: u64) -> (HintHandle, Arc<CountIrq>) {
+        let shared = shared(pages);
         let irq = Arc::new(CountIrq::default());
         shared.set_active(true, Some(irq.clone()), None, true);
         (HintHandle { shared }, irq)
+    }
+
+    /// Starts a round in a fresh epoch and lets the driver acknowledge it.
+    fn started(h: &HintHandle) -> (EpochToken, u32) {
+        let t = h.new_epoch();
+        let id = h.start_round(&t).unwrap();
+        h.shared.lock().on_cmd_id(id).unwrap();
+        (t, id)
     }
 
     #[test]
     fn cmd_ids_start_at_min_and_states_follow_qemu() {
         let (h, irq) = handle(256);
         assert_eq!(h.status().state, HintState::Idle);
-        let id = h.start_round(0).unwrap();
+        let t = h.new_epoch();
+        let id = h.start_round(&t).unwrap();
         assert_eq!(id, 0x8000_0000);
         assert_eq!(irq.0.load(Ordering::SeqCst), 1);
         assert_eq!(h.shared.lock().config_cmd_id(), id);
         assert_eq!(h.status().state, HintState::Requested);
-        h.shared.lock().on_cmd_id(id, 0).unwrap();
+        h.shared.lock().on_cmd_id(id).unwrap();
         assert_eq!(h.status().state, HintState::Started);
-        h.shared.lock().on_free_block(0, 8 * PAGE_SIZE, 0).unwrap();
-        h.shared.lock().on_cmd_id(0, 0).unwrap();
+        h.shared.lock().on_free_block(0, 8 * PAGE_SIZE).unwrap();
+        h.shared.lock().on_cmd_id(0).unwrap();
         assert_eq!(h.status().state, HintState::Stopped);
         assert_eq!(h.status().free_pages, 8);
         assert_eq!(h.shared.lock().config_cmd_id(), FREE_PAGE_HINT_CMD_ID_STOP);
-        assert_eq!(h.start_round(0).unwrap(), 0x8000_0001);
+        assert_eq!(h.start_round(&t).unwrap(), 0x8000_0001);
         h.finish();
         assert_eq!(h.shared.lock().config_cmd_id(), FREE_PAGE_HINT_CMD_ID_DONE);
+        assert_eq!(irq.0.load(Ordering::SeqCst), 3);
+        // A second finish changes nothing the guest sees.
+        h.finish();
         assert_eq!(irq.0.load(Ordering::SeqCst), 3);
     }
 
@@ -796,44 +877,64 @@ mod tests {
     fn cmd_id_wraps_to_min() {
         let (h, _) = handle(64);
         h.shared.lock().round_id = u32::MAX;
-        assert_eq!(h.start_round(0).unwrap(), 0x8000_0000);
+        assert_eq!(h.start_round(&h.new_epoch()).unwrap(), 0x8000_0000);
     }
 
     #[test]
     fn stale_id_and_epoch_drops() {
         let (h, _) = handle(256);
-        let id = h.start_round(0).unwrap();
-        assert_eq!(h.shared.lock().on_cmd_id(id + 7, 0), Err(HintDrop::Stale));
-        h.shared.lock().on_cmd_id(id, 0).unwrap();
-        let e = h.new_epoch();
-        assert_eq!(e, 1);
+        let t0 = h.new_epoch();
+        let id = h.start_round(&t0).unwrap();
+        assert_eq!(h.shared.lock().on_cmd_id(id + 7), Err(HintDrop::Stale));
+        h.shared.lock().on_cmd_id(id).unwrap();
+        let t1 = h.new_epoch();
+        assert_eq!(t1.epoch(), t0.epoch() + 1);
         assert_eq!(h.status().state, HintState::Stopped);
         assert_eq!(
-            h.shared.lock().on_free_block(0, PAGE_SIZE, 1),
+            h.shared.lock().on_free_block(0, PAGE_SIZE),
             Err(HintDrop::Epoch)
         );
         assert_eq!(
-            h.start_round(0),
+            h.start_round(&t0),
             Err(HintError::StaleEpoch {
-                given: 0,
-                current: 1
+                given: t0.epoch(),
+                current: t1.epoch()
             })
+        );
+    }
+
+    /// The driver's STOP for the previous round, arriving after the host
+    /// requested a new one, does not end the new round (QEMU ignores STOP
+    /// unless the round has started).
+    #[test]
+    fn stop_before_the_new_round_started_is_ignored() {
+        let (h, _) = handle(64);
+        let (t, _) = started(&h);
+        let id = h.start_round(&t).unwrap();
+        assert_eq!(
+            h.shared.lock().on_cmd_id(FREE_PAGE_HINT_CMD_ID_STOP),
+            Err(HintDrop::Stale)
+        );
+        assert_eq!(h.status().state, HintState::Requested);
+        h.shared.lock().on_cmd_id(id).unwrap();
+        assert_eq!(
+            h.shared.lock().on_free_block(0, 4 * PAGE_SIZE),
+            Ok((4, 0, 0))
         );
     }
 
     #[test]
     fn partial_pages_and_outside_layout_are_ignored() {
         let (h, _) = handle(16);
-        let id = h.start_round(0).unwrap();
-        h.shared.lock().on_cmd_id(id, 0).unwrap();
+        started(&h);
         // [0x800, 0x3800): pages 1 and 2 whole, two half pages.
-        let (m, partial, outside) = h.shared.lock().on_free_block(0x800, 0x3000, 0).unwrap();
+        let (m, partial, outside) = h.shared.lock().on_free_block(0x800, 0x3000).unwrap();
         assert_eq!((m, partial, outside), (2, 0x1000, 0));
         // Pages 14..20: 2 inside, 4 outside RAM.
         let (m, _, outside) = h
             .shared
             .lock()
-            .on_free_block(14 * PAGE_SIZE, 6 * PAGE_SIZE, 0)
+            .on_free_block(14 * PAGE_SIZE, 6 * PAGE_SIZE)
             .unwrap();
         assert_eq!((m, outside), (2, 4 * PAGE_SIZE));
         let s = h.snapshot();
@@ -843,59 +944,77 @@ mod tests {
         // Huge/overflowing block: clamped, no panic.
         h.shared
             .lock()
-            .on_free_block(u64::MAX - 10, u64::MAX, 0)
+            .on_free_block(u64::MAX - 10, u64::MAX)
             .unwrap();
     }
 
     #[test]
     fn hint_set_applies_only_in_its_epoch() {
         let (h, _) = handle(128);
-        let id = h.start_round(0).unwrap();
-        h.shared.lock().on_cmd_id(id, 0).unwrap();
-        h.shared.lock().on_free_block(0, 64 * PAGE_SIZE, 0).unwrap();
+        let (t0, _) = started(&h);
+        h.shared.lock().on_free_block(0, 64 * PAGE_SIZE).unwrap();
         let set = h.snapshot();
         let mut to_send = vec![!0u64; 2];
-        assert_eq!(set.apply_to(&mut to_send), Ok(64));
+        assert_eq!(set.apply_to(&t0, &mut to_send), Ok(64));
         assert_eq!(to_send, vec![0, !0]);
-        assert_eq!(h.apply_to(&mut [!0u64; 2]), Ok(64));
+        assert_eq!(h.apply_to(&t0, &mut [!0u64; 2]), Ok(64));
         assert_eq!(
-            h.apply_to(&mut [0u64; 1]),
+            h.apply_to(&t0, &mut [0u64; 1]),
             Err(HintError::BitmapTooShort { needed: 2, got: 1 })
         );
-        h.new_epoch();
+        let t1 = h.new_epoch();
         let mut to_send = vec![!0u64; 2];
+        let stale = Err(HintError::StaleEpoch {
+            given: t0.epoch(),
+            current: t1.epoch(),
+        });
+        assert_eq!(set.apply_to(&t0, &mut to_send), stale);
+        assert_eq!(h.apply_to(&t0, &mut to_send), stale);
+        // The new token does not revive the old set either.
         assert_eq!(
-            set.apply_to(&mut to_send),
+            set.apply_to(&t1, &mut to_send),
             Err(HintError::StaleEpoch {
-                given: 0,
-                current: 1
+                given: t0.epoch(),
+                current: t1.epoch()
             })
         );
         assert_eq!(to_send, vec![!0u64; 2]);
         // The live set was discarded too.
-        assert_eq!(h.apply_to(&mut to_send), Ok(0));
+        assert_eq!(h.apply_to(&t1, &mut to_send), Ok(0));
         assert_eq!(h.snapshot().free_pages(), 0);
+    }
+
+    #[test]
+    fn tokens_of_another_device_are_refused() {
+        let (a, _) = handle(64);
+        let (b, _) = handle(64);
+        let ta = a.new_epoch();
+        b.new_epoch();
+        assert_eq!(b.start_round(&ta), Err(HintError::ForeignToken));
+        assert_eq!(b.apply_to(&ta, &mut [!0u64]), Err(HintError::ForeignToken));
+        assert_eq!(
+            b.snapshot().apply_to(&ta, &mut [!0u64]),
+            Err(HintError::ForeignToken)
+        );
     }
 
     #[test]
     fn poisoning_guest_is_refused() {
         let (h, _) = handle(64);
+        let t = h.new_epoch();
         h.shared.set_poison(Some(0xaa));
-        assert_eq!(h.start_round(0), Err(HintError::GuestPoisons(0xaa)));
+        assert_eq!(h.start_round(&t), Err(HintError::GuestPoisons(0xaa)));
         h.shared.set_poison(Some(0));
-        assert!(h.start_round(0).is_ok());
+        assert!(h.start_round(&t).is_ok());
         assert_eq!(h.shared.metrics.snapshot().hint_rounds_refused, 1);
         // PAGE_POISON not offered: unknown, refused.
         h.shared.set_active(true, None, None, false);
-        assert_eq!(h.start_round(0), Err(HintError::PoisonUnknown));
+        assert_eq!(h.start_round(&h.new_epoch()), Err(HintError::PoisonUnknown));
     }
 
     #[test]
     fn inactive_device_refuses_rounds() {
-        let layout = Layout::from_ram_pfn_ranges(&[(0, 64)]).unwrap();
-        let h = HintHandle {
-            shared: Arc::new(HintShared::new(layout, Arc::default())),
-        };
-        assert_eq!(h.start_round(0), Err(HintError::NotActive));
+        let h = HintHandle { shared: shared(64) };
+        assert_eq!(h.start_round(&h.new_epoch()), Err(HintError::NotActive));
     }
 }

@@ -10,7 +10,7 @@
 //! - `chain`: reading a descriptor chain out of guest memory, each
 //!   descriptor once, with the indirect-descriptor rules;
 //! - [`hints`]: the free page hint state machine, the host-side free page set
-//!   and the epoch rule ([`HintHandle`], [`HintSet`]);
+//!   and the epoch rule ([`HintHandle`], [`EpochToken`], [`HintSet`]);
 //! - [`discard`]: the memory backend trait [`PageDiscard`] and the real
 //!   implementation over `madvise`/`fallocate`;
 //! - [`metrics`]: one counter per rejection path;
@@ -28,7 +28,7 @@ pub mod stats;
 
 pub use device::{Balloon, BalloonHandle};
 pub use discard::{MmapDiscard, PageDiscard};
-pub use hints::{HintError, HintHandle, HintSet, HintState, HintStatus};
+pub use hints::{EpochToken, HintError, HintHandle, HintSet, HintState, HintStatus};
 pub use metrics::{BalloonMetrics, MetricsSnapshot};
 pub use persist::BalloonState;
 pub use stats::BalloonStats;

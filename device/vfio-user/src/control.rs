@@ -136,7 +136,7 @@ pub fn execute(line: &str, c: &Control) -> String {
         }
         ("hint-start", None) => {
             let epoch = hints.new_epoch();
-            match hints.start_round(epoch) {
+            match hints.start_round(&epoch) {
                 Ok(id) => format!("{{\"ok\":true,\"cmd_id\":{id},\"epoch\":{epoch}}}"),
                 Err(e) => err(&e.to_string()),
             }
@@ -160,7 +160,7 @@ pub fn execute(line: &str, c: &Control) -> String {
             };
             let t0 = Instant::now();
             let epoch = hints.new_epoch();
-            let id = match hints.start_round(epoch) {
+            let id = match hints.start_round(&epoch) {
                 Ok(id) => id,
                 Err(e) => return err(&e.to_string()),
             };

@@ -1105,7 +1105,7 @@ mod tests {
                 _ => {
                     handle.set_target_pages(rng.random_range(0..300) as u32);
                     if rng.random_range(0..4) == 0 {
-                        let _ = hints.start_round(hints.new_epoch());
+                        let _ = hints.start_round(&hints.new_epoch());
                     }
                     let _ = handle.request_stats();
                 }

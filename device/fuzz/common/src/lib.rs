@@ -14,8 +14,9 @@
 //!
 //! [`run`] plays them against the real [`Balloon`] with the real
 //! [`MmapDiscard`](freehint_device::balloon::MmapDiscard) backend over
-//! anonymous guest memory, and checks the hint API invariants (epoch rule,
-//! bits beyond the layout never cleared) with `assert!`s: a failed
+//! anonymous guest memory, and checks the hint API invariants (epoch rule:
+//! tokens and sets work in their epoch only, every epoch move empties the
+//! set; bits beyond the layout never cleared) with `assert!`s: a failed
 //! assertion is a finding just like a panic inside the device.
 //!
 //! [`seeds`] builds a seed corpus of well-formed sessions (standard round,
@@ -30,7 +31,8 @@ use std::sync::Arc;
 
 use bincode::Options;
 use freehint_device::balloon::{
-    Balloon, BalloonConfig, HintError, HintSet, Layout, MetricsSnapshot, QueueLayout,
+    Balloon, BalloonConfig, EpochToken, HintError, HintHandle, HintSet, Layout, MetricsSnapshot,
+    QueueLayout,
 };
 use freehint_device::{GuestMemoryHandle, Interrupt, VirtioDevice};
 use freehint_protocol::balloon::CONFIG_FREE_PAGE_HINT_CMD_ID;
@@ -217,9 +219,10 @@ pub enum Op {
     SetTarget(u32),
     /// Host: ask for statistics.
     RequestStats,
-    /// Host: start a hint round (in the current epoch, or a stale one).
+    /// Host: start a hint round with the current epoch's token (opening an
+    /// epoch first if the harness holds none), or with a stale token.
     StartRound {
-        /// Pass an epoch that is not the current one.
+        /// Pass a token whose epoch is over.
         stale_epoch: bool,
     },
     /// Host: dirty bitmap sync is about to happen.
@@ -365,6 +368,12 @@ struct Harness {
     /// Whether a round was started in the current epoch (else the free set
     /// must be empty).
     round_in_epoch: bool,
+    /// The latest token the host took, and whether its epoch still lasts
+    /// (the harness's own model of every epoch move).
+    token: Option<EpochToken>,
+    token_current: bool,
+    /// The token before it (stale once `token` was taken).
+    old_token: Option<EpochToken>,
     snapshot: Option<HintSet>,
     total_bits: u64,
     outcome: Outcome,
@@ -402,6 +411,9 @@ pub fn run(input: &BalloonInput) -> Outcome {
         setups: input.queues.clone(),
         driver: Vec::new(),
         round_in_epoch: false,
+        token: None,
+        token_current: false,
+        old_token: None,
         snapshot: None,
         total_bits: layout.total_bits(),
         outcome: Outcome::default(),
@@ -634,66 +646,99 @@ impl Harness {
             Op::RequestStats => {
                 let _ = self.balloon.handle().request_stats();
             }
-            Op::StartRound { stale_epoch } => {
-                let epoch = hints.epoch();
-                let given = if *stale_epoch {
-                    epoch.wrapping_sub(1)
-                } else {
-                    epoch
-                };
-                match hints.start_round(given) {
-                    Ok(id) => {
-                        assert!(!*stale_epoch, "start_round accepted a stale epoch");
-                        assert!(id >= 0x8000_0000, "cmd id {id:#x} below the valid range");
-                        self.round_in_epoch = true;
-                    }
-                    Err(HintError::StaleEpoch { .. }) => {
-                        assert!(*stale_epoch, "current epoch refused as stale");
-                    }
-                    Err(_) => {}
-                }
+            Op::StartRound { stale_epoch } => self.start_round(&hints, *stale_epoch),
+            Op::NewEpoch => self.open_epoch(&hints),
+            Op::StopRound => {
+                hints.stop();
+                self.epoch_ended();
             }
-            Op::NewEpoch => {
-                hints.new_epoch();
-                self.round_in_epoch = false;
-                self.check_hint_invariants();
-            }
-            Op::StopRound => hints.stop(),
             Op::Finish => {
                 // DONE: the guest may reuse the pages; nothing may be
                 // cleared until a new round collects hints again.
                 hints.finish();
-                self.round_in_epoch = false;
-                self.check_hint_invariants();
+                self.epoch_ended();
             }
             Op::Apply => self.apply_live(),
             Op::Snapshot => self.snapshot = Some(hints.snapshot()),
-            Op::ApplySnapshot => {
-                if let Some(s) = self.snapshot.take() {
-                    let mut to_send = self.full_to_send();
-                    let current = hints.epoch();
-                    match s.apply_to(&mut to_send) {
-                        Ok(c) => {
-                            assert_eq!(s.epoch(), current, "stale snapshot applied");
-                            self.check_applied(&to_send, c);
-                        }
-                        Err(HintError::StaleEpoch { .. }) => {
-                            assert_ne!(s.epoch(), current, "fresh snapshot refused");
-                        }
-                        Err(e) => panic!("snapshot apply failed: {e}"),
-                    }
-                }
-            }
+            Op::ApplySnapshot => self.apply_snapshot(),
             Op::Reset => {
                 self.balloon.reset();
-                self.round_in_epoch = false;
                 self.driver.clear();
+                self.epoch_ended();
             }
             Op::Reactivate => {
                 self.balloon.reset();
-                self.round_in_epoch = false;
                 self.activate();
+                self.epoch_ended();
             }
+        }
+    }
+
+    /// Opens an epoch, as a migrator does right before a dirty log sync.
+    fn open_epoch(&mut self, hints: &HintHandle) {
+        self.old_token = self.token.replace(hints.new_epoch());
+        self.token_current = true;
+        self.round_in_epoch = false;
+        self.check_hint_invariants();
+    }
+
+    /// The host stopped or finished, or the device was reset: the epoch
+    /// moved, the free set must be empty and the held token stale.
+    fn epoch_ended(&mut self) {
+        self.token_current = false;
+        self.round_in_epoch = false;
+        self.check_hint_invariants();
+    }
+
+    /// A token whose epoch is over, if the harness holds one.
+    fn stale_token(&self) -> Option<&EpochToken> {
+        if self.token_current {
+            self.old_token.as_ref()
+        } else {
+            self.token.as_ref()
+        }
+    }
+
+    fn start_round(&mut self, hints: &HintHandle, stale: bool) {
+        if stale {
+            if let Some(t) = self.stale_token() {
+                let r = hints.start_round(t);
+                assert!(
+                    matches!(r, Err(HintError::StaleEpoch { .. })),
+                    "start_round with a stale token: {r:?}"
+                );
+            }
+            return;
+        }
+        if !self.token_current {
+            self.open_epoch(hints);
+        }
+        let Some(t) = self.token.as_ref() else {
+            return;
+        };
+        match hints.start_round(t) {
+            Ok(id) => {
+                assert!(id >= 0x8000_0000, "cmd id {id:#x} below the valid range");
+                self.round_in_epoch = true;
+            }
+            Err(HintError::StaleEpoch { .. }) => panic!("the current token was refused"),
+            Err(_) => {}
+        }
+    }
+
+    fn apply_snapshot(&mut self) {
+        let (Some(s), Some(t)) = (self.snapshot.take(), self.token.as_ref()) else {
+            return;
+        };
+        let mut to_send = self.full_to_send();
+        let fresh = self.token_current && s.epoch() == t.epoch();
+        match s.apply_to(t, &mut to_send) {
+            Ok(c) => {
+                assert!(fresh, "a stale snapshot or token was accepted");
+                self.check_applied(&to_send, c);
+            }
+            Err(HintError::StaleEpoch { .. }) => assert!(!fresh, "a fresh snapshot was refused"),
+            Err(e) => panic!("snapshot apply failed: {e}"),
         }
     }
 
@@ -721,24 +766,39 @@ impl Harness {
 
     fn apply_live(&mut self) {
         let hints = self.balloon.hint_handle();
+        let Some(t) = self.token.as_ref() else {
+            return;
+        };
+        assert_eq!(
+            t.epoch() == hints.status().epoch,
+            self.token_current,
+            "the epoch moved without the host or a reset moving it, or did not move"
+        );
         let mut to_send = self.full_to_send();
-        match hints.apply_to(&mut to_send) {
-            Ok(c) => {
-                if !self.round_in_epoch {
-                    assert_eq!(c, 0, "hints cleared pages with no round in this epoch");
-                }
-                self.check_applied(&to_send, c);
+        let cleared = match hints.apply_to(t, &mut to_send) {
+            Ok(c) => c,
+            Err(HintError::StaleEpoch { .. }) => {
+                assert!(!self.token_current, "the current token was refused");
+                return;
             }
             Err(e) => panic!("apply_to a full-size bitmap failed: {e}"),
-        }
+        };
         // Too short a bitmap must be refused, not indexed out of bounds.
-        if !to_send.is_empty() {
-            let n = to_send.len() - 1;
+        if let Some(n) = to_send.len().checked_sub(1) {
+            let mut short = to_send[..n].to_vec();
             assert!(matches!(
-                hints.apply_to(&mut to_send[..n]),
+                hints.apply_to(t, &mut short),
                 Err(HintError::BitmapTooShort { .. })
             ));
         }
+        assert!(self.token_current, "a stale token was accepted");
+        if !self.round_in_epoch {
+            assert_eq!(
+                cleared, 0,
+                "hints cleared pages with no round in this epoch"
+            );
+        }
+        self.check_applied(&to_send, cleared);
     }
 
     fn check_hint_invariants(&mut self) {
@@ -761,13 +821,64 @@ impl Harness {
 mod tests {
     use super::*;
 
+    /// Counters of the device's rejection paths, summed.
+    fn rejections(m: &MetricsSnapshot) -> u64 {
+        [
+            m.pfn_out_of_range,
+            m.bad_pfn_descriptor,
+            m.chain_too_long,
+            m.indirect_not_negotiated,
+            m.bad_indirect,
+            m.bad_head_index,
+            m.descriptor_out_of_memory,
+            m.wrong_direction,
+            m.stats_bad_length,
+            m.hint_stale,
+            m.hint_epoch_dropped,
+            m.hint_bad_cmd_buffer,
+            m.bitmap_bad_message,
+            m.bitmap_beyond_layout,
+            m.bitmap_short_payload,
+            m.bitmap_bad_reply_buffer,
+            m.unknown_queue,
+        ]
+        .iter()
+        .sum()
+    }
+
+    /// Bytes that are no input are rejected. Every seed with one byte
+    /// corrupted (every 5th position) either fails to decode or runs to the
+    /// end with the hint invariants asserted by `run`; both happen, and the
+    /// device's rejection counters see more than in the seed itself for
+    /// some of the runs (the garbage reached the device and was counted).
     #[test]
     fn garbage_is_rejected_or_runs() {
         for data in [&b""[..], &[0xff; 64][..], &[0u8; 7][..]] {
-            if let Some(input) = decode(data) {
-                run(&input);
-            }
+            assert_eq!(decode(data), None, "{data:?} decoded");
         }
+        let (mut rejected, mut ran, mut counted) = (0, 0, 0);
+        for (name, seed) in seeds::all() {
+            let baseline = rejections(&run(&seed).metrics);
+            let bytes = encode(&seed);
+            for i in (0..bytes.len()).step_by(5) {
+                let mut garbage = bytes.clone();
+                garbage[i] ^= 0xa5;
+                let Some(input) = decode(&garbage) else {
+                    rejected += 1;
+                    continue;
+                };
+                ran += 1;
+                if rejections(&run(&input).metrics) > baseline {
+                    counted += 1;
+                }
+            }
+            assert!(ran > 0, "{name}: no corrupted input decoded");
+        }
+        assert!(rejected > 0, "every corrupted input decoded");
+        assert!(
+            counted > 0,
+            "no corrupted input was counted as rejected by the device"
+        );
     }
 
     #[test]
