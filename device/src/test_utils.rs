@@ -324,13 +324,19 @@ impl std::fmt::Debug for BalloonDriver {
 
 impl BalloonDriver {
     /// Guest memory with the given RAM ranges `(start, len)` plus the driver
-    /// area.
+    /// area (unless a RAM range already covers it: then the rings and
+    /// buffers are part of guest RAM, as in a real guest).
     pub fn guest_memory(ram: &[(u64, u64)]) -> GuestMemoryMmap {
         let mut r: Vec<(GuestAddress, usize)> = ram
             .iter()
             .map(|&(s, l)| (GuestAddress(s), l as usize))
             .collect();
-        r.push((GuestAddress(DRIVER_AREA), DRIVER_AREA_SIZE as usize));
+        let covered = ram
+            .iter()
+            .any(|&(s, l)| s <= DRIVER_AREA && DRIVER_AREA + DRIVER_AREA_SIZE <= s + l);
+        if !covered {
+            r.push((GuestAddress(DRIVER_AREA), DRIVER_AREA_SIZE as usize));
+        }
         r.sort_by_key(|x| x.0);
         GuestMemoryMmap::from_ranges(&r).expect("guest memory")
     }

@@ -23,6 +23,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::chain::{collect_chain, ChainError, Desc, DescTable};
+use super::dirty::{DeviceDirtyLog, DirtyMarker};
 use super::discard::{MmapDiscard, PageDiscard};
 use super::hints::{HintHandle, HintShared};
 use super::metrics::BalloonMetrics;
@@ -64,6 +65,8 @@ pub(super) struct Shared {
     pub(super) state: Mutex<DeviceState>,
     pub(super) hints: Arc<HintShared>,
     pub(super) metrics: Arc<BalloonMetrics>,
+    /// Guest pages the device wrote or discarded.
+    pub(super) dirty: Arc<DeviceDirtyLog>,
     /// Bumped at every activation and reset (stops the stats poller).
     pub(super) generation: AtomicU64,
     /// The stats polling thread (stopped and joined at reset).
@@ -73,6 +76,14 @@ pub(super) struct Shared {
 impl Shared {
     pub(super) fn lock(&self) -> MutexGuard<'_, DeviceState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records device writes in the device's dirty log.
+    pub(super) fn marker(&self) -> DirtyMarker<'_> {
+        DirtyMarker {
+            log: &self.dirty,
+            metrics: &self.metrics,
+        }
     }
 }
 
@@ -111,7 +122,12 @@ impl Balloon {
     ) -> Result<Self, BalloonError> {
         config.validate()?;
         let metrics = Arc::new(BalloonMetrics::default());
-        let hints = Arc::new(HintShared::new(config.layout, Arc::clone(&metrics)));
+        let dirty = Arc::new(DeviceDirtyLog::new(config.layout));
+        let hints = Arc::new(HintShared::new(
+            config.layout,
+            Arc::clone(&metrics),
+            Arc::clone(&dirty),
+        ));
         let state = DeviceState {
             acked_features: 0,
             num_pages: 0,
@@ -135,6 +151,7 @@ impl Balloon {
                 state: Mutex::new(state),
                 hints,
                 metrics,
+                dirty,
                 generation: AtomicU64::new(0),
                 poller: StatsPoller::default(),
             }),
@@ -227,7 +244,9 @@ impl BalloonHandle {
             .queues
             .get_mut(usize::from(idx))
             .ok_or(BalloonError::NotActivated)?;
-        q.add_used(&*guard, head, 0)
+        self.shared
+            .marker()
+            .add_used(q, &guard, head, 0)
             .map_err(|source| BalloonError::UsedRing { queue: idx, source })?;
         let irq = st.interrupt.clone();
         drop(st);
@@ -252,6 +271,12 @@ impl BalloonHandle {
         HintHandle {
             shared: Arc::clone(&self.shared.hints),
         }
+    }
+
+    /// Takes the guest pages the device changed since the last call, as a
+    /// bitmap in layout order (see [`HintHandle::take_device_dirty`]).
+    pub fn take_device_dirty(&self) -> Vec<u64> {
+        self.shared.dirty.take()
     }
 }
 
@@ -540,7 +565,9 @@ impl Ctx<'_> {
                     .queues
                     .get_mut(usize::from(index))
                     .ok_or(BalloonError::NotActivated)?;
-                q.add_used(self.mem, head, len)
+                self.shared
+                    .marker()
+                    .add_used(q, self.mem, head, len)
                     .map_err(|source| BalloonError::UsedRing {
                         queue: index,
                         source,
@@ -632,6 +659,9 @@ impl Ctx<'_> {
 
     fn discard(&self, st: &DeviceState, pfn: u64, pages: u64) {
         let len = pages << PAGE_SHIFT;
+        // The pages read as zero from now on (or partly, if it fails
+        // half-way): the migrator must send them again.
+        self.shared.marker().mark(pfn << PAGE_SHIFT, len);
         match st
             .discard
             .discard(self.mem, GuestAddress(pfn << PAGE_SHIFT), len)
@@ -682,7 +712,7 @@ impl Ctx<'_> {
         if let Some(old) = old {
             let idx = st.queue_layout.index_of(QueueKind::Stats);
             if let Some(q) = idx.and_then(|i| st.queues.get_mut(usize::from(i))) {
-                match q.add_used(self.mem, old, 0) {
+                match self.shared.marker().add_used(q, self.mem, old, 0) {
                     Ok(()) => st.returned_extra = true,
                     Err(e) => warn!("statsq: cannot return the previous buffer: {e}"),
                 }
@@ -883,6 +913,7 @@ impl Ctx<'_> {
                 break;
             }
             let k = (d.len as usize).min(n - done);
+            self.shared.marker().mark(d.addr, k as u64);
             if self
                 .mem
                 .write_slice(&out[done..done + k], GuestAddress(d.addr))

@@ -46,6 +46,15 @@
 //! older than the sync that opened it, because the round that produced them
 //! started after that sync.
 //!
+//! # The device's own writes
+//!
+//! The device writes guest memory itself (used rings, bitmap-protocol
+//! replies) and discards pages (inflate, free page reporting). Those
+//! changes do not go through the guest's page tables, so a dirty log kept
+//! by the VMM or the kernel for the guest may not see them.
+//! [`HintHandle::take_device_dirty`] returns them in the same bit order as
+//! the free set; OR them into the to-send bitmap at every sync.
+//!
 //! # Example: a migrator's pre-copy loop
 //!
 //! ```
@@ -68,6 +77,9 @@
 //!     // Next iteration: a new epoch right before the sync.
 //!     token = hints.new_epoch();
 //!     sync_dirty_log(&mut to_send);
+//!     for (t, d) in to_send.iter_mut().zip(hints.take_device_dirty()) {
+//!         *t |= d;
+//!     }
 //! }
 //! // At the end of migration (or when giving up): let the guest reuse the
 //! // pages it had to set aside. The token is stale from here on.
@@ -87,6 +99,7 @@ use freehint_protocol::bitmap_hint::ChunkHeader;
 use freehint_protocol::layout::{Layout, PAGE_SHIFT, PAGE_SIZE};
 use log::{debug, info, warn};
 
+use super::dirty::DeviceDirtyLog;
 use super::metrics::BalloonMetrics;
 use crate::virtio_device::Interrupt;
 
@@ -489,6 +502,8 @@ pub(crate) struct HintShared {
     /// The transport's interrupt while activated.
     pub(crate) interrupt: Mutex<Option<Arc<dyn Interrupt>>>,
     pub(crate) metrics: Arc<BalloonMetrics>,
+    /// Guest pages the device wrote or discarded.
+    pub(crate) dirty: Arc<DeviceDirtyLog>,
 }
 
 impl fmt::Debug for HintShared {
@@ -500,12 +515,17 @@ impl fmt::Debug for HintShared {
 }
 
 impl HintShared {
-    pub(crate) fn new(layout: Layout, metrics: Arc<BalloonMetrics>) -> Self {
+    pub(crate) fn new(
+        layout: Layout,
+        metrics: Arc<BalloonMetrics>,
+        dirty: Arc<DeviceDirtyLog>,
+    ) -> Self {
         Self {
             device: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed),
             core: Mutex::new(HintCore::new(layout)),
             interrupt: Mutex::new(None),
             metrics,
+            dirty,
         }
     }
 
@@ -715,6 +735,17 @@ impl HintHandle {
         }
         Ok(and_not(to_send, core.bits.as_raw_slice()))
     }
+
+    /// Takes the guest pages the device itself changed since the last call
+    /// (used ring entries and indexes, bitmap-protocol replies, discarded
+    /// pages) and forgets them. The result is a bitmap in the free set's
+    /// order: bit `i` = layout bit `i` (`words_for_bits(total_bits)` words).
+    /// Pages outside the layout cannot be expressed and are counted in
+    /// `device_dirty_outside_layout` instead. OR it into the to-send bitmap
+    /// at every dirty log sync.
+    pub fn take_device_dirty(&self) -> Vec<u64> {
+        self.shared.dirty.take()
+    }
 }
 
 /// `to_send &= !free` word by word; returns the bits cleared.
@@ -829,7 +860,8 @@ mod tests {
 
     fn shared(pages: u64) -> Arc<HintShared> {
         let layout = Layout::from_ram_pfn_ranges(&[(0, pages)]).unwrap();
-        Arc::new(HintShared::new(layout, Arc::default()))
+        let dirty = Arc::new(DeviceDirtyLog::new(layout));
+        Arc::new(HintShared::new(layout, Arc::default(), dirty))
     }
 
     fn handle(pages: u64) -> (HintHandle, Arc<CountIrq>) {

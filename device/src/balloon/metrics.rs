@@ -114,6 +114,9 @@ metrics! {
     bitmap_bad_reply_buffer,
     /// Chains on a queue the device does not know how to handle.
     unknown_queue,
+    /// Guest pages the device wrote or discarded that lie outside the RAM
+    /// layout, so the device dirty log cannot report them.
+    device_dirty_outside_layout,
 }
 
 impl BalloonMetrics {

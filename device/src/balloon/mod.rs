@@ -11,6 +11,8 @@
 //!   descriptor once, with the indirect-descriptor rules;
 //! - [`hints`]: the free page hint state machine, the host-side free page set
 //!   and the epoch rule ([`HintHandle`], [`EpochToken`], [`HintSet`]);
+//! - `dirty`: the log of guest pages the device itself wrote or discarded
+//!   ([`HintHandle::take_device_dirty`]);
 //! - [`discard`]: the memory backend trait [`PageDiscard`] and the real
 //!   implementation over `madvise`/`fallocate`;
 //! - [`metrics`]: one counter per rejection path;
@@ -19,6 +21,7 @@
 
 mod chain;
 pub mod device;
+mod dirty;
 pub mod discard;
 pub mod hints;
 pub mod metrics;
