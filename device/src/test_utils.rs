@@ -12,8 +12,9 @@
 //! then STOP; DONE gives the blocks back) and like the freehint bitmap
 //! driver (LAYOUT_QUERY, CHUNKs, ROUND_END).
 //!
-//! Buffers and rings live in a driver area outside guest RAM
-//! ([`DRIVER_AREA`]), so RAM pfns stay free for the balloon and hints.
+//! Buffers and rings live in a driver area ([`DRIVER_AREA`]), outside guest
+//! RAM so RAM pfns stay free for the balloon and hints, unless the layout
+//! puts RAM there (then they are guest RAM, as in a real guest).
 #![doc(hidden)]
 #![allow(missing_docs)]
 

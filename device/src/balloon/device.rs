@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR GPL-2.0-only
 //! [`Balloon`]: config space, feature negotiation, the
 //! [`VirtioDevice`] implementation and queue processing;
-//! [`BalloonHandle`]: the host API (target size, statistics, metrics, hints).
+//! [`BalloonHandle`]: the host API (target size, statistics, metrics, hints,
+//! the device's own dirty pages).
 //!
 //! Guest input is hostile: every chain is bounded
 //! ([`MAX_CHAIN_DESCRIPTORS`]), every

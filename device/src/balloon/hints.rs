@@ -282,14 +282,17 @@ impl HintCore {
         matches!(self.state, HintState::Requested | HintState::Started)
     }
 
-    /// Ends the epoch: the round in progress ends in `end`, the free set is
-    /// discarded and every token of the old epoch goes stale. Returns whether
-    /// a round was in progress (the guest must then be told).
+    /// Ends the epoch: the state becomes `end` (STOP only ends a round in
+    /// progress, DONE only follows a round), the free set is discarded and
+    /// every token of the old epoch goes stale. Returns whether a round was
+    /// in progress.
     fn move_epoch(&mut self, end: HintState) -> bool {
         let was_running = self.round_in_progress();
-        if was_running || end != HintState::Stopped {
-            self.state = end;
-        }
+        self.state = match end {
+            HintState::Stopped if !was_running => self.state,
+            HintState::Done if self.state == HintState::Idle => HintState::Idle,
+            _ => end,
+        };
         self.epoch = self.epoch.wrapping_add(1);
         self.layout_replied = false;
         self.clear_bits();
@@ -580,13 +583,11 @@ impl HintShared {
     pub(crate) fn restore_round(&self, round_id: u32, had_round: bool) {
         let mut core = self.lock();
         core.round_id = round_id;
-        let end = if had_round {
-            HintState::Done
-        } else {
-            HintState::Idle
-        };
-        core.move_epoch(end);
+        core.move_epoch(HintState::Idle);
         core.round_epoch = core.epoch;
+        if had_round {
+            core.state = HintState::Done;
+        }
     }
 
     /// Device side: the driver wrote `poison_val`.
@@ -681,12 +682,7 @@ impl HintHandle {
     /// gives back the pages it set aside. Discards the free set and moves
     /// the epoch, like [`Self::stop`].
     pub fn finish(&self) {
-        let end = if self.shared.lock().state == HintState::Idle {
-            HintState::Idle
-        } else {
-            HintState::Done
-        };
-        self.shared.end_epoch(end);
+        self.shared.end_epoch(HintState::Done);
         info!("free page hinting done");
     }
 
