@@ -439,6 +439,10 @@ fn is_zero(page: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dirty::SharedLog;
+    use crate::hints::NoHints;
+    use std::io;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     #[test]
     fn zero_detection() {
@@ -446,5 +450,81 @@ mod tests {
         assert!(is_zero(&page));
         page[PAGE_SIZE - 1] = 1;
         assert!(!is_zero(&page));
+    }
+
+    /// Accepts `left` bytes, then fails like a peer that went away.
+    struct Closing {
+        left: usize,
+    }
+
+    impl Write for Closing {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if self.left == 0 {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
+            let n = buf.len().min(self.left);
+            self.left -= n;
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct FailingLog;
+
+    impl DirtyLog for FailingLog {
+        fn start(&mut self) -> Result<(), HookError> {
+            Ok(())
+        }
+
+        fn sync(&mut self, _dirty: &mut PageBits) -> Result<(), HookError> {
+            Err("the log is gone".into())
+        }
+    }
+
+    fn memory() -> GuestMemoryMmap {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * PAGE_SIZE)]).unwrap();
+        mem.write_slice(&[1u8; 64 * PAGE_SIZE], GuestAddress(0))
+            .unwrap();
+        mem
+    }
+
+    fn no_pause() -> Result<(), HookError> {
+        Ok(())
+    }
+
+    #[test]
+    fn a_broken_stream_is_an_error() {
+        let mem = memory();
+        let engine = Engine::new(&mem).unwrap();
+        let log = SharedLog::new(64);
+        let err = engine
+            .run(Closing { left: 5000 }, log, NoHints, no_pause, |_: &_| {})
+            .unwrap_err();
+        assert!(
+            matches!(err, MigrateError::Wire(WireError::Io { .. })),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_failing_dirty_log_is_an_error_before_the_pause() {
+        let mem = memory();
+        let engine = Engine::new(&mem).unwrap();
+        let mut paused = false;
+        let pause = || -> Result<(), HookError> {
+            paused = true;
+            Ok(())
+        };
+        let err = engine
+            .run(io::sink(), FailingLog, NoHints, pause, |_: &_| {})
+            .unwrap_err();
+        assert!(
+            matches!(err, MigrateError::DirtyLog { what: "sync", .. }),
+            "{err}"
+        );
+        assert!(!paused, "the guest keeps running");
     }
 }

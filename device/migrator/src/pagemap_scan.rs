@@ -160,14 +160,15 @@ impl PagemapScanLog {
                 return_mask: sys::PAGE_IS_WRITTEN,
                 ..PmScanArg::default()
             };
-            let found =
-                sys::ioctl(&self.pagemap, sys::PAGEMAP_SCAN, &mut arg).map_err(|source| {
-                    PagemapScanError::Scan {
-                        start: cursor,
-                        end,
-                        source,
-                    }
-                })?;
+            // SAFETY: PAGEMAP_SCAN takes a `pm_scan_arg`; `vec` and `vec_len`
+            // describe `self.regions`, which lives through the call and
+            // holds plain integers the kernel may overwrite.
+            let scanned = unsafe { sys::ioctl(&self.pagemap, sys::PAGEMAP_SCAN, &mut arg) };
+            let found = scanned.map_err(|source| PagemapScanError::Scan {
+                start: cursor,
+                end,
+                source,
+            })?;
             if let Some(dirty) = dirty.as_deref_mut() {
                 let count = (found as usize).min(self.regions.len());
                 self.regions[..count]

@@ -186,7 +186,8 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>
     let err = io::Error::last_os_error();
     match err.raw_os_error() {
         Some(libc::ENXIO) => Ok(None),
-        Some(libc::EINVAL) if whence == libc::SEEK_DATA => Ok(Some(offset as u64)),
+        // No SEEK_DATA/SEEK_HOLE here: data from `offset` to the end.
+        Some(libc::EINVAL) => Ok((whence == libc::SEEK_DATA).then_some(offset as u64)),
         _ => Err(err),
     }
 }

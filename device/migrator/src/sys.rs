@@ -102,32 +102,37 @@ pub const UFFDIO_REGISTER: u64 = iowr(0xaa, 0x00, std::mem::size_of::<UffdioRegi
 /// `UFFDIO_WRITEPROTECT`: `_IOWR(0xAA, 0x06, struct uffdio_writeprotect)`.
 pub const UFFDIO_WRITEPROTECT: u64 = iowr(0xaa, 0x06, std::mem::size_of::<UffdioWriteprotect>());
 
-/// Argument structures of the ioctls above: plain `repr(C)` integers that
-/// the kernel reads and writes in place.
+/// Argument structures of the ioctls above: `repr(C)` integers that the
+/// kernel reads and writes in place.
 ///
 /// # Safety
 ///
 /// Implementors must be `repr(C)` structures of the exact size the ioctl
-/// number encodes, holding only integers (so any bytes the kernel writes
-/// are a valid value), and pointer fields, if any, must point at memory
-/// valid for the kernel to write for the duration of the call.
+/// number encodes, holding only integers, so any bytes the kernel writes
+/// are a valid value.
 pub unsafe trait IoctlArg {}
 
 // SAFETY: repr(C) integers only; their sizes are encoded in the numbers
-// above. `vec` points at a buffer the caller keeps alive (see `ioctl`).
+// above (checked by the test below).
 unsafe impl IoctlArg for PmScanArg {}
-// SAFETY: repr(C) integers only.
+// SAFETY: as above.
 unsafe impl IoctlArg for UffdioApi {}
-// SAFETY: repr(C) integers only.
+// SAFETY: as above.
 unsafe impl IoctlArg for UffdioRegister {}
-// SAFETY: repr(C) integers only.
+// SAFETY: as above.
 unsafe impl IoctlArg for UffdioWriteprotect {}
 
 /// `ioctl(fd, request, arg)`; the non-negative result or the error.
-pub fn ioctl<T: IoctlArg>(fd: &impl AsRawFd, request: u64, arg: &mut T) -> io::Result<u64> {
-    // SAFETY: `arg` is a live, exclusive `IoctlArg` whose layout matches
-    // `request` (the trait's contract), and any buffer it points at is kept
-    // alive by the caller for this call; `fd` is borrowed for the call.
+///
+/// # Safety
+///
+/// `request` must be the ioctl whose argument is a `T`, and every address
+/// in `arg` (such as `PmScanArg::vec`) must point at memory the kernel may
+/// write as that ioctl defines, valid for the whole call.
+pub unsafe fn ioctl<T: IoctlArg>(fd: &impl AsRawFd, request: u64, arg: &mut T) -> io::Result<u64> {
+    // SAFETY: `arg` is a live, exclusive `IoctlArg` of the size `request`
+    // encodes, and the addresses it holds are valid (this function's
+    // contract); `fd` is borrowed for the call.
     let ret = unsafe { libc::ioctl(fd.as_raw_fd(), request as _, arg as *mut T) };
     if ret < 0 {
         return Err(io::Error::last_os_error());

@@ -68,7 +68,8 @@ impl AsyncWriteTracking {
             features: wanted,
             ioctls: 0,
         };
-        sys::ioctl(&fd, sys::UFFDIO_API, &mut api)
+        // SAFETY: UFFDIO_API takes a `uffdio_api`, which holds no address.
+        unsafe { sys::ioctl(&fd, sys::UFFDIO_API, &mut api) }
             .map_err(|source| UffdError::Unsupported { wanted, source })?;
         let range = sys::UffdioRange { start, len };
         let range_error = |what| {
@@ -84,12 +85,17 @@ impl AsyncWriteTracking {
             mode: sys::UFFDIO_REGISTER_MODE_WP,
             ioctls: 0,
         };
-        sys::ioctl(&fd, sys::UFFDIO_REGISTER, &mut register).map_err(range_error("register"))?;
+        // SAFETY: UFFDIO_REGISTER takes a `uffdio_register`; its range is
+        // only looked up in this process's mappings, never dereferenced.
+        unsafe { sys::ioctl(&fd, sys::UFFDIO_REGISTER, &mut register) }
+            .map_err(range_error("register"))?;
         let mut protect = sys::UffdioWriteprotect {
             range,
             mode: sys::UFFDIO_WRITEPROTECT_MODE_WP,
         };
-        sys::ioctl(&fd, sys::UFFDIO_WRITEPROTECT, &mut protect)
+        // SAFETY: UFFDIO_WRITEPROTECT takes a `uffdio_writeprotect`; the
+        // range changes page protection only (writes still succeed: async).
+        unsafe { sys::ioctl(&fd, sys::UFFDIO_WRITEPROTECT, &mut protect) }
             .map_err(range_error("write-protect"))?;
         Ok(Self { _fd: fd })
     }
