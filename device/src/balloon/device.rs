@@ -5,7 +5,7 @@
 //! the device's own dirty pages).
 //!
 //! Guest input is hostile: every chain is bounded
-//! ([`MAX_CHAIN_DESCRIPTORS`]), every
+//! ([`MAX_CHAIN_DESCRIPTORS`](super::MAX_CHAIN_DESCRIPTORS)), every
 //! descriptor is checked against guest memory before use, and every
 //! rejection is logged, counted in [`BalloonMetrics`] and still returned to
 //! the driver as used ("skip, log, count, complete").
