@@ -24,6 +24,7 @@
 //! to `device/fuzz/corpus/balloon_queues/`.
 #![warn(missing_docs)]
 
+pub mod restore;
 pub mod seeds;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -382,52 +383,67 @@ struct Harness {
 /// Runs one input against a fresh device. Panics (through `assert!`) only
 /// when the device breaks an invariant of the hint API.
 pub fn run(input: &BalloonInput) -> Outcome {
-    let Some(mem) = guest_memory() else {
+    let Some(mut h) = Harness::new(input) else {
         return Outcome::default();
-    };
-    let layout = layout_for(input.layout);
-    let o = input.offer;
-    let config = BalloonConfig {
-        stats: o.stats,
-        stats_polling_interval_s: 0,
-        deflate_on_oom: o.deflate_on_oom,
-        free_page_hint: o.free_page_hint,
-        bitmap: o.bitmap,
-        page_poison: o.page_poison,
-        poison_val: o.poison_val,
-        reporting: o.reporting,
-        must_tell_host: o.must_tell_host,
-        queue_size: QUEUE_MAX,
-        layout,
-    };
-    let Ok(balloon) = Balloon::new(config) else {
-        return Outcome::default();
-    };
-    let mut h = Harness {
-        mem: GuestMemoryAtomic::new(mem),
-        balloon,
-        irq: Arc::new(CountingIrq::default()),
-        input_ack: input.ack,
-        setups: input.queues.clone(),
-        driver: Vec::new(),
-        round_in_epoch: false,
-        token: None,
-        token_current: false,
-        old_token: None,
-        snapshot: None,
-        total_bits: layout.total_bits(),
-        outcome: Outcome::default(),
     };
     h.outcome.activated = h.activate();
-    for op in input.ops.iter().take(MAX_OPS) {
-        h.op(op);
+    h.play(&input.ops);
+    h.finish()
+}
+
+impl Harness {
+    /// A fresh device configured as `input` offers, over fresh guest memory.
+    fn new(input: &BalloonInput) -> Option<Harness> {
+        let mem = guest_memory()?;
+        let layout = layout_for(input.layout);
+        let o = input.offer;
+        let config = BalloonConfig {
+            stats: o.stats,
+            stats_polling_interval_s: 0,
+            deflate_on_oom: o.deflate_on_oom,
+            free_page_hint: o.free_page_hint,
+            bitmap: o.bitmap,
+            page_poison: o.page_poison,
+            poison_val: o.poison_val,
+            reporting: o.reporting,
+            must_tell_host: o.must_tell_host,
+            queue_size: QUEUE_MAX,
+            layout,
+        };
+        let balloon = Balloon::new(config).ok()?;
+        Some(Harness {
+            mem: GuestMemoryAtomic::new(mem),
+            balloon,
+            irq: Arc::new(CountingIrq::default()),
+            input_ack: input.ack,
+            setups: input.queues.clone(),
+            driver: Vec::new(),
+            round_in_epoch: false,
+            token: None,
+            token_current: false,
+            old_token: None,
+            snapshot: None,
+            total_bits: layout.total_bits(),
+            outcome: Outcome::default(),
+        })
     }
-    h.check_hint_invariants();
-    let handle = h.balloon.handle();
-    h.outcome.metrics = handle.metrics().snapshot();
-    h.outcome.config_irqs = h.irq.config.load(Ordering::Relaxed);
-    h.outcome.queue_irqs = h.irq.queue.load(Ordering::Relaxed);
-    h.outcome
+
+    /// Plays at most [`MAX_OPS`] operations.
+    fn play(&mut self, ops: &[Op]) {
+        for op in ops.iter().take(MAX_OPS) {
+            self.op(op);
+        }
+    }
+
+    /// Checks the hint invariants once more and returns what the session did.
+    fn finish(mut self) -> Outcome {
+        self.check_hint_invariants();
+        let handle = self.balloon.handle();
+        self.outcome.metrics = handle.metrics().snapshot();
+        self.outcome.config_irqs = self.irq.config.load(Ordering::Relaxed);
+        self.outcome.queue_irqs = self.irq.queue.load(Ordering::Relaxed);
+        self.outcome
+    }
 }
 
 impl Harness {
