@@ -20,7 +20,21 @@ extern "C" {
     fn freehint_tsc_khz() -> c_uint;
     fn freehint_jiffies() -> c_ulong;
     fn freehint_hz() -> c_uint;
+    #[cfg(not(freehint_kernel_7_3))]
     fn freehint_sleep_ms(ms: c_uint);
+}
+
+/// Sleeps `ms` milliseconds; process context only. 7.3 has
+/// `kernel::time::delay::fsleep` (`msleep` for sleeps this long); 6.12 has
+/// no sleep in its `kernel` crate, so a C shim calls `msleep`.
+pub(crate) fn sleep_ms(ms: u32) {
+    #[cfg(freehint_kernel_7_3)]
+    kernel::time::delay::fsleep(kernel::time::Delta::from_millis(i64::from(ms)));
+    #[cfg(not(freehint_kernel_7_3))]
+    // SAFETY: `msleep` may sleep; callers are in process context.
+    unsafe {
+        freehint_sleep_ms(ms)
+    };
 }
 
 /// TSC rate in kHz (0 until [`init`] ran).
@@ -74,8 +88,8 @@ pub(crate) fn init() {
     // SAFETY: returns the compile-time HZ.
     let hz = u64::from(unsafe { freehint_hz() });
     let (ja, ta) = next_jiffy_edge();
-    // SAFETY: `msleep` may sleep; we are in process context (module init).
-    unsafe { freehint_sleep_ms(200) };
+    // Process context (module init).
+    sleep_ms(200);
     let (jb, tb) = next_jiffy_edge();
     let ticks = tb.wrapping_sub(ta);
     let jifs = NonZeroU64::new(jb.wrapping_sub(ja)).unwrap_or(NonZeroU64::MIN);

@@ -9,6 +9,7 @@
 
 #include <linux/fs.h>
 #include <linux/types.h>
+#include <linux/version.h>
 
 struct dentry;
 struct list_head;
@@ -18,8 +19,15 @@ struct pglist_data;
 struct zone;
 
 /* helpers.c: shims around static inlines and macros. */
+#if LINUX_VERSION_CODE < KERNEL_VERSION(7, 3, 0)
+/* Only where the kernel crate has no abstraction for them (6.12). */
 unsigned long freehint_zone_lock_irqsave(struct zone *zone);
 void freehint_zone_unlock_irqrestore(struct zone *zone, unsigned long flags);
+unsigned int freehint_nr_cpu_ids(void);
+unsigned long freehint_pcp_lock(struct per_cpu_pages *pcp);
+void freehint_pcp_unlock(struct per_cpu_pages *pcp, unsigned long flags);
+void freehint_sleep_ms(unsigned int ms);
+#endif
 int freehint_nr_node_ids(void);
 bool freehint_node_online(int nid);
 struct pglist_data *freehint_node_data(int nid);
@@ -35,10 +43,7 @@ bool freehint_page_buddy(const struct page *page);
 unsigned long freehint_page_private(const struct page *page);
 struct zone *freehint_page_zone(const struct page *page);
 int freehint_next_online_cpu(int cpu);
-unsigned int freehint_nr_cpu_ids(void);
 struct per_cpu_pages *freehint_zone_pcp(struct zone *zone, int cpu);
-unsigned long freehint_pcp_lock(struct per_cpu_pages *pcp);
-void freehint_pcp_unlock(struct per_cpu_pages *pcp, unsigned long flags);
 unsigned int freehint_nr_pcp_lists(void);
 struct list_head *freehint_pcp_list_head(struct per_cpu_pages *pcp, unsigned int pindex);
 size_t freehint_pcp_lists_size(void);
@@ -53,8 +58,9 @@ u64 freehint_rdtsc(void);
 unsigned int freehint_tsc_khz(void);
 unsigned long freehint_jiffies(void);
 unsigned int freehint_hz(void);
-void freehint_sleep_ms(unsigned int ms);
 void freehint_cond_resched(void);
+#if LINUX_VERSION_CODE < KERNEL_VERSION(7, 3, 0)
+/* helpers.c: debugfs plumbing (7.3 on: kernel::debugfs in debugfs.rs). */
 struct dentry *freehint_debugfs_dir(const char *name);
 struct dentry *freehint_debugfs_file(const char *name, umode_t mode,
 				     struct dentry *dir, void *ctx);
@@ -65,5 +71,6 @@ bool freehint_is_err_or_null(const void *ptr);
 ssize_t freehint_rust_read(void *ctx, char __user *buf, size_t count, loff_t *ppos);
 ssize_t freehint_rust_write(void *ctx, const char __user *buf, size_t count,
 			    loff_t *ppos);
+#endif
 
 #endif /* FREEHINT_H */

@@ -23,12 +23,17 @@
 #include <linux/page-flags.h>
 #include <linux/sched.h>
 #include <linux/spinlock.h>
+#include <linux/version.h>
 #include <asm/msr.h>
 #include <asm/tsc.h>
 
 #include "freehint.h"
 
-/* zone->lock, always with interrupts saved and disabled (as mm/page_alloc.c). */
+#if LINUX_VERSION_CODE < KERNEL_VERSION(7, 3, 0)
+/*
+ * zone->lock, always with interrupts saved and disabled (as mm/page_alloc.c).
+ * 7.3 on: zone.rs uses kernel::sync::SpinLockIrq on it instead.
+ */
 unsigned long freehint_zone_lock_irqsave(struct zone *zone)
 {
 	unsigned long flags;
@@ -41,6 +46,7 @@ void freehint_zone_unlock_irqrestore(struct zone *zone, unsigned long flags)
 {
 	spin_unlock_irqrestore(&zone->lock, flags);
 }
+#endif
 
 /* Nodes and zones (for_each_online_node / NODE_DATA are macros). */
 int freehint_nr_node_ids(void)
@@ -116,20 +122,25 @@ int freehint_next_online_cpu(int cpu)
 	return cpumask_next(cpu, cpu_online_mask);
 }
 
+#if LINUX_VERSION_CODE < KERNEL_VERSION(7, 3, 0)
+/* 7.3 on: kernel::cpu::nr_cpu_ids(). */
 unsigned int freehint_nr_cpu_ids(void)
 {
 	return nr_cpu_ids;
 }
+#endif
 
 struct per_cpu_pages *freehint_zone_pcp(struct zone *zone, int cpu)
 {
 	return per_cpu_ptr(zone->per_cpu_pageset, cpu);
 }
 
+#if LINUX_VERSION_CODE < KERNEL_VERSION(7, 3, 0)
 /*
  * As the kernel's remote drain does (pcp_spin_lock_maybe_irqsave() in
  * mm/page_alloc.c): plain spin_lock on SMP, where interrupt-context users
  * only trylock pcp->lock; irqsave on UP, where a trylock always succeeds.
+ * 7.3 on: zone.rs uses kernel::sync::SpinLock on it instead.
  */
 unsigned long freehint_pcp_lock(struct per_cpu_pages *pcp)
 {
@@ -151,6 +162,7 @@ void freehint_pcp_unlock(struct per_cpu_pages *pcp, unsigned long flags)
 	spin_unlock_irqrestore(&pcp->lock, flags);
 #endif
 }
+#endif
 
 unsigned int freehint_nr_pcp_lists(void)
 {
@@ -228,17 +240,25 @@ unsigned int freehint_hz(void)
 	return HZ;
 }
 
+#if LINUX_VERSION_CODE < KERNEL_VERSION(7, 3, 0)
+/* 7.3 on: kernel::time::delay::fsleep(). */
 void freehint_sleep_ms(unsigned int ms)
 {
 	msleep(ms);
 }
+#endif
 
 void freehint_cond_resched(void)
 {
 	cond_resched();
 }
 
-/* debugfs plumbing: every file forwards to the Rust entry points. */
+/*
+ * debugfs plumbing: every file forwards to the Rust entry points. Only for
+ * kernels without the Rust debugfs abstraction; from 7.3 on debugfs.rs uses
+ * kernel::debugfs instead.
+ */
+#if LINUX_VERSION_CODE < KERNEL_VERSION(7, 3, 0)
 static ssize_t freehint_fop_read(struct file *file, char __user *buf, size_t count,
 				 loff_t *ppos)
 {
@@ -279,3 +299,4 @@ bool freehint_is_err_or_null(const void *ptr)
 {
 	return IS_ERR_OR_NULL(ptr);
 }
+#endif

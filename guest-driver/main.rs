@@ -23,7 +23,6 @@
 //! from the protocol crate.
 
 use kernel::prelude::*;
-use kernel::sync::Mutex;
 
 #[allow(dead_code, unreachable_pub, missing_docs)]
 #[path = "protocol/bitmap.rs"]
@@ -73,28 +72,20 @@ module! {
 
 /// Module state. Fields drop in declaration order: the virtio driver first
 /// (unregistering removes every bound device), then the debugfs directory
-/// (which waits for file operations in flight), then the file contexts, then
-/// the builder they point to.
+/// and the builder its files use (the directory goes first; see
+/// `debugfs.rs`).
 struct FreeHint {
     /// The virtio-balloon driver; unregistered first (removes bound devices).
     _virtio: Option<virtio::Registration>,
-    _debugfs: debugfs::Dir,
-    _ctxs: debugfs::FileCtxs,
-    builder: Pin<KBox<Mutex<builder::Builder>>>,
+    diag: debugfs::Diag,
 }
 
 impl kernel::Module for FreeHint {
     fn init(_module: &'static ThisModule) -> Result<Self> {
         clock::init();
-        let b = builder::Builder::new()?;
-        let builder = KBox::pin_init(kernel::new_mutex!(b, "freehint::builder"), GFP_KERNEL)?;
-        let mut ctxs = debugfs::alloc_ctxs()?;
-        // SAFETY: `builder` is pinned and `ctxs` boxed; both are fields of
-        // the module declared after the directory, so they are dropped only
-        // after it is removed.
-        let dir = unsafe { debugfs::Dir::create(&builder, &mut ctxs)? };
+        let diag = debugfs::Diag::new(builder::Builder::new()?)?;
         {
-            let mut b = builder.lock();
+            let mut b = diag.builder().lock();
             b.build();
             let (bits, free, walk_ns) = b.summary();
             pr_info!(
@@ -110,15 +101,13 @@ impl kernel::Module for FreeHint {
             .ok();
         Ok(FreeHint {
             _virtio: virtio,
-            _debugfs: dir,
-            _ctxs: ctxs,
-            builder,
+            diag,
         })
     }
 }
 
 impl Drop for FreeHint {
     fn drop(&mut self) {
-        pr_info!("freehint: unloaded after {} builds\n", self.builder.lock().builds());
+        pr_info!("freehint: unloaded after {} builds\n", self.diag.builder().lock().builds());
     }
 }

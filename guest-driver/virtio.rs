@@ -89,7 +89,6 @@ extern "C" {
     fn freehint_adjust_managed_page_count(page: *mut c_void, count: c_long);
     fn freehint_page_poisoning_enabled() -> bool;
     fn freehint_want_init_on_free() -> bool;
-    fn freehint_msleep(ms: c_uint);
     fn freehint_mem_stats(s: *mut MemStats);
 }
 
@@ -905,10 +904,9 @@ pub(crate) fn poisoning() -> Poisoning {
     }
 }
 
-/// Sleeps `ms` milliseconds.
+/// Sleeps `ms` milliseconds (process context: work items only).
 pub(crate) fn msleep(ms: u32) {
-    // SAFETY: process context (work items only).
-    unsafe { freehint_msleep(ms) };
+    crate::clock::sleep_ms(ms);
 }
 
 // ---- entry points called by virtio_shim.c ----

@@ -31,6 +31,7 @@
 #include <linux/slab.h>
 #include <linux/spinlock.h>
 #include <linux/swap.h>
+#include <linux/version.h>
 #include <linux/virtio.h>
 #include <linux/virtio_balloon.h>
 #include <linux/virtio_config.h>
@@ -248,9 +249,20 @@ bool freehint_queue_work(struct freehint_vb *vb, unsigned int which)
 	return queued;
 }
 
+/*
+ * Per-CPU, freezable and CPU-intensive, as Linux's virtio_balloon. 7.3 wants
+ * WQ_PERCPU spelled out (it warns when a workqueue has neither WQ_PERCPU nor
+ * WQ_UNBOUND); 6.12 has no WQ_PERCPU (per-CPU is its default).
+ */
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(7, 3, 0)
+#define FREEHINT_HINT_WQ_FLAGS (WQ_FREEZABLE | WQ_CPU_INTENSIVE | WQ_PERCPU)
+#else
+#define FREEHINT_HINT_WQ_FLAGS (WQ_FREEZABLE | WQ_CPU_INTENSIVE)
+#endif
+
 int freehint_alloc_hint_wq(struct freehint_vb *vb)
 {
-	vb->hint_wq = alloc_workqueue("freehint-wq", WQ_FREEZABLE | WQ_CPU_INTENSIVE, 0);
+	vb->hint_wq = alloc_workqueue("freehint-wq", FREEHINT_HINT_WQ_FLAGS, 0);
 	return vb->hint_wq ? 0 : -ENOMEM;
 }
 
@@ -492,11 +504,6 @@ bool freehint_page_poisoning_enabled(void)
 bool freehint_want_init_on_free(void)
 {
 	return want_init_on_free();
-}
-
-void freehint_msleep(unsigned int ms)
-{
-	msleep(ms);
 }
 
 /* Mirrors struct MemStats in virtio.rs. */

@@ -52,7 +52,6 @@ unsigned long freehint_vb_page_to_pfn(const struct page *page);
 void freehint_adjust_managed_page_count(struct page *page, long count);
 bool freehint_page_poisoning_enabled(void);
 bool freehint_want_init_on_free(void);
-void freehint_msleep(unsigned int ms);
 void freehint_mem_stats(struct freehint_mem_stats *s);
 
 #endif /* FREEHINT_VIRTIO_SHIM_H */

@@ -10,7 +10,7 @@
 //! safe types:
 //!
 //! - [`Zone`]: a populated zone of an online node;
-//! - [`ZoneLockGuard`]: `zone->lock` held with interrupts saved and disabled,
+//! - [`ZoneLockGuard`]: `zone->lock` held with interrupts disabled,
 //!   released in `Drop` (or by [`ZoneLockGuard::unlock`], which reports how
 //!   long it was held);
 //! - [`FreeListCursor`]: an iterator over the free blocks of one
@@ -36,7 +36,9 @@ use kernel::ffi::{c_int, c_uint, c_ulong};
 // zero-sized `spinlock_t` without SMP), so zones and nodes cross the C
 // boundary as `*mut c_void`; they are cast back only in this module.
 extern "C" {
+    #[cfg(not(freehint_kernel_7_3))]
     fn freehint_zone_lock_irqsave(zone: *mut c_void) -> c_ulong;
+    #[cfg(not(freehint_kernel_7_3))]
     fn freehint_zone_unlock_irqrestore(zone: *mut c_void, flags: c_ulong);
     fn freehint_nr_node_ids() -> c_int;
     fn freehint_node_online(nid: c_int) -> bool;
@@ -52,9 +54,12 @@ extern "C" {
     fn freehint_page_private(page: *const c_void) -> c_ulong;
     fn freehint_page_zone(page: *const c_void) -> *mut c_void;
     fn freehint_next_online_cpu(cpu: c_int) -> c_int;
+    #[cfg(not(freehint_kernel_7_3))]
     fn freehint_nr_cpu_ids() -> c_uint;
     fn freehint_zone_pcp(zone: *mut c_void, cpu: c_int) -> *mut c_void;
+    #[cfg(not(freehint_kernel_7_3))]
     fn freehint_pcp_lock(pcp: *mut c_void) -> c_ulong;
+    #[cfg(not(freehint_kernel_7_3))]
     fn freehint_pcp_unlock(pcp: *mut c_void, flags: c_ulong);
     fn freehint_nr_pcp_lists() -> c_uint;
     fn freehint_pcp_list_head(pcp: *mut c_void, pindex: c_uint) -> *mut c_void;
@@ -74,6 +79,19 @@ const fn array_len<T, const N: usize>(_: *const [T; N]) -> usize {
 }
 
 pub(crate) use crate::clock::now_ns;
+
+// How a held lock is released. 7.3 has lock abstractions that take a
+// `spinlock_t` embedded in a C structure (`Lock::from_raw`): the guard is
+// the kernel's own. 6.12 has none for this: C shims take the lock and the
+// guard keeps what the unlock needs (the saved interrupt flags).
+#[cfg(freehint_kernel_7_3)]
+type ZoneHeld<'a> = kernel::sync::SpinLockIrqGuard<'a, ()>;
+#[cfg(not(freehint_kernel_7_3))]
+type ZoneHeld<'a> = c_ulong;
+#[cfg(freehint_kernel_7_3)]
+type PcpHeld<'a> = kernel::sync::SpinLockGuard<'a, ()>;
+#[cfg(not(freehint_kernel_7_3))]
+type PcpHeld<'a> = c_ulong;
 
 /// Lets the scheduler run something else (`cond_resched`). Must not be
 /// called with a [`ZoneLockGuard`] alive; the borrow checker cannot see
@@ -158,15 +176,29 @@ impl Zone {
         pages as u64
     }
 
-    /// Takes `zone->lock` with interrupts saved and disabled.
+    /// Takes `zone->lock` with interrupts disabled, as mm/page_alloc.c does
+    /// (`spin_lock_irqsave`): 7.3's `SpinLockIrq` over the zone's own lock,
+    /// a C shim on 6.12.
     pub(crate) fn lock(&self) -> ZoneLockGuard<'_> {
+        #[cfg(freehint_kernel_7_3)]
+        // SAFETY: the zone is valid (type invariant) for as long as `self`
+        // is borrowed, which bounds the lock reference and its guard; its
+        // `lock` is a `spinlock_t` initialised at boot, the state of a
+        // `Lock<(), _>`. The guard unlocks when dropped.
+        let held = unsafe {
+            kernel::sync::SpinLockIrq::<()>::from_raw(core::ptr::addr_of_mut!(
+                (*self.ptr.as_ptr()).lock
+            ))
+        }
+        .lock();
+        #[cfg(not(freehint_kernel_7_3))]
         // SAFETY: by the type invariant the zone is valid; its lock was
         // initialised at boot. The matching unlock is in the guard's Drop.
-        let flags = unsafe { freehint_zone_lock_irqsave(self.raw()) };
-        // INVARIANT: the lock is held and `flags` are the saved IRQ flags.
+        let held = unsafe { freehint_zone_lock_irqsave(self.raw()) };
+        // INVARIANT: the lock is held and `held` releases it.
         ZoneLockGuard {
             zone: self,
-            flags,
+            held,
             taken_ns: now_ns(),
             _not_send: PhantomData,
         }
@@ -177,12 +209,14 @@ impl Zone {
 ///
 /// # Invariants
 ///
-/// The lock of `zone` is held by this CPU and `flags` holds the interrupt
-/// state saved when it was taken.
+/// The lock of `zone` is held by this CPU and `held` releases it: the
+/// kernel's guard (7.3) or the interrupt state saved when it was taken.
 #[must_use = "the zone lock is released when the guard is dropped"]
 pub(crate) struct ZoneLockGuard<'a> {
     zone: &'a Zone,
-    flags: c_ulong,
+    // 7.3: the kernel's guard, which does its work by being dropped.
+    #[cfg_attr(freehint_kernel_7_3, allow(dead_code))]
+    held: ZoneHeld<'a>,
     taken_ns: u64,
     /// A spinlock must be released on the CPU that took it.
     _not_send: PhantomData<*mut ()>,
@@ -275,8 +309,12 @@ impl<'a> ZoneLockGuard<'a> {
 
 impl Drop for ZoneLockGuard<'_> {
     fn drop(&mut self) {
-        // SAFETY: by the type invariant the lock is held by us with `flags`.
-        unsafe { freehint_zone_unlock_irqrestore(self.zone.raw(), self.flags) };
+        // On 7.3 `held`, the kernel's guard, unlocks right after this.
+        #[cfg(not(freehint_kernel_7_3))]
+        // SAFETY: by the type invariant the lock is held by us with `held`.
+        unsafe {
+            freehint_zone_unlock_irqrestore(self.zone.raw(), self.held)
+        };
     }
 }
 
@@ -317,8 +355,11 @@ impl Iterator for FreeListCursor<'_> {
 impl Zone {
     /// Calls `f` with each online CPU's per-CPU page lists of this zone.
     pub(crate) fn for_each_pcp(&self, mut f: impl FnMut(&PerCpuPages<'_>)) {
-        // SAFETY: reads `nr_cpu_ids`, fixed after boot.
         // CAST: a CPU count fits `c_int`, as it does in C.
+        #[cfg(freehint_kernel_7_3)]
+        let nr_cpus = kernel::cpu::nr_cpu_ids() as c_int;
+        #[cfg(not(freehint_kernel_7_3))]
+        // SAFETY: reads `nr_cpu_ids`, fixed after boot.
         let nr_cpus = unsafe { freehint_nr_cpu_ids() } as c_int;
         let mut cpu: c_int = -1;
         loop {
@@ -365,16 +406,30 @@ impl PerCpuPages<'_> {
         unsafe { freehint_pcp_pindex_order(pindex) }
     }
 
-    /// Takes `pcp->lock` as the kernel's remote drain does: plain
-    /// `spin_lock` on SMP (interrupts stay enabled; interrupt-context users
-    /// only trylock), irqsave on UP.
+    /// Takes `pcp->lock` as the kernel's remote drain does. 7.3: plain
+    /// `spin_lock` (`pcp_spin_lock_nopin`; interrupt-context users only
+    /// trylock, and on UP never take it), with its `SpinLock` over the
+    /// pcp's own lock. 6.12 (C shim): plain `spin_lock` on SMP, irqsave on
+    /// UP (`pcp_spin_lock_maybe_irqsave`).
     pub(crate) fn lock(&self) -> PcpLockGuard<'_> {
+        #[cfg(freehint_kernel_7_3)]
+        // SAFETY: `ptr` is a valid `per_cpu_pages` (type invariant) for as
+        // long as `self` is borrowed, which bounds the lock reference and
+        // its guard; its `lock` is an initialised `spinlock_t`, the state of
+        // a `Lock<(), _>`. The guard unlocks when dropped.
+        let held = unsafe {
+            kernel::sync::SpinLock::<()>::from_raw(core::ptr::addr_of_mut!(
+                (*self.ptr.as_ptr().cast::<bindings::per_cpu_pages>()).lock
+            ))
+        }
+        .lock();
+        #[cfg(not(freehint_kernel_7_3))]
         // SAFETY: by the type invariant the lock is initialised.
-        let flags = unsafe { freehint_pcp_lock(self.ptr.as_ptr()) };
-        // INVARIANT: the lock is held; `flags` are what unlock needs.
+        let held = unsafe { freehint_pcp_lock(self.ptr.as_ptr()) };
+        // INVARIANT: the lock is held; `held` releases it.
         PcpLockGuard {
             pcp: self,
-            flags,
+            held,
             taken_ns: now_ns(),
             _not_send: PhantomData,
         }
@@ -385,11 +440,14 @@ impl PerCpuPages<'_> {
 ///
 /// # Invariants
 ///
-/// The lock of `pcp` is held by this CPU, taken with `flags`.
+/// The lock of `pcp` is held by this CPU and `held` releases it: the
+/// kernel's guard (7.3) or what the C unlock needs.
 #[must_use = "the per-CPU lock is released when the guard is dropped"]
 pub(crate) struct PcpLockGuard<'a> {
     pcp: &'a PerCpuPages<'a>,
-    flags: c_ulong,
+    // 7.3: the kernel's guard, which does its work by being dropped.
+    #[cfg_attr(freehint_kernel_7_3, allow(dead_code))]
+    held: PcpHeld<'a>,
     taken_ns: u64,
     _not_send: PhantomData<*mut ()>,
 }
@@ -482,8 +540,12 @@ pub(crate) struct PcpPass {
 
 impl Drop for PcpLockGuard<'_> {
     fn drop(&mut self) {
+        // On 7.3 `held`, the kernel's guard, unlocks right after this.
+        #[cfg(not(freehint_kernel_7_3))]
         // SAFETY: by the type invariant the lock is held by us.
-        unsafe { freehint_pcp_unlock(self.pcp.ptr.as_ptr(), self.flags) };
+        unsafe {
+            freehint_pcp_unlock(self.pcp.ptr.as_ptr(), self.held)
+        };
     }
 }
 
