@@ -27,7 +27,8 @@ struct Cli {
     /// Print the names of the scenarios CI runs, one per line.
     #[arg(long)]
     list_ci: bool,
-    /// Boot every guest of the scenario with this kernel flavour (normal, debug).
+    /// Boot every guest of the scenario with this kernel flavour (normal,
+    /// debug; distro: Debian's kernel, from tests/vm/build-distro).
     #[arg(long)]
     flavour: Option<String>,
     /// Multiply every boot timeout by this factor.
@@ -79,8 +80,8 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     if let Some(f) = cli.flavour.as_deref() {
-        if f != "normal" && f != "debug" {
-            eprintln!("tests/vm/run: unknown flavour '{f}' (normal or debug)");
+        if !["normal", "debug", "distro"].contains(&f) {
+            eprintln!("tests/vm/run: unknown flavour '{f}' (normal, debug or distro)");
             return ExitCode::from(2);
         }
     }
@@ -89,7 +90,12 @@ fn main() -> ExitCode {
         .manifest
         .clone()
         .unwrap_or_else(|| repo.join("target/vm/manifest.json"));
-    let manifest = match Manifest::load(&manifest_path) {
+    // The distro flavour (tests/vm/build-distro) lives in its own manifest.
+    let distro_manifest = repo.join("target/vm/distro/manifest.json");
+    let manifest = match Manifest::load(&manifest_path).and_then(|mut m| {
+        m.merge_extra(&distro_manifest)?;
+        Ok(m)
+    }) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("tests/vm/run: {e}");

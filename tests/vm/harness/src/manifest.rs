@@ -55,6 +55,23 @@ pub struct FlavourEntry {
     /// Host copies of the modules that are inside the initramfs, by name.
     #[serde(default)]
     pub modules: BTreeMap<String, PathBuf>,
+    /// The kernel release (`uname -r`), when the image says (distro kernels).
+    #[serde(default)]
+    pub release: Option<String>,
+    /// The package the kernel comes from, with its version (distro kernels).
+    #[serde(default)]
+    pub package: Option<String>,
+}
+
+/// A manifest that adds flavours to the main one: `target/vm/distro/manifest.json`,
+/// written by `tests/vm/build-distro` (flavour `distro`: Debian's own kernel).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ExtraManifest {
+    /// Flavours by name.
+    pub flavours: BTreeMap<String, FlavourEntry>,
+    /// Versions, added to the main manifest's (their keys are prefixed).
+    #[serde(default)]
+    pub versions: BTreeMap<String, String>,
 }
 
 /// The whole manifest.
@@ -85,6 +102,30 @@ impl Manifest {
             path: path.to_path_buf(),
             source,
         })
+    }
+
+    /// Adds the flavours and versions of the extra manifest at `path`, if
+    /// the file exists (returns whether it did). An extra flavour replaces a
+    /// main one of the same name.
+    pub fn merge_extra(&mut self, path: &Path) -> Result<bool, ManifestError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(source) => {
+                return Err(ManifestError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        let extra: ExtraManifest =
+            serde_json::from_str(&text).map_err(|source| ManifestError::Parse {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        self.flavours.extend(extra.flavours);
+        self.versions.extend(extra.versions);
+        Ok(true)
     }
 
     /// The boot files of `flavour`.
@@ -125,6 +166,47 @@ mod tests {
         assert!(matches!(
             Manifest::load(&dir.path().join("nope")),
             Err(ManifestError::Read { .. })
+        ));
+    }
+
+    #[test]
+    fn extra_manifest_adds_flavours_and_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("manifest.json");
+        std::fs::write(
+            &p,
+            r#"{"qemu":"/q","flavours":{"normal":{"kernel":"/k","initramfs":"/i"}},
+               "versions":{"rustc":"1.96.0"}}"#,
+        )
+        .unwrap();
+        let mut m = Manifest::load(&p).unwrap();
+        assert!(!m.merge_extra(&dir.path().join("absent.json")).unwrap());
+        let e = dir.path().join("distro.json");
+        std::fs::write(
+            &e,
+            r#"{"flavours":{"distro":{"kernel":"/v","initramfs":"/d","release":"7.3.4+deb13-amd64",
+               "package":"linux-image-amd64 7.3.4-1~bpo13+1"}},
+               "versions":{"distro_rustc":"1.85.1"},"symbols":{"match":true}}"#,
+        )
+        .unwrap();
+        assert!(m.merge_extra(&e).unwrap());
+        assert_eq!(m.flavour("distro").unwrap().kernel, PathBuf::from("/v"));
+        assert_eq!(m.flavour("normal").unwrap().kernel, PathBuf::from("/k"));
+        assert_eq!(
+            m.flavours["distro"].release.as_deref(),
+            Some("7.3.4+deb13-amd64")
+        );
+        assert_eq!(
+            (
+                m.versions["rustc"].as_str(),
+                m.versions["distro_rustc"].as_str()
+            ),
+            ("1.96.0", "1.85.1")
+        );
+        std::fs::write(&e, "{").unwrap();
+        assert!(matches!(
+            m.merge_extra(&e),
+            Err(ManifestError::Parse { .. })
         ));
     }
 }

@@ -16,6 +16,8 @@ pub mod bench_bitmap;
 pub mod bench_vfio;
 pub mod bitmap;
 pub mod demo;
+pub mod distro_hint;
+pub mod distro_migrate;
 pub mod qemu_balloon;
 pub mod qemu_hint;
 pub mod qemu_lockdep;
@@ -105,10 +107,28 @@ pub const SCENARIOS: &[Scenario] = &[
         run: vfio_hostile::run,
     },
     Scenario {
+        name: "distro-hint",
+        description: "Debian's own kernel (tests/vm/build-distro): stock virtio_balloon.ko, then freehint.ko binds, a hint round, inflate/deflate, unload",
+        ci: false,
+        run: distro_hint::run,
+    },
+    Scenario {
+        name: "distro-migrate",
+        description: "Debian's own kernel: live migration matrix {idle,dirty-keep,dirty-free} x driver, 4 GiB, init_on_alloc as shipped",
+        ci: false,
+        run: distro_migrate::run,
+    },
+    Scenario {
         name: "bench-migrate",
         description: "migration matrix at 4+8 GiB, 3 runs per cell -> target/bench/migrate.json",
         ci: false,
         run: qemu_migrate::bench,
+    },
+    Scenario {
+        name: "bench-distro-migrate",
+        description: "distro-migrate, 3 runs per cell -> target/bench/distro-migrate.json",
+        ci: false,
+        run: distro_migrate::bench,
     },
     Scenario {
         name: "bench-pingpong",

@@ -128,9 +128,9 @@ pub fn feature(features: &str, bit: usize) -> bool {
 }
 
 /// One VM and its scaled timeout unit.
-struct Guest {
-    vm: MigVm,
-    unit: Duration,
+pub(crate) struct Guest {
+    pub(crate) vm: MigVm,
+    pub(crate) unit: Duration,
 }
 
 impl Guest {
@@ -257,14 +257,14 @@ fn result(name: &str, r: Result<(bool, Map<String, Value>), String>) -> Map<Stri
     m
 }
 
-type Check = Result<(bool, Map<String, Value>), String>;
+pub(crate) type Check = Result<(bool, Map<String, Value>), String>;
 
 fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
 /// Check 1 (and the poison boot's first half): load and bind.
-fn check_bind(g: &mut Guest, poison: bool, deflate_on_oom: bool) -> Check {
+pub(crate) fn check_bind(g: &mut Guest, poison: bool, deflate_on_oom: bool) -> Check {
     let r = g.cmd("bind", "bind", 120).map_err(err)?;
     let feats = r.get("features").and_then(Value::as_str).unwrap_or("");
     let driver = r.get("driver").and_then(Value::as_str).unwrap_or("");
@@ -301,7 +301,7 @@ fn check_bind(g: &mut Guest, poison: bool, deflate_on_oom: bool) -> Check {
 /// inflated pages stay in the managed count (`MemTotal` unchanged), without
 /// it they leave it (`MemTotal` falls by exactly the balloon), as Linux's
 /// driver does.
-fn check_inflate(g: &mut Guest, deflate_on_oom: bool) -> Check {
+pub(crate) fn check_inflate(g: &mut Guest, deflate_on_oom: bool) -> Check {
     let full = MEM_MIB * MIB;
     let before = g.meminfo("before").map_err(err)?;
     g.balloon(INFLATE_TARGET_MIB).map_err(err)?;
@@ -449,7 +449,7 @@ fn check_oom(g: &mut Guest) -> Check {
 }
 
 /// Check 5: unload while inflating, load again, sysfs unbind/bind.
-fn check_unload(g: &mut Guest) -> Check {
+pub(crate) fn check_unload(g: &mut Guest) -> Check {
     let full = MEM_MIB * MIB;
     let target = UNLOAD_TARGET_MIB * MIB;
     // The guest unloads as soon as its free memory fell by
@@ -550,7 +550,7 @@ pub fn poison_val_in_stream(stream: &[u8]) -> Option<u32> {
 }
 
 /// The driver's hint rounds so far: (count, `end=` word of each).
-fn hint_rounds(g: &mut Guest) -> Result<(u64, Vec<String>, String), String> {
+pub(crate) fn hint_rounds(g: &mut Guest) -> Result<(u64, Vec<String>, String), String> {
     let h = g.cmd("hintlog", "hintlog", 60).map_err(err)?;
     let ends = h
         .get("ends")
@@ -578,7 +578,7 @@ fn hint_rounds(g: &mut Guest) -> Result<(u64, Vec<String>, String), String> {
 /// guest. ok: hints were consumed (`used-idx` moved) and at least one round
 /// of this migration ended `complete` (or `done`: QEMU finished first); a
 /// round may also end `stop` (QEMU stopped asking before it was sent).
-fn check_stream(g: &mut Guest, file: &std::path::Path) -> Check {
+pub(crate) fn check_stream(g: &mut Guest, file: &std::path::Path) -> Check {
     let _ = std::fs::remove_file(file);
     let (r0, _, _) = hint_rounds(g)?;
     let vq0 = free_page_vq(&mut g.vm).map_err(err)?;
@@ -625,7 +625,7 @@ fn check_stream(g: &mut Guest, file: &std::path::Path) -> Check {
 
 /// Boots one guest, waits for the script, runs `body`, ends the guest and
 /// records the boot (clean exit, rc 0, no kernel complaint).
-fn with_guest(
+pub(crate) fn with_guest(
     ctx: &mut Ctx,
     role: &str,
     mut spec: BootSpec,

@@ -246,7 +246,7 @@ fn run_counted(ctx: &mut Ctx, t: &mut Table, cell: &Cell, rep: usize) {
 
 /// Runs the cells for `sizes` × `reps`, records every line, fills a table.
 /// No cell ends the matrix: a harness error is a failed line, and the next
-/// cell runs.
+/// cell runs. The guests boot the `--flavour` kernel if one was given.
 pub fn run_matrix(ctx: &mut Ctx, sizes: &[u64], reps: usize, ioas: &[bool]) -> Table {
     let mut t = Table::default();
     for d in DRIVERS {
@@ -262,7 +262,10 @@ pub fn run_matrix(ctx: &mut Ctx, sizes: &[u64], reps: usize, ioas: &[bool]) -> T
             for &ioa in ioas {
                 for w in WORKLOADS {
                     for d in DRIVERS.into_iter().filter(|d| d.enabled()) {
-                        let cell = Cell::new(mem, d, w, ioa);
+                        let mut cell = Cell::new(mem, d, w, ioa);
+                        if let Some(f) = &ctx.flavour_override {
+                            cell.flavour = f.clone();
+                        }
                         if !selected(&cell.label()) {
                             continue;
                         }

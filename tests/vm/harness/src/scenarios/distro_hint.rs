@@ -1,0 +1,126 @@
+//! `distro-hint` (CI): `freehint.ko` on Debian's own kernel, unmodified
+//! (flavour `distro`, built by `tests/vm/build-distro`: the kernel package
+//! trixie-backports serves, its own `virtio_balloon.ko`, our module built
+//! against rust/ metadata regenerated from the matching linux-source).
+//!
+//! One 1 GiB boot against QEMU's `virtio-balloon-pci,free-page-hint=on,
+//! iothread=…,deflate-on-oom=on`; the guest half is
+//! `tests/vm/guest/scenarios/distro-hint.sh`, which first checks the stock
+//! driver and then runs the `qemu-balloon` command loop:
+//!
+//! 1. **stock**: the distribution's `virtio_balloon.ko` binds the balloon;
+//!    `freehint.ko` loads beside it but takes nothing; both unload and the
+//!    balloon is left unbound; the kernel is the manifest's release;
+//! 2. **bind**: `insmod freehint.ko` binds (features STATS_VQ,
+//!    DEFLATE_ON_OOM, FREE_PAGE_HINT, no PAGE_POISON), as `qemu-balloon`;
+//! 3. **inflate**: to 3/4 of RAM and back, `actual` and free memory follow;
+//! 4. **hint**: a migration to a file makes QEMU ask for free page hints:
+//!    the free page virtqueue's `used-idx` moves and a round ends `complete`
+//!    (or `done`);
+//! 5. **unload**: `rmmod` while inflating, `insmod` again, sysfs
+//!    unbind/bind, the rebound driver inflates and deflates.
+//!
+//! The boot must end cleanly with no kernel complaint on the console (an
+//! unsigned module's taint message is not one).
+
+use std::path::PathBuf;
+
+use serde_json::{json, Map, Value};
+
+use super::qemu_balloon::{
+    boot_spec, check_bind, check_inflate, check_stream, check_unload, with_guest, Check, Guest,
+};
+use crate::migrate::qemu_version;
+use crate::runner::{object, Ctx, HarnessError};
+
+/// The flavour of Debian's kernel in the (merged) manifest.
+pub const FLAVOUR: &str = "distro";
+
+/// The distro kernel's release and package, or the error that tells the
+/// user to build it.
+pub fn distro_kernel(ctx: &Ctx) -> Result<(String, String), HarnessError> {
+    let f = ctx.manifest.flavours.get(FLAVOUR).ok_or_else(|| {
+        HarnessError::Other(
+            "no distro kernel image (flavour 'distro' in target/vm/distro/manifest.json): \
+             run tests/vm/build-distro"
+                .into(),
+        )
+    })?;
+    Ok((
+        f.release.clone().unwrap_or_default(),
+        f.package.clone().unwrap_or_default(),
+    ))
+}
+
+/// Check 1: the guest's `stock` line (printed before the command loop).
+fn check_stock(g: &mut Guest, release: &str) -> Check {
+    let (_, line, obj) =
+        g.vm.wait_result(0, "stock", "the guest's stock driver check", g.unit * 60)
+            .map_err(|e| e.to_string())?;
+    let r = obj.ok_or_else(|| format!("malformed stock line: {line}"))?;
+    let s = |k: &str| r.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let kernel_ok = s("kernel") == release;
+    let ok = crate::guest::result_ok(&r)
+        && kernel_ok
+        && s("stock_bound") == "virtio_balloon"
+        && s("bound_with_both") == "virtio_balloon"
+        && r.get("freehint_loaded_beside") == Some(&json!(true))
+        && s("bound_after_unload").is_empty();
+    let mut m = r.clone();
+    m.remove("name");
+    m.remove("ok");
+    m.insert("expected_kernel".into(), json!(release));
+    Ok((ok, m))
+}
+
+/// Records one check as `distro-hint/<name>` (an error becomes a failed
+/// line carrying it); returns whether it passed.
+fn record(ctx: &mut Ctx, name: &str, r: Check) -> bool {
+    let mut m = object(json!({"name": format!("distro-hint/{name}")}));
+    let ok = match r {
+        Ok((ok, fields)) => {
+            m.extend(fields);
+            ok
+        }
+        Err(e) => {
+            m.insert("error".into(), json!(e));
+            false
+        }
+    };
+    m.insert("ok".into(), json!(ok));
+    ctx.record(m);
+    ok
+}
+
+/// Runs the scenario.
+pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
+    let (release, package) = distro_kernel(ctx)?;
+    let started = std::time::Instant::now();
+    let stream_file: PathBuf = ctx.log_dir.join("migration-stream.bin");
+    let mut spec = boot_spec(false, true);
+    spec.flavour = FLAVOUR.into();
+    spec.guest_scenario = "distro-hint".into();
+    let mut oks = [false; 5];
+    let boot_ok = with_guest(ctx, "distro", spec, &mut |g, ctx| {
+        eprintln!("[distro-hint]   stock, bind, inflate, hint, unload ({release})");
+        oks[0] = record(ctx, "stock", check_stock(g, &release));
+        oks[1] = record(ctx, "bind", check_bind(g, false, true));
+        oks[2] = record(ctx, "inflate", check_inflate(g, true));
+        oks[3] = record(ctx, "hint", check_stream(g, &stream_file));
+        oks[4] = record(ctx, "unload", check_unload(g));
+    })?;
+    let [stock_ok, bind_ok, inflate_ok, hint_ok, unload_ok] = oks;
+    Ok(object(json!({
+        "kernel": release,
+        "package": package,
+        "stock_ok": stock_ok,
+        "bind_ok": bind_ok,
+        "inflate_ok": inflate_ok,
+        "hint_ok": hint_ok,
+        "unload_ok": unload_ok,
+        "boot_clean": boot_ok,
+        "elapsed_s": started.elapsed().as_secs(),
+        "qemu": qemu_version(&ctx.manifest),
+        "ok": boot_ok && oks.iter().all(|o| *o),
+    })))
+}
