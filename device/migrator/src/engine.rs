@@ -12,6 +12,10 @@
 //! Each pass walks one to-send bitmap by runs, at most [`CHUNK_PAGES`]
 //! pages at a time and never across a RAM range. If `run` fails after the
 //! pause, the guest stays paused: resuming it is the caller's decision.
+//!
+//! With a [`HoleMap`] (guest RAM in a sparse file) the bulk pass sends the
+//! holes as zero runs without reading them. [`Engine::progress`] gives a
+//! handle that another thread reads for a progress bar.
 
 use std::io::Write;
 use std::ops::Range;
@@ -25,6 +29,8 @@ use crate::dirty::{DirtyLog, HookError};
 use crate::hints::HintSource;
 use crate::layout::{LayoutError, RamLayout, RunError};
 use crate::policy::{Decision, Policy, StopReason};
+use crate::progress::Progress;
+use crate::sparse::HoleMap;
 use crate::stats::{MigrationReport, PassStats};
 use crate::wire::{Encoder, PassKind, WireError};
 use crate::PAGE_SIZE;
@@ -69,6 +75,9 @@ pub enum MigrateError {
     /// The hint source failed.
     #[error("the hint source failed")]
     Hints(#[source] HookError),
+    /// The hole map failed.
+    #[error("finding the holes of guest RAM failed")]
+    Holes(#[source] HookError),
     /// Pausing the guest failed.
     #[error("pausing the guest failed")]
     Pause(#[source] HookError),
@@ -91,6 +100,9 @@ pub struct Engine<'m, M: ?Sized> {
     mem: &'m M,
     layout: RamLayout,
     policy: Policy,
+    holes: Option<&'m (dyn HoleMap + Sync)>,
+    progress: Progress,
+    drop_final_pass: bool,
 }
 
 impl<'m, M: GuestMemoryBackend + ?Sized> Engine<'m, M> {
@@ -102,7 +114,31 @@ impl<'m, M: GuestMemoryBackend + ?Sized> Engine<'m, M> {
             mem,
             layout,
             policy: Policy::default(),
+            holes: None,
+            progress: Progress::default(),
+            drop_final_pass: false,
         })
+    }
+
+    /// Lets the bulk pass send the holes `holes` reports as zero runs
+    /// without reading them (see [`crate::sparse`]).
+    pub fn with_holes(mut self, holes: &'m (dyn HoleMap + Sync)) -> Self {
+        self.holes = Some(holes);
+        self
+    }
+
+    /// Fault injection for negative controls only: the final pass sends no
+    /// pages, so whatever the guest wrote after the last live pass is lost
+    /// on the destination. A test that checks the destination's memory must
+    /// fail with this set; never use it to migrate a guest.
+    pub fn dropping_final_pass_for_negative_control(mut self) -> Self {
+        self.drop_final_pass = true;
+        self
+    }
+
+    /// A handle on this engine's progress (see [`Progress`]).
+    pub fn progress(&self) -> Progress {
+        self.progress.clone()
     }
 
     /// Uses `policy` to decide when to stop.
@@ -155,7 +191,12 @@ impl<'m, M: GuestMemoryBackend + ?Sized> Engine<'m, M> {
         log::info!("stopping the guest: {stop_reason:?}");
         vm.pause().map_err(MigrateError::Pause)?;
         let paused = Instant::now();
+        self.progress.paused();
         session.sync()?;
+        if self.drop_final_pass {
+            log::warn!("negative control: the final pass sends nothing");
+            session.to_send.fill(false);
+        }
         record(
             session.pass(done.len() as u32, PassKind::Final, false)?,
             &mut done,
@@ -201,6 +242,8 @@ struct Session<'e, M: ?Sized, W: Write, L, H> {
     /// Pages hinted free in the current epoch.
     free: PageBitmap,
     epoch: u64,
+    holes: Option<&'e (dyn HoleMap + Sync)>,
+    progress: Progress,
 }
 
 impl<'e, M, W, L, H> Session<'e, M, W, L, H>
@@ -239,12 +282,15 @@ where
             to_send,
             free,
             epoch: 0,
+            holes: engine.holes,
+            progress: engine.progress.clone(),
         })
     }
 
     /// Adds the pages written since the last sync to the to-send bitmap,
     /// drops all hints and begins a new epoch; returns the pages to send.
     fn sync(&mut self) -> Result<u64, MigrateError> {
+        let started = Instant::now();
         self.log
             .sync(&mut self.to_send)
             .map_err(|source| MigrateError::DirtyLog {
@@ -254,7 +300,12 @@ where
         self.free.fill(false);
         self.epoch += 1;
         self.hints.on_sync(self.epoch);
-        Ok(self.to_send.count_ones() as u64)
+        let pending = self.to_send.count_ones() as u64;
+        log::debug!(
+            "dirty-log sync: {pending} pages pending, {} µs",
+            micros(started)
+        );
+        Ok(pending)
     }
 
     /// Sends every page of the to-send bitmap, clearing it.
@@ -267,6 +318,8 @@ where
         let started = Instant::now();
         let bytes_before = self.out.enc.bytes_written();
         let mut stats = PassStats::new(number, kind, self.to_send.count_ones() as u64);
+        self.progress.begin_pass(number, stats.pending_pages);
+        let holes = self.holes_of(kind)?;
         self.out.enc.pass(number, kind)?;
         let mut cursor = 0;
         while let Some(offset) = self.to_send[cursor..].first_one() {
@@ -277,27 +330,66 @@ where
                     .map_err(MigrateError::Hints)?;
             }
             let end = self.chunk_end(start);
-            let hinted: &PageBits = if use_hints {
-                &self.free[start..end]
-            } else {
-                &NO_HINTS[..end - start]
+            let hole_bits: &PageBits = match &holes {
+                Some(holes) => &holes[start..end],
+                None => &NO_HINTS[..end - start],
             };
-            for (free, pages) in runs(hinted) {
+            for (hole, pages) in runs(hole_bits) {
                 let pages = start + pages.start..start + pages.end;
-                if free {
-                    stats.hinted_pages += pages.len() as u64;
+                if hole {
+                    stats.zero_pages += pages.len() as u64;
                     self.out.zero(self.layout, pages)?;
                 } else {
-                    self.out.send(self.mem, self.layout, pages, &mut stats)?;
+                    self.send_unless_hinted(pages, use_hints, &mut stats)?;
                 }
             }
             self.to_send[start..end].fill(false);
+            self.progress
+                .advance((end - start) as u64, self.out.enc.bytes_written());
             cursor = end;
         }
         self.out.flush_zero()?;
         stats.bytes = self.out.enc.bytes_written() - bytes_before;
         stats.elapsed_us = micros(started);
         Ok(stats)
+    }
+
+    /// The holes of guest RAM now, for the bulk pass (see
+    /// [`crate::sparse`]); `None` for other passes or without a hole map.
+    fn holes_of(&self, kind: PassKind) -> Result<Option<PageBitmap>, MigrateError> {
+        let Some(map) = self.holes.filter(|_| kind == PassKind::Bulk) else {
+            return Ok(None);
+        };
+        let mut holes = PageBitmap::repeat(false, self.to_send.len());
+        map.mark_holes(self.layout, &mut holes)
+            .map_err(MigrateError::Holes)?;
+        log::debug!("{} of {} pages are holes", holes.count_ones(), holes.len());
+        Ok(Some(holes))
+    }
+
+    /// Sends `pages` (within one chunk): the ones hinted free as zero runs
+    /// (when hints are used), the others read from guest memory.
+    fn send_unless_hinted(
+        &mut self,
+        pages: Range<usize>,
+        use_hints: bool,
+        stats: &mut PassStats,
+    ) -> Result<(), MigrateError> {
+        let hinted: &PageBits = if use_hints {
+            &self.free[pages.clone()]
+        } else {
+            &NO_HINTS[..pages.len()]
+        };
+        for (free, run) in runs(hinted) {
+            let run = pages.start + run.start..pages.start + run.end;
+            if free {
+                stats.hinted_pages += run.len() as u64;
+                self.out.zero(self.layout, run)?;
+            } else {
+                self.out.send(self.mem, self.layout, run, stats)?;
+            }
+        }
+        Ok(())
     }
 
     /// End of the run of to-send pages from `start`: at most
@@ -493,6 +585,74 @@ mod tests {
 
     fn no_pause() -> Result<(), HookError> {
         Ok(())
+    }
+
+    /// Says pages 8..16 are holes, whatever they hold.
+    #[derive(Debug)]
+    struct FakeHoles;
+
+    impl HoleMap for FakeHoles {
+        fn mark_holes(&self, _: &RamLayout, holes: &mut PageBits) -> Result<(), HookError> {
+            holes[8..16].fill(true);
+            Ok(())
+        }
+    }
+
+    /// Receives `bytes` into a buffer of 64 pages.
+    fn received(bytes: &[u8]) -> Vec<u8> {
+        let receiver = crate::Receiver::new(bytes).unwrap();
+        let mut ram = vec![0xeeu8; 64 * PAGE_SIZE];
+        receiver.receive(&mut ram[..]).unwrap();
+        ram
+    }
+
+    #[test]
+    fn holes_go_as_zero_in_the_bulk_pass_and_dirty_pages_are_read_again() {
+        let mem = memory();
+        let engine = Engine::new(&mem).unwrap().with_holes(&FakeHoles);
+        let progress = engine.progress();
+        let log = SharedLog::new(64);
+        let writer = log.clone();
+        let pause = move || -> Result<(), HookError> {
+            writer.mark(9);
+            Ok(())
+        };
+        let report = engine
+            .run(Vec::new(), log.clone(), NoHints, pause, |_: &_| {})
+            .map(|r| r.passes.clone())
+            .unwrap();
+        assert_eq!(report[0].zero_pages, 8, "the holes, unread");
+        assert_eq!(report[0].pages_sent, 56);
+        assert_eq!(report.last().unwrap().pages_sent, 1, "page 9, read");
+        let snap = progress.snapshot();
+        assert!(snap.paused && snap.pages_done == 1 && snap.bytes > 56 * 4096);
+        let mut out = Vec::new();
+        Engine::new(&mem)
+            .unwrap()
+            .with_holes(&FakeHoles)
+            .run(&mut out, SharedLog::new(64), NoHints, no_pause, |_: &_| {})
+            .unwrap();
+        let ram = received(&out);
+        assert!(ram[8 * PAGE_SIZE..16 * PAGE_SIZE].iter().all(|&b| b == 0));
+        assert!(ram[16 * PAGE_SIZE..].iter().all(|&b| b == 1));
+    }
+
+    #[test]
+    fn the_negative_control_drops_the_final_pass() {
+        let mem = memory();
+        let log = SharedLog::new(64);
+        let writer = log.clone();
+        let pause = move || -> Result<(), HookError> {
+            writer.mark(3);
+            Ok(())
+        };
+        let report = Engine::new(&mem)
+            .unwrap()
+            .dropping_final_pass_for_negative_control()
+            .run(io::sink(), log, NoHints, pause, |_: &_| {})
+            .unwrap();
+        let last = report.passes.last().unwrap();
+        assert_eq!((last.kind, last.pages_done()), (PassKind::Final, 0));
     }
 
     #[test]

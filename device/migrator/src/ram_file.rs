@@ -139,7 +139,7 @@ fn file_error<'p>(
 }
 
 /// Pages of `layout` that lie (partly) in a data extent of `file`.
-fn data_pages(file: &File, layout: &RamLayout) -> io::Result<PageBitmap> {
+pub(crate) fn data_pages(file: &File, layout: &RamLayout) -> io::Result<PageBitmap> {
     let mut bits = PageBitmap::repeat(false, page_count(layout));
     for (index, range) in layout.ranges().iter().enumerate() {
         let first = layout.pages_of(index).map_or(0, |p| p.start) as usize;

@@ -100,3 +100,111 @@ impl AsyncWriteTracking {
         Ok(Self { _fd: fd })
     }
 }
+
+/// The request protocol of the preload library that registers tracking
+/// inside QEMU (`device/migrator/preload`): one request line per
+/// connection, one reply line (`ok ...` or `error ...`).
+///
+/// - `register START LEN` (hexadecimal with `0x`, or decimal): tracks
+///   `LEN` bytes at address `START` of QEMU's memory, replacing an earlier
+///   registration; the range must be one shared file mapping.
+/// - `unregister`: ends the tracking (closes the userfaultfd).
+pub mod request {
+    /// Longest request or reply line.
+    pub const MAX_LINE: usize = 256;
+
+    /// One request.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Request {
+        /// Track `len` bytes at `start`.
+        Register {
+            /// First byte (page aligned).
+            start: u64,
+            /// Length in bytes (page aligned).
+            len: u64,
+        },
+        /// Stop tracking.
+        Unregister,
+    }
+
+    impl Request {
+        /// Parses one line (without its newline).
+        pub fn parse(line: &str) -> Result<Self, String> {
+            let mut words = line.split_whitespace();
+            let request = match words.next() {
+                Some("register") => {
+                    let mut number = || {
+                        words
+                            .next()
+                            .and_then(parse_number)
+                            .ok_or("register needs START and LEN")
+                    };
+                    let (start, len) = (number()?, number()?);
+                    if start % 4096 != 0 || len % 4096 != 0 || len == 0 {
+                        return Err("START and LEN must be non-zero multiples of 4096".into());
+                    }
+                    Self::Register { start, len }
+                }
+                Some("unregister") => Self::Unregister,
+                _ => return Err(format!("unknown request {line:?}")),
+            };
+            match words.next() {
+                None => Ok(request),
+                Some(extra) => Err(format!("unexpected {extra:?}")),
+            }
+        }
+
+        /// The request as a line, newline included.
+        pub fn to_line(&self) -> String {
+            match self {
+                Self::Register { start, len } => format!("register {start:#x} {len:#x}\n"),
+                Self::Unregister => "unregister\n".into(),
+            }
+        }
+    }
+
+    fn parse_number(word: &str) -> Option<u64> {
+        match word.strip_prefix("0x") {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => word.parse().ok(),
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn requests_round_trip_and_bad_ones_are_refused() {
+            for r in [
+                Request::Register {
+                    start: 0x7f00_0000_0000,
+                    len: 4 << 30,
+                },
+                Request::Unregister,
+            ] {
+                assert_eq!(Request::parse(r.to_line().trim_end()), Ok(r));
+            }
+            assert_eq!(
+                Request::parse("register 4096 8192"),
+                Ok(Request::Register {
+                    start: 4096,
+                    len: 8192
+                })
+            );
+            for bad in [
+                "",
+                "register",
+                "register 0x1000",
+                "register 0x1001 0x1000",
+                "register 0x1000 0",
+                "register 0x1000 0x1000 9",
+                "register -1 0x1000",
+                "unregister now",
+                "format c:",
+            ] {
+                assert!(Request::parse(bad).is_err(), "{bad}");
+            }
+        }
+    }
+}
