@@ -191,6 +191,12 @@ static const struct virtio_device_id freehint_id_table[] = {
 	{ VIRTIO_ID_BALLOON, VIRTIO_DEV_ANY_ID },
 	{ 0 },
 };
+/*
+ * The module alias (virtio:d00000005v*), as Linux's virtio_balloon has: udev
+ * loads freehint.ko for a balloon device once it is installed and depmod has
+ * run; blacklisting virtio_balloon leaves the device to it.
+ */
+MODULE_DEVICE_TABLE(virtio, freehint_id_table);
 
 /* freehint's bitmap hint extension (protocol/src/balloon.rs, docs/protocol.md). */
 #define FREEHINT_F_FREE_PAGE_BITMAP 23
