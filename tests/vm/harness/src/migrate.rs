@@ -164,7 +164,29 @@ struct SerialState {
     closed: bool,
 }
 
-/// One QEMU of a migration pair. Killed on drop.
+/// How the destination QEMU waits for its migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Incoming {
+    /// `-incoming tcp:127.0.0.1:PORT`.
+    Tcp(u16),
+    /// `-incoming defer` (a `migrate-incoming` over QMP starts it).
+    Defer,
+}
+
+/// What [`MigVm::start_with`] adds to the spec's QEMU.
+#[derive(Debug, Clone, Default)]
+pub struct VmOptions {
+    /// Destination: how it waits; `None` for a source.
+    pub incoming: Option<Incoming>,
+    /// More QEMU arguments, after the spec's.
+    pub extra_args: Vec<String>,
+    /// More environment variables of the QEMU process.
+    pub env: Vec<(String, String)>,
+    /// Files removed when the VM is dropped (its RAM file).
+    pub owned_files: Vec<PathBuf>,
+}
+
+/// One QEMU of a migration pair. Killed on drop (its owned files removed).
 #[derive(Debug)]
 pub struct MigVm {
     /// `src`, `dst`, ... (for logs and errors).
@@ -179,6 +201,7 @@ pub struct MigVm {
     /// QEMU's own stdout/stderr.
     pub qemu_log: PathBuf,
     sockets: Vec<PathBuf>,
+    owned_files: Vec<PathBuf>,
 }
 
 fn connect_retry(
@@ -210,6 +233,21 @@ impl MigVm {
         role: &str,
         incoming: Option<u16>,
     ) -> Result<MigVm, MigrateError> {
+        let opts = VmOptions {
+            incoming: incoming.map(Incoming::Tcp),
+            ..VmOptions::default()
+        };
+        Self::start_with(manifest, spec, log_dir, role, &opts)
+    }
+
+    /// [`MigVm::start`] with more set-up (see [`VmOptions`]).
+    pub fn start_with(
+        manifest: &Manifest,
+        spec: &BootSpec,
+        log_dir: &Path,
+        role: &str,
+        opts: &VmOptions,
+    ) -> Result<MigVm, MigrateError> {
         check_migratable(spec)?;
         let image = manifest.flavour(&spec.flavour)?;
         let base = format!("{}-{role}", spec.label());
@@ -218,9 +256,17 @@ impl MigVm {
         let serial_log = log_dir.join(format!("{base}.log"));
         let qemu_log = log_dir.join(format!("{base}.qemu.log"));
         let mut args = migration_args(spec.qemu_args(&image, Some(&qmp_sock)), &serial_sock);
-        if let Some(port) = incoming {
-            args.push("-incoming".into());
-            args.push(format!("tcp:127.0.0.1:{port}"));
+        args.extend(opts.extra_args.iter().cloned());
+        match opts.incoming {
+            Some(Incoming::Tcp(port)) => {
+                args.push("-incoming".into());
+                args.push(format!("tcp:127.0.0.1:{port}"));
+            }
+            Some(Incoming::Defer) => {
+                args.push("-incoming".into());
+                args.push("defer".into());
+            }
+            None => {}
         }
         let out = File::create(&qemu_log).map_err(io_error("cannot create", &qemu_log))?;
         let err = out
@@ -229,6 +275,7 @@ impl MigVm {
         log::debug!("{role}: {} {}", manifest.qemu.display(), args.join(" "));
         let mut child = Command::new(&manifest.qemu)
             .args(&args)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -269,7 +316,13 @@ impl MigVm {
             serial_log,
             qemu_log,
             sockets: vec![serial_sock, qmp_sock],
+            owned_files: opts.owned_files.clone(),
         })
+    }
+
+    /// QEMU's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SerialState> {
@@ -401,6 +454,9 @@ impl Drop for MigVm {
         self.kill();
         for s in &self.sockets {
             sockets::release(s);
+        }
+        for f in &self.owned_files {
+            let _ = std::fs::remove_file(f);
         }
     }
 }

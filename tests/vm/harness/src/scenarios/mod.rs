@@ -18,6 +18,7 @@ pub mod bitmap;
 pub mod demo;
 pub mod distro_hint;
 pub mod distro_migrate;
+pub mod own_migrate;
 pub mod qemu_balloon;
 pub mod qemu_hint;
 pub mod qemu_lockdep;
@@ -89,6 +90,18 @@ pub const SCENARIOS: &[Scenario] = &[
         run: qemu_lockdep::run,
     },
     Scenario {
+        name: "own-migrate",
+        description: "freehint-migrate vs QEMU's migrator: 4 GiB {idle,dirty-keep,dirty-free}, no hints, init_on_alloc=1, destination verified at resume",
+        ci: true,
+        run: own_migrate::run,
+    },
+    Scenario {
+        name: "own-pingpong",
+        description: "10 migrations back and forth with freehint-migrate under churn, and a negative control (final pass dropped) that must be caught",
+        ci: true,
+        run: own_migrate::run_pingpong,
+    },
+    Scenario {
         name: "vfio-stock",
         description: "stock virtio_balloon vs freehint-vfio-user: inflate/memfd, stats, hint set vs kpageflags",
         ci: true,
@@ -135,6 +148,18 @@ pub const SCENARIOS: &[Scenario] = &[
         description: "20 migrations back and forth under the integrity workload",
         ci: false,
         run: qemu_pingpong::bench,
+    },
+    Scenario {
+        name: "bench-own-migrate",
+        description: "freehint-migrate vs QEMU's: 4 GiB matrix, 16+32 GiB idle/dirty-free, guest slowdown, 3 runs per cell -> target/bench/own-migrate.json",
+        ci: false,
+        run: own_migrate::bench,
+    },
+    Scenario {
+        name: "bench-own-pingpong",
+        description: "20 migrations back and forth with freehint-migrate, and the negative control",
+        ci: false,
+        run: own_migrate::bench_pingpong,
     },
     Scenario {
         name: "demo",
