@@ -220,7 +220,7 @@ fn migrate_ours(
     dst: &mut OwnVm,
     log_dir: &Path,
     label: &str,
-    negative_control: bool,
+    opts: RunOpts,
     timeout: Duration,
 ) -> Result<(Hop, usize), String> {
     let (port, qemu_port) = (
@@ -249,8 +249,12 @@ fn migrate_ours(
         "--to".into(),
         listen,
     ];
-    if negative_control {
+    if opts.negative_control {
         send_args.push("--negative-control-drop-final-pass".into());
+    }
+    if let Some(n) = opts.max_passes {
+        send_args.push("--max-passes".into());
+        send_args.push(n.to_string());
     }
     let mut sender = match spawn(
         tools,
@@ -409,6 +413,8 @@ pub struct RunOpts {
     pub rate_window: Option<Duration>,
     /// Negative control: drop our final pass.
     pub negative_control: bool,
+    /// Our live passes at most (`--max-passes`).
+    pub max_passes: Option<u32>,
 }
 
 /// The outcome of one cell: every hop, problems, the verdicts.
@@ -512,7 +518,7 @@ fn run_ours(
             &mut dst,
             &ctx.log_dir,
             &hop_label,
-            opts.negative_control,
+            opts,
             scale(600),
         );
         splat_problems(&src.vm, &mut run.problems);
@@ -841,8 +847,12 @@ fn pingpong(ctx: &mut Ctx, migrations: usize) -> Result<Map<String, Value>, Harn
         &tools,
         &control,
         Migrator::Ours,
+        // One live pass: the final pass then carries what the churn wrote
+        // during the bulk pass (thousands of pages), and dropping it must
+        // show on the destination.
         RunOpts {
             negative_control: true,
+            max_passes: Some(1),
             ..RunOpts::default()
         },
     );
