@@ -870,7 +870,12 @@ fn pingpong(ctx: &mut Ctx, migrations: usize) -> Result<Map<String, Value>, Harn
     ctx.record(object(json!({
         "name": "own-pingpong/negative-control",
         "ok": caught,
-        "note": "final pass dropped on purpose: ok means the destination's check caught it",
+        "note": "final pass dropped on purpose: ok means the destination did not verify clean (damaged pages, or a guest that died at resume)",
+        "caught_by": caught.then(|| if corrupt.as_ref().and_then(Value::as_u64).unwrap_or(0) > 0 {
+            "corrupt pages"
+        } else {
+            "guest died"
+        }),
         "corrupt_pages": corrupt,
         "problems": c.problems,
     })));
