@@ -219,6 +219,7 @@ fn report(
         pages_sent: sum(|p| p.pages_sent),
         zero_pages: sum(|p| p.zero_pages),
         hinted_pages: sum(|p| p.hinted_pages),
+        hole_pages: sum(|p| p.hole_pages),
         bytes,
         downtime_us: micros(paused),
         total_us: micros(started),
@@ -337,7 +338,7 @@ where
             for (hole, pages) in runs(hole_bits) {
                 let pages = start + pages.start..start + pages.end;
                 if hole {
-                    stats.zero_pages += pages.len() as u64;
+                    stats.hole_pages += pages.len() as u64;
                     self.out.zero(self.layout, pages)?;
                 } else {
                     self.send_unless_hinted(pages, use_hints, &mut stats)?;
@@ -621,7 +622,7 @@ mod tests {
             .run(Vec::new(), log.clone(), NoHints, pause, |_: &_| {})
             .map(|r| r.passes.clone())
             .unwrap();
-        assert_eq!(report[0].zero_pages, 8, "the holes, unread");
+        assert_eq!(report[0].hole_pages, 8, "the holes, unread");
         assert_eq!(report[0].pages_sent, 56);
         assert_eq!(report.last().unwrap().pages_sent, 1, "page 9, read");
         let snap = progress.snapshot();

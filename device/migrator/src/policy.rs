@@ -4,7 +4,9 @@
 //! [`Policy::decide`] whether to run another pass or stop the VM for the
 //! final one. It stops when
 //! - what is left fits the downtime target at the rate the last pass
-//!   measured ([`StopReason::FitsDowntime`]), or
+//!   measured, per page it read (pages hinted free or file holes cost
+//!   next to nothing, and the final pass reads every page it sends)
+//!   ([`StopReason::FitsDowntime`]), or
 //! - passes stopped shrinking: `stall_passes` passes in a row each left
 //!   more than `1 - min_shrink` of the pages the pass had to send
 //!   ([`StopReason::Stalled`]), or
@@ -84,14 +86,15 @@ impl Policy {
     }
 
     /// Time to send `pending` pages at the rate of the latest pass that
-    /// handled any; `None` before any rate is known.
+    /// read any (its whole time over the pages it read); `None` before any
+    /// rate is known.
     pub fn estimate(&self, done: &[PassStats], pending: u64) -> Option<Duration> {
         if pending == 0 {
             return Some(Duration::ZERO);
         }
-        let last = done.iter().rev().find(|pass| pass.pages_done() > 0)?;
+        let last = done.iter().rev().find(|pass| pass.pages_read() > 0)?;
         let micros =
-            u128::from(pending) * u128::from(last.elapsed_us) / u128::from(last.pages_done());
+            u128::from(pending) * u128::from(last.elapsed_us) / u128::from(last.pages_read());
         Some(Duration::from_micros(
             u64::try_from(micros).unwrap_or(u64::MAX),
         ))
@@ -164,6 +167,23 @@ mod tests {
             Some(Duration::from_millis(200))
         );
         assert_eq!(policy().decide(&done, 20), Decision::Continue);
+    }
+
+    #[test]
+    fn holes_and_hints_do_not_make_the_rate_look_fast() {
+        // A sparse bulk pass: 1000 pages read in 1000 ms, 99 000 holes.
+        let bulk = PassStats {
+            pages_sent: 1000,
+            hole_pages: 99_000,
+            hinted_pages: 5,
+            elapsed_us: 1_000_000,
+            ..PassStats::new(0, PassKind::Bulk, 100_005)
+        };
+        assert_eq!(
+            policy().estimate(std::slice::from_ref(&bulk), 50),
+            Some(Duration::from_millis(50))
+        );
+        assert_eq!(policy().decide(&[bulk], 101), Decision::Continue);
     }
 
     #[test]

@@ -21,6 +21,9 @@ pub struct PassStats {
     pub zero_pages: u64,
     /// Pages hinted free and sent as zero runs instead of being read.
     pub hinted_pages: u64,
+    /// Pages that were holes of the RAM file, sent as zero runs without
+    /// being read (bulk pass, see [`crate::sparse`]).
+    pub hole_pages: u64,
     /// Bytes of stream the pass wrote.
     pub bytes: u64,
     /// Wall time of the pass, in microseconds.
@@ -38,14 +41,20 @@ impl PassStats {
             pages_sent: 0,
             zero_pages: 0,
             hinted_pages: 0,
+            hole_pages: 0,
             bytes: 0,
             elapsed_us: 0,
         }
     }
 
-    /// Pages the pass handled (sent, zero or hinted).
+    /// Pages the pass handled (sent, zero, hinted or holes).
     pub fn pages_done(&self) -> u64 {
-        self.pages_sent + self.zero_pages + self.hinted_pages
+        self.pages_sent + self.zero_pages + self.hinted_pages + self.hole_pages
+    }
+
+    /// Pages the pass read from guest memory (sent, or found zero).
+    pub fn pages_read(&self) -> u64 {
+        self.pages_sent + self.zero_pages
     }
 }
 
@@ -62,6 +71,8 @@ pub struct MigrationReport {
     pub zero_pages: u64,
     /// Hinted pages, all passes.
     pub hinted_pages: u64,
+    /// Holes of the RAM file, all passes.
+    pub hole_pages: u64,
     /// Bytes of stream, header and end record included.
     pub bytes: u64,
     /// From the VM pause to the end of the stream, in microseconds.

@@ -268,7 +268,13 @@ fn migrate_ours(
             return Err(e);
         }
     };
-    let result = drive(&mut receiver, &mut sender, dst, timeout);
+    let result = drive(
+        &mut receiver,
+        &mut sender,
+        dst,
+        opts.abort_at_resume,
+        timeout,
+    );
     for child in [&mut receiver, &mut sender] {
         if !matches!(child.try_wait(), Ok(Some(_))) {
             let _ = child.kill();
@@ -284,6 +290,7 @@ fn drive(
     receiver: &mut Child,
     sender: &mut Child,
     dst: &mut OwnVm,
+    abort: bool,
     timeout: Duration,
 ) -> Result<(Hop, usize), String> {
     let deadline = Instant::now() + timeout;
@@ -303,6 +310,12 @@ fn drive(
         while let Ok(line) = recv_lines.try_recv() {
             let Some(m) = json_line(&line) else { continue };
             match m.get("event").and_then(Value::as_str) {
+                Some("ready_to_resume") if abort => {
+                    verdict_from = Some(0);
+                    if let Some(mut g) = gate.take() {
+                        g.write_all(b"abort\n").map_err(|e| format!("gate: {e}"))?;
+                    }
+                }
                 Some("ready_to_resume") => {
                     verdict_from = Some(dst.vm.line_count());
                     dst.vm.send_line("verify").map_err(|e| e.to_string())?;
@@ -361,6 +374,10 @@ fn drive(
             .and_then(Value::as_str)
             .map(str::to_string)
     };
+    if abort {
+        let from = verdict_from.ok_or("the receiver never held the destination")?;
+        return Ok((hop, from));
+    }
     if status("send").as_deref() != Some("completed")
         || status("receive").as_deref() != Some("completed")
     {
@@ -415,6 +432,9 @@ pub struct RunOpts {
     pub negative_control: bool,
     /// Our live passes at most (`--max-passes`).
     pub max_passes: Option<u32>,
+    /// Refuse to resume the destination (the gate answers `abort`): the
+    /// migration must fail with the source running.
+    pub abort_at_resume: bool,
 }
 
 /// The outcome of one cell: every hop, problems, the verdicts.
@@ -841,6 +861,10 @@ fn pingpong(ctx: &mut Ctx, migrations: usize) -> Result<Map<String, Value>, Harn
     }
     let mut control = cell.clone();
     control.migrations = 1;
+    eprintln!("[own] abort at resume: the source must run on, intact");
+    let aborted = abort_check(ctx, &tools, &control);
+    let abort_ok = aborted.get("ok").and_then(Value::as_bool) == Some(true);
+    ctx.record(aborted);
     eprintln!("[own] negative control: the final pass dropped; the destination must see damage");
     let c = run_cell(
         ctx,
@@ -884,6 +908,7 @@ fn pingpong(ctx: &mut Ctx, migrations: usize) -> Result<Map<String, Value>, Harn
         "migrations": r.hops.len(),
         "integrity_failures": r.integrity_failures(),
         "negative_control_caught": caught,
+        "abort_leaves_source_running": abort_ok,
         "downtime_ms_median": median(&downtimes).map(num),
         "pages_checked": r.hops.iter().filter_map(|h| h.verdict.as_ref()?.get("pages_checked")?.as_u64()).sum::<u64>(),
         "qemu": qemu_version(&ctx.manifest),
@@ -893,9 +918,64 @@ fn pingpong(ctx: &mut Ctx, migrations: usize) -> Result<Map<String, Value>, Harn
     }
     s.insert(
         "ok".into(),
-        json!(r.ok() && r.hops.len() == migrations && caught),
+        json!(r.ok() && r.hops.len() == migrations && caught && abort_ok),
     );
     Ok(s)
+}
+
+/// A migration refused at the last moment (the destination loaded, the
+/// gate says `abort`): the program must fail, say the source runs, and
+/// the source must run on with every page intact.
+fn abort_check(ctx: &mut Ctx, tools: &Tools, cell: &Cell) -> Map<String, Value> {
+    let scale = |s: u64| Duration::from_secs(s).mul_f64(ctx.timeout_scale.max(0.1));
+    let mut problems = Vec::new();
+    let mut summary = Value::Null;
+    let result = (|| -> Result<(), String> {
+        let e = |e: MigrateError| e.to_string();
+        let label = "abort";
+        let mut src =
+            start_own(&ctx.manifest, tools, cell, &ctx.log_dir, "abort-0", false).map_err(e)?;
+        wait_ready(&mut src.vm, scale(300)).map_err(e)?;
+        let mut dst =
+            start_own(&ctx.manifest, tools, cell, &ctx.log_dir, "abort-1", true).map_err(e)?;
+        let opts = RunOpts {
+            abort_at_resume: true,
+            ..RunOpts::default()
+        };
+        let (hop, _) = migrate_ours(tools, &src, &mut dst, &ctx.log_dir, label, opts, scale(600))?;
+        summary = hop.detail.get("send").cloned().unwrap_or(Value::Null);
+        if summary["status"] != "failed" || summary["source"] != "running" {
+            problems.push(format!(
+                "the sender should fail with the source running: {summary}"
+            ));
+        }
+        let status = src
+            .vm
+            .qmp
+            .execute("query-status", None)
+            .map_err(|e| e.to_string())?;
+        if status["status"] != "running" {
+            problems.push(format!(
+                "the source is {} after the refused migration",
+                status["status"]
+            ));
+        }
+        dst.vm.kill();
+        let mut run = Run::default();
+        finish(&mut src.vm, &mut run, &scale)?;
+        problems.extend(run.problems);
+        Ok(())
+    })();
+    if let Err(e) = result {
+        problems.push(e);
+    }
+    object(json!({
+        "name": "own-pingpong/abort-at-resume",
+        "ok": problems.is_empty(),
+        "note": "the destination is refused at the last moment: the source must run on, intact",
+        "sender": summary,
+        "problems": problems,
+    }))
 }
 
 /// CI: 10 migrations.
