@@ -17,7 +17,10 @@
 //!
 //! Whatever fails before the receiver says the destination runs, the
 //! source is left running: QEMU's migration is cancelled and the source
-//! resumed, the tracking ended. Only when the connection to the receiver is
+//! resumed, the tracking ended, and the migration capabilities and
+//! parameters this program set are put back as they were (a guest left
+//! with `x-ignore-shared` would have its RAM skipped by a later QEMU
+//! migration). Only when the connection to the receiver is
 //! lost after the device state moved is the source left paused
 //! ([`SourceState::Paused`]): the destination may run, and two running
 //! copies of one guest must never happen.
@@ -190,7 +193,15 @@ pub fn send(
     };
     let mut qmp = Qmp::connect(&opts.qmp).map_err(|e| running(e.into()))?;
     qmp.timeout = opts.switchover_timeout;
-    let mut source = Source::prepare(&mut qmp, opts).map_err(running)?;
+    let saved = Settings::save(&mut qmp).map_err(running)?;
+    let prepared = Source::prepare(&mut qmp, opts);
+    let mut source = match prepared {
+        Ok(source) => source,
+        Err(e) => {
+            saved.restore(&mut qmp);
+            return Err(running(e));
+        }
+    };
     let outcome = source.migrate(opts, started, progress, on_pass);
     let tracking = source.tracking.clone();
     let end_tracking = || {
@@ -201,15 +212,62 @@ pub fn send(
     match outcome {
         Ok(report) => {
             end_tracking();
+            saved.restore(&mut qmp);
             Ok(report)
         }
         Err((error, phase)) => {
             let source_state = roll_back(&mut qmp, phase);
             end_tracking();
+            saved.restore(&mut qmp);
             Err(SendFailure {
                 error,
                 source_state,
             })
+        }
+    }
+}
+
+/// The source's migration settings this program changes, as they were:
+/// a guest that runs on after a failed migration must not keep
+/// `x-ignore-shared` (QEMU's own migration would then skip its RAM) nor
+/// `pause-before-switchover`.
+#[derive(Debug)]
+struct Settings {
+    capabilities: Vec<Value>,
+    max_bandwidth: Option<u64>,
+}
+
+/// The capabilities `send` sets.
+const CAPABILITIES: [&str; 2] = ["x-ignore-shared", "pause-before-switchover"];
+
+impl Settings {
+    fn save(qmp: &mut Qmp) -> Result<Self, SendError> {
+        let all = qmp.execute("query-migrate-capabilities", None)?;
+        let capabilities = all
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| CAPABILITIES.iter().any(|n| c["capability"] == *n))
+            .map(|c| json!({"capability": c["capability"], "state": c["state"]}))
+            .collect();
+        let params = qmp.execute("query-migrate-parameters", None)?;
+        Ok(Self {
+            capabilities,
+            max_bandwidth: params["max-bandwidth"].as_u64(),
+        })
+    }
+
+    /// Puts them back (best effort: a failure is logged).
+    fn restore(&self, qmp: &mut Qmp) {
+        let caps = Some(json!({ "capabilities": self.capabilities }));
+        if let Err(e) = qmp.execute("migrate-set-capabilities", caps) {
+            log::warn!("cannot restore the source's migration capabilities: {e}");
+        }
+        if let Some(bw) = self.max_bandwidth {
+            let params = Some(json!({ "max-bandwidth": bw }));
+            if let Err(e) = qmp.execute("migrate-set-parameters", params) {
+                log::warn!("cannot restore the source's max-bandwidth: {e}");
+            }
         }
     }
 }
@@ -297,7 +355,7 @@ impl<'q> Source<'q> {
                 .ok_or(SendError::NoPreload(ram.pid))?,
         };
         let (stream, qemu_uri) = connect(opts)?;
-        for capability in ["x-ignore-shared", "pause-before-switchover"] {
+        for capability in CAPABILITIES {
             qmp.execute(
                 "migrate-set-capabilities",
                 Some(json!({"capabilities": [{"capability": capability, "state": true}]})),
