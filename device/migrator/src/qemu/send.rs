@@ -670,3 +670,114 @@ impl<W: Write> Write for Cancellable<W> {
         self.inner.flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, Write};
+    use std::os::unix::net::UnixListener;
+    use std::sync::Mutex;
+
+    /// A fake source QEMU: answers QMP commands by name from `replies`,
+    /// records every command it gets.
+    fn fake_qemu(
+        replies: Vec<(&'static str, Value)>,
+    ) -> (tempfile::TempDir, PathBuf, Arc<Mutex<Vec<Value>>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp");
+        let listener = UnixListener::bind(&path).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            s.write_all(b"{\"QMP\":{}}\n").unwrap();
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                let cmd: Value = serde_json::from_str(&line).unwrap();
+                line.clear();
+                let name = cmd["execute"].as_str().unwrap_or("").to_string();
+                log.lock().unwrap().push(cmd);
+                let reply = replies
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or(json!({}), |(_, v)| v.clone());
+                s.write_all(format!("{}\n", json!({ "return": reply })).as_bytes())
+                    .unwrap();
+            }
+        });
+        (dir, path, seen)
+    }
+
+    fn options(qmp: PathBuf) -> SendOptions {
+        SendOptions {
+            qmp,
+            to: "127.0.0.1:1".into(),
+            uffd_socket: None,
+            policy: Policy::default(),
+            connect_timeout: Duration::from_millis(10),
+            switchover_timeout: Duration::from_secs(5),
+            drop_final_pass: false,
+            cancel: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    #[test]
+    fn a_failed_start_leaves_the_source_running_and_its_settings_as_they_were() {
+        let (_dir, path, seen) = fake_qemu(vec![
+            (
+                "query-migrate-capabilities",
+                json!([{"capability": "x-ignore-shared", "state": false},
+                       {"capability": "events", "state": true},
+                       {"capability": "pause-before-switchover", "state": false}]),
+            ),
+            ("query-migrate-parameters", json!({"max-bandwidth": 12345})),
+            (
+                "query-status",
+                json!({"status": "running", "running": true}),
+            ),
+            // Guest RAM that is not a file: the migration cannot start.
+            ("qom-get", json!("")),
+        ]);
+        let failure = send(&options(path), &mut |_| {}, &mut |_: &_| {}).unwrap_err();
+        assert_eq!(failure.source_state, SourceState::Running);
+        assert!(
+            matches!(failure.error, SendError::Qemu(QemuError::NotAFile { .. })),
+            "{}",
+            failure.error
+        );
+        let seen = seen.lock().unwrap();
+        let names: Vec<&str> = seen.iter().filter_map(|c| c["execute"].as_str()).collect();
+        assert!(
+            !names.contains(&"stop") && !names.contains(&"migrate"),
+            "{names:?}"
+        );
+        let restored = seen
+            .iter()
+            .find(|c| c["execute"] == "migrate-set-capabilities")
+            .expect("capabilities put back");
+        assert_eq!(
+            restored["arguments"]["capabilities"],
+            json!([{"capability": "x-ignore-shared", "state": false},
+                   {"capability": "pause-before-switchover", "state": false}])
+        );
+        let params = seen
+            .iter()
+            .find(|c| c["execute"] == "migrate-set-parameters")
+            .expect("max-bandwidth put back");
+        assert_eq!(params["arguments"]["max-bandwidth"], 12345);
+    }
+
+    #[test]
+    fn a_paused_source_is_refused() {
+        let (_dir, path, _) = fake_qemu(vec![
+            ("query-migrate-capabilities", json!([])),
+            ("query-status", json!({"status": "paused"})),
+        ]);
+        let failure = send(&options(path), &mut |_| {}, &mut |_: &_| {}).unwrap_err();
+        assert!(matches!(
+            failure.error,
+            SendError::Qemu(QemuError::State { ref found, .. }) if found == "paused"
+        ));
+    }
+}
