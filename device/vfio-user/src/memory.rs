@@ -60,7 +60,8 @@ pub enum MemoryError {
     /// The fd is not a regular file (memfd, tmpfs, hugetlbfs file).
     #[error("DMA fd is not a regular file: {0}")]
     NotRegularFile(String),
-    /// Too many mappings.
+    /// The request would leave more than [`MAX_MAPPINGS`] mappings (a map
+    /// adds one; an unmap or map inside a mapping splits it in two).
     #[error("too many DMA mappings (limit {MAX_MAPPINGS})")]
     TooManyMappings,
     /// mmap failed.
@@ -189,7 +190,7 @@ impl DmaMemory {
     /// DMA_MAP. Without an fd the range is ignored (QEMU sends ROM/VRAM
     /// sections that way). A read-only map is checked, then left out of the
     /// device's memory: the device must never write through it. A new map
-    /// replaces what it overlaps.
+    /// replaces what it overlaps. A refused map changes nothing.
     pub fn map(
         &mut self,
         address: u64,
@@ -220,6 +221,9 @@ impl DmaMemory {
                 file_size: meta.len(),
             });
         }
+        if self.count_after_cut(address, end) + usize::from(writable) > MAX_MAPPINGS {
+            return Err(MemoryError::TooManyMappings);
+        }
         if !writable {
             info!(
                 "read-only DMA_MAP {address:#x}+{size:#x} left out of the device's memory \
@@ -233,10 +237,6 @@ impl DmaMemory {
             // Keep what the device sees equal to our table, then report.
             self.publish()?;
             return Err(e);
-        }
-        if self.mappings.len() >= MAX_MAPPINGS {
-            self.publish()?;
-            return Err(MemoryError::TooManyMappings);
         }
         debug!("DMA_MAP {address:#x}+{size:#x} fd offset {offset:#x} writable {writable}");
         self.mappings.insert(
@@ -253,8 +253,13 @@ impl DmaMemory {
     }
 
     /// DMA_UNMAP of a range (partly covered mappings keep their remainder).
+    /// Refused, changing nothing, if splitting a mapping would leave more
+    /// than [`MAX_MAPPINGS`].
     pub fn unmap(&mut self, address: u64, size: u64) -> Result<()> {
         let end = self.check(address, size, 0)?;
+        if self.count_after_cut(address, end) > MAX_MAPPINGS {
+            return Err(MemoryError::TooManyMappings);
+        }
         debug!("DMA_UNMAP {address:#x}+{size:#x}");
         self.cut_and_publish(address, end)
     }
@@ -275,6 +280,17 @@ impl DmaMemory {
         self.mappings.clear();
         // An empty collection cannot fail to build.
         let _ = self.publish();
+    }
+
+    /// How many mappings are left once [start, end) is cut out: each
+    /// mapping it touches goes, and comes back as up to two remainders.
+    fn count_after_cut(&self, start: u64, end: u64) -> usize {
+        self.mappings
+            .range(..end)
+            .filter(|(&a, m)| a + m.size > start)
+            .fold(self.mappings.len(), |n, (&a, m)| {
+                n - 1 + usize::from(a < start) + usize::from(a + m.size > end)
+            })
     }
 
     /// Removes [start, end) from the mapping set, re-mapping remainders.
@@ -496,5 +512,34 @@ mod tests {
             Err(MemoryError::TooManyMappings)
         ));
         assert_eq!(m.ranges().len(), MAX_MAPPINGS);
+    }
+
+    /// Splitting a mapping adds one: with a full table, an unmap or a map
+    /// inside a mapping is refused and changes nothing (found by the
+    /// vfio_user_backend fuzz target: the table grew past the limit).
+    #[test]
+    fn splitting_past_the_limit_is_refused() {
+        let mut m = DmaMemory::new();
+        let f = Arc::new(memfd(4));
+        let fd = || Some(f.try_clone().unwrap());
+        m.map(0, 4 * PAGE, 0, true, fd()).unwrap();
+        for i in 1..MAX_MAPPINGS as u64 {
+            m.map((2 * i + 4) * PAGE, PAGE, 0, true, fd()).unwrap();
+        }
+        let full = m.ranges();
+        assert_eq!(full.len(), MAX_MAPPINGS);
+        for r in [
+            m.unmap(PAGE, PAGE),
+            m.map(PAGE, PAGE, 0, false, fd()),
+            m.map(PAGE, PAGE, 0, true, fd()),
+        ] {
+            assert!(matches!(r, Err(MemoryError::TooManyMappings)), "{r:?}");
+            assert_eq!(m.ranges(), full, "a refused request changes nothing");
+        }
+        // Trimming and replacing keep the count: allowed.
+        m.unmap(0, PAGE).unwrap();
+        m.map(6 * PAGE, PAGE, 0, true, fd()).unwrap();
+        m.map(8 * PAGE, PAGE, 0, false, fd()).unwrap();
+        assert_eq!(m.ranges().len(), MAX_MAPPINGS - 1);
     }
 }

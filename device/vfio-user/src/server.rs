@@ -691,6 +691,12 @@ pub fn serve(
             info!("waiting for the next client on {}", socket.display());
         };
         pending.stop();
+        // Joined here, not by the end of the scope: the scope waits only for
+        // the thread's closure, so the thread could still be exiting when
+        // serve returns.
+        if let Ok(worker) = worker {
+            let _ = worker.join();
+        }
         result
     })
 }
