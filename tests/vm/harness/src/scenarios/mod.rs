@@ -122,13 +122,13 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "distro-hint",
         description: "Debian's own kernel (tests/vm/build-distro): stock virtio_balloon.ko, then freehint.ko binds, a hint round, inflate/deflate, unload",
-        ci: false,
+        ci: true,
         run: distro_hint::run,
     },
     Scenario {
         name: "distro-migrate",
         description: "Debian's own kernel: live migration matrix {idle,dirty-keep,dirty-free} x driver, 4 GiB, init_on_alloc as shipped",
-        ci: false,
+        ci: true,
         run: distro_migrate::run,
     },
     Scenario {
