@@ -3,7 +3,8 @@
 //! 1. The dirty log starts, then hint epoch 0 begins.
 //! 2. The bulk pass sends every page; pages hinted free go as zero runs,
 //!    zero pages as zero runs, the rest with their contents.
-//! 3. After each pass the dirty log is synced (a new hint epoch begins) and
+//! 3. After each pass the dirty log is synced ([`HintSource::before_sync`]
+//!    right before, a new hint epoch begins right after) and
 //!    the [`Policy`] decides: another dirty pass over what was written, or
 //!    stop.
 //! 4. [`VmControl::pause`] stops the guest; a last sync, then the final
@@ -292,6 +293,7 @@ where
     /// drops all hints and begins a new epoch; returns the pages to send.
     fn sync(&mut self) -> Result<u64, MigrateError> {
         let started = Instant::now();
+        self.hints.before_sync();
         self.log
             .sync(&mut self.to_send)
             .map_err(|source| MigrateError::DirtyLog {

@@ -6,6 +6,9 @@
 //! free and then reused is written, so it is dirty, so it is sent later.
 //! The engine therefore
 //! - starts the dirty log before the first [`HintSource::on_sync`];
+//! - right before every dirty-log sync calls [`HintSource::before_sync`]
+//!   (a source that must open its epoch before the sync, as the balloon
+//!   device's does, does it there; the default does nothing);
 //! - after every dirty-log sync, forgets every hint it holds and calls
 //!   [`HintSource::on_sync`] with a new epoch; the source must from then on
 //!   report only hints gathered after that call (a free-list walk that
@@ -22,6 +25,10 @@ use crate::dirty::HookError;
 
 /// Where hints come from (the balloon device, in a VMM).
 pub trait HintSource {
+    /// A dirty-log sync is about to begin (not called before epoch 0, which
+    /// follows the start of the dirty log, not a sync). No hint gathered
+    /// before this call may be reported after it. Does nothing by default.
+    fn before_sync(&mut self) {}
     /// A dirty-log sync completed and epoch `epoch` began (epochs increase
     /// from 0, which begins right after the dirty log starts). Drop every
     /// hint gathered before this call.
@@ -33,6 +40,10 @@ pub trait HintSource {
 }
 
 impl<H: HintSource + ?Sized> HintSource for &mut H {
+    fn before_sync(&mut self) {
+        (**self).before_sync()
+    }
+
     fn on_sync(&mut self, epoch: u64) {
         (**self).on_sync(epoch)
     }

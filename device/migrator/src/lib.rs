@@ -15,6 +15,8 @@
 //!   marked by hand (a device model's own writes),
 //!   [`PagemapScanLog`](pagemap_scan::PagemapScanLog) reads a process's
 //!   page tables (uffd-wp, see [`uffd`]), [`AnyOf`] merges logs.
+//! - With the `device` feature, `device_hints`: hints and device writes
+//!   from the balloon device model (`freehint-device`).
 //! - [`wire`]: the versioned stream between the two; the [`Decoder`]
 //!   treats the sender as untrusted.
 //! - [`Receiver`] (destination): stores pages into a [`PageSink`]: the
@@ -76,6 +78,8 @@
 compile_error!("freehint-migrate indexes pages with usize and needs a 64-bit host");
 
 pub mod bits;
+#[cfg(feature = "device")]
+pub mod device_hints;
 pub mod dirty;
 pub mod engine;
 pub mod hints;

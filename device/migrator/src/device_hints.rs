@@ -1,0 +1,440 @@
+//! Free page hints and device writes from the balloon device model
+//! (`freehint-device`), for a Rust VMM that embeds both (feature `device`).
+//!
+//! - [`DeviceHints`] is a [`HintSource`] over a [`HintHandle`]: it opens a
+//!   device epoch ([`HintHandle::new_epoch`]) in
+//!   [`HintSource::before_sync`], right before each dirty-log sync, starts a
+//!   hint round after the sync ([`HintSource::on_sync`]) when its
+//!   [`RoundPolicy`] says so, and reports the free set of the current epoch
+//!   through that epoch's token ([`HintSet::apply_to_bits`](freehint_device::balloon::HintSet::apply_to_bits)).
+//! - [`DeviceDirtyLog`] is a [`DirtyLog`] of the device's own writes to
+//!   guest RAM ([`HintHandle::take_device_dirty`]); merge it with the
+//!   guest's log with [`AnyOf`](crate::AnyOf).
+//!
+//! # Epochs and syncs
+//!
+//! The engine forgets its hints at every sync, and a device token goes
+//! stale when the next epoch opens, so no hint is ever used across a sync.
+//! The device wants its epoch opened *before* the sync: then a round still
+//! running at the sync is stopped first, and a hint the guest gathered
+//! before the sync cannot land in the new epoch's set. [`DeviceHints`] does
+//! so in `before_sync`. If a caller never calls `before_sync` (an engine
+//! that only calls `on_sync`), `on_sync` opens the epoch itself, just after
+//! the sync: still safe, because `new_epoch` discards everything gathered
+//! before it and drops late replies of the old round, and this source
+//! reports nothing between the sync and `on_sync`, so every hint it reports
+//! comes from a round started after the sync. Epoch 0 follows the start of
+//! the dirty log, not a sync: `on_sync(0)` opens it.
+//!
+//! # Page order
+//!
+//! The device numbers pages in the order of its [`Layout`] (pfn ranges,
+//! holes such as the x86 PCI hole folded out); the migrator in the order of
+//! its [`RamLayout`] (ranges in guest-physical order, back to back). Both
+//! adapters convert through a [`PageMap`], built once, which refuses
+//! layouts that do not cover exactly the same guest pages.
+//!
+//! # Ending
+//!
+//! When the migration ends, succeeded or failed, the guest must get back
+//! the pages it set aside for the rounds: call [`DeviceHints::finish`], or
+//! drop the source (its `Drop` finishes). [`Engine::run`](crate::Engine::run)
+//! drops a source passed by value when it returns; pass `&mut hints` to
+//! keep it (and then finish it yourself).
+
+use bitvec::prelude::{BitVec, Lsb0};
+use freehint_device::balloon::{EpochToken, HintError, HintHandle, HintStatus, Layout};
+
+use crate::bits::PageBits;
+use crate::dirty::{DirtyLog, HookError};
+use crate::hints::HintSource;
+use crate::layout::RamLayout;
+use crate::PAGE_SIZE;
+
+/// Guest pages the device's layout and the migrator's layout disagree on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutMismatch {
+    /// Guest RAM the migrator sends but the device cannot hint.
+    #[error("guest RAM pfns {first_pfn:#x}..{end_pfn:#x} are not in the balloon device's layout")]
+    NotInDevice {
+        /// First pfn of the first such run.
+        first_pfn: u64,
+        /// One past its last pfn.
+        end_pfn: u64,
+    },
+    /// Pages the device can hint that the migrator does not send.
+    #[error("the balloon device's layout has pfns {first_pfn:#x}..{end_pfn:#x}, which are not guest RAM of the migration")]
+    NotInRam {
+        /// First pfn of the first such run.
+        first_pfn: u64,
+        /// One past its last pfn.
+        end_pfn: u64,
+    },
+}
+
+/// Device layout bits to migrator page indices: runs of
+/// `(first page, first bit, length)`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageMap {
+    runs: Vec<(usize, usize, usize)>,
+    device_bits: usize,
+}
+
+impl PageMap {
+    /// The map between `device` and `ram`, which must cover the same guest
+    /// pages.
+    pub fn new(device: &Layout, ram: &RamLayout) -> Result<Self, LayoutMismatch> {
+        let dev: Vec<(u64, u64)> = device
+            .ranges()
+            .iter()
+            .map(|r| (r.first_pfn, r.end_pfn()))
+            .collect();
+        let mig: Vec<(u64, u64)> = ram
+            .ranges()
+            .iter()
+            .map(|r| {
+                let pfn = r.gpa.0 / PAGE_SIZE as u64;
+                (pfn, pfn + r.pages)
+            })
+            .collect();
+        if let Some((first_pfn, end_pfn)) = first_gap(&mig, &dev) {
+            return Err(LayoutMismatch::NotInDevice { first_pfn, end_pfn });
+        }
+        if let Some((first_pfn, end_pfn)) = first_gap(&dev, &mig) {
+            return Err(LayoutMismatch::NotInRam { first_pfn, end_pfn });
+        }
+        let mut runs = Vec::new();
+        for (index, &(m_lo, m_hi)) in mig.iter().enumerate() {
+            let first_page = ram.pages_of(index).map_or(0, |p| p.start);
+            for r in device.ranges() {
+                let (lo, hi) = (m_lo.max(r.first_pfn), m_hi.min(r.end_pfn()));
+                if lo < hi {
+                    runs.push((
+                        (first_page + lo - m_lo) as usize,
+                        (r.first_bit + lo - r.first_pfn) as usize,
+                        (hi - lo) as usize,
+                    ));
+                }
+            }
+        }
+        Ok(Self {
+            runs,
+            device_bits: device.total_bits() as usize,
+        })
+    }
+
+    /// Bits in the device's bitmaps.
+    pub fn device_bits(&self) -> usize {
+        self.device_bits
+    }
+
+    /// ORs device bitmap `bits` into migrator bitmap `pages` (never clears).
+    pub fn or_into(&self, bits: &PageBits, pages: &mut PageBits) {
+        for &(page, bit, len) in &self.runs {
+            if let (Some(src), Some(dst)) =
+                (bits.get(bit..bit + len), pages.get_mut(page..page + len))
+            {
+                *dst |= src;
+            }
+        }
+    }
+}
+
+/// The first piece of `spans` that `covers` does not cover (both sorted,
+/// non-overlapping, as `[lo, hi)`).
+fn first_gap(spans: &[(u64, u64)], covers: &[(u64, u64)]) -> Option<(u64, u64)> {
+    for &(lo, hi) in spans {
+        let mut at = lo;
+        for &(c_lo, c_hi) in covers {
+            if c_hi <= at || c_lo >= hi {
+                continue;
+            }
+            if c_lo > at {
+                return Some((at, c_lo));
+            }
+            at = c_hi;
+            if at >= hi {
+                break;
+            }
+        }
+        if at < hi {
+            return Some((at, hi));
+        }
+    }
+    None
+}
+
+/// When [`DeviceHints`] asks the guest for a hint round.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RoundPolicy {
+    /// Only for the bulk pass (epoch 0), where nearly every page is to be
+    /// sent: the guest walks its free lists once.
+    #[default]
+    BulkOnly,
+    /// In epochs `0..n`: the bulk pass and the first `n - 1` dirty passes.
+    FirstEpochs(u64),
+    /// In every epoch. The sync before the final pass opens one too; the
+    /// paused guest does not answer it and [`DeviceHints::finish`] ends it.
+    EveryEpoch,
+}
+
+impl RoundPolicy {
+    fn wants(self, epoch: u64) -> bool {
+        match self {
+            Self::BulkOnly => epoch == 0,
+            Self::FirstEpochs(n) => epoch < n,
+            Self::EveryEpoch => true,
+        }
+    }
+}
+
+/// A [`HintSource`] fed by the balloon device model (see the module docs).
+#[derive(Debug)]
+pub struct DeviceHints {
+    handle: HintHandle,
+    map: PageMap,
+    policy: RoundPolicy,
+    /// Opened by `before_sync`, taken by `on_sync`.
+    pending: Option<EpochToken>,
+    /// The current epoch's token.
+    token: Option<EpochToken>,
+    /// Status at the last look: nothing new while it stays the same (the
+    /// set only grows within an epoch).
+    seen: Option<HintStatus>,
+    /// Device bits, all set, minus the set's free pages after applying it.
+    scratch: BitVec<u64, Lsb0>,
+    rounds_started: u64,
+    last_refusal: Option<HintError>,
+    finished: bool,
+}
+
+impl DeviceHints {
+    /// A source over `handle`, whose device has layout `device`, for a
+    /// migration of `ram` (normally [`Engine::layout`](crate::Engine::layout)).
+    pub fn new(
+        handle: HintHandle,
+        device: &Layout,
+        ram: &RamLayout,
+        policy: RoundPolicy,
+    ) -> Result<Self, LayoutMismatch> {
+        let map = PageMap::new(device, ram)?;
+        let scratch = BitVec::repeat(true, map.device_bits());
+        Ok(Self {
+            handle,
+            map,
+            policy,
+            pending: None,
+            token: None,
+            seen: None,
+            scratch,
+            rounds_started: 0,
+            last_refusal: None,
+            finished: false,
+        })
+    }
+
+    /// Hint rounds started so far.
+    pub fn rounds_started(&self) -> u64 {
+        self.rounds_started
+    }
+
+    /// Why the device last refused to start a round (the driver did not
+    /// negotiate hinting, the guest poisons free pages, ...), if it did.
+    pub fn last_refusal(&self) -> Option<HintError> {
+        self.last_refusal
+    }
+
+    /// Ends hinting: the guest gets its set-aside pages back, and every
+    /// token and set of this migration goes stale. Idempotent; `Drop` calls
+    /// it.
+    pub fn finish(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            self.pending = None;
+            self.token = None;
+            self.handle.finish();
+        }
+    }
+}
+
+impl Drop for DeviceHints {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl HintSource for DeviceHints {
+    fn before_sync(&mut self) {
+        if !self.finished {
+            self.token = None;
+            self.pending = Some(self.handle.new_epoch());
+        }
+    }
+
+    fn on_sync(&mut self, epoch: u64) {
+        self.seen = None;
+        if self.finished {
+            return;
+        }
+        let token = self
+            .pending
+            .take()
+            .unwrap_or_else(|| self.handle.new_epoch());
+        if self.policy.wants(epoch) {
+            match self.handle.start_round(&token) {
+                Ok(id) => {
+                    self.rounds_started += 1;
+                    log::debug!("hint round {id:#x} in epoch {epoch} (device epoch {token})");
+                }
+                Err(e) => {
+                    log::info!("no hint round in epoch {epoch}: {e}");
+                    self.last_refusal = Some(e);
+                }
+            }
+        }
+        self.token = Some(token);
+    }
+
+    fn mark_free(&mut self, free: &mut PageBits) -> Result<(), HookError> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        let status = self.handle.status();
+        if status.free_pages == 0 || self.seen == Some(status) {
+            return Ok(());
+        }
+        self.seen = Some(status);
+        let set = self.handle.snapshot();
+        self.scratch.fill(true);
+        match set.apply_to_bits(token, &mut self.scratch) {
+            Ok(_) => {}
+            Err(e @ HintError::StaleEpoch { .. }) => {
+                // The device moved the epoch (reset, restore, stop): no
+                // hints until the next sync.
+                log::info!("hints dropped: {e}");
+                self.token = None;
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        let hinted = !std::mem::take(&mut self.scratch);
+        self.map.or_into(&hinted, free);
+        self.scratch = hinted;
+        Ok(())
+    }
+}
+
+/// The device's own writes to guest RAM (used rings, replies, discarded
+/// pages) as a [`DirtyLog`], in the migrator's page order.
+#[derive(Debug)]
+pub struct DeviceDirtyLog {
+    handle: HintHandle,
+    map: PageMap,
+}
+
+impl DeviceDirtyLog {
+    /// A log over `handle`, whose device has layout `device`, for a
+    /// migration of `ram`.
+    pub fn new(
+        handle: HintHandle,
+        device: &Layout,
+        ram: &RamLayout,
+    ) -> Result<Self, LayoutMismatch> {
+        Ok(Self {
+            handle,
+            map: PageMap::new(device, ram)?,
+        })
+    }
+}
+
+impl DirtyLog for DeviceDirtyLog {
+    fn start(&mut self) -> Result<(), HookError> {
+        self.handle.take_device_dirty();
+        Ok(())
+    }
+
+    fn sync(&mut self, dirty: &mut PageBits) -> Result<(), HookError> {
+        let words = self.handle.take_device_dirty();
+        self.map.or_into(PageBits::from_slice(&words), dirty);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::RamRange;
+    use crate::PageBitmap;
+    use vm_memory::GuestAddress;
+
+    fn ram(ranges: &[(u64, u64)]) -> RamLayout {
+        let mut offset = 0;
+        let ranges = ranges
+            .iter()
+            .map(|&(pfn, pages)| {
+                let r = RamRange {
+                    gpa: GuestAddress(pfn * PAGE_SIZE as u64),
+                    pages,
+                    file_offset: offset,
+                };
+                offset += pages * PAGE_SIZE as u64;
+                r
+            })
+            .collect();
+        RamLayout::new(ranges).unwrap()
+    }
+
+    #[test]
+    fn same_pages_across_a_hole_map_one_to_one() {
+        let dev = Layout::from_ram_pfn_ranges(&[(0, 16), (0x100, 16)]).unwrap();
+        let map = PageMap::new(&dev, &ram(&[(0, 16), (0x100, 16)])).unwrap();
+        assert_eq!(map.runs, vec![(0, 0, 16), (16, 16, 16)]);
+        let mut bits = PageBitmap::repeat(false, 32);
+        bits.set(3, true);
+        bits.set(17, true);
+        let mut pages = PageBitmap::repeat(false, 32);
+        map.or_into(&bits, &mut pages);
+        assert_eq!(pages.iter_ones().collect::<Vec<_>>(), vec![3, 17]);
+    }
+
+    #[test]
+    fn split_ranges_are_converted() {
+        // The device sees one range where the VMM has two regions.
+        let dev = Layout::from_ram_pfn_ranges(&[(0, 32)]).unwrap();
+        let map = PageMap::new(&dev, &ram(&[(0, 8), (8, 24)])).unwrap();
+        let mut bits = PageBitmap::repeat(false, 32);
+        bits.set(7, true);
+        bits.set(8, true);
+        bits.set(31, true);
+        let mut pages = PageBitmap::repeat(false, 32);
+        map.or_into(&bits, &mut pages);
+        assert_eq!(pages.iter_ones().collect::<Vec<_>>(), vec![7, 8, 31]);
+    }
+
+    #[test]
+    fn mismatches_are_refused() {
+        let dev = Layout::from_ram_pfn_ranges(&[(0, 16)]).unwrap();
+        assert_eq!(
+            PageMap::new(&dev, &ram(&[(0, 16), (0x100, 4)])),
+            Err(LayoutMismatch::NotInDevice {
+                first_pfn: 0x100,
+                end_pfn: 0x104
+            })
+        );
+        assert_eq!(
+            PageMap::new(&dev, &ram(&[(0, 8)])),
+            Err(LayoutMismatch::NotInRam {
+                first_pfn: 8,
+                end_pfn: 16
+            })
+        );
+        let dev = Layout::from_ram_pfn_ranges(&[(0, 4), (8, 8)]).unwrap();
+        assert_eq!(
+            PageMap::new(&dev, &ram(&[(0, 16)])),
+            Err(LayoutMismatch::NotInDevice {
+                first_pfn: 4,
+                end_pfn: 8
+            })
+        );
+    }
+}
