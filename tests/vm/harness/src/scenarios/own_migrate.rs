@@ -444,6 +444,9 @@ pub struct Run {
     pub hops: Vec<Hop>,
     /// What went wrong.
     pub problems: Vec<String>,
+    /// A migration failed and its destination's console showed a kernel
+    /// splat (a damaged guest that died at resume, before any verdict).
+    pub destination_splat: bool,
 }
 
 impl Run {
@@ -542,6 +545,13 @@ fn run_ours(
             scale(600),
         );
         splat_problems(&src.vm, &mut run.problems);
+        if migrated.is_err() {
+            // A destination that died at resume says why on its console.
+            dst.vm.wait_exit(scale(10));
+            let before = run.problems.len();
+            splat_problems(&dst.vm, &mut run.problems);
+            run.destination_splat |= run.problems.len() > before;
+        }
         let (mut hop, from) = migrated?;
         src.vm.kill();
         let verdict = verdict_at(&mut dst.vm, from, scale(300));
@@ -919,11 +929,12 @@ fn pingpong(ctx: &mut Ctx, migrations: usize) -> Result<Map<String, Value>, Harn
             ..RunOpts::default()
         },
     );
-    let caught = c
+    let verdict_failed = c
         .hops
         .first()
         .and_then(|h| h.verdict.as_ref())
         .is_some_and(|v| !crate::guest::result_ok(v));
+    let caught = verdict_failed || c.destination_splat;
     let corrupt = c
         .hops
         .first()
@@ -936,8 +947,10 @@ fn pingpong(ctx: &mut Ctx, migrations: usize) -> Result<Map<String, Value>, Harn
         "note": "final pass dropped on purpose: ok means the destination did not verify clean (damaged pages, or a guest that died at resume)",
         "caught_by": caught.then(|| if corrupt.as_ref().and_then(Value::as_u64).unwrap_or(0) > 0 {
             "corrupt pages"
-        } else {
+        } else if verdict_failed {
             "guest died"
+        } else {
+            "destination kernel splat at resume"
         }),
         "corrupt_pages": corrupt,
         "problems": c.problems,
