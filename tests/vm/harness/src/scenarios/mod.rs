@@ -98,9 +98,7 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "own-pingpong",
         description: "10 migrations back and forth with freehint-migrate under churn, and a negative control (final pass dropped) that must be caught",
-        // Out of CI until the receiver reliably reports its summary after
-        // resuming the destination (seen missing once in about ten hops).
-        ci: false,
+        ci: true,
         run: own_migrate::run_pingpong,
     },
     Scenario {

@@ -300,6 +300,9 @@ fn drive(
     let mut hop = Hop::default();
     let mut passes = Vec::new();
     let (mut recv_done, mut send_done) = (false, false);
+    // Each program is done when its stdout closed and every line it wrote
+    // was read (the reader thread hangs up after the last one): a summary
+    // printed just before exiting is never lost.
     while !(recv_done && send_done) {
         if Instant::now() >= deadline {
             return Err(format!(
@@ -307,7 +310,15 @@ fn drive(
                 timeout.as_secs()
             ));
         }
-        while let Ok(line) = recv_lines.try_recv() {
+        loop {
+            let line = match recv_lines.try_recv() {
+                Ok(line) => line,
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    recv_done = true;
+                    break;
+                }
+            };
             let Some(m) = json_line(&line) else { continue };
             match m.get("event").and_then(Value::as_str) {
                 Some("ready_to_resume") if abort => {
@@ -324,18 +335,24 @@ fn drive(
                     }
                 }
                 Some("summary") => {
-                    recv_done = true;
                     hop.detail.insert("receive".into(), Value::Object(m));
                 }
                 _ => {}
             }
         }
-        while let Ok(line) = send_lines.try_recv() {
+        loop {
+            let line = match send_lines.try_recv() {
+                Ok(line) => line,
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    send_done = true;
+                    break;
+                }
+            };
             let Some(m) = json_line(&line) else { continue };
             match m.get("event").and_then(Value::as_str) {
                 Some("pass") => passes.push(Value::Object(m)),
                 Some("summary") => {
-                    send_done = true;
                     hop.bytes = m.get("bytes").and_then(Value::as_f64);
                     hop.total_ms = m.get("total_ms").and_then(Value::as_f64);
                     hop.downtime_ms = m.get("downtime_ms").and_then(Value::as_f64);
@@ -344,27 +361,7 @@ fn drive(
                 _ => {}
             }
         }
-        for (child, done) in [
-            (&mut *receiver, &mut recv_done),
-            (&mut *sender, &mut send_done),
-        ] {
-            if !*done && matches!(child.try_wait(), Ok(Some(_))) {
-                // Exited: its last lines may still be in the channel.
-                std::thread::sleep(Duration::from_millis(50));
-                *done = true;
-            }
-        }
         std::thread::sleep(Duration::from_millis(2));
-    }
-    while let Ok(line) = send_lines.try_recv() {
-        if let Some(m) = json_line(&line) {
-            if m.get("event").and_then(Value::as_str) == Some("summary") {
-                hop.bytes = m.get("bytes").and_then(Value::as_f64);
-                hop.total_ms = m.get("total_ms").and_then(Value::as_f64);
-                hop.downtime_ms = m.get("downtime_ms").and_then(Value::as_f64);
-                hop.detail.insert("send".into(), Value::Object(m));
-            }
-        }
     }
     hop.detail.insert("passes".into(), Value::Array(passes));
     let status = |k: &str| {
