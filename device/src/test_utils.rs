@@ -441,10 +441,10 @@ impl BalloonDriver {
     }
 
     /// Reads the config space.
-    pub fn config(&self) -> freehint_protocol::BalloonConfig {
+    pub fn config(&self) -> freehint_protocol::ConfigSpace {
         let mut b = [0u8; CONFIG_SIZE];
         self.dev.read_config(0, &mut b);
-        freehint_protocol::BalloonConfig::from_bytes(&b)
+        freehint_protocol::ConfigSpace::from_bytes(&b)
     }
 
     /// Writes `actual` as Linux does (`virtio_cwrite_le`).

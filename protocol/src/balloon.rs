@@ -99,9 +99,18 @@ pub const fn next_cmd_id(prev: u32) -> u32 {
     }
 }
 
-/// The balloon config space, decoded.
+/// The balloon config space (`struct virtio_balloon_config`), laid out as in
+/// memory: four 32-bit fields, no padding, [`CONFIG_SIZE`] bytes.
+///
+/// The fields hold values in the host's byte order. The wire (virtio 1.x)
+/// is little-endian: [`Self::to_bytes`]/[`Self::from_bytes`] convert, and
+/// [`Self::to_le`]/[`Self::from_le`] give an image whose raw bytes are the
+/// wire bytes on any host. With the crate feature `vm-memory` the type is
+/// vm-memory's `ByteValued`, so a device reads and writes that image as a
+/// byte slice.
+#[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct BalloonConfig {
+pub struct ConfigSpace {
     /// Pages the host wants the guest to give up.
     pub num_pages: u32,
     /// Pages the guest has in the balloon.
@@ -112,7 +121,10 @@ pub struct BalloonConfig {
     pub poison_val: u32,
 }
 
-impl BalloonConfig {
+// The layout the offsets above describe: no padding, nothing after.
+const _: () = assert!(core::mem::size_of::<ConfigSpace>() == CONFIG_SIZE);
+
+impl ConfigSpace {
     /// Little-endian wire image of the config space.
     pub fn to_bytes(&self) -> [u8; CONFIG_SIZE] {
         let mut b = [0u8; CONFIG_SIZE];
@@ -132,6 +144,28 @@ impl BalloonConfig {
             actual: f(CONFIG_ACTUAL),
             free_page_hint_cmd_id: f(CONFIG_FREE_PAGE_HINT_CMD_ID),
             poison_val: f(CONFIG_POISON_VAL),
+        }
+    }
+
+    /// The same config with every field stored little-endian, so that its
+    /// in-memory bytes are the wire image (a no-op on little-endian hosts).
+    pub const fn to_le(self) -> Self {
+        Self {
+            num_pages: self.num_pages.to_le(),
+            actual: self.actual.to_le(),
+            free_page_hint_cmd_id: self.free_page_hint_cmd_id.to_le(),
+            poison_val: self.poison_val.to_le(),
+        }
+    }
+
+    /// The inverse of [`Self::to_le`]: a config whose in-memory bytes were
+    /// the wire image, with its fields back in the host's byte order.
+    pub const fn from_le(self) -> Self {
+        Self {
+            num_pages: u32::from_le(self.num_pages),
+            actual: u32::from_le(self.actual),
+            free_page_hint_cmd_id: u32::from_le(self.free_page_hint_cmd_id),
+            poison_val: u32::from_le(self.poison_val),
         }
     }
 }

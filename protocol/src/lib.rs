@@ -3,7 +3,9 @@
 //! extension, and the pfn ↔ bit layout table shared by the host device model
 //! and the guest kernel module.
 //!
-//! `no_std`, no dependencies. The guest module reuses the source files
+//! `no_std`. Its only dependency is vm-memory, for `ByteValued` on
+//! [`ConfigSpace`] (feature `vm-memory`, on by default; build with
+//! `--no-default-features` for none). The guest module reuses the source files
 //! directly with `#[path]`:
 //! - [`layout`], [`bitmap`] and [`balloon`] are standalone (only `core`);
 //! - [`bitmap_hint`] needs `layout` and `bitmap` as sibling modules.
@@ -11,14 +13,18 @@
 //! The protocol itself is specified in `docs/protocol.md`.
 #![no_std]
 #![warn(missing_docs)]
-#![forbid(unsafe_code)]
+// The one exception, `byte_valued` (an `unsafe impl` of vm-memory's
+// `ByteValued`), allows it for itself.
+#![deny(unsafe_code)]
 
 pub mod balloon;
 pub mod bitmap;
 pub mod bitmap_hint;
+#[cfg(feature = "vm-memory")]
+mod byte_valued;
 pub mod layout;
 
-pub use balloon::{next_cmd_id, BalloonConfig, QueueKind, QueueLayout};
+pub use balloon::{next_cmd_id, ConfigSpace, QueueKind, QueueLayout};
 pub use bitmap::{count_ones, set_bit_run, set_runs, words_for_bits};
 pub use bitmap_hint::{ChunkHeader, LayoutReply, Message, MsgHeader, WireError};
 pub use layout::{Layout, LayoutError, LayoutRange, MAX_TOTAL_BITS, PAGE_SHIFT, PAGE_SIZE};

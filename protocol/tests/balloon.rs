@@ -65,8 +65,8 @@ proptest! {
 
     #[test]
     fn config_round_trip(a in any::<u32>(), b in any::<u32>(), c in any::<u32>(), d in any::<u32>()) {
-        let cfg = BalloonConfig { num_pages: a, actual: b, free_page_hint_cmd_id: c, poison_val: d };
-        prop_assert_eq!(BalloonConfig::from_bytes(&cfg.to_bytes()), cfg);
+        let cfg = ConfigSpace { num_pages: a, actual: b, free_page_hint_cmd_id: c, poison_val: d };
+        prop_assert_eq!(ConfigSpace::from_bytes(&cfg.to_bytes()), cfg);
     }
 }
 
@@ -126,7 +126,7 @@ fn config_layout() {
         ),
         (0, 4, 8, 12, 16)
     );
-    let cfg = BalloonConfig {
+    let cfg = ConfigSpace {
         num_pages: 0x0403_0201,
         actual: 5,
         free_page_hint_cmd_id: 0x8000_0000,

@@ -9,7 +9,7 @@
 //! own span, and a decoded layout maps every pfn it accepts to a bit and back.
 #![no_main]
 
-use freehint_protocol::balloon::{parse_stat, BalloonConfig, CONFIG_SIZE};
+use freehint_protocol::balloon::{parse_stat, ConfigSpace, CONFIG_SIZE};
 use freehint_protocol::bitmap_hint::{LayoutReply, Message, LAYOUT_REPLY_MAX, MSG_HEADER_SIZE};
 use libfuzzer_sys::fuzz_target;
 
@@ -88,5 +88,5 @@ fn config(bytes: &[u8]) {
     };
     let mut b = [0u8; CONFIG_SIZE];
     b.copy_from_slice(image);
-    assert_eq!(BalloonConfig::from_bytes(&b).to_bytes(), b);
+    assert_eq!(ConfigSpace::from_bytes(&b).to_bytes(), b);
 }

@@ -315,7 +315,7 @@ impl VirtioDevice for Balloon {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let image = {
             let st = self.shared.lock();
-            freehint_protocol::BalloonConfig {
+            freehint_protocol::ConfigSpace {
                 num_pages: st.num_pages,
                 actual: st.actual,
                 free_page_hint_cmd_id: self.shared.hints.lock().config_cmd_id(),
@@ -334,7 +334,7 @@ impl VirtioDevice for Balloon {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         let mut st = self.shared.lock();
-        let mut image = freehint_protocol::BalloonConfig {
+        let mut image = freehint_protocol::ConfigSpace {
             num_pages: st.num_pages,
             actual: st.actual,
             free_page_hint_cmd_id: 0,
@@ -355,7 +355,7 @@ impl VirtioDevice for Balloon {
                 warn!("driver wrote read-only balloon config byte {o}; ignored");
             }
         }
-        let new = freehint_protocol::BalloonConfig::from_bytes(&image);
+        let new = freehint_protocol::ConfigSpace::from_bytes(&image);
         if new.actual != st.actual {
             debug!("balloon actual: {} -> {} pages", st.actual, new.actual);
         }
