@@ -322,6 +322,15 @@ impl ChunkHeader {
         }
     }
 
+    /// Validates the header (see [`Message::parse`]) and checks the chunk
+    /// fits in a bitmap of `total_bits` bits, once: the [`BoundChunk`] it
+    /// returns merges payload pieces with no further header checks.
+    pub fn bind(&self, total_bits: u64) -> Result<BoundChunk, WireError> {
+        self.validate()?;
+        self.check_bounds(total_bits)?;
+        Ok(BoundChunk { header: *self })
+    }
+
     /// ORs one piece of this chunk's payload into the bitmap `words` (bit 0
     /// of `words` = bit 0 of the layout). `offset` is the piece's byte offset
     /// within the payload, so a payload split over several descriptors is
@@ -330,7 +339,8 @@ impl ChunkHeader {
     ///
     /// Fails without touching `words` if the header is invalid (see
     /// [`Message::parse`]), the piece runs past the payload, or the chunk does
-    /// not fit in `words`.
+    /// not fit in `words`. A receiver merging many pieces checks the header
+    /// once with [`Self::bind`] instead.
     pub fn or_payload(
         &self,
         words: &mut [u64],
@@ -338,12 +348,27 @@ impl ChunkHeader {
         piece: &[u8],
     ) -> Result<(), WireError> {
         self.validate()?;
+        self.check_piece(offset, piece)?;
+        self.check_bounds((words.len() as u64).saturating_mul(64))?;
+        self.merge_piece(words, offset, piece);
+        Ok(())
+    }
+
+    /// Checks a piece at byte `offset` lies within the payload.
+    fn check_piece(&self, offset: usize, piece: &[u8]) -> Result<(), WireError> {
         let payload_len = self.payload_len();
         let end = offset.saturating_add(piece.len());
         if end > payload_len {
-            return Err(WireError::PayloadOverrun { end, payload_len });
+            Err(WireError::PayloadOverrun { end, payload_len })
+        } else {
+            Ok(())
         }
-        self.check_bounds((words.len() as u64).saturating_mul(64))?;
+    }
+
+    /// ORs a piece that [`Self::check_piece`] accepted into `words` (bytes
+    /// beyond `words` are ignored).
+    fn merge_piece(&self, words: &mut [u64], offset: usize, piece: &[u8]) {
+        let end = offset + piece.len();
         let full = (self.nr_bits / 8) as usize; // payload bytes fully inside nr_bits
         let base = self.first_bit / 8;
         if offset < full {
@@ -355,7 +380,6 @@ impl ChunkHeader {
             let b = piece[full - offset] & ((1u8 << part_bits) - 1);
             or_le_bytes(words, base + full as u64, &[b]);
         }
-        Ok(())
     }
 
     fn validate(&self) -> Result<(), WireError> {
@@ -369,6 +393,35 @@ impl ChunkHeader {
         if self.nr_bits > MAX_CHUNK_BITS {
             return Err(WireError::ChunkTooLarge(self.nr_bits));
         }
+        Ok(())
+    }
+}
+
+/// A [`ChunkHeader`] that [`ChunkHeader::bind`] validated and checked
+/// against a bitmap of known size: its payload pieces merge without looking
+/// at the header again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BoundChunk {
+    header: ChunkHeader,
+}
+
+impl BoundChunk {
+    /// The header.
+    pub fn header(&self) -> &ChunkHeader {
+        &self.header
+    }
+
+    /// ORs one payload piece at byte `offset` of the payload into `words`,
+    /// the bitmap the chunk was bound to (bytes beyond `words` are ignored).
+    /// Fails without touching `words` if the piece runs past the payload.
+    pub fn or_piece(
+        &self,
+        words: &mut [u64],
+        offset: usize,
+        piece: &[u8],
+    ) -> Result<(), WireError> {
+        self.header.check_piece(offset, piece)?;
+        self.header.merge_piece(words, offset, piece);
         Ok(())
     }
 }

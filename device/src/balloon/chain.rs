@@ -14,12 +14,24 @@
 //! With the feature, an indirect descriptor must not also have NEXT and must
 //! not sit inside an indirect table, and its table must be a non-empty
 //! multiple of 16 bytes (virtio 1.2 §2.7.5.3.1). Chains are bounded by the
-//! table they live in and by [`MAX_CHAIN_DESCRIPTORS`].
+//! table they live in and by [`MAX_CHAIN_DESCRIPTORS`] (the iterator bounds
+//! an indirect table only by its length, up to 65535 entries).
+//!
+//! The bytes of an accepted chain are then read and written with
+//! virtio-queue's own [`Reader`] and [`Writer`]. Those are built only from a
+//! `DescriptorChain`, which would walk the guest's table a second time (a
+//! guest could change it in between). So [`ShadowQueue`] copies the
+//! accepted descriptors, as one direct chain, into a small split queue in
+//! host memory the guest cannot reach, and the `Reader`/`Writer` walk that
+//! copy: they see exactly the descriptors that were checked.
+
+use std::num::Wrapping;
 
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::MAX_CHAIN_DESCRIPTORS;
+use super::{BalloonError, MAX_CHAIN_DESCRIPTORS};
 
 /// Size of a split-queue descriptor.
 const DESC_SIZE: u64 = 16;
@@ -140,6 +152,108 @@ pub(super) fn collect_chain(
         Err(ChainError::OutOfMemory)
     } else {
         Ok(())
+    }
+}
+
+/// Descriptor flag: the chain continues at `next`.
+const VRING_DESC_F_NEXT: u16 = 1;
+/// Descriptor flag: the device writes the buffer.
+const VRING_DESC_F_WRITE: u16 = 2;
+/// Entries of the shadow queue: a whole accepted chain fits (a power of
+/// two, as a split queue's size must be).
+const SHADOW_ENTRIES: u16 = MAX_CHAIN_DESCRIPTORS as u16;
+/// Shadow queue layout in its private memory: the descriptor table, then
+/// the available ring (4 + 2 * entries + 2 bytes) and the used ring (never
+/// written: the shadow only hands out chains).
+const SHADOW_DESC_TABLE: u64 = 0;
+const SHADOW_AVAIL_RING: u64 = SHADOW_ENTRIES as u64 * DESC_SIZE;
+const SHADOW_USED_RING: u64 = SHADOW_AVAIL_RING + 4096;
+const SHADOW_BYTES: usize = (SHADOW_USED_RING + 8192) as usize;
+
+// The shadow must hold the longest chain the device accepts.
+const _: () = assert!(SHADOW_ENTRIES.is_power_of_two());
+const _: () = assert!(SHADOW_ENTRIES as usize == MAX_CHAIN_DESCRIPTORS);
+const _: () = assert!(SHADOW_AVAIL_RING + 4 + 2 * SHADOW_ENTRIES as u64 + 2 <= SHADOW_USED_RING);
+
+/// A split virtqueue in host memory the guest cannot reach, through which
+/// accepted chains are handed to virtio-queue's [`Reader`] and [`Writer`]
+/// (see the module docs).
+pub(super) struct ShadowQueue {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    avail_idx: Wrapping<u16>,
+}
+
+impl ShadowQueue {
+    /// Maps the shadow queue's memory and sets the queue up.
+    pub(super) fn new() -> Result<Self, BalloonError> {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), SHADOW_BYTES)])
+            .map_err(|e| BalloonError::ShadowMemory(e.to_string()))?;
+        let mut queue =
+            Queue::new(SHADOW_ENTRIES).map_err(|e| BalloonError::ShadowMemory(e.to_string()))?;
+        let low = |a: u64| Some(a as u32);
+        queue.set_size(SHADOW_ENTRIES);
+        queue.set_desc_table_address(low(SHADOW_DESC_TABLE), Some(0));
+        queue.set_avail_ring_address(low(SHADOW_AVAIL_RING), Some(0));
+        queue.set_used_ring_address(low(SHADOW_USED_RING), Some(0));
+        queue.set_ready(true);
+        if !queue.is_valid(&mem) {
+            return Err(BalloonError::ShadowMemory("invalid queue layout".into()));
+        }
+        Ok(Self {
+            mem,
+            queue,
+            avail_idx: Wrapping(0),
+        })
+    }
+
+    /// A [`Reader`] over the readable and a [`Writer`] over the writable
+    /// bytes of `descs` (an accepted chain, at most
+    /// [`MAX_CHAIN_DESCRIPTORS`], every buffer checked against `mem`), in
+    /// chain order. `None` if a buffer is not in `mem` after all.
+    pub(super) fn reader_writer<'a>(
+        &mut self,
+        mem: &'a GuestMemoryMmap,
+        descs: &[Desc],
+    ) -> Option<(Reader<'a>, Writer<'a>)> {
+        let chain = self.load(descs)?;
+        let reader = Reader::new(mem, chain.clone()).ok()?;
+        let writer = Writer::new(mem, chain).ok()?;
+        Some((reader, writer))
+    }
+
+    /// Copies `descs` into the shadow table as one direct chain (empty
+    /// buffers left out: they carry no bytes) and pops it.
+    fn load(&mut self, descs: &[Desc]) -> Option<DescriptorChain<&GuestMemoryMmap>> {
+        let descs = || descs.iter().filter(|d| d.len > 0);
+        let n = descs().count();
+        if n > usize::from(SHADOW_ENTRIES) {
+            return None;
+        }
+        for (i, d) in descs().enumerate() {
+            let mut flags = if d.write { VRING_DESC_F_WRITE } else { 0 };
+            if i + 1 < n {
+                flags |= VRING_DESC_F_NEXT;
+            }
+            // `i + 1 <= n <= SHADOW_ENTRIES`, so it fits in u16.
+            let desc = SplitDescriptor::new(d.addr, d.len, flags, (i + 1) as u16);
+            let at = SHADOW_DESC_TABLE + i as u64 * DESC_SIZE;
+            self.mem.write_obj(desc, GuestAddress(at)).ok()?;
+        }
+        if n == 0 {
+            // An empty direct chain: one empty descriptor.
+            let desc = SplitDescriptor::new(0, 0, 0, 0);
+            self.mem
+                .write_obj(desc, GuestAddress(SHADOW_DESC_TABLE))
+                .ok()?;
+        }
+        let slot = u64::from(self.avail_idx.0 % SHADOW_ENTRIES);
+        let ring = GuestAddress(SHADOW_AVAIL_RING + 4 + 2 * slot);
+        self.mem.write_obj(0u16, ring).ok()?;
+        self.avail_idx += 1;
+        let idx = GuestAddress(SHADOW_AVAIL_RING + 2);
+        self.mem.write_obj(self.avail_idx.0, idx).ok()?;
+        self.queue.pop_descriptor_chain(&self.mem)
     }
 }
 
@@ -275,5 +389,57 @@ mod tests {
         // Unreadable descriptor.
         let mut g = Guest::new(&[(0, desc(0x1000, 4, NEXT, 1))]);
         assert_eq!(g.walk(0, 2, false), Err(ChainError::OutOfMemory));
+    }
+
+    fn guest() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
+    }
+
+    fn d(addr: u64, len: u32, write: bool) -> Desc {
+        Desc { addr, len, write }
+    }
+
+    #[test]
+    fn shadow_reader_and_writer_follow_the_accepted_chain() {
+        use std::io::{Read, Write};
+        let mem = guest();
+        mem.write_slice(b"head", GuestAddress(0x1000)).unwrap();
+        mem.write_slice(b"tail", GuestAddress(0x3000)).unwrap();
+        let chain = [
+            d(0x1000, 4, false),
+            d(0x9000, 0, false), // empty: left out
+            d(0x3000, 4, false),
+            d(0x5000, 2, true),
+            d(0x6000, 3, true),
+        ];
+        let mut shadow = ShadowQueue::new().unwrap();
+        // Many chains through the same shadow (its ring wraps).
+        for _ in 0..(3 * SHADOW_ENTRIES) {
+            let (mut r, mut w) = shadow.reader_writer(&mem, &chain).unwrap();
+            assert_eq!((r.available_bytes(), w.available_bytes()), (8, 5));
+            let mut got = [0u8; 8];
+            r.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"headtail");
+            w.write_all(b"abcde").unwrap();
+        }
+        let mut out = [0u8; 3];
+        mem.read_slice(&mut out, GuestAddress(0x6000)).unwrap();
+        assert_eq!(&out, b"cde");
+    }
+
+    #[test]
+    fn shadow_takes_the_longest_chain_and_refuses_buffers_outside_memory() {
+        let mem = guest();
+        let long: Vec<Desc> = (0..MAX_CHAIN_DESCRIPTORS as u64)
+            .map(|i| d(0x10 * i, 1, false))
+            .collect();
+        let mut shadow = ShadowQueue::new().unwrap();
+        let (r, w) = shadow.reader_writer(&mem, &long).unwrap();
+        assert_eq!((r.available_bytes(), w.available_bytes()), (long.len(), 0));
+        assert!(shadow
+            .reader_writer(&mem, &[d(0xff_0000, 4, false)])
+            .is_none());
+        let (r, w) = shadow.reader_writer(&mem, &[]).unwrap();
+        assert_eq!((r.available_bytes(), w.available_bytes()), (0, 0));
     }
 }

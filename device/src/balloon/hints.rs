@@ -88,24 +88,17 @@
 //! ```
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use bitvec::prelude::*;
-use freehint_protocol::balloon::{
-    next_cmd_id, FREE_PAGE_HINT_CMD_ID_DONE, FREE_PAGE_HINT_CMD_ID_STOP,
-};
-use freehint_protocol::bitmap_hint::ChunkHeader;
-use freehint_protocol::layout::{Layout, PAGE_SHIFT, PAGE_SIZE};
-use log::{debug, info, warn};
+use log::{debug, info};
 
-use super::dirty::DeviceDirtyLog;
 use super::metrics::BalloonMetrics;
-use crate::virtio_device::Interrupt;
+use super::state::Shared;
 
 /// State of the hint round, as in QEMU's `FREE_PAGE_HINT_S_*`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HintState {
+pub enum RoundState {
     /// No round since activation.
     Idle,
     /// The device published a new command id and raised a config interrupt;
@@ -122,6 +115,11 @@ pub enum HintState {
     /// The host no longer needs the pages: `free_page_hint_cmd_id` reads DONE.
     Done,
 }
+
+/// The earlier name of [`RoundState`] (it is the state of a round, not of
+/// hinting as a whole: that includes the epoch and the free set, see
+/// [`HintStatus`]).
+pub type HintState = RoundState;
 
 /// Why the host API refused a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -170,8 +168,8 @@ pub enum HintError {
 /// `stop`, `finish`, device activation, reset or restore).
 #[derive(Debug, PartialEq, Eq)]
 pub struct EpochToken {
-    device: u64,
-    epoch: u64,
+    pub(super) device: u64,
+    pub(super) epoch: u64,
 }
 
 impl EpochToken {
@@ -191,7 +189,7 @@ impl fmt::Display for EpochToken {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HintStatus {
     /// Round state.
-    pub state: HintState,
+    pub state: RoundState,
     /// Command id of the latest round (0 before the first).
     pub cmd_id: u32,
     /// Current sync epoch (a number to show; tokens come from
@@ -203,428 +201,11 @@ pub struct HintStatus {
     pub free_pages: u64,
 }
 
-/// Why a guest message was not merged (the caller counts it).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum HintDrop {
-    /// Stale command id or no round accepting hints.
-    Stale,
-    /// The epoch moved since the round started (which ended the round).
-    Epoch,
-}
-
-/// The state machine and the free set. Always used under the mutex in
-/// [`HintShared`].
-///
-/// Invariant: a round accepts hints only in [`HintState::Started`], and
-/// every epoch move ([`Self::move_epoch`]) leaves that state and clears the
-/// set. So the set only ever holds hints of the current epoch, and the
-/// guest-facing methods need no epoch check of their own.
-#[derive(Debug)]
-pub(crate) struct HintCore {
-    layout: Layout,
-    /// Hinting negotiated and device activated.
-    active: bool,
-    /// Non-zero poison value negotiated by the driver (hinting refused).
-    poison: Option<u32>,
-    /// PAGE_POISON not offered: whether the guest poisons is unknown
-    /// (hinting refused).
-    poison_unknown: bool,
-    state: HintState,
-    /// Latest round id (0 = none yet).
-    round_id: u32,
-    /// Current sync epoch.
-    epoch: u64,
-    /// Epoch the latest round was started in.
-    round_epoch: u64,
-    /// Free set of the current epoch (allocated on the first round).
-    bits: BitVec<u64, Lsb0>,
-    /// Whether `bits` is known to be all zero (skips clearing).
-    bits_clean: bool,
-    /// The layout was replied for the current round (bitmap chunks are
-    /// accepted only after that, docs/protocol.md device requirements).
-    layout_replied: bool,
-}
-
-impl HintCore {
-    fn new(layout: Layout) -> Self {
-        Self {
-            layout,
-            active: false,
-            poison: None,
-            poison_unknown: false,
-            state: HintState::Idle,
-            round_id: 0,
-            epoch: 0,
-            round_epoch: 0,
-            bits: BitVec::new(),
-            bits_clean: true,
-            layout_replied: false,
-        }
-    }
-
-    /// Value of `free_page_hint_cmd_id` in config space.
-    pub(crate) fn config_cmd_id(&self) -> u32 {
-        match self.state {
-            HintState::Idle | HintState::Stopped => FREE_PAGE_HINT_CMD_ID_STOP,
-            HintState::Requested | HintState::Started => self.round_id,
-            HintState::Done => FREE_PAGE_HINT_CMD_ID_DONE,
-        }
-    }
-
-    fn clear_bits(&mut self) {
-        if !self.bits_clean {
-            self.bits.as_raw_mut_slice().fill(0);
-            self.bits_clean = true;
-        }
-    }
-
-    fn round_in_progress(&self) -> bool {
-        matches!(self.state, HintState::Requested | HintState::Started)
-    }
-
-    /// Ends the epoch: the state becomes `end` (STOP only ends a round in
-    /// progress, DONE only follows a round), the free set is discarded and
-    /// every token of the old epoch goes stale. Returns whether a round was
-    /// in progress.
-    fn move_epoch(&mut self, end: HintState) -> bool {
-        let was_running = self.round_in_progress();
-        self.state = match end {
-            HintState::Stopped if !was_running => self.state,
-            HintState::Done if self.state == HintState::Idle => HintState::Idle,
-            _ => end,
-        };
-        self.epoch = self.epoch.wrapping_add(1);
-        self.layout_replied = false;
-        self.clear_bits();
-        was_running
-    }
-
-    /// Why a message naming `cmd_id` is not merged: the latest round's id
-    /// after an epoch move ended that round is an epoch drop; anything else
-    /// (including any message before the first round) is stale.
-    fn drop_reason(&self, cmd_id: u32) -> HintDrop {
-        let had_round = self.round_id != 0;
-        if had_round && cmd_id == self.round_id && self.round_epoch != self.epoch {
-            HintDrop::Epoch
-        } else {
-            HintDrop::Stale
-        }
-    }
-
-    /// Whether hints for `cmd_id` may be merged now.
-    fn accepting(&self, cmd_id: u32) -> Result<(), HintDrop> {
-        if self.state == HintState::Started && cmd_id == self.round_id {
-            Ok(())
-        } else {
-            Err(self.drop_reason(cmd_id))
-        }
-    }
-
-    /// Checks `token` opened the current epoch of device `device`.
-    fn check_token(&self, device: u64, token: &EpochToken) -> Result<(), HintError> {
-        if token.device != device {
-            return Err(HintError::ForeignToken);
-        }
-        if token.epoch != self.epoch {
-            return Err(HintError::StaleEpoch {
-                given: token.epoch,
-                current: self.epoch,
-            });
-        }
-        Ok(())
-    }
-
-    /// Why a round cannot start now, if it cannot.
-    fn refusal(&self) -> Option<HintError> {
-        if !self.active {
-            return Some(HintError::NotActive);
-        }
-        if self.poison_unknown {
-            warn!("free page hinting refused: PAGE_POISON not offered");
-            return Some(HintError::PoisonUnknown);
-        }
-        if let Some(p) = self.poison {
-            warn!("free page hinting refused: guest poisons free pages with {p:#x}");
-            return Some(HintError::GuestPoisons(p));
-        }
-        None
-    }
-
-    /// Starts a round in the current epoch with an empty set; returns its id.
-    fn begin_round(&mut self) -> u32 {
-        let words = freehint_protocol::bitmap::words_for_bits(self.total_bits());
-        if self.bits.as_raw_slice().len() != words {
-            self.bits = BitVec::repeat(false, words * 64);
-            self.bits_clean = true;
-        } else {
-            self.clear_bits();
-        }
-        self.round_id = next_cmd_id(self.round_id);
-        self.round_epoch = self.epoch;
-        self.layout_replied = false;
-        self.state = HintState::Requested;
-        self.round_id
-    }
-
-    /// Standard protocol: the driver's 4-byte command id outbuf.
-    ///
-    /// STOP ends only a round the driver started: in `Requested` it is the
-    /// end of the previous round arriving late (Linux and the freehint
-    /// driver send STOP after every round), and QEMU ignores it there too.
-    pub(crate) fn on_cmd_id(&mut self, id: u32) -> Result<(), HintDrop> {
-        if id == FREE_PAGE_HINT_CMD_ID_STOP {
-            self.accepting(self.round_id)?;
-            debug!(
-                "free page hint round {:#x}: driver sent STOP",
-                self.round_id
-            );
-            self.state = HintState::Stopped;
-            return Ok(());
-        }
-        if id != self.round_id {
-            return Err(HintDrop::Stale);
-        }
-        match self.state {
-            HintState::Requested => {
-                debug!("free page hint round {id:#x}: started by driver");
-                self.state = HintState::Started;
-                Ok(())
-            }
-            HintState::Started => Ok(()), // repeated id: harmless
-            _ => Err(self.drop_reason(id)),
-        }
-    }
-
-    /// Standard protocol: a free block (an inbuf; its address and length are
-    /// the free range). Returns the pages merged and the bytes ignored
-    /// (partial pages, outside the layout).
-    pub(crate) fn on_free_block(
-        &mut self,
-        addr: u64,
-        len: u64,
-    ) -> Result<(u64, u64, u64), HintDrop> {
-        self.accepting(self.round_id)?;
-        let end = addr.saturating_add(len);
-        let first_pfn = addr.div_ceil(PAGE_SIZE);
-        let end_pfn = end >> PAGE_SHIFT;
-        if end_pfn <= first_pfn {
-            return Ok((0, len, 0));
-        }
-        let whole = (end_pfn - first_pfn) << PAGE_SHIFT;
-        let partial = len - whole;
-        let mut merged = 0;
-        let words = self.bits.as_raw_mut_slice();
-        self.layout
-            .for_each_bit_run(first_pfn, end_pfn - first_pfn, |bit, nr| {
-                freehint_protocol::bitmap::set_bit_run(words, bit, nr);
-                merged += nr;
-            });
-        if merged > 0 {
-            self.bits_clean = false;
-        }
-        let outside = (end_pfn - first_pfn - merged) << PAGE_SHIFT;
-        Ok((merged, partial, outside))
-    }
-
-    /// Bitmap protocol: LAYOUT_QUERY. Returns the layout to reply with.
-    pub(crate) fn on_layout_query(&mut self, cmd_id: u32) -> Result<Layout, HintDrop> {
-        match self.state {
-            HintState::Requested | HintState::Started if cmd_id == self.round_id => {
-                self.state = HintState::Started;
-                self.layout_replied = true;
-                Ok(self.layout)
-            }
-            _ => Err(self.drop_reason(cmd_id)),
-        }
-    }
-
-    /// Bitmap protocol: checks a chunk may be merged now.
-    pub(crate) fn chunk_accepted(&self, h: &ChunkHeader) -> Result<(), HintDrop> {
-        self.accepting(h.cmd_id)?;
-        if self.layout_replied {
-            Ok(())
-        } else {
-            Err(HintDrop::Stale)
-        }
-    }
-
-    /// Bitmap protocol: merges one payload piece (already validated against
-    /// the layout by the caller through `check_bounds`).
-    pub(crate) fn merge_chunk_piece(
-        &mut self,
-        h: &ChunkHeader,
-        offset: usize,
-        piece: &[u8],
-    ) -> Result<(), freehint_protocol::WireError> {
-        h.or_payload(self.bits.as_raw_mut_slice(), offset, piece)?;
-        self.bits_clean = false;
-        Ok(())
-    }
-
-    /// Bitmap protocol: ROUND_END.
-    pub(crate) fn on_round_end(&mut self, cmd_id: u32) -> Result<(), HintDrop> {
-        self.accepting(cmd_id)?;
-        debug!("free page hint round {cmd_id:#x}: ROUND_END");
-        self.state = HintState::Stopped;
-        Ok(())
-    }
-
-    /// The layout's bitmap size.
-    pub(crate) fn total_bits(&self) -> u64 {
-        self.layout.total_bits()
-    }
-
-    /// Pages in the free set.
-    fn free_pages(&self) -> u64 {
-        if self.bits_clean {
-            0
-        } else {
-            self.bits.count_ones() as u64
-        }
-    }
-
-    /// The free set as words, sized to the layout.
-    fn words(&self) -> Vec<u64> {
-        let mut words = self.bits.as_raw_slice().to_vec();
-        words.resize(
-            freehint_protocol::bitmap::words_for_bits(self.total_bits()),
-            0,
-        );
-        words
-    }
-}
-
-/// Source of device ids, so a token of one device is refused by another.
-static NEXT_DEVICE_ID: AtomicU64 = AtomicU64::new(1);
-
-/// State shared between the device (transport thread) and the migrator.
-pub(crate) struct HintShared {
-    /// Identity of this device in its tokens.
-    device: u64,
-    pub(crate) core: Mutex<HintCore>,
-    /// The transport's interrupt while activated.
-    pub(crate) interrupt: Mutex<Option<Arc<dyn Interrupt>>>,
-    pub(crate) metrics: Arc<BalloonMetrics>,
-    /// Guest pages the device wrote or discarded.
-    pub(crate) dirty: Arc<DeviceDirtyLog>,
-}
-
-impl fmt::Debug for HintShared {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HintShared")
-            .field("device", &self.device)
-            .finish_non_exhaustive()
-    }
-}
-
-impl HintShared {
-    pub(crate) fn new(
-        layout: Layout,
-        metrics: Arc<BalloonMetrics>,
-        dirty: Arc<DeviceDirtyLog>,
-    ) -> Self {
-        Self {
-            device: NEXT_DEVICE_ID.fetch_add(1, Ordering::Relaxed),
-            core: Mutex::new(HintCore::new(layout)),
-            interrupt: Mutex::new(None),
-            metrics,
-            dirty,
-        }
-    }
-
-    /// Locks the core; a poisoned lock (a panic elsewhere) still yields the
-    /// data, which stays consistent because every update is a single step.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, HintCore> {
-        self.core.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn signal_config(&self) {
-        let irq = self
-            .interrupt
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if let Some(irq) = irq {
-            irq.signal_config();
-        }
-    }
-
-    /// Device side: activation/reset/restore. `poison` is the negotiated
-    /// `poison_val` (`None` if PAGE_POISON was not negotiated);
-    /// `poison_offered` whether the device offered PAGE_POISON at all. A new
-    /// driver instance knows nothing of earlier rounds: the epoch moves and
-    /// the state goes back to idle.
-    pub(crate) fn set_active(
-        &self,
-        active: bool,
-        interrupt: Option<Arc<dyn Interrupt>>,
-        poison: Option<u32>,
-        poison_offered: bool,
-    ) {
-        let mut core = self.lock();
-        core.active = active;
-        core.poison = poison.filter(|&p| p != 0);
-        core.poison_unknown = !poison_offered;
-        core.move_epoch(HintState::Idle);
-        *self.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = interrupt;
-    }
-
-    /// Persistence: the latest round id and whether a round was ever
-    /// requested since activation (the guest may hold pages for it).
-    pub(crate) fn saved_round(&self) -> (u32, bool) {
-        let core = self.lock();
-        (core.round_id, core.state != HintState::Idle)
-    }
-
-    /// Persistence: continue command ids after `round_id`; if a round had
-    /// been requested, end in DONE so the guest gives back the pages it set
-    /// aside (hints never cross a migration: the destination's migrator
-    /// opens its own epochs).
-    pub(crate) fn restore_round(&self, round_id: u32, had_round: bool) {
-        let mut core = self.lock();
-        core.round_id = round_id;
-        core.move_epoch(HintState::Idle);
-        core.round_epoch = core.epoch;
-        if had_round {
-            core.state = HintState::Done;
-        }
-    }
-
-    /// Device side: the driver wrote `poison_val`.
-    pub(crate) fn set_poison(&self, poison: Option<u32>) {
-        self.lock().poison = poison.filter(|&p| p != 0);
-    }
-
-    /// Counts a dropped guest message.
-    pub(crate) fn count_drop(&self, d: HintDrop) {
-        match d {
-            HintDrop::Stale => BalloonMetrics::inc(&self.metrics.hint_stale),
-            HintDrop::Epoch => BalloonMetrics::inc(&self.metrics.hint_epoch_dropped),
-        }
-    }
-
-    /// Moves the epoch (ending a round in progress in `end`) and tells the
-    /// guest if a round was running or `end` is DONE.
-    fn end_epoch(&self, end: HintState) -> u64 {
-        let (epoch, signal) = {
-            let mut core = self.lock();
-            let before = core.state;
-            let was_running = core.move_epoch(end);
-            let done_now = core.state == HintState::Done && before != HintState::Done;
-            (core.epoch, was_running || done_now)
-        };
-        if signal {
-            self.signal_config();
-        }
-        epoch
-    }
-}
-
 /// The host-side (migrator) API of free page hinting. Cheap to clone; all
 /// methods may be called from any thread.
 #[derive(Clone, Debug)]
 pub struct HintHandle {
-    pub(crate) shared: Arc<HintShared>,
+    pub(super) shared: Arc<Shared>,
 }
 
 impl HintHandle {
@@ -635,10 +216,10 @@ impl HintHandle {
     /// every older token and [`HintSet`] stale. Hints still arriving for the
     /// old round are dropped and counted.
     pub fn new_epoch(&self) -> EpochToken {
-        let epoch = self.shared.end_epoch(HintState::Stopped);
+        let epoch = self.end_epoch(RoundState::Stopped);
         debug!("free page hint epoch {epoch} opened");
         EpochToken {
-            device: self.shared.device,
+            device: self.shared.id,
             epoch,
         }
     }
@@ -652,18 +233,20 @@ impl HintHandle {
     /// module docs). A round in progress is replaced (its hints are
     /// discarded).
     pub fn start_round(&self, token: &EpochToken) -> Result<u32, HintError> {
-        let id = {
-            let mut core = self.shared.lock();
-            core.check_token(self.shared.device, token)?;
-            if let Some(e) = core.refusal() {
+        let (id, irq) = {
+            let mut st = self.shared.lock();
+            st.hints.check_token(self.shared.id, token)?;
+            if let Some(e) = st.hints.refusal() {
                 BalloonMetrics::inc(&self.shared.metrics.hint_rounds_refused);
                 return Err(e);
             }
-            core.begin_round()
+            (st.hints.begin_round(), st.interrupt())
         };
         BalloonMetrics::inc(&self.shared.metrics.hint_rounds);
         info!("free page hint round {id:#x} requested (epoch {token})");
-        self.shared.signal_config();
+        if let Some(irq) = irq {
+            irq.signal_config();
+        }
         Ok(id)
     }
 
@@ -673,7 +256,7 @@ impl HintHandle {
     /// a page later. Hints already applied to a to-send bitmap stay valid
     /// only as long as dirty logging stays on for that bitmap.
     pub fn stop(&self) {
-        let epoch = self.shared.end_epoch(HintState::Stopped);
+        let epoch = self.end_epoch(RoundState::Stopped);
         info!("free page hinting stopped by the host (epoch {epoch} opened)");
     }
 
@@ -682,31 +265,25 @@ impl HintHandle {
     /// gives back the pages it set aside. Discards the free set and moves
     /// the epoch, like [`Self::stop`].
     pub fn finish(&self) {
-        self.shared.end_epoch(HintState::Done);
+        self.end_epoch(RoundState::Done);
         info!("free page hinting done");
     }
 
     /// Current state.
     pub fn status(&self) -> HintStatus {
-        let core = self.shared.lock();
-        HintStatus {
-            state: core.state,
-            cmd_id: core.round_id,
-            epoch: core.epoch,
-            round_epoch: core.round_epoch,
-            free_pages: core.free_pages(),
-        }
+        self.shared.lock().hints.status()
     }
 
     /// A copy of the free set collected so far in the current epoch, to be
     /// applied with [`HintSet::apply_to`] while that epoch lasts.
     pub fn snapshot(&self) -> HintSet {
-        let core = self.shared.lock();
+        let st = self.shared.lock();
+        let core = &st.hints;
         HintSet {
-            epoch: core.epoch,
+            epoch: core.epoch(),
             cmd_id: core.round_id,
             total_bits: core.total_bits(),
-            complete: core.state == HintState::Stopped,
+            complete: core.round_complete(),
             words: core.words(),
             shared: Arc::clone(&self.shared),
         }
@@ -717,19 +294,16 @@ impl HintHandle {
     /// cleared, if `token` opened the current epoch (else
     /// [`HintError::StaleEpoch`]).
     pub fn apply_to(&self, token: &EpochToken, to_send: &mut [u64]) -> Result<u64, HintError> {
-        let core = self.shared.lock();
-        core.check_token(self.shared.device, token)?;
-        let needed = freehint_protocol::bitmap::words_for_bits(core.total_bits());
+        let st = self.shared.lock();
+        st.hints.check_token(self.shared.id, token)?;
+        let needed = freehint_protocol::bitmap::words_for_bits(st.hints.total_bits());
         if to_send.len() < needed {
             return Err(HintError::BitmapTooShort {
                 needed,
                 got: to_send.len(),
             });
         }
-        if core.bits_clean {
-            return Ok(0);
-        }
-        Ok(and_not(to_send, core.bits.as_raw_slice()))
+        Ok(st.hints.bits().map_or(0, |free| and_not(to_send, free)))
     }
 
     /// Takes the guest pages the device itself changed since the last call
@@ -741,6 +315,20 @@ impl HintHandle {
     /// at every dirty log sync.
     pub fn take_device_dirty(&self) -> Vec<u64> {
         self.shared.dirty.take()
+    }
+
+    /// Moves the epoch (ending a round in progress in `end`) and tells the
+    /// guest if a round was running or `end` is a new DONE.
+    fn end_epoch(&self, end: RoundState) -> u64 {
+        let (epoch, irq) = {
+            let mut st = self.shared.lock();
+            let (epoch, signal) = st.hints.end_epoch(end);
+            (epoch, st.interrupt().filter(|_| signal))
+        };
+        if let Some(irq) = irq {
+            irq.signal_config();
+        }
+        epoch
     }
 }
 
@@ -765,7 +353,7 @@ pub struct HintSet {
     total_bits: u64,
     complete: bool,
     words: Vec<u64>,
-    shared: Arc<HintShared>,
+    shared: Arc<Shared>,
 }
 
 impl HintSet {
@@ -813,7 +401,10 @@ impl HintSet {
     /// Must not race with [`HintHandle::new_epoch`] (the migrator calls both
     /// from its own loop).
     pub fn apply_to(&self, token: &EpochToken, to_send: &mut [u64]) -> Result<u64, HintError> {
-        self.shared.lock().check_token(self.shared.device, token)?;
+        self.shared
+            .lock()
+            .hints
+            .check_token(self.shared.id, token)?;
         if token.epoch != self.epoch {
             return Err(HintError::StaleEpoch {
                 given: self.epoch,
@@ -842,8 +433,12 @@ impl HintSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balloon::round::HintDrop;
+    use crate::balloon::{BalloonConfig, MmapDiscard};
     use crate::virtio_device::Interrupt;
-    use std::sync::atomic::AtomicUsize;
+    use freehint_protocol::balloon::{FREE_PAGE_HINT_CMD_ID_DONE, FREE_PAGE_HINT_CMD_ID_STOP};
+    use freehint_protocol::layout::{Layout, PAGE_SIZE};
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[derive(Default)]
     struct CountIrq(AtomicUsize);
@@ -854,16 +449,20 @@ mod tests {
         }
     }
 
-    fn shared(pages: u64) -> Arc<HintShared> {
+    fn shared(pages: u64) -> Arc<Shared> {
         let layout = Layout::from_ram_pfn_ranges(&[(0, pages)]).unwrap();
-        let dirty = Arc::new(DeviceDirtyLog::new(layout));
-        Arc::new(HintShared::new(layout, Arc::default(), dirty))
+        let config = BalloonConfig::all_features(layout);
+        Arc::new(Shared::new(&config, Arc::new(MmapDiscard)).unwrap())
     }
 
     fn handle(pages: u64) -> (HintHandle, Arc<CountIrq>) {
         let shared = shared(pages);
         let irq = Arc::new(CountIrq::default());
-        shared.set_active(true, Some(irq.clone()), None, true);
+        {
+            let mut st = shared.lock();
+            st.interrupt = Some(irq.clone());
+            st.hints.activate(true, None, true);
+        }
         (HintHandle { shared }, irq)
     }
 
@@ -871,30 +470,40 @@ mod tests {
     fn started(h: &HintHandle) -> (EpochToken, u32) {
         let t = h.new_epoch();
         let id = h.start_round(&t).unwrap();
-        h.shared.lock().on_cmd_id(id).unwrap();
+        h.shared.lock().hints.on_cmd_id(id).unwrap();
         (t, id)
     }
 
     #[test]
     fn cmd_ids_start_at_min_and_states_follow_qemu() {
         let (h, irq) = handle(256);
-        assert_eq!(h.status().state, HintState::Idle);
+        assert_eq!(h.status().state, RoundState::Idle);
         let t = h.new_epoch();
         let id = h.start_round(&t).unwrap();
         assert_eq!(id, 0x8000_0000);
         assert_eq!(irq.0.load(Ordering::SeqCst), 1);
-        assert_eq!(h.shared.lock().config_cmd_id(), id);
-        assert_eq!(h.status().state, HintState::Requested);
-        h.shared.lock().on_cmd_id(id).unwrap();
-        assert_eq!(h.status().state, HintState::Started);
-        h.shared.lock().on_free_block(0, 8 * PAGE_SIZE).unwrap();
-        h.shared.lock().on_cmd_id(0).unwrap();
-        assert_eq!(h.status().state, HintState::Stopped);
+        assert_eq!(h.shared.lock().hints.config_cmd_id(), id);
+        assert_eq!(h.status().state, RoundState::Requested);
+        h.shared.lock().hints.on_cmd_id(id).unwrap();
+        assert_eq!(h.status().state, RoundState::Started);
+        h.shared
+            .lock()
+            .hints
+            .on_free_block(0, 8 * PAGE_SIZE)
+            .unwrap();
+        h.shared.lock().hints.on_cmd_id(0).unwrap();
+        assert_eq!(h.status().state, RoundState::Stopped);
         assert_eq!(h.status().free_pages, 8);
-        assert_eq!(h.shared.lock().config_cmd_id(), FREE_PAGE_HINT_CMD_ID_STOP);
+        assert_eq!(
+            h.shared.lock().hints.config_cmd_id(),
+            FREE_PAGE_HINT_CMD_ID_STOP
+        );
         assert_eq!(h.start_round(&t).unwrap(), 0x8000_0001);
         h.finish();
-        assert_eq!(h.shared.lock().config_cmd_id(), FREE_PAGE_HINT_CMD_ID_DONE);
+        assert_eq!(
+            h.shared.lock().hints.config_cmd_id(),
+            FREE_PAGE_HINT_CMD_ID_DONE
+        );
         assert_eq!(irq.0.load(Ordering::SeqCst), 3);
         // A second finish changes nothing the guest sees.
         h.finish();
@@ -904,7 +513,7 @@ mod tests {
     #[test]
     fn cmd_id_wraps_to_min() {
         let (h, _) = handle(64);
-        h.shared.lock().round_id = u32::MAX;
+        h.shared.lock().hints.round_id = u32::MAX;
         assert_eq!(h.start_round(&h.new_epoch()).unwrap(), 0x8000_0000);
     }
 
@@ -913,13 +522,16 @@ mod tests {
         let (h, _) = handle(256);
         let t0 = h.new_epoch();
         let id = h.start_round(&t0).unwrap();
-        assert_eq!(h.shared.lock().on_cmd_id(id + 7), Err(HintDrop::Stale));
-        h.shared.lock().on_cmd_id(id).unwrap();
+        assert_eq!(
+            h.shared.lock().hints.on_cmd_id(id + 7),
+            Err(HintDrop::Stale)
+        );
+        h.shared.lock().hints.on_cmd_id(id).unwrap();
         let t1 = h.new_epoch();
         assert_eq!(t1.epoch(), t0.epoch() + 1);
-        assert_eq!(h.status().state, HintState::Stopped);
+        assert_eq!(h.status().state, RoundState::Stopped);
         assert_eq!(
-            h.shared.lock().on_free_block(0, PAGE_SIZE),
+            h.shared.lock().hints.on_free_block(0, PAGE_SIZE),
             Err(HintDrop::Epoch)
         );
         assert_eq!(
@@ -940,13 +552,13 @@ mod tests {
         let (t, _) = started(&h);
         let id = h.start_round(&t).unwrap();
         assert_eq!(
-            h.shared.lock().on_cmd_id(FREE_PAGE_HINT_CMD_ID_STOP),
+            h.shared.lock().hints.on_cmd_id(FREE_PAGE_HINT_CMD_ID_STOP),
             Err(HintDrop::Stale)
         );
-        assert_eq!(h.status().state, HintState::Requested);
-        h.shared.lock().on_cmd_id(id).unwrap();
+        assert_eq!(h.status().state, RoundState::Requested);
+        h.shared.lock().hints.on_cmd_id(id).unwrap();
         assert_eq!(
-            h.shared.lock().on_free_block(0, 4 * PAGE_SIZE),
+            h.shared.lock().hints.on_free_block(0, 4 * PAGE_SIZE),
             Ok((4, 0, 0))
         );
     }
@@ -956,12 +568,13 @@ mod tests {
         let (h, _) = handle(16);
         started(&h);
         // [0x800, 0x3800): pages 1 and 2 whole, two half pages.
-        let (m, partial, outside) = h.shared.lock().on_free_block(0x800, 0x3000).unwrap();
+        let (m, partial, outside) = h.shared.lock().hints.on_free_block(0x800, 0x3000).unwrap();
         assert_eq!((m, partial, outside), (2, 0x1000, 0));
         // Pages 14..20: 2 inside, 4 outside RAM.
         let (m, _, outside) = h
             .shared
             .lock()
+            .hints
             .on_free_block(14 * PAGE_SIZE, 6 * PAGE_SIZE)
             .unwrap();
         assert_eq!((m, outside), (2, 4 * PAGE_SIZE));
@@ -972,6 +585,7 @@ mod tests {
         // Huge/overflowing block: clamped, no panic.
         h.shared
             .lock()
+            .hints
             .on_free_block(u64::MAX - 10, u64::MAX)
             .unwrap();
     }
@@ -980,7 +594,11 @@ mod tests {
     fn hint_set_applies_only_in_its_epoch() {
         let (h, _) = handle(128);
         let (t0, _) = started(&h);
-        h.shared.lock().on_free_block(0, 64 * PAGE_SIZE).unwrap();
+        h.shared
+            .lock()
+            .hints
+            .on_free_block(0, 64 * PAGE_SIZE)
+            .unwrap();
         let set = h.snapshot();
         let mut to_send = vec![!0u64; 2];
         assert_eq!(set.apply_to(&t0, &mut to_send), Ok(64));
@@ -1030,13 +648,17 @@ mod tests {
     fn poisoning_guest_is_refused() {
         let (h, _) = handle(64);
         let t = h.new_epoch();
-        h.shared.set_poison(Some(0xaa));
+        h.shared.lock().hints.set_poison(Some(0xaa));
         assert_eq!(h.start_round(&t), Err(HintError::GuestPoisons(0xaa)));
-        h.shared.set_poison(Some(0));
+        h.shared.lock().hints.set_poison(Some(0));
         assert!(h.start_round(&t).is_ok());
         assert_eq!(h.shared.metrics.snapshot().hint_rounds_refused, 1);
         // PAGE_POISON not offered: unknown, refused.
-        h.shared.set_active(true, None, None, false);
+        {
+            let mut st = h.shared.lock();
+            st.interrupt = None;
+            st.hints.activate(true, None, false);
+        }
         assert_eq!(h.start_round(&h.new_epoch()), Err(HintError::PoisonUnknown));
     }
 

@@ -5,12 +5,22 @@
 //! - this file: constants (re-exported from [`freehint_protocol`], never
 //!   defined twice), [`BalloonConfig`] (what the VMM offers) and
 //!   [`BalloonError`];
-//! - [`device`]: [`Balloon`], its config space, the
-//!   [`VirtioDevice`](crate::VirtioDevice) implementation and queue processing;
+//! - [`device`]: [`Balloon`], the device: feature negotiation, the config
+//!   space ([`ConfigSpace`](freehint_protocol::ConfigSpace)), the
+//!   [`VirtioDevice`](crate::VirtioDevice) implementation (activation,
+//!   reset, notifies);
+//! - `handle`: [`BalloonHandle`], the host API (re-exported from
+//!   [`device`]), and the stats poller (`poller`: its thread);
+//! - `state`: what the device and its handles share, the device state under
+//!   one lock;
+//! - `queues`: queue processing, one handler module per queue (`inflate`,
+//!   `stats`, `report`, `free_page`);
 //! - `chain`: reading a descriptor chain out of guest memory, each
-//!   descriptor once, with the indirect-descriptor rules;
-//! - [`hints`]: the free page hint state machine, the host-side free page set
-//!   and the epoch rule ([`HintHandle`], [`EpochToken`], [`HintSet`]);
+//!   descriptor once, with the indirect-descriptor rules, and handing it to
+//!   virtio-queue's `Reader`/`Writer`;
+//! - [`hints`]: the free page hint API and its rules ([`HintHandle`],
+//!   [`EpochToken`], [`HintSet`]); `round`: the round state machine and the
+//!   free page set behind it;
 //! - `dirty`: the log of guest pages the device itself wrote or discarded
 //!   ([`HintHandle::take_device_dirty`]);
 //! - [`discard`]: the memory backend trait [`PageDiscard`] and the real
@@ -23,15 +33,19 @@ mod chain;
 pub mod device;
 mod dirty;
 pub mod discard;
+mod handle;
 pub mod hints;
 pub mod metrics;
 pub mod persist;
 mod poller;
+mod queues;
+mod round;
+mod state;
 pub mod stats;
 
 pub use device::{Balloon, BalloonHandle};
 pub use discard::{MmapDiscard, PageDiscard};
-pub use hints::{EpochToken, HintError, HintHandle, HintSet, HintState, HintStatus};
+pub use hints::{EpochToken, HintError, HintHandle, HintSet, HintState, HintStatus, RoundState};
 pub use metrics::{BalloonMetrics, MetricsSnapshot};
 pub use persist::BalloonState;
 pub use stats::BalloonStats;
@@ -175,6 +189,10 @@ pub enum BalloonError {
     /// A restored state holds a stats buffer outside the stats queue.
     #[error("restore: stats buffer head {0} is not in a ready stats queue")]
     InvalidStatsHead(u16),
+    /// The device could not set up the host memory it copies accepted
+    /// descriptor chains into (see `chain`).
+    #[error("cannot map the device's private chain memory: {0}")]
+    ShadowMemory(String),
     /// Writing to the used ring failed (guest memory gone): the device can no
     /// longer operate and the transport should set DEVICE_NEEDS_RESET.
     #[error("queue {queue}: used ring update failed: {source}")]

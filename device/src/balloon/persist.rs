@@ -15,20 +15,14 @@
 //! that set pages aside for the round gives them back. Command ids continue
 //! after the saved one, so a late message for an old round is stale.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
-use freehint_protocol::balloon::{has_feature, QueueKind, QueueLayout};
+use freehint_protocol::balloon::{QueueKind, QueueLayout};
 use log::info;
 use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestAddressSpace;
 
-use super::device::spawn_stats_poller;
-use super::{
-    Balloon, BalloonError, VIRTIO_BALLOON_F_FREE_PAGE_HINT, VIRTIO_BALLOON_F_PAGE_POISON,
-    VIRTIO_BALLOON_F_STATS_VQ,
-};
+use super::{Balloon, BalloonError};
 use crate::virtio_device::{GuestMemoryHandle, Interrupt};
 
 /// Everything the device needs to continue on another host.
@@ -59,7 +53,7 @@ impl Balloon {
     /// transport not processing notifies).
     pub fn save_state(&self) -> BalloonState {
         let st = self.shared.lock();
-        let (hint_cmd_id, hint_round_requested) = self.shared.hints.saved_round();
+        let (hint_cmd_id, hint_round_requested) = st.hints.saved_round();
         BalloonState {
             acked_features: st.acked_features,
             num_pages: st.num_pages,
@@ -125,58 +119,39 @@ impl Balloon {
             (None, None)
         };
 
-        let mut st = self.shared.lock();
-        st.acked_features = acked;
-        st.queue_layout = layout;
-        st.num_pages = state.num_pages;
-        st.actual = state.actual;
-        st.poison_val = state.poison_val;
-        st.queues = queues;
-        st.mem = mem;
-        st.interrupt = interrupt.clone();
-        st.stats_head = if state.activated {
-            state.stats_head
-        } else {
-            None
+        let (activated, generation) = {
+            let mut st = self.shared.lock();
+            st.set_features(acked);
+            st.num_pages = state.num_pages;
+            st.actual = state.actual;
+            st.poison_val = state.poison_val;
+            st.queues = queues;
+            st.mem = mem;
+            st.interrupt = interrupt.clone();
+            let activated = st.mem.is_some();
+            st.stats_head = state.stats_head.filter(|_| activated);
+            st.arm_hints(self.config.page_poison);
+            st.hints
+                .restore_round(state.hint_cmd_id, activated && state.hint_round_requested);
+            (activated, self.shared.next_generation())
         };
-        let activated = st.mem.is_some();
-        let poison = has_feature(acked, VIRTIO_BALLOON_F_PAGE_POISON).then_some(st.poison_val);
-        self.shared.hints.set_active(
-            activated && has_feature(acked, VIRTIO_BALLOON_F_FREE_PAGE_HINT),
-            interrupt.clone(),
-            poison,
-            self.config.page_poison,
-        );
-        self.shared
-            .hints
-            .restore_round(state.hint_cmd_id, activated && state.hint_round_requested);
-        let generation = self.shared.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        drop(st);
         info!("balloon state restored (activated: {activated}, features {acked:#x})");
-        if activated {
-            // Kicks that reached the source after it was quiesced are lost:
-            // process whatever the driver already made available.
-            for index in 0..layout.num_queues() as u16 {
-                if let Err(e) = crate::VirtioDevice::queue_notify(self, index) {
-                    log::warn!("after restore, queue {index}: {e}");
-                }
+        if !activated {
+            return Ok(());
+        }
+        // Kicks that reached the source after it was quiesced are lost:
+        // process whatever the driver already made available.
+        for index in 0..layout.num_queues() as u16 {
+            if let Err(e) = crate::VirtioDevice::queue_notify(self, index) {
+                log::warn!("after restore, queue {index}: {e}");
             }
         }
-        if activated && state.hint_round_requested {
+        if state.hint_round_requested {
             if let Some(irq) = &interrupt {
                 irq.signal_config();
             }
         }
-        if activated
-            && self.config.stats_polling_interval_s > 0
-            && has_feature(acked, VIRTIO_BALLOON_F_STATS_VQ)
-        {
-            spawn_stats_poller(
-                Arc::downgrade(&self.shared),
-                generation,
-                Duration::from_secs(u64::from(self.config.stats_polling_interval_s)),
-            );
-        }
+        self.start_stats_polling(acked, generation);
         Ok(())
     }
 }
