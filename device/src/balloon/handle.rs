@@ -127,3 +127,53 @@ pub(super) fn start_stats_poller(shared: &Arc<Shared>, generation: u64, every: D
         true
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balloon::{feature, Balloon, BalloonConfig, HintError, Layout};
+    use crate::VirtioDevice;
+
+    fn balloon() -> Balloon {
+        let layout = Layout::from_ram_pfn_ranges(&[(0, 64)]).unwrap();
+        Balloon::new(BalloonConfig::all_features(layout)).unwrap()
+    }
+
+    #[test]
+    fn the_target_is_kept_before_activation() {
+        let b = balloon();
+        let h = b.handle();
+        h.set_target_pages(42);
+        assert_eq!((h.target_pages(), h.actual_pages()), (42, 0));
+        assert!(h.latest_stats().is_none());
+    }
+
+    #[test]
+    fn stats_requests_need_the_feature_and_a_held_buffer() {
+        let mut b = balloon();
+        let h = b.handle();
+        assert!(matches!(
+            h.request_stats(),
+            Err(BalloonError::FeatureNotNegotiated(
+                VIRTIO_BALLOON_F_STATS_VQ
+            ))
+        ));
+        b.ack_features(feature(VIRTIO_BALLOON_F_STATS_VQ));
+        assert!(matches!(h.request_stats(), Ok(false)));
+    }
+
+    #[test]
+    fn every_handle_speaks_for_the_same_device() {
+        let b = balloon();
+        let from_handle = b.handle().hints();
+        let token = b.hint_handle().new_epoch();
+        // Not active, but not foreign either.
+        assert_eq!(from_handle.start_round(&token), Err(HintError::NotActive));
+        assert_eq!(from_handle.status().epoch, token.epoch());
+        let other = balloon();
+        assert_eq!(
+            other.hint_handle().start_round(&token),
+            Err(HintError::ForeignToken)
+        );
+    }
+}

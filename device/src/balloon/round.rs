@@ -387,3 +387,76 @@ impl HintCore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn core() -> HintCore {
+        let mut c = HintCore::new(Layout::from_ram_pfn_ranges(&[(0, 128)]).unwrap());
+        c.activate(true, None, true);
+        c
+    }
+
+    #[test]
+    fn stop_ends_only_a_running_round_and_done_needs_a_round() {
+        let mut c = core();
+        assert_eq!(c.end_epoch(RoundState::Stopped), (2, false));
+        assert_eq!(c.status().state, RoundState::Idle);
+        assert_eq!(c.end_epoch(RoundState::Done), (3, false));
+        assert_eq!(c.status().state, RoundState::Idle);
+        let id = c.begin_round();
+        assert_eq!(c.config_cmd_id(), id);
+        assert_eq!(c.end_epoch(RoundState::Stopped), (4, true));
+        assert_eq!(c.config_cmd_id(), FREE_PAGE_HINT_CMD_ID_STOP);
+        assert_eq!(c.end_epoch(RoundState::Done), (5, true));
+        assert_eq!(c.config_cmd_id(), FREE_PAGE_HINT_CMD_ID_DONE);
+        assert_eq!(c.end_epoch(RoundState::Done), (6, false));
+    }
+
+    #[test]
+    fn chunks_need_the_layout_reply_of_their_round() {
+        let mut c = core();
+        let id = c.begin_round();
+        let h = ChunkHeader {
+            cmd_id: id,
+            first_bit: 0,
+            nr_bits: 64,
+        };
+        assert_eq!(c.chunk_accepted(&h), Err(HintDrop::Stale));
+        assert_eq!(c.on_layout_query(id), Ok(c.layout));
+        assert_eq!(c.chunk_accepted(&h), Ok(()));
+        let chunk = h.bind(c.total_bits()).unwrap();
+        c.merge_chunk_piece(&chunk, 0, &[0xff; 8]).unwrap();
+        assert_eq!(c.free_pages(), 64);
+        assert_eq!(c.words(), vec![!0, 0]);
+        // A new epoch ends the round and drops late pieces.
+        c.end_epoch(RoundState::Stopped);
+        assert_eq!(c.chunk_accepted(&h), Err(HintDrop::Epoch));
+        assert_eq!(c.free_pages(), 0);
+    }
+
+    #[test]
+    fn restored_rounds_end_in_done_and_ids_continue() {
+        let mut c = core();
+        c.restore_round(0x8000_0007, true);
+        assert_eq!(c.config_cmd_id(), FREE_PAGE_HINT_CMD_ID_DONE);
+        assert_eq!(c.saved_round(), (0x8000_0007, true));
+        assert_eq!(c.begin_round(), 0x8000_0008);
+        let mut c = core();
+        c.restore_round(0, false);
+        assert_eq!(c.saved_round(), (0, false));
+    }
+
+    #[test]
+    fn refusals() {
+        let mut c = HintCore::new(Layout::from_ram_pfn_ranges(&[(0, 64)]).unwrap());
+        assert_eq!(c.refusal(), Some(HintError::NotActive));
+        c.activate(true, Some(0), false);
+        assert_eq!(c.refusal(), Some(HintError::PoisonUnknown));
+        c.activate(true, Some(0x55), true);
+        assert_eq!(c.refusal(), Some(HintError::GuestPoisons(0x55)));
+        c.set_poison(Some(0));
+        assert_eq!(c.refusal(), None);
+    }
+}

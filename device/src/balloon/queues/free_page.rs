@@ -264,7 +264,13 @@ fn end_round(shared: &Shared, st: &mut DeviceState, cmd_id: u32, free_pages: u32
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::{buffer, fixture};
     use super::*;
+    use crate::balloon::{
+        feature, RoundState, VIRTIO_BALLOON_F_FREE_PAGE_BITMAP, VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+    };
+    use freehint_protocol::bitmap_hint::MsgHeader;
+    use vm_memory::Bytes;
 
     fn d(write: bool) -> Desc {
         Desc {
@@ -272,6 +278,37 @@ mod tests {
             len: 4,
             write,
         }
+    }
+
+    fn run(shared: &Shared, mem: &vm_memory::GuestMemoryMmap, descs: &[Desc]) -> u32 {
+        let chain = Chain {
+            head: 0,
+            descs,
+            mem,
+        };
+        receive_hints(shared, &mut shared.lock(), &chain)
+    }
+
+    /// A device with hinting (and the bitmap extension if `bitmap`) in a
+    /// requested round; returns its command id.
+    fn requested(bitmap: bool) -> (Shared, vm_memory::GuestMemoryMmap, u32) {
+        let mut f = feature(VIRTIO_BALLOON_F_FREE_PAGE_HINT);
+        if bitmap {
+            f |= feature(VIRTIO_BALLOON_F_FREE_PAGE_BITMAP);
+        }
+        let (shared, mem, _) = fixture(f);
+        let id = {
+            let mut st = shared.lock();
+            st.hints.activate(true, None, true);
+            st.hints.begin_round()
+        };
+        (shared, mem, id)
+    }
+
+    fn message(msg: Message) -> [u8; MSG_HEADER_SIZE] {
+        let mut b = [0u8; MSG_HEADER_SIZE];
+        msg.encode(&mut b).unwrap();
+        b
     }
 
     #[test]
@@ -282,5 +319,136 @@ mod tests {
         assert_eq!(split_directions(&[d(true), d(true)]).unwrap().0.len(), 0);
         assert!(split_directions(&[d(false), d(true), d(false)]).is_none());
         assert!(split_directions(&[]).is_some());
+    }
+
+    #[test]
+    fn standard_protocol_round() {
+        let (shared, mem, id) = requested(false);
+        run(
+            &shared,
+            &mem,
+            &[buffer(&mem, 0x100, &(id + 1).to_le_bytes(), false)],
+        );
+        assert_eq!(shared.metrics.snapshot().hint_stale, 1);
+        run(
+            &shared,
+            &mem,
+            &[buffer(&mem, 0x100, &id.to_le_bytes(), false)],
+        );
+        assert_eq!(shared.lock().hints.status().state, RoundState::Started);
+        let blocks = [
+            Desc {
+                addr: 0x10000,
+                len: 0x4000,
+                write: true,
+            },
+            Desc {
+                addr: 0x20800,
+                len: 0x1000,
+                write: true,
+            },
+        ];
+        run(&shared, &mem, &blocks);
+        run(&shared, &mem, &[buffer(&mem, 0x100, &[0; 4], false)]);
+        let st = shared.lock();
+        assert_eq!(st.hints.status().state, RoundState::Stopped);
+        assert_eq!(st.hints.free_pages(), 4);
+        let m = shared.metrics.snapshot();
+        assert_eq!((m.hint_pages, m.hint_partial_pages), (4, 1));
+    }
+
+    #[test]
+    fn bitmap_protocol_round() {
+        let (shared, mem, id) = requested(true);
+        let query = buffer(
+            &mem,
+            0x100,
+            &message(Message::LayoutQuery { cmd_id: id }),
+            false,
+        );
+        let reply = Desc {
+            addr: 0x2000,
+            len: LAYOUT_REPLY_MAX as u32,
+            write: true,
+        };
+        let n = run(&shared, &mem, &[query, reply]);
+        let mut got = [0u8; LAYOUT_REPLY_MAX];
+        mem.read_slice(&mut got, vm_memory::GuestAddress(0x2000))
+            .unwrap();
+        let parsed = LayoutReply::parse(&got[..n as usize]).unwrap();
+        assert_eq!(parsed.cmd_id, id);
+        assert_eq!(parsed.layout.total_bits(), 256);
+        assert_eq!(shared.dirty.take()[0] & 0b100, 0b100, "reply page marked");
+        // A chunk: the header in one descriptor, the payload in two.
+        let h = ChunkHeader {
+            cmd_id: id,
+            first_bit: 64,
+            nr_bits: 70,
+        };
+        let descs = [
+            buffer(&mem, 0x3000, &message(Message::Chunk(h)), false),
+            buffer(&mem, 0x4000, &[0xff; 5], false),
+            buffer(&mem, 0x5000, &[0xff; 11], false),
+        ];
+        assert_eq!(run(&shared, &mem, &descs), 0);
+        assert_eq!(shared.lock().hints.free_pages(), 70);
+        let end = Message::RoundEnd {
+            cmd_id: id,
+            free_pages: 70,
+        };
+        run(&shared, &mem, &[buffer(&mem, 0x100, &message(end), false)]);
+        assert_eq!(shared.lock().hints.status().state, RoundState::Stopped);
+        assert_eq!(shared.metrics.snapshot().hint_pages, 70);
+    }
+
+    #[test]
+    fn bad_bitmap_messages_are_counted() {
+        let (shared, mem, id) = requested(true);
+        let query = buffer(
+            &mem,
+            0x100,
+            &message(Message::LayoutQuery { cmd_id: id }),
+            false,
+        );
+        let small = Desc {
+            addr: 0x2000,
+            len: 8,
+            write: true,
+        };
+        assert_eq!(run(&shared, &mem, &[query, small]), 0);
+        let chunk = |first_bit, nr_bits| {
+            message(Message::Chunk(ChunkHeader {
+                cmd_id: id,
+                first_bit,
+                nr_bits,
+            }))
+        };
+        // Beyond the 256-bit layout.
+        run(
+            &shared,
+            &mem,
+            &[buffer(&mem, 0x100, &chunk(256, 64), false)],
+        );
+        // Payload shorter than the header says.
+        let short = [
+            buffer(&mem, 0x100, &chunk(0, 128), false),
+            buffer(&mem, 0x4000, &[0xff; 8], false),
+        ];
+        run(&shared, &mem, &short);
+        // A header that does not parse.
+        let mut bad = MsgHeader::read(&chunk(0, 64)).unwrap();
+        bad.reserved = 1;
+        let mut bytes = [0u8; MSG_HEADER_SIZE];
+        bad.write(&mut bytes).unwrap();
+        run(&shared, &mem, &[buffer(&mem, 0x100, &bytes, false)]);
+        // A command buffer of the wrong size.
+        run(&shared, &mem, &[buffer(&mem, 0x100, &[0; 6], false)]);
+        let m = shared.metrics.snapshot();
+        assert_eq!(m.bitmap_bad_reply_buffer, 1);
+        assert_eq!(m.bitmap_beyond_layout, 1);
+        assert_eq!(m.bitmap_short_payload, 1);
+        assert_eq!(m.bitmap_bad_message, 1);
+        assert_eq!(m.hint_bad_cmd_buffer, 1);
+        assert_eq!(shared.lock().hints.free_pages(), 0);
     }
 }

@@ -130,3 +130,76 @@ pub(in super::super) fn discard_pages(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{buffer, fixture, PAGES};
+    use super::*;
+
+    fn pfns(list: &[u32]) -> Vec<u8> {
+        list.iter().flat_map(|p| p.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn inflate_discards_runs_and_skips_pfns_outside_ram() {
+        let (shared, mem, discard) = fixture(0);
+        let outside = PAGES as u32 + 5;
+        let d = buffer(
+            &mem,
+            0x1000,
+            &pfns(&[10, 11, 12, 20, outside, 21, 40]),
+            false,
+        );
+        let descs = [d];
+        let chain = Chain {
+            head: 0,
+            descs: &descs,
+            mem: &mem,
+        };
+        assert_eq!(inflate(&shared, &mut shared.lock(), &chain), 0);
+        assert_eq!(discard.pfn_runs(), [(10, 3), (20, 2), (40, 1)]);
+        let m = shared.metrics.snapshot();
+        assert_eq!((m.inflate_pages, m.pfn_out_of_range), (6, 1));
+        assert_eq!(m.discard_bytes, 6 * PAGE_SIZE);
+        // Discarded pages read as zero from now on: the migrator must
+        // resend them.
+        let dirty = shared.dirty.take();
+        assert_eq!(dirty[0] >> 10 & 0b111, 0b111);
+        assert_eq!(dirty[0] >> 40 & 1, 1);
+    }
+
+    #[test]
+    fn deflate_counts_and_discards_nothing() {
+        let (shared, mem, discard) = fixture(0);
+        let descs = [buffer(&mem, 0x1000, &pfns(&[1, 2, 3]), false)];
+        let chain = Chain {
+            head: 0,
+            descs: &descs,
+            mem: &mem,
+        };
+        deflate(&shared, &mut shared.lock(), &chain);
+        assert!(discard.pfn_runs().is_empty());
+        assert_eq!(shared.metrics.snapshot().deflate_pages, 3);
+    }
+
+    #[test]
+    fn bad_descriptors_are_skipped_and_the_rest_is_used() {
+        let (shared, mem, discard) = fixture(0);
+        let too_long = vec![0u8; (MAX_PFNS_PER_DESCRIPTOR + 1) * 4];
+        let descs = [
+            buffer(&mem, 0x1000, &pfns(&[1]), true), // write-only
+            buffer(&mem, 0x2000, &[1, 0, 0], false), // not whole le32s
+            buffer(&mem, 0x4000, &too_long, false),
+            buffer(&mem, 0x3000, &pfns(&[7]), false),
+        ];
+        let chain = Chain {
+            head: 0,
+            descs: &descs,
+            mem: &mem,
+        };
+        inflate(&shared, &mut shared.lock(), &chain);
+        assert_eq!(discard.pfn_runs(), [(7, 1)]);
+        let m = shared.metrics.snapshot();
+        assert_eq!((m.bad_pfn_descriptor, m.inflate_pages), (3, 1));
+    }
+}

@@ -196,3 +196,68 @@ fn count_chain_error(m: &BalloonMetrics, kind: QueueKind, head: u16, e: ChainErr
     BalloonMetrics::inc(counter);
     warn!("{kind}: chain {head} {why}; dropped");
 }
+
+/// A device state and guest memory to run handlers on, without a driver.
+#[cfg(test)]
+pub(super) mod test_support {
+    use std::sync::{Arc, Mutex};
+
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::super::chain::Desc;
+    use super::super::discard::{DiscardError, PageDiscard};
+    use super::super::state::Shared;
+    use super::super::{BalloonConfig, Layout, PAGE_SIZE};
+
+    /// Pages of guest RAM (and of the layout) in the fixture.
+    pub(crate) const PAGES: u64 = 256;
+
+    /// Records discards instead of doing them.
+    #[derive(Debug, Default)]
+    pub(crate) struct RecordingDiscard(pub(crate) Mutex<Vec<(u64, u64)>>);
+
+    impl PageDiscard for RecordingDiscard {
+        fn discard(
+            &self,
+            _mem: &GuestMemoryMmap,
+            addr: GuestAddress,
+            len: u64,
+        ) -> Result<(), DiscardError> {
+            self.0.lock().unwrap().push((addr.0, len));
+            Ok(())
+        }
+    }
+
+    impl RecordingDiscard {
+        /// The discards so far as (first pfn, pages).
+        pub(crate) fn pfn_runs(&self) -> Vec<(u64, u64)> {
+            let calls = self.0.lock().unwrap();
+            calls
+                .iter()
+                .map(|&(a, l)| (a / PAGE_SIZE, l / PAGE_SIZE))
+                .collect()
+        }
+    }
+
+    /// A device (all features offered, `features` acked) over [`PAGES`]
+    /// pages of guest RAM at 0.
+    pub(crate) fn fixture(features: u64) -> (Shared, GuestMemoryMmap, Arc<RecordingDiscard>) {
+        let layout = Layout::from_ram_pfn_ranges(&[(0, PAGES)]).unwrap();
+        let discard = Arc::new(RecordingDiscard::default());
+        let shared = Shared::new(&BalloonConfig::all_features(layout), discard.clone()).unwrap();
+        shared.lock().set_features(features);
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), (PAGES * PAGE_SIZE) as usize)])
+            .unwrap();
+        (shared, mem, discard)
+    }
+
+    /// Writes `bytes` at `addr` and returns a descriptor for them.
+    pub(crate) fn buffer(mem: &GuestMemoryMmap, addr: u64, bytes: &[u8], write: bool) -> Desc {
+        mem.write_slice(bytes, GuestAddress(addr)).unwrap();
+        Desc {
+            addr,
+            len: bytes.len() as u32,
+            write,
+        }
+    }
+}

@@ -43,3 +43,55 @@ pub(in super::super) fn discard_reported(
     }
     0
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::fixture;
+    use super::*;
+    use crate::balloon::chain::Desc;
+    use crate::balloon::feature;
+
+    fn block(addr: u64, len: u32, write: bool) -> Desc {
+        Desc { addr, len, write }
+    }
+
+    #[test]
+    fn whole_pages_of_reported_blocks_are_discarded() {
+        let (shared, mem, discard) = fixture(0);
+        let descs = [
+            block(0x10000, 0x4000, true),
+            block(0x20800, 0x3000, true), // pages 0x21 and 0x22 whole
+            block(0x30000, 0x800, true),  // no whole page
+            block(0x40000, 0x1000, false),
+        ];
+        let chain = Chain {
+            head: 0,
+            descs: &descs,
+            mem: &mem,
+        };
+        assert_eq!(discard_reported(&shared, &mut shared.lock(), &chain), 0);
+        assert_eq!(discard.pfn_runs(), [(0x10, 4), (0x21, 2)]);
+        let m = shared.metrics.snapshot();
+        assert_eq!((m.report_chains, m.wrong_direction), (1, 1));
+        assert_eq!(m.report_bytes, 0x4000 + 0x3000 + 0x800);
+    }
+
+    #[test]
+    fn a_poisoning_guest_keeps_its_pages() {
+        let (shared, mem, discard) = fixture(feature(VIRTIO_BALLOON_F_PAGE_POISON));
+        shared.lock().poison_val = 0xaa;
+        let descs = [block(0x10000, 0x4000, true)];
+        let chain = Chain {
+            head: 0,
+            descs: &descs,
+            mem: &mem,
+        };
+        discard_reported(&shared, &mut shared.lock(), &chain);
+        assert!(discard.pfn_runs().is_empty());
+        assert_eq!(shared.metrics.snapshot().discard_skipped_poison, 1);
+        // Poison 0 is as good as none.
+        shared.lock().poison_val = 0;
+        discard_reported(&shared, &mut shared.lock(), &chain);
+        assert_eq!(discard.pfn_runs(), [(0x10, 4)]);
+    }
+}

@@ -108,3 +108,75 @@ fn give_back(
         })?;
     Ok(Some(index))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{buffer, fixture};
+    use super::*;
+    use freehint_protocol::balloon::{encode_stat, VIRTIO_BALLOON_S_MEMFREE};
+
+    #[test]
+    fn a_stats_buffer_is_parsed_and_held() {
+        let (shared, mem, _) = fixture(0);
+        let mut bytes = encode_stat(VIRTIO_BALLOON_S_MEMFREE, 4096).to_vec();
+        bytes.extend(encode_stat(999, 1));
+        // Split over two descriptors, in the middle of an entry.
+        let descs = [
+            buffer(&mem, 0x1000, &bytes[..7], false),
+            buffer(&mem, 0x2000, &bytes[7..], false),
+        ];
+        let chain = Chain {
+            head: 3,
+            descs: &descs,
+            mem: &mem,
+        };
+        let mut st = shared.lock();
+        assert_eq!(receive_stats(&shared, &mut st, &chain), None);
+        assert_eq!(st.stats_head, Some(3));
+        let stats = st.latest_stats.clone().unwrap();
+        assert_eq!(stats.get(VIRTIO_BALLOON_S_MEMFREE), Some(4096));
+        let m = shared.metrics.snapshot();
+        assert_eq!((m.stats_updates, m.stats_unknown_tag), (1, 1));
+        assert_eq!(m.stats_bad_length, 0);
+    }
+
+    #[test]
+    fn bad_stats_buffers() {
+        let (shared, mem, _) = fixture(0);
+        let mut st = shared.lock();
+        // Write-only: returned at once, nothing held.
+        let descs = [buffer(&mem, 0x1000, &[0; 10], true)];
+        let chain = Chain {
+            head: 1,
+            descs: &descs,
+            mem: &mem,
+        };
+        assert_eq!(receive_stats(&shared, &mut st, &chain), Some(0));
+        assert_eq!(st.stats_head, None);
+        // Too long, and not whole entries: read up to the bound, counted.
+        let descs = [buffer(&mem, 0x2000, &[0; MAX_STATS_BYTES + 3], false)];
+        let chain = Chain {
+            head: 2,
+            descs: &descs,
+            mem: &mem,
+        };
+        assert_eq!(receive_stats(&shared, &mut st, &chain), None);
+        let m = shared.metrics.snapshot();
+        assert_eq!((m.wrong_direction, m.stats_bad_length), (1, 1));
+    }
+
+    #[test]
+    fn nothing_to_return_without_a_held_buffer_or_a_stats_queue() {
+        let (shared, mem, _) = fixture(0);
+        let mut st = shared.lock();
+        assert!(matches!(
+            return_stats_buffer(&shared, &mut st, &mem),
+            Ok(None)
+        ));
+        st.stats_head = Some(0);
+        assert!(matches!(
+            return_stats_buffer(&shared, &mut st, &mem),
+            Err(BalloonError::NotActivated)
+        ));
+    }
+}
