@@ -82,76 +82,97 @@ impl Balloon {
             return Err(BalloonError::RestoreFeatures(acked & !self.avail_features));
         }
         let layout = QueueLayout::for_features(acked);
-        let mut queues = Vec::new();
-        let (mem, interrupt) = if state.activated {
+        let (queues, active) = if state.activated {
             let (Some(mem), Some(irq)) = (mem, interrupt) else {
                 return Err(BalloonError::NotActivated);
             };
-            if state.queues.len() < layout.num_queues() {
-                return Err(BalloonError::QueueCount {
-                    expected: layout.num_queues(),
-                    got: state.queues.len(),
-                });
-            }
-            let guard = mem.memory();
-            for (i, qs) in state.queues.iter().enumerate() {
-                let i = i as u16;
-                if qs.max_size > self.config.queue_size {
-                    return Err(BalloonError::InvalidQueue(i));
-                }
-                let q = Queue::try_from(*qs).map_err(|_| BalloonError::InvalidQueue(i))?;
-                if q.ready() && !q.is_valid(&*guard) {
-                    return Err(BalloonError::InvalidQueue(i));
-                }
-                queues.push(q);
-            }
-            if let Some(head) = state.stats_head {
-                let ok = layout
-                    .index_of(QueueKind::Stats)
-                    .and_then(|i| queues.get(usize::from(i)))
-                    .is_some_and(|q| q.ready() && head < q.size());
-                if !ok {
-                    return Err(BalloonError::InvalidStatsHead(head));
-                }
-            }
-            (Some(mem), Some(irq))
+            (self.restored_queues(state, layout, &mem)?, Some((mem, irq)))
         } else {
-            (None, None)
+            (Vec::new(), None)
         };
-
-        let (activated, generation) = {
-            let mut st = self.shared.lock();
-            st.set_features(acked);
-            st.num_pages = state.num_pages;
-            st.actual = state.actual;
-            st.poison_val = state.poison_val;
-            st.queues = queues;
-            st.mem = mem;
-            st.interrupt = interrupt.clone();
-            let activated = st.mem.is_some();
-            st.stats_head = state.stats_head.filter(|_| activated);
-            st.arm_hints(self.config.page_poison);
-            st.hints
-                .restore_round(state.hint_cmd_id, activated && state.hint_round_requested);
-            (activated, self.shared.next_generation())
-        };
+        let generation = self.install(state, queues, active.clone());
+        let activated = active.is_some();
         info!("balloon state restored (activated: {activated}, features {acked:#x})");
-        if !activated {
-            return Ok(());
+        if let Some((_, irq)) = active {
+            self.resume(state, layout, &irq);
+            self.start_stats_polling(acked, generation);
         }
-        // Kicks that reached the source after it was quiesced are lost:
-        // process whatever the driver already made available.
+        Ok(())
+    }
+
+    /// The queues of an activated `state`, each validated against `mem`
+    /// like a driver's, and its held stats buffer checked against them.
+    fn restored_queues(
+        &self,
+        state: &BalloonState,
+        layout: QueueLayout,
+        mem: &GuestMemoryHandle,
+    ) -> Result<Vec<Queue>, BalloonError> {
+        if state.queues.len() < layout.num_queues() {
+            return Err(BalloonError::QueueCount {
+                expected: layout.num_queues(),
+                got: state.queues.len(),
+            });
+        }
+        let guard = mem.memory();
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (i, qs) in state.queues.iter().enumerate() {
+            let i = i as u16;
+            if qs.max_size > self.config.queue_size {
+                return Err(BalloonError::InvalidQueue(i));
+            }
+            let q = Queue::try_from(*qs).map_err(|_| BalloonError::InvalidQueue(i))?;
+            if q.ready() && !q.is_valid(&*guard) {
+                return Err(BalloonError::InvalidQueue(i));
+            }
+            queues.push(q);
+        }
+        if let Some(head) = state.stats_head {
+            let ok = layout
+                .index_of(QueueKind::Stats)
+                .and_then(|i| queues.get(usize::from(i)))
+                .is_some_and(|q| q.ready() && head < q.size());
+            if !ok {
+                return Err(BalloonError::InvalidStatsHead(head));
+            }
+        }
+        Ok(queues)
+    }
+
+    /// Puts a validated `state` into the device; returns the new
+    /// generation.
+    fn install(
+        &self,
+        state: &BalloonState,
+        queues: Vec<Queue>,
+        active: Option<(GuestMemoryHandle, Arc<dyn Interrupt>)>,
+    ) -> u64 {
+        let mut st = self.shared.lock();
+        st.set_features(state.acked_features);
+        st.num_pages = state.num_pages;
+        st.actual = state.actual;
+        st.poison_val = state.poison_val;
+        st.queues = queues;
+        let activated = active.is_some();
+        (st.mem, st.interrupt) = active.unzip();
+        st.stats_head = state.stats_head.filter(|_| activated);
+        st.arm_hints(self.config.page_poison);
+        st.hints
+            .restore_round(state.hint_cmd_id, activated && state.hint_round_requested);
+        self.shared.next_generation()
+    }
+
+    /// After restoring an activated device: processes what the driver made
+    /// available (kicks that reached the source after it was quiesced are
+    /// lost) and, if a hint round was pending, tells the guest it is DONE.
+    fn resume(&mut self, state: &BalloonState, layout: QueueLayout, irq: &Arc<dyn Interrupt>) {
         for index in 0..layout.num_queues() as u16 {
             if let Err(e) = crate::VirtioDevice::queue_notify(self, index) {
                 log::warn!("after restore, queue {index}: {e}");
             }
         }
         if state.hint_round_requested {
-            if let Some(irq) = &interrupt {
-                irq.signal_config();
-            }
+            irq.signal_config();
         }
-        self.start_stats_polling(acked, generation);
-        Ok(())
     }
 }

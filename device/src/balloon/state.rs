@@ -37,8 +37,10 @@ use crate::virtio_device::{GuestMemoryHandle, Interrupt};
 /// another.
 static NEXT_DEVICE_ID: AtomicU64 = AtomicU64::new(1);
 
-/// The device's state, under [`Shared`]'s one lock.
+/// The device's state, under [`Shared`]'s one lock. Fields are grouped as
+/// in Firecracker's balloon: virtio, transport, implementation.
 pub(super) struct DeviceState {
+    // Virtio: negotiation and the config space fields.
     /// Features the driver acknowledged.
     pub(super) acked_features: u64,
     /// Queue numbering for `acked_features`.
@@ -49,12 +51,16 @@ pub(super) struct DeviceState {
     pub(super) actual: u32,
     /// Config `poison_val`.
     pub(super) poison_val: u32,
+
+    // Transport: what activation hands over.
     /// The driver's queues, by index (empty until activation).
     pub(super) queues: Vec<Queue>,
     /// Guest memory while activated.
     pub(super) mem: Option<GuestMemoryHandle>,
     /// The transport's interrupt while activated.
     pub(super) interrupt: Option<Arc<dyn Interrupt>>,
+
+    // Implementation.
     /// How inflated and reported pages are given back to the host.
     pub(super) discard: Arc<dyn PageDiscard>,
     /// Head of the stats buffer the device holds (returned on request).

@@ -56,6 +56,20 @@ pub(in super::super) fn receive_hints(
         take_cmd_id(shared, st, &mut reader);
         return 0;
     }
+    receive_message(shared, st, reader, writer, writable)
+}
+
+/// Bitmap protocol: a message header, then what its kind carries. Returns
+/// the used length.
+fn receive_message(
+    shared: &Shared,
+    st: &mut DeviceState,
+    mut reader: Reader<'_>,
+    writer: Writer<'_>,
+    writable: &[Desc],
+) -> u32 {
+    let m = &shared.metrics;
+    let rlen = reader.available_bytes();
     if !bitmap_hints(st.acked_features) || rlen < MSG_HEADER_SIZE {
         BalloonMetrics::inc(&m.hint_bad_cmd_buffer);
         warn!("free_page_vq: command buffer of {rlen} bytes (need 4); dropped");
