@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 
 //! The virtio-balloon driver logic (no `bindings::`, no `unsafe`: the
-//! virtio core is reached through `virtio.rs`).
+//! virtio core is reached through `virtio.rs`, pages and memory figures
+//! through `mm.rs`).
 //!
 //! Behaviour follows Linux 6.12's `drivers/virtio/virtio_balloon.c` so the
 //! module can replace `virtio_balloon` (never load both: the first one bound
@@ -32,10 +33,9 @@ use kernel::sync::Mutex;
 use kernel::{c_str, new_mutex};
 
 use crate::abi;
-use crate::hint;
-use crate::virtio::{
-    self, BalloonPage, Callback, Device, DmaBuf, HintQueue, PageList, StatsQueue, Validator, Virtqueue, Work,
-};
+use crate::hint::{self, HintQueue};
+use crate::mm::{self, BalloonPage, PageList};
+use crate::virtio::{self, Bound, Callback, Chain, DmaBuf, Queue, Validator, Work};
 
 /// Pfns per inflate/deflate buffer (as Linux).
 const PFNS_PER_BUF: usize = 256;
@@ -49,8 +49,8 @@ const PAGE_POISON: u8 = 0xaa;
 const OUT_OF_PUFF_MS: u32 = 200;
 
 /// Feature negotiation, before the features are final: what to refuse.
-pub(crate) fn validate(v: &Validator) {
-    let p = virtio::poisoning();
+fn validate(v: &Validator<'_>) {
+    let p = mm::poisoning();
     if !p.page_poisoning && !p.init_on_free {
         // Free pages hold no particular value: nothing to report.
         v.clear(abi::VIRTIO_BALLOON_F_PAGE_POISON);
@@ -79,7 +79,7 @@ struct Features {
 }
 
 impl Features {
-    fn read(dev: &Device) -> Self {
+    fn read(dev: &Bound) -> Self {
         let mut bits = 0u64;
         for bit in [
             abi::VIRTIO_BALLOON_F_MUST_TELL_HOST,
@@ -105,10 +105,11 @@ impl Features {
 
 /// Inflate/deflate state, under one lock (size work, OOM notifier, remove).
 struct Inflated {
-    inflate_vq: Virtqueue,
-    deflate_vq: Virtqueue,
+    /// The inflate queue and its buffer of le32 pfns.
+    inflate_vq: Queue<DmaBuf>,
+    /// The deflate queue and its buffer of le32 pfns.
+    deflate_vq: Queue<DmaBuf>,
     pages: PageList,
-    pfns: DmaBuf<PFN_BUF_BYTES>,
     /// Pages being deflated (capacity [`PFNS_PER_BUF`], allocated at probe:
     /// the OOM path must not allocate).
     leaking: KVec<BalloonPage>,
@@ -129,10 +130,34 @@ struct HintState {
     rounds: u64,
 }
 
+/// The stats virtqueue and the buffer it keeps lent to the device.
+struct StatsQueue(Queue<DmaBuf>);
+
+/// Bytes of the stats buffer: one entry per stat tag Linux 6.12 knows.
+const STATS_BUF_BYTES: usize = abi::VIRTIO_BALLOON_S_NR * abi::VIRTIO_BALLOON_STAT_SIZE;
+
+impl StatsQueue {
+    /// Takes the buffer back if the device returned it (it does so to ask
+    /// for fresh statistics). Returns whether the driver now holds it.
+    fn take_back(&mut self) -> bool {
+        self.0.reclaim();
+        self.0.in_flight() == 0
+    }
+
+    /// Fills the buffer with the current statistics and lends it to the
+    /// device. `EBUSY` if the device still holds it.
+    fn post(&mut self) -> Result {
+        let len = fill_stats(self.0.bufs_mut()?.bytes_mut());
+        self.0.add(|buf| Chain::read(buf, len))?;
+        self.0.kick();
+        Ok(())
+    }
+}
+
 /// One bound balloon device.
 #[pin_data]
 pub(crate) struct Balloon {
-    dev: Device,
+    dev: Bound,
     feat: Features,
     #[pin]
     inflated: Mutex<Inflated>,
@@ -157,7 +182,7 @@ pub(crate) struct Balloon {
 impl Balloon {
     /// Sets up queues and state (the device is not ready yet and holds no
     /// buffer of ours). On error the caller resets the device.
-    pub(crate) fn new(dev: Device) -> Result<Pin<KBox<Self>>> {
+    fn new(mut dev: Bound) -> Result<Pin<KBox<Self>>> {
         let feat = Features::read(&dev);
         let layout = abi::QueueLayout::for_features(feat.bits);
         let mut specs: KVec<(&'static CStr, Option<Callback>)> = KVec::with_capacity(abi::MAX_QUEUES, GFP_KERNEL)?;
@@ -186,16 +211,13 @@ impl Balloon {
             return Err(ENODEV);
         };
         let stats = match stats_vq {
-            Some(vq) => Some(StatsQueue::new(vq)?),
+            Some(vq) => Some(StatsQueue(Queue::new(vq, DmaBuf::new(STATS_BUF_BYTES)?))),
             None => None,
         };
         let hint = match free_vq {
             Some(vq) => {
-                let mut q = HintQueue::new(vq)?;
                 let bitmap = abi::bitmap_hints(feat.bits);
-                if bitmap {
-                    q.enable_bitmap()?;
-                }
+                let q = HintQueue::new(vq, bitmap)?;
                 let builder = crate::builder::Builder::new()?;
                 let own_bits = builder.summary().0;
                 dev.alloc_hint_wq()?;
@@ -212,10 +234,9 @@ impl Balloon {
         };
         let pages = dev.take_page_list().ok_or(EINVAL)?;
         let inflated = Inflated {
-            inflate_vq,
-            deflate_vq,
+            inflate_vq: Queue::new(inflate_vq, DmaBuf::new(PFN_BUF_BYTES)?),
+            deflate_vq: Queue::new(deflate_vq, DmaBuf::new(PFN_BUF_BYTES)?),
             pages,
-            pfns: DmaBuf::new()?,
             leaking: KVec::with_capacity(PFNS_PER_BUF, GFP_KERNEL)?,
         };
         KBox::pin_init(
@@ -240,11 +261,11 @@ impl Balloon {
     /// Lends the stats buffer, registers the OOM notifier, reports the
     /// poison value, sets DRIVER_OK and starts towards the target. On error
     /// the caller runs [`Balloon::teardown`].
-    pub(crate) fn start(&self) -> Result {
+    fn start(&self) -> Result {
         // `Option::as_mut` by path: 7.3's lock guard has an `as_mut` of its
         // own (a pinned reference), which method syntax would pick.
         if let Some(s) = Option::as_mut(&mut self.stats.lock()) {
-            s.post(fill_stats)?;
+            s.post()?;
         }
         if self.feat.deflate_on_oom {
             self.dev.register_oom()?;
@@ -253,12 +274,12 @@ impl Balloon {
         let poison_val = if self.feat.poison {
             // 0 stands for init_on_free (pages are zeroed), else the poison
             // byte repeated (a single byte, so no byte order issue).
-            let v = if virtio::poisoning().init_on_free {
+            let v = if mm::poisoning().init_on_free {
                 0
             } else {
                 u32::from_le_bytes([PAGE_POISON; 4])
             };
-            self.dev.set_poison_val(v);
+            self.dev.config_write_le32(abi::CONFIG_POISON_VAL, v);
             Some(v)
         } else {
             None
@@ -278,9 +299,10 @@ impl Balloon {
         Ok(())
     }
 
-    /// Stops everything, deflates fully, resets the device and deletes its
-    /// queues. Idempotent. After it returns nothing uses the state.
-    pub(crate) fn teardown(&self) {
+    /// Stops everything and deflates fully (the adapter then resets the
+    /// device and deletes its queues). Idempotent. After it returns nothing
+    /// uses the state.
+    fn teardown(&self) {
         if self.torn_down.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -301,10 +323,9 @@ impl Balloon {
                 }
                 total += n;
             }
-            self.dev.set_actual(clamp_u32(inf.pages.len()));
+            self.set_actual(clamp_u32(inf.pages.len()));
             total
         };
-        self.dev.reset_and_del_vqs();
         let rounds = self.hint.lock().as_ref().map_or(0, |h| h.rounds);
         pr_info!(
             "virtio-balloon removed: {} pages returned, {} given back on OOM before, {} hint rounds\n",
@@ -314,8 +335,18 @@ impl Balloon {
         );
     }
 
+    /// Config `num_pages`: the balloon size the host wants (4 KiB pages).
+    fn num_pages(&self) -> u32 {
+        self.dev.config_read_le32(abi::CONFIG_NUM_PAGES)
+    }
+
+    /// Writes config `actual` (pages in the balloon).
+    fn set_actual(&self, pages: u32) {
+        self.dev.config_write_le32(abi::CONFIG_ACTUAL, pages);
+    }
+
     /// Config space changed (interrupt context): queue the work it needs.
-    pub(crate) fn config_changed(&self) {
+    fn config_changed(&self) {
         self.dev.queue_work(Work::Size);
         if self.feat.hint && !self.cmd_dirty.swap(true, Ordering::AcqRel) {
             self.dev.queue_work(Work::Hint);
@@ -325,18 +356,19 @@ impl Balloon {
     /// The command id from config, read again only after a config change.
     fn cmd_id_received(&self) -> u32 {
         if self.cmd_dirty.swap(false, Ordering::AcqRel) {
-            self.cmd_cache.store(self.dev.cmd_id(), Ordering::Release);
+            let id = self.dev.config_read_le32(abi::CONFIG_FREE_PAGE_HINT_CMD_ID);
+            self.cmd_cache.store(id, Ordering::Release);
         }
         self.cmd_cache.load(Ordering::Acquire)
     }
 
     /// Inflate or deflate one step towards `num_pages`, write `actual`,
     /// requeue while not there.
-    pub(crate) fn size_work(&self) {
+    fn size_work(&self) {
         if self.stopping.load(Ordering::Acquire) {
             return;
         }
-        let target = i64::from(self.dev.num_pages());
+        let target = i64::from(self.num_pages());
         let have = self.inflated.lock().pages.len() as i64;
         let diff = target - have;
         if diff == 0 {
@@ -350,16 +382,16 @@ impl Balloon {
             self.leak_locked(&mut inf, step)
         };
         let now = self.inflated.lock().pages.len();
-        self.dev.set_actual(clamp_u32(now));
+        self.set_actual(clamp_u32(now));
         if done == 0 && diff > 0 {
             if !self.puff_logged.swap(true, Ordering::Relaxed) {
                 pr_info!("out of puff: cannot inflate to {} pages (at {}); retrying every {} ms\n", target, now, OUT_OF_PUFF_MS);
             }
-            virtio::msleep(OUT_OF_PUFF_MS);
+            crate::clock::sleep_ms(OUT_OF_PUFF_MS);
         } else if done > 0 {
             self.puff_logged.store(false, Ordering::Relaxed);
         }
-        if i64::from(self.dev.num_pages()) != now as i64 {
+        if i64::from(self.num_pages()) != now as i64 {
             self.dev.queue_work(Work::Size);
         }
     }
@@ -385,16 +417,12 @@ impl Balloon {
         let mut guard = self.inflated.lock();
         let inf = &mut *guard;
         let k = new.len();
-        for (i, p) in new.iter().enumerate() {
-            let pfn = p.pfn32().unwrap_or(0);
-            inf.pfns.bytes_mut()[i * 4..i * 4 + 4].copy_from_slice(&pfn.to_le_bytes());
-        }
-        if let Err(e) = inf.inflate_vq.send_and_wait(&inf.pfns, k * 4) {
+        if let Err(e) = tell_host(&mut inf.inflate_vq, new.iter()) {
             // Not told to the host: the pages go straight back (dropped).
             pr_warn!("inflate buffer refused ({:?})\n", e);
             return 0;
         }
-        while let Some(p) = virtio::vec_pop(&mut new) {
+        while let Some(p) = mm::vec_pop(&mut new) {
             if !self.feat.deflate_on_oom {
                 p.adjust_managed(-1);
             }
@@ -418,21 +446,17 @@ impl Balloon {
         if k == 0 {
             return 0;
         }
-        for i in 0..k {
-            let pfn = inf.leaking[i].pfn32().unwrap_or(0);
-            inf.pfns.bytes_mut()[i * 4..i * 4 + 4].copy_from_slice(&pfn.to_le_bytes());
-        }
-        if let Err(e) = inf.deflate_vq.send_and_wait(&inf.pfns, k * 4) {
+        if let Err(e) = tell_host(&mut inf.deflate_vq, inf.leaking.iter()) {
             pr_warn!("deflate buffer refused ({:?})\n", e);
             if self.feat.must_tell_host {
                 // The host was not told: the pages stay in the balloon.
-                while let Some(p) = virtio::vec_pop(&mut inf.leaking) {
+                while let Some(p) = mm::vec_pop(&mut inf.leaking) {
                     inf.pages.push(p);
                 }
                 return 0;
             }
         }
-        while let Some(p) = virtio::vec_pop(&mut inf.leaking) {
+        while let Some(p) = mm::vec_pop(&mut inf.leaking) {
             if !self.feat.deflate_on_oom {
                 p.adjust_managed(1);
             }
@@ -442,29 +466,29 @@ impl Balloon {
     }
 
     /// OOM notifier: gives back up to 256 pages; returns how many.
-    pub(crate) fn oom(&self) -> usize {
+    fn oom(&self) -> usize {
         let mut inf = self.inflated.lock();
         let n = self.leak_locked(&mut inf, OOM_NR_PAGES);
-        self.dev.set_actual(clamp_u32(inf.pages.len()));
+        self.set_actual(clamp_u32(inf.pages.len()));
         self.oom_returned.fetch_add(clamp_u32(n), Ordering::Relaxed);
         n
     }
 
     /// The host took the stats buffer back: refill and lend it again.
-    pub(crate) fn stats_work(&self) {
+    fn stats_work(&self) {
         let mut s = self.stats.lock();
         let Some(q) = Option::as_mut(&mut s) else { return };
         if !q.take_back() {
             return;
         }
-        if let Err(e) = q.post(fill_stats) {
+        if let Err(e) = q.post() {
             pr_warn!("stats buffer refused ({:?})\n", e);
         }
     }
 
     /// A config change arrived with hinting negotiated: start a round if
     /// the command id is new.
-    pub(crate) fn hint_work(&self) {
+    fn hint_work(&self) {
         let mut guard = self.hint.lock();
         let Some(h) = Option::as_mut(&mut guard) else { return };
         let id = self.cmd_id_received();
@@ -513,6 +537,52 @@ impl Balloon {
     }
 }
 
+impl virtio::Driver for Balloon {
+    /// Offered: MUST_TELL_HOST, STATS_VQ, DEFLATE_ON_OOM, FREE_PAGE_HINT,
+    /// PAGE_POISON and freehint's FREE_PAGE_BITMAP (docs/protocol.md). Not
+    /// REPORTING: free page reporting is not implemented.
+    const FEATURES: &'static [u32] = &[
+        abi::VIRTIO_BALLOON_F_MUST_TELL_HOST,
+        abi::VIRTIO_BALLOON_F_STATS_VQ,
+        abi::VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
+        abi::VIRTIO_BALLOON_F_FREE_PAGE_HINT,
+        abi::VIRTIO_BALLOON_F_PAGE_POISON,
+        abi::VIRTIO_BALLOON_F_FREE_PAGE_BITMAP,
+    ];
+
+    fn validate(dev: &Validator<'_>) {
+        validate(dev);
+    }
+
+    fn probe(dev: Bound) -> Result<Pin<KBox<Self>>> {
+        Balloon::new(dev)
+    }
+
+    fn start(&self) -> Result {
+        Balloon::start(self)
+    }
+
+    fn teardown(&self) {
+        Balloon::teardown(self);
+    }
+
+    fn config_changed(&self) {
+        Balloon::config_changed(self);
+    }
+
+    fn work(&self, w: Work) {
+        match w {
+            Work::Size => self.size_work(),
+            Work::Stats => self.stats_work(),
+            Work::Hint => self.hint_work(),
+        }
+    }
+
+    fn oom(&self) -> usize {
+        Balloon::oom(self)
+    }
+}
+
 /// Stop conditions of a hint round.
 struct Ctl<'a> {
     b: &'a Balloon,
@@ -537,19 +607,33 @@ fn clamp_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
+/// Sends the le32 pfns of `pages` (at most [`PFNS_PER_BUF`]) on the inflate
+/// or deflate queue and waits until the host returned them (Linux's
+/// `tell_host`).
+fn tell_host<'a>(q: &mut Queue<DmaBuf>, pages: impl Iterator<Item = &'a BalloonPage>) -> Result {
+    let buf = q.bufs_mut()?.bytes_mut();
+    let mut len = 0;
+    for p in pages {
+        let Some(dst) = buf.get_mut(len..len + 4) else { break };
+        dst.copy_from_slice(&p.pfn32().unwrap_or(0).to_le_bytes());
+        len += 4;
+    }
+    q.send_and_wait(|pfns| Chain::read(pfns, len))
+}
+
 /// Writes the stat entries (le16 tag, le64 value) into `buf`; returns the
 /// bytes used.
-fn fill_stats(buf: &mut [u8; virtio::STATS_BUF_BYTES]) -> usize {
-    let m = virtio::mem_stats();
+fn fill_stats(buf: &mut [u8]) -> usize {
+    let m = mm::mem_stats();
     let mut entries: [(u16, u64); 9] = [(0, 0); 9];
     let mut n = 0;
-    if m.have_events != 0 {
+    if let Some(ev) = m.events {
         for e in [
-            (abi::VIRTIO_BALLOON_S_SWAP_IN, m.swap_in_bytes),
-            (abi::VIRTIO_BALLOON_S_SWAP_OUT, m.swap_out_bytes),
-            (abi::VIRTIO_BALLOON_S_MAJFLT, m.major_faults),
-            (abi::VIRTIO_BALLOON_S_MINFLT, m.minor_faults),
-            (abi::VIRTIO_BALLOON_S_OOM_KILL, m.oom_kills),
+            (abi::VIRTIO_BALLOON_S_SWAP_IN, ev.swap_in_bytes),
+            (abi::VIRTIO_BALLOON_S_SWAP_OUT, ev.swap_out_bytes),
+            (abi::VIRTIO_BALLOON_S_MAJFLT, ev.major_faults),
+            (abi::VIRTIO_BALLOON_S_MINFLT, ev.minor_faults),
+            (abi::VIRTIO_BALLOON_S_OOM_KILL, ev.oom_kills),
         ] {
             entries[n] = e;
             n += 1;

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: GPL-2.0 */
 /*
  * The interface between helpers.c and the Rust crate of freehint.ko.
- * Rust declares the same functions in `extern "C"` blocks (zone.rs,
+ * Rust declares the same functions in `extern "C"` blocks (zone.rs, mm.rs,
  * clock.rs, debugfs.rs); keep both in sync.
  */
 #ifndef FREEHINT_H

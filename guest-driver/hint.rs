@@ -45,9 +45,11 @@
 
 use kernel::prelude::*;
 
+use crate::bitmap_hint::{LAYOUT_REPLY_MAX, MSG_HEADER_SIZE};
 use crate::builder::Builder;
-use crate::virtio::HintQueue;
+use crate::virtio::{Chain, DmaBuf, Queue, VqHandle};
 use crate::zone;
+
 /// One wait for used buffers (ms); the stop conditions are checked between.
 /// Short, because a used-buffer interrupt can be missed (seen with QEMU's
 /// free page vq, which the device polls from an iothread): the wait then
@@ -58,6 +60,176 @@ const MAX_IDLE_WAITS: u32 = 1250;
 /// Largest range sent as one descriptor (pages): 1 GiB, well below the
 /// 4 GiB descriptor length limit.
 const MAX_RUN_PAGES: u64 = 1 << 18;
+
+/// Payload bytes per bitmap chunk: 64 KiB = 2^19 bits = 2 GiB of RAM.
+const CHUNK_BYTES: usize = 64 * 1024;
+
+/// The memory the free page queue lends to the device.
+pub(crate) struct HintBufs {
+    /// The command id of a round (le32), rewritten for each round.
+    cmd: DmaBuf,
+    /// STOP: le32 0, never written.
+    stop: DmaBuf,
+    /// Bitmap protocol buffers (only with FREE_PAGE_BITMAP).
+    bm: Option<BitmapBufs>,
+}
+
+/// Buffers of the bitmap hint protocol.
+struct BitmapBufs {
+    /// A message header.
+    msg: DmaBuf,
+    /// The layout reply (device-writable).
+    reply: DmaBuf,
+    /// Chunk payload, [`CHUNK_BYTES`].
+    chunk: DmaBuf,
+}
+
+/// The free page virtqueue with its buffers. Every buffer is rewritten only
+/// while the device holds none of them (`Queue::bufs_mut`).
+pub(crate) struct HintQueue {
+    q: Queue<HintBufs>,
+    /// Used length of the last layout reply.
+    reply_len: usize,
+}
+
+impl HintQueue {
+    /// Wraps the free page queue (its ring must hold at least 2 buffers),
+    /// with the bitmap protocol's buffers if `bitmap`.
+    pub(crate) fn new(vq: VqHandle, bitmap: bool) -> Result<Self> {
+        let bm = if bitmap {
+            Some(BitmapBufs {
+                msg: DmaBuf::new(MSG_HEADER_SIZE)?,
+                reply: DmaBuf::new(LAYOUT_REPLY_MAX)?,
+                chunk: DmaBuf::new(CHUNK_BYTES)?,
+            })
+        } else {
+            None
+        };
+        let bufs = HintBufs {
+            cmd: DmaBuf::new(4)?,
+            stop: DmaBuf::new(4)?,
+            bm,
+        };
+        let q = Queue::new(vq, bufs);
+        if q.ring_size() < 2 {
+            return Err(ENOSPC);
+        }
+        Ok(Self { q, reply_len: 0 })
+    }
+
+    /// Ring size.
+    pub(crate) fn ring_size(&self) -> u32 {
+        self.q.ring_size()
+    }
+
+    /// Buffers the device holds.
+    fn in_flight(&self) -> u32 {
+        self.q.in_flight()
+    }
+
+    /// Free descriptors.
+    fn free_slots(&self) -> u32 {
+        self.q.free_slots()
+    }
+
+    /// Takes back every used buffer; returns how many.
+    fn reclaim(&mut self) -> u32 {
+        self.q.reclaim()
+    }
+
+    /// Waits at most `ms` for the device to return at least one buffer,
+    /// then takes back every used one. Returns how many came back.
+    fn wait_used(&mut self, ms: u32) -> u32 {
+        self.q.wait_used(ms)
+    }
+
+    /// Notifies the device.
+    fn kick(&mut self) {
+        self.q.kick();
+    }
+
+    /// Sends `id` (le32 outbuf): the start of a hint round. Only while the
+    /// device holds no buffer (`EBUSY` otherwise).
+    fn send_cmd_id(&mut self, id: u32) -> Result {
+        self.q.bufs_mut()?.cmd.bytes_mut().copy_from_slice(&id.to_le_bytes());
+        self.q.add(|b| Chain::read(&b.cmd, 4))?;
+        self.q.kick();
+        Ok(())
+    }
+
+    /// Sends STOP (le32 0 outbuf): the end of a hint round.
+    fn send_stop(&mut self) -> Result {
+        self.q.add(|b| Chain::read(&b.stop, 4))?;
+        self.q.kick();
+        Ok(())
+    }
+
+    /// Adds the free range `[pfn, pfn + pages)` as one device-writable
+    /// buffer (addr = pfn << 12, len = pages << 12, at most `u32::MAX`
+    /// bytes). Not kicked.
+    fn add_range(&mut self, pfn: u64, pages: u64) -> Result {
+        self.q.add(|_| Chain::free_range(pfn, pages))
+    }
+
+    /// Waits at most `ms` for the one buffer chain the device holds (bitmap
+    /// messages are sent one at a time) and records its used length.
+    /// Returns whether the queue is idle now.
+    fn wait_idle_once(&mut self, ms: u32) -> bool {
+        if let Some(len) = self.q.wait_one(ms) {
+            self.reply_len = len as usize;
+        }
+        self.q.in_flight() == 0
+    }
+
+    /// The bitmap buffers, for writing: only while the device holds none.
+    fn bm_idle(&mut self) -> Result<&mut BitmapBufs> {
+        self.q.bufs_mut()?.bm.as_mut().ok_or(EINVAL)
+    }
+
+    /// Sends a LAYOUT_QUERY header with a writable reply buffer in one chain.
+    fn send_layout_query(&mut self, hdr: &[u8]) -> Result {
+        let bm = self.bm_idle()?;
+        let n = hdr.len().min(bm.msg.bytes().len());
+        bm.msg.bytes_mut()[..n].copy_from_slice(&hdr[..n]);
+        bm.reply.bytes_mut().fill(0);
+        self.reply_len = 0;
+        self.q.add(|b| match &b.bm {
+            Some(bm) => Chain::read(&bm.msg, n).then_write(&bm.reply),
+            None => Chain::empty(),
+        })?;
+        self.q.kick();
+        Ok(())
+    }
+
+    /// The layout reply of the last query, once the device returned it
+    /// (empty while it still holds the buffers).
+    fn layout_reply(&self) -> &[u8] {
+        match self.q.bufs().and_then(|b| b.bm.as_ref()) {
+            Some(bm) => &bm.reply.bytes()[..self.reply_len.min(LAYOUT_REPLY_MAX)],
+            None => &[],
+        }
+    }
+
+    /// Sends a message header alone (ROUND_END) or followed by `payload`
+    /// (CHUNK, at most [`CHUNK_BYTES`]) in one device-readable chain.
+    fn send_message(&mut self, hdr: &[u8], payload: &[u8]) -> Result {
+        if payload.len() > CHUNK_BYTES {
+            return Err(EINVAL);
+        }
+        let bm = self.bm_idle()?;
+        let n = hdr.len().min(bm.msg.bytes().len());
+        bm.msg.bytes_mut()[..n].copy_from_slice(&hdr[..n]);
+        bm.chunk.bytes_mut()[..payload.len()].copy_from_slice(payload);
+        let len = payload.len();
+        self.q.add(|b| match &b.bm {
+            Some(bm) if len == 0 => Chain::read(&bm.msg, n),
+            Some(bm) => Chain::read(&bm.msg, n).then_read(&bm.chunk, len),
+            None => Chain::empty(),
+        })?;
+        self.q.kick();
+        Ok(())
+    }
+}
 
 /// Why a round ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -326,7 +498,7 @@ pub(crate) fn run_bitmap_round(
     cmd_id: u32,
     ctl: &impl Control,
 ) -> BitmapStats {
-    use crate::bitmap_hint::{chunk_spans, ChunkHeader, LayoutReply, Message, MSG_HEADER_SIZE};
+    use crate::bitmap_hint::{chunk_spans, ChunkHeader, LayoutReply, Message};
     let t0 = zone::now_ns();
     let mut st = BitmapStats {
         cmd_id,
@@ -380,7 +552,7 @@ pub(crate) fn run_bitmap_round(
         let (_, free, _) = builder.summary();
         st.free_pages = free;
         let bytes = builder.bitmap_bytes();
-        for (first_bit, nr_bits) in chunk_spans(st.total_bits, (crate::virtio::CHUNK_BYTES * 8) as u32) {
+        for (first_bit, nr_bits) in chunk_spans(st.total_bits, (CHUNK_BYTES * 8) as u32) {
             if let Some(e) = ctl.should_stop() {
                 return Err(e);
             }

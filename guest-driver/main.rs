@@ -17,7 +17,8 @@
 //! Structure: `zone.rs` is the only module with raw access to zones, free
 //! lists and pages; `walk.rs` is the walk; `builder.rs` owns layout, bitmap
 //! and statistics; `clock.rs` times the walk; `debugfs.rs` is the diagnostic
-//! interface; `virtio.rs` wraps the virtio core (with `virtio_shim.c`);
+//! interface; `virtio.rs` is a small virtio abstraction (with
+//! `virtio_shim.c`); `mm.rs` holds balloon pages and memory figures;
 //! `balloon.rs` is the driver logic and `hint.rs` its hint rounds. `layout`,
 //! `bitmap`, `balloon` (as `abi`) and `bitmap_hint` are included unchanged
 //! from the protocol crate.
@@ -38,7 +39,7 @@ mod walk;
 mod zone;
 
 // The virtio-balloon driver: `balloon.rs` (logic), `hint.rs` (hint rounds),
-// `virtio.rs` (the virtio core); `abi` is the protocol crate's virtio-balloon
+// `virtio.rs` (the virtio core), `mm.rs` (balloon pages); `abi` is the protocol crate's virtio-balloon
 // ABI, `bitmap_hint` its bitmap hint messages.
 #[allow(dead_code, unreachable_pub, missing_docs)]
 #[path = "protocol/balloon.rs"]
@@ -48,6 +49,7 @@ mod abi;
 mod bitmap_hint;
 mod balloon;
 mod hint;
+mod mm;
 mod virtio;
 
 // 6.12's `module!` takes `author`, 7.3's only `authors` (the
@@ -76,7 +78,7 @@ module! {
 /// `debugfs.rs`).
 struct FreeHint {
     /// The virtio-balloon driver; unregistered first (removes bound devices).
-    _virtio: Option<virtio::Registration>,
+    _virtio: Option<virtio::Registration<balloon::Balloon>>,
     diag: debugfs::Diag,
 }
 

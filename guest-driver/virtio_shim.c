@@ -1,48 +1,61 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * freehint.ko as a virtio-balloon driver: the C side.
+ * freehint.ko as a virtio driver: the C side, for what 6.12's `kernel`
+ * crate and bindings lack. The bindings have no virtio types or functions at
+ * all (linux/virtio*.h are not in bindings_helper.h), so everything that
+ * touches a `struct virtio_device` or `struct virtqueue` is a wrapper here.
+ * Every decision (features, queues, buffers, when to stop) is made in Rust:
+ * the feature table and the callbacks come from virtio.rs at registration.
  *
- * What lives here is what Rust cannot express directly in 6.12 (there is no
- * virtio abstraction in the `kernel` crate yet): the `struct virtio_driver`
- * with its id and feature tables, the callbacks the virtio core and the mm
- * call (probe/remove/validate/config_changed, virtqueue callbacks, work
- * functions, the OOM notifier), each forwarding to a Rust `extern "C"` entry
- * point in virtio.rs; and one-line wrappers around static inlines and macros
- * (virtio_cread_le/virtio_cwrite_le, __virtio_test_bit, virtio_device_ready,
- * sg_init_one, wait_event_timeout, ...). Every decision (which features,
- * which queues, what to send, when to stop) is made in Rust (balloon.rs,
- * hint.rs); nothing here decides anything.
- *
- * One `struct freehint_vb` exists per bound device, from probe until after
- * the Rust state is gone in remove. It holds the C-only objects: work items,
- * the wait queue the virtqueue callbacks wake, the stop flag that keeps work
- * from being queued during removal, and the OOM notifier block.
+ * What is more than a one-line wrapper, and why it is still C:
+ * - `struct virtio_driver` and its id table: no bindings for them, and
+ *   MODULE_DEVICE_TABLE is a macro that emits the module alias;
+ * - the callbacks of the virtio core, which forward to the Rust ops table;
+ * - per device, `struct freehint_vb`: the work items, the hint workqueue,
+ *   the wait queue the virtqueue callbacks wake, the stop flag and the OOM
+ *   notifier. 6.12's `kernel::workqueue` enqueues only `Arc`/`Pin<KBox>`
+ *   items and has no cancel (a cancelled `Arc` item would leak its
+ *   reference) and no alloc_workqueue; its `CondVar` sleeps only by
+ *   releasing a lock guard, while the inflate lock must stay held across
+ *   the wait (as Linux's tell_host); it has no notifier abstraction and the
+ *   bindings lack register_oom_notifier. The list head of the balloon pages
+ *   lives here too (initialised before any Rust code runs for the device).
  */
 
-#include <linux/delay.h>
-#include <linux/gfp.h>
+#include <linux/build_bug.h>
 #include <linux/jiffies.h>
 #include <linux/mm.h>
-#include <linux/mmzone.h>
 #include <linux/module.h>
 #include <linux/notifier.h>
 #include <linux/oom.h>
 #include <linux/scatterlist.h>
 #include <linux/slab.h>
 #include <linux/spinlock.h>
-#include <linux/swap.h>
+#include <linux/stddef.h>
 #include <linux/version.h>
 #include <linux/virtio.h>
 #include <linux/virtio_balloon.h>
 #include <linux/virtio_config.h>
-#include <linux/virtio_ring.h>
 #include <linux/vmstat.h>
 #include <linux/wait.h>
 #include <linux/workqueue.h>
 
 #include "virtio_shim.h"
 
-/* Work items, in the order of enum freehint_work in virtio.rs. */
+/* Layouts virtio.rs mirrors (checked there against the same figures). */
+static_assert(sizeof(struct freehint_virtio_ops) == 6 * sizeof(void *));
+static_assert(offsetof(struct freehint_virtio_ops, validate) == 0 * sizeof(void *));
+static_assert(offsetof(struct freehint_virtio_ops, probe) == 1 * sizeof(void *));
+static_assert(offsetof(struct freehint_virtio_ops, remove) == 2 * sizeof(void *));
+static_assert(offsetof(struct freehint_virtio_ops, config_changed) == 3 * sizeof(void *));
+static_assert(offsetof(struct freehint_virtio_ops, work) == 4 * sizeof(void *));
+static_assert(offsetof(struct freehint_virtio_ops, oom) == 5 * sizeof(void *));
+static_assert(sizeof(struct freehint_buf) == 3 * sizeof(long));
+static_assert(offsetof(struct freehint_buf, addr) == 0);
+static_assert(offsetof(struct freehint_buf, pfn) == sizeof(long));
+static_assert(offsetof(struct freehint_buf, len) == 2 * sizeof(long));
+
+/* Work items, in the order of `enum Work` in virtio.rs. */
 enum freehint_work {
 	FREEHINT_WORK_SIZE = 0,
 	FREEHINT_WORK_STATS = 1,
@@ -50,47 +63,48 @@ enum freehint_work {
 	FREEHINT_WORK_NR = 3,
 };
 
-/* Virtqueue callbacks, in the order of enum Callback in virtio.rs. */
+/* Virtqueue callbacks, in the order of `enum Callback` in virtio.rs. */
 enum freehint_cb {
 	FREEHINT_CB_NONE = 0,
 	FREEHINT_CB_ACK = 1,
 	FREEHINT_CB_STATS = 2,
 };
 
+/* The most buffers one chain has (a header and its payload). */
+#define FREEHINT_MAX_BUFS 2
+
+static const struct freehint_virtio_ops *freehint_ops;
+
+/* One per bound device, from probe until after the Rust state is gone. */
 struct freehint_vb {
 	struct virtio_device *vdev;
 	/* Rust driver state; set by Rust before the device is made ready. */
 	void *rust;
 	struct work_struct work[FREEHINT_WORK_NR];
-	/* Free page hinting runs on its own (freezable, CPU-intensive) wq. */
+	/* Free page hinting runs on its own workqueue (as Linux). */
 	struct workqueue_struct *hint_wq;
 	/* Woken by every virtqueue callback that returns buffers. */
 	wait_queue_head_t acked;
 	/* Set once removal starts; no work is queued after that. */
 	spinlock_t stop_lock;
 	bool stop_update;
+	/* The device was reset and its virtqueues deleted. */
+	bool vqs_deleted;
 	struct notifier_block oom_nb;
-	/* Pages in the balloon, linked through page->lru (Rust's lock guards it). */
+	/* Pages in the balloon, linked through page->lru (a Rust lock guards it). */
 	struct list_head pages;
 };
 
-/* Rust entry points (virtio.rs). */
-int freehint_rs_validate(struct virtio_device *vdev);
-int freehint_rs_probe(struct freehint_vb *vb, struct virtio_device *vdev);
-void freehint_rs_remove(void *rust);
-void freehint_rs_config_changed(void *rust);
-void freehint_rs_size_work(void *rust);
-void freehint_rs_stats_work(void *rust);
-void freehint_rs_hint_work(void *rust);
-unsigned long freehint_rs_oom(void *rust);
+static struct freehint_vb *freehint_vb(const struct virtio_device *vdev)
+{
+	return vdev->priv;
+}
 
-/* ---- callbacks from the virtio core and the mm, forwarded to Rust ---- */
+/* ---- callbacks of the virtio core and the mm, forwarded to Rust ---- */
 
 static void freehint_vq_ack(struct virtqueue *vq)
 {
-	struct freehint_vb *vb = vq->vdev->priv;
-
-	wake_up(&vb->acked);
+	wake_up(&freehint_vb(vq->vdev)->acked);
 }
 
 static bool freehint_queue_work_locked(struct freehint_vb *vb, unsigned int which)
@@ -104,15 +118,10 @@ static bool freehint_queue_work_locked(struct freehint_vb *vb, unsigned int whic
 
 static void freehint_vq_stats(struct virtqueue *vq)
 {
-	struct freehint_vb *vb = vq->vdev->priv;
-	unsigned long flags;
-
-	spin_lock_irqsave(&vb->stop_lock, flags);
-	freehint_queue_work_locked(vb, FREEHINT_WORK_STATS);
-	spin_unlock_irqrestore(&vb->stop_lock, flags);
+	freehint_queue_work(vq->vdev, FREEHINT_WORK_STATS);
 }
 
-#define FREEHINT_WORK_FN(name, idx, rust_fn)				\
+#define FREEHINT_WORK_FN(name, idx)					\
 static void name(struct work_struct *work)				\
 {									\
 	struct freehint_vb *vb =					\
@@ -120,11 +129,11 @@ static void name(struct work_struct *work)				\
 	void *rust = READ_ONCE(vb->rust);				\
 									\
 	if (rust)							\
-		rust_fn(rust);						\
+		freehint_ops->work(rust, idx);				\
 }
-FREEHINT_WORK_FN(freehint_size_work_fn, FREEHINT_WORK_SIZE, freehint_rs_size_work)
-FREEHINT_WORK_FN(freehint_stats_work_fn, FREEHINT_WORK_STATS, freehint_rs_stats_work)
-FREEHINT_WORK_FN(freehint_hint_work_fn, FREEHINT_WORK_HINT, freehint_rs_hint_work)
+FREEHINT_WORK_FN(freehint_size_work_fn, FREEHINT_WORK_SIZE)
+FREEHINT_WORK_FN(freehint_stats_work_fn, FREEHINT_WORK_STATS)
+FREEHINT_WORK_FN(freehint_hint_work_fn, FREEHINT_WORK_HINT)
 
 static int freehint_oom_notify(struct notifier_block *nb, unsigned long dummy, void *parm)
 {
@@ -133,13 +142,13 @@ static int freehint_oom_notify(struct notifier_block *nb, unsigned long dummy, v
 	void *rust = READ_ONCE(vb->rust);
 
 	if (rust)
-		*freed += freehint_rs_oom(rust);
+		*freed += freehint_ops->oom(rust);
 	return NOTIFY_OK;
 }
 
 static int freehint_validate(struct virtio_device *vdev)
 {
-	return freehint_rs_validate(vdev);
+	return freehint_ops->validate(vdev);
 }
 
 static int freehint_probe(struct virtio_device *vdev)
@@ -160,7 +169,7 @@ static int freehint_probe(struct virtio_device *vdev)
 	spin_lock_init(&vb->stop_lock);
 	INIT_LIST_HEAD(&vb->pages);
 	vdev->priv = vb;
-	err = freehint_rs_probe(vb, vdev);
+	err = freehint_ops->probe(vdev);
 	if (err) {
 		vdev->priv = NULL;
 		kfree(vb);
@@ -172,19 +181,18 @@ static void freehint_remove(struct virtio_device *vdev)
 {
 	struct freehint_vb *vb = vdev->priv;
 
-	/* Rust stops and cancels the work, resets the device, frees its state. */
-	freehint_rs_remove(vb->rust);
+	/* Rust stops the work, resets the device and frees its state. */
+	freehint_ops->remove(vdev, vb->rust);
 	vdev->priv = NULL;
 	kfree(vb);
 }
 
 static void freehint_config_changed(struct virtio_device *vdev)
 {
-	struct freehint_vb *vb = vdev->priv;
-	void *rust = READ_ONCE(vb->rust);
+	void *rust = READ_ONCE(freehint_vb(vdev)->rust);
 
 	if (rust)
-		freehint_rs_config_changed(rust);
+		freehint_ops->config_changed(rust);
 }
 
 static const struct virtio_device_id freehint_id_table[] = {
@@ -198,25 +206,8 @@ static const struct virtio_device_id freehint_id_table[] = {
  */
 MODULE_DEVICE_TABLE(virtio, freehint_id_table);
 
-/* freehint's bitmap hint extension (protocol/src/balloon.rs, docs/protocol.md). */
-#define FREEHINT_F_FREE_PAGE_BITMAP 23
-
-/*
- * Offered features. VIRTIO_BALLOON_F_REPORTING is not offered (free page
- * reporting is not implemented).
- */
-static unsigned int freehint_features[] = {
-	VIRTIO_BALLOON_F_MUST_TELL_HOST,
-	VIRTIO_BALLOON_F_STATS_VQ,
-	VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
-	VIRTIO_BALLOON_F_FREE_PAGE_HINT,
-	VIRTIO_BALLOON_F_PAGE_POISON,
-	FREEHINT_F_FREE_PAGE_BITMAP,
-};
-
+/* The feature table is Rust's (set in freehint_virtio_register). */
 static struct virtio_driver freehint_virtio_driver = {
-	.feature_table = freehint_features,
-	.feature_table_size = ARRAY_SIZE(freehint_features),
 	.driver.name = KBUILD_MODNAME,
 	.id_table = freehint_id_table,
 	.validate = freehint_validate,
@@ -227,8 +218,12 @@ static struct virtio_driver freehint_virtio_driver = {
 
 /* ---- driver registration (module init/exit) ---- */
 
-int freehint_virtio_register(void)
+int freehint_virtio_register(const struct freehint_virtio_ops *ops, const unsigned int *features,
+			     unsigned int nr_features)
 {
+	freehint_ops = ops;
+	freehint_virtio_driver.feature_table = features;
+	freehint_virtio_driver.feature_table_size = nr_features;
 	return register_virtio_driver(&freehint_virtio_driver);
 }
 
@@ -237,15 +232,16 @@ void freehint_virtio_unregister(void)
 	unregister_virtio_driver(&freehint_virtio_driver);
 }
 
-/* ---- per-device plumbing, called from Rust ---- */
+/* ---- per-device objects, called from Rust ---- */
 
-void freehint_vb_set_rust(struct freehint_vb *vb, void *rust)
+void freehint_set_drvdata(struct virtio_device *vdev, void *rust)
 {
-	WRITE_ONCE(vb->rust, rust);
+	WRITE_ONCE(freehint_vb(vdev)->rust, rust);
 }
 
-bool freehint_queue_work(struct freehint_vb *vb, unsigned int which)
+bool freehint_queue_work(struct virtio_device *vdev, unsigned int which)
 {
+	struct freehint_vb *vb = freehint_vb(vdev);
 	unsigned long flags;
 	bool queued;
 
@@ -266,15 +262,19 @@ bool freehint_queue_work(struct freehint_vb *vb, unsigned int which)
 #define FREEHINT_HINT_WQ_FLAGS (WQ_FREEZABLE | WQ_CPU_INTENSIVE)
 #endif
 
-int freehint_alloc_hint_wq(struct freehint_vb *vb)
+int freehint_alloc_hint_wq(struct virtio_device *vdev)
 {
+	struct freehint_vb *vb = freehint_vb(vdev);
+
 	vb->hint_wq = alloc_workqueue("freehint-wq", FREEHINT_HINT_WQ_FLAGS, 0);
 	return vb->hint_wq ? 0 : -ENOMEM;
 }
 
 /* Stops queueing, then waits for every work item (as virtballoon_remove). */
-void freehint_stop_and_cancel(struct freehint_vb *vb)
+void freehint_stop_and_cancel(struct virtio_device *vdev)
 {
+	struct freehint_vb *vb = freehint_vb(vdev);
+
 	spin_lock_irq(&vb->stop_lock);
 	vb->stop_update = true;
 	spin_unlock_irq(&vb->stop_lock);
@@ -287,16 +287,37 @@ void freehint_stop_and_cancel(struct freehint_vb *vb)
 	}
 }
 
-int freehint_register_oom(struct freehint_vb *vb)
+int freehint_register_oom(struct virtio_device *vdev)
 {
+	struct freehint_vb *vb = freehint_vb(vdev);
+
 	vb->oom_nb.notifier_call = freehint_oom_notify;
 	vb->oom_nb.priority = 80; /* as VIRTIO_BALLOON_OOM_NOTIFY_PRIORITY */
 	return register_oom_notifier(&vb->oom_nb);
 }
 
-void freehint_unregister_oom(struct freehint_vb *vb)
+void freehint_unregister_oom(struct virtio_device *vdev)
 {
-	unregister_oom_notifier(&vb->oom_nb);
+	unregister_oom_notifier(&freehint_vb(vdev)->oom_nb);
+}
+
+struct list_head *freehint_vdev_pages(struct virtio_device *vdev)
+{
+	return &freehint_vb(vdev)->pages;
+}
+
+/*
+ * Sleeps until the device returns a buffer of @vq, at most @ms milliseconds
+ * (UINT_MAX: no limit, as tell_host); NULL on timeout.
+ */
+void *freehint_vq_wait_buf(struct virtqueue *vq, unsigned int *len, unsigned int ms)
+{
+	long timeout = ms == UINT_MAX ? MAX_SCHEDULE_TIMEOUT : msecs_to_jiffies(ms);
+	void *token = NULL;
+
+	wait_event_timeout(freehint_vb(vq->vdev)->acked, (token = virtqueue_get_buf(vq, len)),
+			   timeout);
+	return token;
 }
 
 /* ---- one-line wrappers: features, config space, status ---- */
@@ -312,31 +333,23 @@ void freehint_clear_feature(struct virtio_device *vdev, unsigned int bit)
 		__virtio_clear_bit(vdev, bit);
 }
 
-/* Legacy balloon config space is little-endian, unlike all other devices. */
-u32 freehint_cread_num_pages(struct virtio_device *vdev)
+/* What virtio_cread_le does for a 32-bit field (the balloon's config is LE). */
+u32 freehint_config_read_le32(struct virtio_device *vdev, unsigned int offset)
 {
-	u32 v;
+	__le32 v;
 
-	virtio_cread_le(vdev, struct virtio_balloon_config, num_pages, &v);
-	return v;
+	might_sleep();
+	vdev->config->get(vdev, offset, &v, sizeof(v));
+	return le32_to_cpu(v);
 }
 
-u32 freehint_cread_cmd_id(struct virtio_device *vdev)
+/* What virtio_cwrite_le does for a 32-bit field. */
+void freehint_config_write_le32(struct virtio_device *vdev, unsigned int offset, u32 v)
 {
-	u32 v;
+	__le32 le = cpu_to_le32(v);
 
-	virtio_cread_le(vdev, struct virtio_balloon_config, free_page_hint_cmd_id, &v);
-	return v;
-}
-
-void freehint_cwrite_actual(struct virtio_device *vdev, u32 v)
-{
-	virtio_cwrite_le(vdev, struct virtio_balloon_config, actual, &v);
-}
-
-void freehint_cwrite_poison_val(struct virtio_device *vdev, u32 v)
-{
-	virtio_cwrite_le(vdev, struct virtio_balloon_config, poison_val, &v);
+	might_sleep();
+	vdev->config->set(vdev, offset, &le, sizeof(le));
 }
 
 void freehint_device_ready(struct virtio_device *vdev)
@@ -344,14 +357,16 @@ void freehint_device_ready(struct virtio_device *vdev)
 	virtio_device_ready(vdev);
 }
 
-void freehint_reset_device(struct virtio_device *vdev)
+void freehint_reset_and_del_vqs(struct virtio_device *vdev)
 {
 	virtio_reset_device(vdev);
+	vdev->config->del_vqs(vdev);
+	WRITE_ONCE(freehint_vb(vdev)->vqs_deleted, true);
 }
 
-void freehint_del_vqs(struct virtio_device *vdev)
+bool freehint_vqs_deleted(const struct virtio_device *vdev)
 {
-	vdev->config->del_vqs(vdev);
+	return READ_ONCE(freehint_vb(vdev)->vqs_deleted);
 }
 
 /* Builds the virtqueue_info array from the names and callback kinds Rust chose. */
@@ -373,47 +388,34 @@ int freehint_find_vqs(struct virtio_device *vdev, unsigned int nvqs, struct virt
 
 /* ---- one-line wrappers: virtqueues ---- */
 
-int freehint_vq_add_outbuf(struct virtqueue *vq, const void *buf, unsigned int len, void *token)
+/*
+ * One chain: @out device-readable buffers, then @in device-writable ones.
+ * A buffer is driver memory (@addr, linear-mapped: kmalloc) or, with @addr
+ * NULL, guest memory from @pfn (checked with pfn_valid). The token is the
+ * queue itself: nothing is done with it.
+ */
+int freehint_vq_add_bufs(struct virtqueue *vq, const struct freehint_buf *bufs, unsigned int out,
+			 unsigned int in)
 {
-	struct scatterlist sg;
+	struct scatterlist sg[FREEHINT_MAX_BUFS], *sgs[FREEHINT_MAX_BUFS];
+	unsigned int i;
 
-	sg_init_one(&sg, buf, len);
-	return virtqueue_add_outbuf(vq, &sg, 1, token, GFP_KERNEL);
-}
-
-/* One chain: a device-readable buffer, then a device-writable one. */
-int freehint_vq_add_out_in(struct virtqueue *vq, const void *out, unsigned int out_len,
-			   void *in, unsigned int in_len, void *token)
-{
-	struct scatterlist o, i, *sgs[2] = { &o, &i };
-
-	sg_init_one(&o, out, out_len);
-	sg_init_one(&i, in, in_len);
-	return virtqueue_add_sgs(vq, sgs, 1, 1, token, GFP_KERNEL);
-}
-
-/* One chain of two device-readable buffers (a header and its payload). */
-int freehint_vq_add_out2(struct virtqueue *vq, const void *a, unsigned int a_len,
-			 const void *b, unsigned int b_len, void *token)
-{
-	struct scatterlist sa, sb, *sgs[2] = { &sa, &sb };
-
-	sg_init_one(&sa, a, a_len);
-	sg_init_one(&sb, b, b_len);
-	return virtqueue_add_sgs(vq, sgs, 2, 0, token, GFP_KERNEL);
-}
-
-/* A device-writable buffer describing [pfn << PAGE_SHIFT, + len): a free block. */
-int freehint_vq_add_inbuf_pfn(struct virtqueue *vq, unsigned long pfn, unsigned int len,
-			      void *token)
-{
-	struct scatterlist sg;
-
-	if (!pfn_valid(pfn))
+	if (out + in == 0 || out + in > FREEHINT_MAX_BUFS)
 		return -EINVAL;
-	sg_init_table(&sg, 1);
-	sg_set_page(&sg, pfn_to_page(pfn), len, 0);
-	return virtqueue_add_inbuf(vq, &sg, 1, token, GFP_KERNEL);
+	for (i = 0; i < out + in; i++) {
+		if (bufs[i].len > UINT_MAX)
+			return -EINVAL;
+		if (bufs[i].addr) {
+			sg_init_one(&sg[i], bufs[i].addr, bufs[i].len);
+		} else {
+			if (!pfn_valid(bufs[i].pfn))
+				return -EINVAL;
+			sg_init_table(&sg[i], 1);
+			sg_set_page(&sg[i], pfn_to_page(bufs[i].pfn), bufs[i].len, 0);
+		}
+		sgs[i] = &sg[i];
+	}
+	return virtqueue_add_sgs(vq, sgs, out, in, vq, GFP_KERNEL);
 }
 
 bool freehint_vq_kick(struct virtqueue *vq)
@@ -436,47 +438,7 @@ unsigned int freehint_vq_size(const struct virtqueue *vq)
 	return virtqueue_get_vring_size(vq);
 }
 
-/* Sleeps until the device returns a buffer of @vq (as tell_host). */
-void *freehint_vq_wait_buf(struct freehint_vb *vb, struct virtqueue *vq, unsigned int *len)
-{
-	void *token;
-
-	wait_event(vb->acked, (token = virtqueue_get_buf(vq, len)));
-	return token;
-}
-
-/* As above, at most @ms milliseconds; NULL on timeout. */
-void *freehint_vq_wait_buf_timeout(struct freehint_vb *vb, struct virtqueue *vq,
-				   unsigned int *len, unsigned int ms)
-{
-	void *token = NULL;
-
-	wait_event_timeout(vb->acked, (token = virtqueue_get_buf(vq, len)),
-			   msecs_to_jiffies(ms));
-	return token;
-}
-
-/* ---- one-line wrappers: pages, poisoning, memory statistics ---- */
-
-/*
- * Balloon pages: not GFP_HIGHUSER_MOVABLE, because this driver does not
- * register a balloon_dev_info migration callback, so compaction could not
- * move them; unmovable allocations must stay out of movable pageblocks.
- */
-struct page *freehint_balloon_page_alloc(void)
-{
-	return alloc_page(GFP_HIGHUSER | __GFP_NOMEMALLOC | __GFP_NORETRY | __GFP_NOWARN);
-}
-
-void freehint_balloon_page_free(struct page *page)
-{
-	__free_page(page);
-}
-
-struct list_head *freehint_vb_pages(struct freehint_vb *vb)
-{
-	return &vb->pages;
-}
+/* ---- one-line wrappers: balloon pages, poisoning, memory figures ---- */
 
 void freehint_page_list_add(struct list_head *head, struct page *page)
 {
@@ -492,16 +454,6 @@ struct page *freehint_page_list_pop(struct list_head *head)
 	return page;
 }
 
-unsigned long freehint_vb_page_to_pfn(const struct page *page)
-{
-	return page_to_pfn(page);
-}
-
-void freehint_adjust_managed_page_count(struct page *page, long count)
-{
-	adjust_managed_page_count(page, count);
-}
-
 bool freehint_page_poisoning_enabled(void)
 {
 	return page_poisoning_enabled_static();
@@ -512,41 +464,31 @@ bool freehint_want_init_on_free(void)
 	return want_init_on_free();
 }
 
-/* Mirrors struct MemStats in virtio.rs. */
-struct freehint_mem_stats {
-	u64 free_bytes;
-	u64 total_bytes;
-	u64 avail_bytes;
-	u64 caches_bytes;
-	u64 major_faults;
-	u64 minor_faults;
-	u64 swap_in_bytes;
-	u64 swap_out_bytes;
-	u64 oom_kills;
-	u8 have_events;
-};
-
-void freehint_mem_stats(struct freehint_mem_stats *s)
+unsigned long freehint_file_pages(void)
 {
-	struct sysinfo i;
+	return global_node_page_state(NR_FILE_PAGES);
+}
+
+/*
+ * The VM event counters the stats queue reports, in the order of mm.rs
+ * (major faults, minor faults, pages swapped in, out, OOM kills); false
+ * without CONFIG_VM_EVENT_COUNTERS.
+ */
+bool freehint_vm_events(u64 *out, unsigned int n)
+{
 #ifdef CONFIG_VM_EVENT_COUNTERS
 	unsigned long events[NR_VM_EVENT_ITEMS];
-#endif
 
-	si_meminfo(&i);
-	s->free_bytes = (u64)i.freeram << PAGE_SHIFT;
-	s->total_bytes = (u64)i.totalram << PAGE_SHIFT;
-	s->avail_bytes = (u64)si_mem_available() << PAGE_SHIFT;
-	s->caches_bytes = (u64)global_node_page_state(NR_FILE_PAGES) << PAGE_SHIFT;
-#ifdef CONFIG_VM_EVENT_COUNTERS
+	if (n != 5)
+		return false;
 	all_vm_events(events);
-	s->major_faults = events[PGMAJFAULT];
-	s->minor_faults = events[PGFAULT];
-	s->swap_in_bytes = (u64)events[PSWPIN] << PAGE_SHIFT;
-	s->swap_out_bytes = (u64)events[PSWPOUT] << PAGE_SHIFT;
-	s->oom_kills = events[OOM_KILL];
-	s->have_events = 1;
+	out[0] = events[PGMAJFAULT];
+	out[1] = events[PGFAULT];
+	out[2] = events[PSWPIN];
+	out[3] = events[PSWPOUT];
+	out[4] = events[OOM_KILL];
+	return true;
 #else
-	s->have_events = 0;
+	return false;
 #endif
 }
