@@ -284,7 +284,7 @@ fn reset_drops_negotiated_state() {
     assert_eq!(drv.handle().acked_features(), 0);
     assert_eq!(drv.config().actual, 0);
     assert_eq!(drv.config().free_page_hint_cmd_id, 0);
-    assert_eq!(drv.hints().status().state, HintState::Idle);
+    assert_eq!(drv.hints().status().state, RoundState::Idle);
     assert_eq!(
         drv.hints().start_round(&drv.hints().new_epoch()),
         Err(HintError::NotActive)

@@ -35,13 +35,13 @@ fn standard_round_like_linux() {
     let id = h.start_round(&token).unwrap();
     assert_eq!(id, FREE_PAGE_HINT_CMD_ID_MIN);
     assert_eq!(drv.irq.config.load(Ordering::SeqCst), 1);
-    assert_eq!(h.status().state, HintState::Requested);
+    assert_eq!(h.status().state, RoundState::Requested);
     let blocks = [4 * MIB, 8 * MIB, 4 * GIB + 4 * MIB];
     let rep = drv.on_config_change(&blocks);
     assert_eq!(rep.cmd_id, id);
     assert_eq!((rep.blocks_sent, rep.stopped), (3, true));
     let st = h.status();
-    assert_eq!(st.state, HintState::Stopped);
+    assert_eq!(st.state, RoundState::Stopped);
     assert_eq!(st.free_pages, 3 * 1024);
     let set = h.snapshot();
     assert!(set.is_complete());
@@ -70,7 +70,7 @@ fn standard_round_like_linux() {
     let rep = drv.on_config_change(&[]);
     assert!(rep.done);
     assert!(drv.held_blocks.is_empty());
-    assert_eq!(h.status().state, HintState::Done);
+    assert_eq!(h.status().state, RoundState::Done);
     let m = drv.handle().metrics().snapshot();
     assert_eq!((m.hint_rounds, m.hint_pages, m.hint_stale), (1, 3072, 0));
 }
@@ -90,7 +90,7 @@ fn standard_round_keeps_one_slot_for_stop() {
     // the last slot is the reserve for STOP; 2 blocks stay back.
     assert_eq!((rep.blocks_sent, rep.blocks_held_back), (7, 2));
     assert!(rep.stopped);
-    assert_eq!(h.status().state, HintState::Stopped);
+    assert_eq!(h.status().state, RoundState::Stopped);
     assert_eq!(h.status().free_pages, 7 * 1024);
 }
 
@@ -102,7 +102,7 @@ fn stale_cmd_id_and_late_blocks_are_dropped() {
     // A block before the id outbuf: no round accepting yet.
     drv.send_block(0, 4096);
     drv.send_cmd_id(id + 5);
-    assert_eq!(h.status().state, HintState::Requested);
+    assert_eq!(h.status().state, RoundState::Requested);
     drv.send_cmd_id(id);
     drv.send_block(4096, 4096);
     drv.send_cmd_id(FREE_PAGE_HINT_CMD_ID_STOP);
@@ -171,13 +171,13 @@ fn late_stop_of_the_previous_round_does_not_end_the_next() {
     let t2 = h.new_epoch();
     let id2 = h.start_round(&t2).unwrap();
     drv.send_cmd_id(FREE_PAGE_HINT_CMD_ID_STOP);
-    assert_eq!(h.status().state, HintState::Requested);
+    assert_eq!(h.status().state, RoundState::Requested);
     assert_eq!(drv.config().free_page_hint_cmd_id, id2);
     assert_eq!(drv.handle().metrics().snapshot().hint_stale, 1);
     // The driver answers round 2 as usual.
     let rep = drv.on_config_change(&[8 * MIB]);
     assert_eq!((rep.cmd_id, rep.blocks_sent, rep.stopped), (id2, 1, true));
-    assert_eq!(h.status().state, HintState::Stopped);
+    assert_eq!(h.status().state, RoundState::Stopped);
     assert_eq!(h.status().free_pages, 1024);
     let mut to_send = vec![!0u64; 128];
     assert_eq!(h.apply_to(&t2, &mut to_send), Ok(1024));
@@ -260,7 +260,7 @@ fn bitmap_round_over_the_pci_gap() {
     let layout = drv.bitmap_round(id, &free, 1024).unwrap();
     assert_eq!(layout, pc_layout());
     let st = h.status();
-    assert_eq!(st.state, HintState::Stopped);
+    assert_eq!(st.state, RoundState::Stopped);
     assert_eq!(st.free_pages, 10 + 96 + 100 + 96);
     let set = h.snapshot();
     let expect = |bit: u64| {

@@ -432,7 +432,7 @@ fn cmd_id_outbuf_not_4_bytes() {
     assert_eq!(metrics(&d).hint_bad_cmd_buffer, 3);
     assert_eq!(
         d.hints().status().state,
-        HintState::Requested,
+        RoundState::Requested,
         "round not started"
     );
     // Split over two descriptors (2 + 2 bytes) is still a 4-byte id: fine.
@@ -442,7 +442,7 @@ fn cmd_id_outbuf_not_4_bytes() {
         .unwrap();
     drop(mem);
     d.kick(QueueKind::FreePage);
-    assert_eq!(d.hints().status().state, HintState::Started);
+    assert_eq!(d.hints().status().state, RoundState::Started);
 }
 
 #[test]

@@ -511,6 +511,12 @@ mod tests {
     }
 
     #[test]
+    fn the_earlier_name_still_names_the_round_state() {
+        let s: HintState = RoundState::Stopped;
+        assert!(matches!(s, HintState::Stopped | HintState::Done));
+    }
+
+    #[test]
     fn cmd_id_wraps_to_min() {
         let (h, _) = handle(64);
         h.shared.lock().hints.round_id = u32::MAX;

@@ -26,8 +26,8 @@ pub(crate) enum HintDrop {
     Epoch,
 }
 
-/// The state machine and the free set. Always used under the mutex in
-/// [`HintShared`].
+/// The state machine and the free set. Part of the device state, so always
+/// used under the device's one lock.
 ///
 /// Invariant: a round accepts hints only in [`RoundState::Started`], and
 /// every epoch move ([`Self::move_epoch`]) leaves that state and clears the
