@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR GPL-2.0-only
 //! [`Balloon`], the device: feature negotiation, the config space, the
 //! [`VirtioDevice`] implementation (activation, reset, notifies). Queue
-//! processing is in [`queues`](super::queues), the host API in
+//! processing is in `queues`, the host API in
 //! [`BalloonHandle`] (re-exported here, where it has always been).
 
 use std::sync::Arc;

@@ -5,7 +5,7 @@
 //! # The free page set
 //!
 //! One bitmap type for both protocols: bit `i` stands for the `i`-th 4 KiB
-//! page of guest RAM in the order of the device's [`Layout`] (the RAM offset
+//! page of guest RAM in the order of the device's [`Layout`](super::Layout) (the RAM offset
 //! divided by 4 KiB, with holes such as the x86 PCI hole folded out). The
 //! standard protocol's free blocks (guest-physical `addr`/`len`) are
 //! converted to bits through the layout (partial pages ignored, bytes outside

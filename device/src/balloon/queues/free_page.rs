@@ -9,7 +9,7 @@
 //!   (LAYOUT_QUERY), the chunk's payload (CHUNK), or nothing (ROUND_END).
 //!
 //! Whether a message is merged is the round machine's call
-//! ([`HintCore`](super::super::round::HintCore)); this module reads the
+//! (`HintCore`); this module reads the
 //! chain, checks its shape and counts what it drops.
 
 use std::io::{Read, Write};
