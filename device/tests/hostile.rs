@@ -276,6 +276,84 @@ fn head_flags_rewritten_during_processing_are_read_once() {
     );
 }
 
+/// The bytes of a free page chain are read from the descriptors the device
+/// checked, not from the guest's table again: the head of a command id
+/// chain flips between a direct 16-byte buffer and an indirect table (no
+/// INDIRECT_DESC) whose one buffer holds the round's id. The device either
+/// refuses the indirect head or reads 16 bytes (not a command); it never
+/// reads the id through the table, so the round is never started.
+#[test]
+fn free_page_chain_bytes_come_from_the_checked_descriptors() {
+    const MIN_CHAINS: u32 = 5_000;
+    const MAX_CHAINS: u32 = 500_000;
+    let layout = Layout::from_ram_byte_ranges(&[(0, 16 * MIB)]).unwrap();
+    let f = !feature(VIRTIO_RING_F_INDIRECT_DESC) & !feature(VIRTIO_BALLOON_F_FREE_PAGE_BITMAP);
+    let mut d = BalloonDriver::new(BalloonConfig::all_features(layout), f, 64);
+    let id = d.hints().start_round(&d.hints().new_epoch()).unwrap();
+    let buf = d.alloc(4);
+    d.m().write_obj(id, GuestAddress(buf)).unwrap();
+    let table = d.alloc(16);
+    let entry = RawDesc {
+        addr: buf,
+        len: 4,
+        flags: 0,
+        next: 0,
+    };
+    entry.write_at(&d.m(), table);
+    let head = RawDesc {
+        addr: table,
+        len: 16,
+        flags: 0,
+        next: 0,
+    };
+    let flags_at = GuestAddress(d.queue(QueueKind::FreePage).desc_table + 12);
+    let mem = d.m();
+    d.queue(QueueKind::FreePage).add_raw(&mem, &[head], 0);
+    drop(mem);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = {
+        let (mem, stop) = (d.mem.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let m = mem.memory();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                m.write_obj(F_INDIRECT, flags_at).unwrap();
+                m.write_obj(0u16, flags_at).unwrap();
+            }
+        })
+    };
+    let mut chains = 1;
+    d.kick(QueueKind::FreePage);
+    loop {
+        let m = metrics(&d);
+        let both_seen = m.indirect_not_negotiated > 0 && m.hint_bad_cmd_buffer > 0;
+        let started = d.hints().status().state != RoundState::Requested;
+        if started || chains >= MAX_CHAINS || (both_seen && chains >= MIN_CHAINS) {
+            break;
+        }
+        let mem = d.m();
+        d.queue(QueueKind::FreePage).publish(&mem, 0);
+        drop(mem);
+        d.kick(QueueKind::FreePage);
+        chains += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flipper.join().unwrap();
+    assert_eq!(
+        d.hints().status().state,
+        RoundState::Requested,
+        "the id was read through an indirect table without INDIRECT_DESC ({chains} chains)"
+    );
+    let m = metrics(&d);
+    assert!(
+        m.indirect_not_negotiated > 0 && m.hint_bad_cmd_buffer > 0,
+        "the guest's flips were never seen: {m:?}"
+    );
+    assert_eq!(
+        m.indirect_not_negotiated + m.hint_bad_cmd_buffer,
+        u64::from(chains)
+    );
+}
+
 #[test]
 fn looping_descriptor_chain() {
     let mut d = drv();
