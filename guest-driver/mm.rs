@@ -19,8 +19,10 @@ extern "C" {
     // helpers.c (shared with zone.rs).
     fn freehint_page_to_pfn(page: *const c_void) -> c_ulong;
     // virtio_shim.c.
-    fn freehint_page_list_add(head: *mut c_void, page: *mut c_void);
-    fn freehint_page_list_pop(head: *mut c_void) -> *mut c_void;
+    // `struct page *` as `void *`: `bindings::page` is not FFI-safe for
+    // rustc's `improper_ctypes` (a field type without members).
+    fn freehint_page_list_add(head: *mut bindings::list_head, page: *mut c_void);
+    fn freehint_page_list_pop(head: *mut bindings::list_head) -> *mut c_void;
     fn freehint_page_poisoning_enabled() -> bool;
     fn freehint_want_init_on_free() -> bool;
     fn freehint_file_pages() -> c_ulong;
@@ -100,7 +102,7 @@ impl Drop for BalloonPage {
 /// only handle, and every entry is the `lru` of a page owned by the list
 /// (from a [`BalloonPage`]); `len` counts them.
 pub(crate) struct PageList {
-    head: NonNull<c_void>,
+    head: NonNull<bindings::list_head>,
     len: usize,
 }
 
@@ -114,7 +116,7 @@ impl PageList {
     ///
     /// `head` must be an initialised, empty `struct list_head` that outlives
     /// the returned value and that nothing else uses.
-    pub(crate) unsafe fn from_head(head: NonNull<c_void>) -> Self {
+    pub(crate) unsafe fn from_head(head: NonNull<bindings::list_head>) -> Self {
         // INVARIANT: by the function's safety contract; empty, so `len` 0.
         Self { head, len: 0 }
     }

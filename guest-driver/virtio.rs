@@ -97,7 +97,7 @@ extern "C" {
     fn freehint_stop_and_cancel(vdev: *mut virtio_device);
     fn freehint_register_oom(vdev: *mut virtio_device) -> c_int;
     fn freehint_unregister_oom(vdev: *mut virtio_device);
-    fn freehint_vdev_pages(vdev: *mut virtio_device) -> *mut c_void;
+    fn freehint_vdev_pages(vdev: *mut virtio_device) -> *mut kernel::bindings::list_head;
     fn freehint_vq_wait_buf(vq: *mut virtqueue, len: *mut c_uint, ms: c_uint) -> *mut c_void;
     fn freehint_has_feature(vdev: *const virtio_device, bit: c_uint) -> bool;
     fn freehint_clear_feature(vdev: *mut virtio_device, bit: c_uint);

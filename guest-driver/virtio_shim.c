@@ -17,9 +17,13 @@
  *   items and has no cancel (a cancelled `Arc` item would leak its
  *   reference) and no alloc_workqueue; its `CondVar` sleeps only by
  *   releasing a lock guard, while the inflate lock must stay held across
- *   the wait (as Linux's tell_host); it has no notifier abstraction and the
+ *   the wait (as Linux's tell_host); the stop flag is taken with interrupts
+ *   off (the stats queue's callback queues work in interrupt context) and
+ *   6.12 has no irq-safe `SpinLock`; it has no notifier abstraction and the
  *   bindings lack register_oom_notifier. The list head of the balloon pages
  *   lives here too (initialised before any Rust code runs for the device).
+ * - the numbers of `enum freehint_work` and `enum freehint_cb` are those of
+ *   `enum Work` and `enum Callback` in virtio.rs.
  */
 
 #include <linux/build_bug.h>
