@@ -8,19 +8,16 @@
 //! Modules: [`pci`] (config space and capabilities), [`virtio_pci`] (common
 //! config, ISR, device config, notify), [`msix`] (table and PBA),
 //! [`interrupt`] (MSI-X/INTx routing), [`memory`] (DMA_MAP → guest memory),
-//! [`server`] (the `ServerBackend` and the serve loop), [`control`] (a
-//! line-based control socket), [`signals`] (socket cleanup on SIGTERM),
-//! [`sockets`] (sockets only their owner can connect to).
+//! [`server`] (the `ServerBackend` and the serve loop). The device options,
+//! the control socket and socket hygiene come from `freehint-host`, shared
+//! with the vhost-user server.
 #![warn(missing_docs)]
 
-pub mod control;
 pub mod interrupt;
 pub mod memory;
 pub mod msix;
 pub mod pci;
 pub mod server;
-pub mod signals;
-pub mod sockets;
 pub mod virtio_pci;
 
 pub use server::{serve, VfioUserDevice, MIGRATION_WARNING};

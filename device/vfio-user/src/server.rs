@@ -656,7 +656,7 @@ pub fn serve(
         warn!("removing existing socket {}", socket.display());
         let _ = std::fs::remove_file(socket);
     }
-    let listener = crate::sockets::bind_private(socket).map_err(|source| ServerError::Bind {
+    let listener = freehint_host::sockets::bind_private(socket).map_err(|source| ServerError::Bind {
         path: socket.display().to_string(),
         source,
     })?;

@@ -271,7 +271,7 @@ fn sockets_are_created_0600() {
     // Still usable by its owner.
     let mut c = RawClient::ready(&srv.socket);
     assert_eq!(c.rd(VFIO_PCI_CONFIG_REGION_INDEX, 0, 4), 0x1045_1af4);
-    assert!(srv.ctl("status").starts_with("{\"ok\":true"));
+    assert!(srv.ctl("status").contains("\"ok\":true"));
 }
 
 /// `hint-dump` writes only a plain file name inside `--dump-dir`, and
@@ -282,7 +282,7 @@ fn hint_dump_is_confined_to_the_dump_dir() {
     let victim = srv.dir.join("victim");
     std::fs::write(&victim, b"keep").unwrap();
     let reply = srv.ctl(&format!("hint-dump {}", victim.display()));
-    assert!(reply.starts_with("{\"ok\":false"), "{reply}");
+    assert!(reply.contains("\"ok\":false"), "{reply}");
     assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
     let dir = srv.dir.clone();
     drop(srv);
@@ -297,11 +297,11 @@ fn hint_dump_is_confined_to_the_dump_dir() {
     let abs = victim.display().to_string();
     for name in [abs.as_str(), "../victim", "..", "link"] {
         let reply = srv.ctl(&format!("hint-dump {name}"));
-        assert!(reply.starts_with("{\"ok\":false"), "{name}: {reply}");
+        assert!(reply.contains("\"ok\":false"), "{name}: {reply}");
     }
     assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
     let reply = srv.ctl("hint-dump set.bin");
-    assert!(reply.starts_with("{\"ok\":true"), "{reply}");
+    assert!(reply.contains("\"ok\":true"), "{reply}");
     let set = dumps.join("set.bin");
     assert_eq!(std::fs::read(&set).unwrap().len(), 4096 / 8);
     assert_eq!(mode(&set), 0o600);
