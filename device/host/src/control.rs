@@ -211,11 +211,9 @@ pub fn execute(line: &str, c: &Control) -> Reply {
             *lock(&c.epoch) = Some(token);
             Reply::ok(json!({"ok": true, "epoch": epoch}))
         }
-        ("round-start", Some(e)) => with_epoch(c, e, |token| {
-            match c.hints.start_round(token) {
-                Ok(id) => Reply::ok(json!({"ok": true, "cmd_id": id, "epoch": token.epoch()})),
-                Err(e) => Reply::err(e),
-            }
+        ("round-start", Some(e)) => with_epoch(c, e, |token| match c.hints.start_round(token) {
+            Ok(id) => Reply::ok(json!({"ok": true, "cmd_id": id, "epoch": token.epoch()})),
+            Err(e) => Reply::err(e),
         }),
         ("hint-set", Some(e)) => with_epoch(c, e, |token| hint_set(c, token)),
         ("device-dirty", None) => {
@@ -312,7 +310,9 @@ fn layout(c: &Control) -> Reply {
     let ranges: Vec<Value> = layout
         .ranges()
         .iter()
-        .map(|r| json!({"first_pfn": r.first_pfn, "nr_pages": r.nr_pages, "first_bit": r.first_bit}))
+        .map(
+            |r| json!({"first_pfn": r.first_pfn, "nr_pages": r.nr_pages, "first_bit": r.first_bit}),
+        )
         .collect();
     Reply::ok(json!({"ok": true, "total_bits": layout.total_bits(), "ranges": ranges}))
 }
@@ -392,7 +392,7 @@ mod tests {
 
     fn control(bytes: u64, dump_dir: Option<PathBuf>) -> (Balloon, Control) {
         let layout = Layout::from_ram_byte_ranges(&[(0, bytes)]).unwrap();
-        let b = Balloon::new(BalloonConfig::all_features(layout.clone())).unwrap();
+        let b = Balloon::new(BalloonConfig::all_features(layout)).unwrap();
         let c = Control::new(
             b.handle(),
             b.hint_handle(),

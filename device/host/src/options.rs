@@ -84,7 +84,9 @@ impl DeviceOptions {
         };
         let hints = layout.total_bits() > 0;
         if !hints {
-            log::warn!("no --ram-size/--ram-layout: free page hinting and reporting are not offered");
+            log::warn!(
+                "no --ram-size/--ram-layout: free page hinting and reporting are not offered"
+            );
         }
         let mut config = BalloonConfig::all_features(layout);
         config.stats = !self.no_stats;

@@ -59,7 +59,7 @@ fn dump_dir(dir: &std::path::Path) -> Result<PathBuf, String> {
 
 fn run(args: Args) -> Result<(), String> {
     let configured = args.device.configure()?;
-    let layout: Layout = configured.config.layout.clone();
+    let layout: Layout = configured.config.layout;
     let features = configured.config.features();
     let ranges = configured.ranges;
     let balloon = Balloon::new(configured.config)

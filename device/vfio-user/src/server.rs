@@ -656,10 +656,11 @@ pub fn serve(
         warn!("removing existing socket {}", socket.display());
         let _ = std::fs::remove_file(socket);
     }
-    let listener = freehint_host::sockets::bind_private(socket).map_err(|source| ServerError::Bind {
-        path: socket.display().to_string(),
-        source,
-    })?;
+    let listener =
+        freehint_host::sockets::bind_private(socket).map_err(|source| ServerError::Bind {
+            path: socket.display().to_string(),
+            source,
+        })?;
     let _file = SocketFile(socket.to_path_buf());
     let server = Server::from_owned_fd(
         OwnedFd::from(listener),
