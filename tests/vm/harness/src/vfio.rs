@@ -49,15 +49,21 @@ fn target_dir(repo: &Path) -> PathBuf {
 
 /// Builds `freehint-vfio-user` (release) and returns the binary's path.
 pub fn server_binary(repo: &Path) -> Result<PathBuf, HarnessError> {
+    package_binary(repo, "freehint-vfio-user")
+}
+
+/// Builds the workspace package `name` (release) and returns its binary of
+/// the same name.
+pub fn package_binary(repo: &Path, name: &str) -> Result<PathBuf, HarnessError> {
     let st = Command::new("cargo")
-        .args(["build", "--release", "-q", "-p", "freehint-vfio-user"])
+        .args(["build", "--release", "-q", "-p", name])
         .current_dir(repo)
         .status()
         .map_err(|e| other(format!("cannot run cargo: {e}")))?;
     if !st.success() {
-        return Err(other("cargo build -p freehint-vfio-user failed"));
+        return Err(other(format!("cargo build -p {name} failed")));
     }
-    let bin = target_dir(repo).join("release/freehint-vfio-user");
+    let bin = target_dir(repo).join("release").join(name);
     if !bin.is_file() {
         return Err(other(format!("{} missing after the build", bin.display())));
     }

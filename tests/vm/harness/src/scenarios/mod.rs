@@ -28,6 +28,7 @@ pub mod smoke;
 pub mod vfio_freehint;
 pub mod vfio_hostile;
 pub mod vfio_stock;
+pub mod vhost_user;
 
 /// A scenario's entry point: returns the summary fields (`ok` included).
 pub type RunFn = fn(&mut Ctx) -> Result<Map<String, Value>, HarnessError>;
@@ -118,6 +119,12 @@ pub const SCENARIOS: &[Scenario] = &[
         description: "hostile guest driver vs freehint-vfio-user: server survives, bounded, serves again",
         ci: true,
         run: vfio_hostile::run,
+    },
+    Scenario {
+        name: "vhost-user",
+        description: "stock virtio_balloon and freehint.ko vs freehint-vhost-user (QEMU's generic vhost-user front end): bind, inflate/deflate, a hint round, integrity",
+        ci: true,
+        run: vhost_user::run,
     },
     Scenario {
         name: "distro-hint",

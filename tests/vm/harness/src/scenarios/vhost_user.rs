@@ -1,0 +1,188 @@
+//! `vhost-user`: the balloon device model served by `freehint-vhost-user`
+//! to QEMU's generic vhost-user front end
+//! (`vhost-user-test-device-pci,virtio-id=5`), with the stock
+//! `virtio_balloon` driver and with `freehint.ko`.
+//!
+//! Per driver: the `qemu-migrate` guest (its RAM a shared `/dev/shm` file,
+//! no QEMU balloon) boots; the driver must bind and reach DRIVER_OK; a
+//! target of 4096 pages set over the control socket must be reached
+//! (`actual`), which needs config-change notifications over the back end's
+//! request channel; a hint round must end with free pages (freehint.ko
+//! with the bitmap protocol); deflating to 0 must come back to `actual` 0;
+//! then the guest verifies every live page and powers off with no splat.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+use crate::migrate::{
+    splat_problems, verify_integrity, wait_ready, Cell, Driver, MigVm, VmOptions, Workload,
+};
+use crate::qemu::Machine;
+use crate::runner::{object, Ctx, HarnessError};
+use crate::vfio::{package_binary, RamLayout, Server};
+
+/// Guest memory, MiB.
+const MEM_MIB: u64 = 1024;
+/// Inflate target, 4 KiB pages.
+const TARGET: u64 = 4096;
+/// `VIRTIO_BALLOON_F_FREE_PAGE_BITMAP` (freehint's extension).
+const BITMAP_FEATURE: u64 = 1 << 23;
+
+/// Runs the scenario.
+pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
+    let bin = package_binary(&ctx.repo, "freehint-vhost-user")?;
+    let mut cells = Vec::new();
+    let mut ok = true;
+    for driver in [Driver::Stock, Driver::Freehint] {
+        let r = one(ctx, &bin, driver);
+        ok &= r.get("ok") == Some(&Value::Bool(true));
+        ctx.record(r.clone());
+        cells.push(Value::Object(r));
+    }
+    Ok(object(json!({"ok": ok, "cells": cells})))
+}
+
+fn one(ctx: &mut Ctx, bin: &PathBuf, driver: Driver) -> Map<String, Value> {
+    let mut r = object(json!({"name": format!("vhost-user/{}", driver.name())}));
+    let mut problems = Vec::new();
+    if let Err(e) = drive(ctx, bin, driver, &mut r, &mut problems) {
+        problems.push(e.to_string());
+    }
+    r.insert("ok".into(), json!(problems.is_empty()));
+    if !problems.is_empty() {
+        r.insert("problems".into(), json!(problems));
+    }
+    eprintln!(
+        "[vmtest]   vhost-user/{}: {}",
+        driver.name(),
+        if problems.is_empty() {
+            "ok".to_string()
+        } else {
+            format!("FAILED ({})", problems.join("; "))
+        }
+    );
+    r
+}
+
+fn drive(
+    ctx: &mut Ctx,
+    bin: &PathBuf,
+    driver: Driver,
+    r: &mut Map<String, Value>,
+    problems: &mut Vec<String>,
+) -> Result<(), HarnessError> {
+    let mut cell = Cell::new(MEM_MIB, driver, Workload::Idle, true);
+    cell.pre_mib = 16;
+    cell.churn_mib = 8;
+    let mut spec = cell.boot_spec();
+    // Our device is the only balloon.
+    spec.extra_qemu_args.clear();
+    let timeout = ctx.scaled(Duration::from_secs(300));
+    let label = format!("vhost-{}", driver.name());
+    let layout = RamLayout::for_machine(MEM_MIB, Machine::Pc);
+    let server = Server::start(bin, &ctx.log_dir, &label, &layout, &[])?;
+    let ram = PathBuf::from(format!("/dev/shm/fh-own-{}-{label}", std::process::id()));
+    let opts = VmOptions {
+        incoming: None,
+        extra_args: vec![
+            "-object".into(),
+            format!(
+                "memory-backend-file,id=fhram,size={MEM_MIB}M,mem-path={},share=on",
+                ram.display()
+            ),
+            "-machine".into(),
+            "memory-backend=fhram".into(),
+            "-chardev".into(),
+            format!("socket,id=fhb,path={}", server.socket.display()),
+            "-device".into(),
+            "vhost-user-test-device-pci,id=balloon0,chardev=fhb,virtio-id=5,num_vqs=5,config_size=16"
+                .into(),
+        ],
+        env: Vec::new(),
+        owned_files: vec![ram],
+    };
+    let mut vm = MigVm::start_with(&ctx.manifest, &spec, &ctx.log_dir, &label, &opts)?;
+    wait_ready(&mut vm, timeout)?;
+    let bound = vm
+        .output()
+        .results
+        .iter()
+        .find(|m| m.get("name") == Some(&json!("driver")))
+        .and_then(|m| m.get("bound").cloned());
+    r.insert("bound".into(), bound.clone().unwrap_or(Value::Null));
+    let want = match driver {
+        Driver::Freehint => "freehint",
+        _ => "virtio_balloon",
+    };
+    if bound != Some(json!(want)) {
+        problems.push(format!("driver {want} did not bind (bound: {bound:?})"));
+    }
+    let status = server.ctl("status")?;
+    let acked = status
+        .get("acked_features")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    r.insert(
+        "virtio_status".into(),
+        status.get("virtio_status").cloned().unwrap_or(Value::Null),
+    );
+    r.insert("acked_features".into(), json!(format!("{acked:#x}")));
+    if status.get("virtio_status") != Some(&json!(15)) {
+        problems.push(format!("device not active: {status:?}"));
+    }
+    let bitmap = acked & BITMAP_FEATURE != 0;
+    r.insert("bitmap".into(), json!(bitmap));
+    if bitmap != (driver == Driver::Freehint) {
+        problems.push(format!("bitmap protocol negotiated: {bitmap}"));
+    }
+    for (target, key) in [(TARGET, "inflate_ms"), (0, "deflate_ms")] {
+        let t0 = Instant::now();
+        server.ctl(&format!("target {target}"))?;
+        match wait_actual(&server, target, timeout) {
+            Ok(()) => {
+                r.insert(key.into(), json!(t0.elapsed().as_millis() as u64));
+            }
+            Err(e) => problems.push(e),
+        }
+        if target == TARGET {
+            let round = server.ctl("hint-round 120000")?;
+            let free = round.get("free_pages").and_then(Value::as_u64).unwrap_or(0);
+            r.insert("hint_free_pages".into(), json!(free));
+            r.insert(
+                "round_ms".into(),
+                round.get("ms").cloned().unwrap_or(Value::Null),
+            );
+            if free == 0 {
+                problems.push("the hint round reported no free page".into());
+            }
+        }
+    }
+    let verdict = verify_integrity(&mut vm, true, timeout)?;
+    if verdict.get("ok") != Some(&json!(true)) {
+        problems.push(format!("integrity: {verdict:?}"));
+    }
+    r.insert("integrity".into(), Value::Object(verdict));
+    if !vm.wait_exit(timeout) {
+        problems.push("the guest did not power off".into());
+    }
+    splat_problems(&vm, problems);
+    Ok(())
+}
+
+/// Waits until the balloon's `actual` is `target`.
+fn wait_actual(server: &Server, target: u64, timeout: Duration) -> Result<(), String> {
+    let t0 = Instant::now();
+    loop {
+        let st = server.ctl("status").map_err(|e| e.to_string())?;
+        let actual = st.get("actual").and_then(Value::as_u64);
+        if actual == Some(target) {
+            return Ok(());
+        }
+        if t0.elapsed() > timeout {
+            return Err(format!("actual {actual:?} never reached target {target}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
