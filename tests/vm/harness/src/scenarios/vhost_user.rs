@@ -11,7 +11,7 @@
 //! with the bitmap protocol); deflating to 0 must come back to `actual` 0;
 //! then the guest verifies every live page and powers off with no splat.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
@@ -44,7 +44,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     Ok(object(json!({"ok": ok, "cells": cells})))
 }
 
-fn one(ctx: &mut Ctx, bin: &PathBuf, driver: Driver) -> Map<String, Value> {
+fn one(ctx: &mut Ctx, bin: &Path, driver: Driver) -> Map<String, Value> {
     let mut r = object(json!({"name": format!("vhost-user/{}", driver.name())}));
     let mut problems = Vec::new();
     if let Err(e) = drive(ctx, bin, driver, &mut r, &mut problems) {
@@ -68,7 +68,7 @@ fn one(ctx: &mut Ctx, bin: &PathBuf, driver: Driver) -> Map<String, Value> {
 
 fn drive(
     ctx: &mut Ctx,
-    bin: &PathBuf,
+    bin: &Path,
     driver: Driver,
     r: &mut Map<String, Value>,
     problems: &mut Vec<String>,
