@@ -364,21 +364,44 @@ fn handle(stream: UnixStream, c: &Control) {
     }
 }
 
-/// Binds `path` (mode 0600) and serves control connections (one at a
-/// time) on a thread.
+/// Most control connections served at once (tests, tools and a migrator's
+/// hint port and device log may be connected together).
+const MAX_CONNECTIONS: usize = 8;
+
+/// Binds `path` (mode 0600) and serves control connections, each on its
+/// own thread, at most [`MAX_CONNECTIONS`] at once (more are closed).
 pub fn spawn(path: &Path, control: Control, force: bool) -> std::io::Result<()> {
     if force && path.exists() {
         let _ = std::fs::remove_file(path);
     }
     let listener = crate::sockets::bind_private(path)?;
     info!("control socket on {}", path.display());
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for stream in listener.incoming() {
-                match stream {
-                    Ok(s) => handle(s, &control),
-                    Err(e) => warn!("control: accept failed: {e}"),
+                let s = match stream {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!("control: accept failed: {e}");
+                        continue;
+                    }
+                };
+                if open.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+                    open.fetch_sub(1, Ordering::AcqRel);
+                    warn!("control: more than {MAX_CONNECTIONS} connections, closing one");
+                    continue;
+                }
+                let (c, open) = (control.clone(), Arc::clone(&open));
+                let spawned = std::thread::Builder::new()
+                    .name("control-conn".into())
+                    .spawn(move || {
+                        handle(s, &c);
+                        open.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if let Err(e) = spawned {
+                    warn!("control: cannot start a connection thread: {e}");
                 }
             }
         })?;

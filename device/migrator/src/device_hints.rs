@@ -1,15 +1,17 @@
-//! Free page hints and device writes from the balloon device model
-//! (`freehint-device`), for a Rust VMM that embeds both (feature `device`).
+//! Free page hints and device writes from the balloon device model, through
+//! a [`HintPort`]: the device's `HintHandle` in the same process (a Rust VMM
+//! that embeds both, feature `device`), or the control socket of a device
+//! server in another process ([`ControlPort`](crate::control_port::ControlPort)).
 //!
-//! - [`DeviceHints`] is a [`HintSource`] over a [`HintHandle`]: it opens a
-//!   device epoch ([`HintHandle::new_epoch`]) in
-//!   [`HintSource::before_sync`], right before each dirty-log sync, starts a
-//!   hint round after the sync ([`HintSource::on_sync`]) when its
-//!   [`RoundPolicy`] says so, and reports the free set of the current epoch
-//!   through that epoch's token ([`HintSet::apply_to_bits`](freehint_device::balloon::HintSet::apply_to_bits)).
+//! - [`DeviceHints`] is a [`HintSource`] over a port: it opens a device
+//!   epoch ([`HintPort::new_epoch`]) in [`HintSource::before_sync`], right
+//!   before each dirty-log sync, starts a hint round after the sync
+//!   ([`HintSource::on_sync`]) when its [`RoundPolicy`] says so, and reports
+//!   the free set of the current epoch, which the device serves only while
+//!   that epoch is current ([`HintPort::free_set`]).
 //! - [`DeviceDirtyLog`] is a [`DirtyLog`] of the device's own writes to
-//!   guest RAM ([`HintHandle::take_device_dirty`]); merge it with the
-//!   guest's log with [`AnyOf`](crate::AnyOf).
+//!   guest RAM ([`HintPort::take_device_dirty`]); merge it with the guest's
+//!   log with [`AnyOf`](crate::AnyOf).
 //!
 //! # Epochs and syncs
 //!
@@ -43,13 +45,53 @@
 //! keep it (and then finish it yourself).
 
 use bitvec::prelude::{BitVec, Lsb0};
-use freehint_device::balloon::{EpochToken, HintError, HintHandle, HintStatus, Layout};
+use freehint_protocol::layout::Layout;
 
 use crate::bits::PageBits;
 use crate::dirty::{DirtyLog, HookError};
 use crate::hints::HintSource;
 use crate::layout::RamLayout;
 use crate::PAGE_SIZE;
+
+/// Why a [`HintPort`] refused or failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PortError {
+    /// The device will not hint now (the driver did not negotiate hinting,
+    /// the guest poisons free pages, the device is not active, ...).
+    #[error("the device refused: {0}")]
+    Refused(String),
+    /// The epoch is over: the set is no longer usable.
+    #[error("stale epoch: {0}")]
+    Stale(String),
+    /// The port itself failed (the device server went away, a bad reply).
+    #[error("hint port failed: {0}")]
+    Failed(String),
+}
+
+/// What [`DeviceHints`] and [`DeviceDirtyLog`] need from a balloon device.
+pub trait HintPort {
+    /// Proof of an open epoch.
+    type Epoch: std::fmt::Debug;
+    /// Opens a new epoch; every earlier one goes stale.
+    fn new_epoch(&mut self) -> Result<Self::Epoch, PortError>;
+    /// Starts a hint round in `epoch`; returns its command id.
+    fn start_round(&mut self, epoch: &Self::Epoch) -> Result<u32, PortError>;
+    /// Free pages collected so far and the round's command id: the set has
+    /// not changed while this stays the same.
+    fn progress(&mut self) -> Result<(u64, u32), PortError>;
+    /// Sets in `free` (device bit order, sized [`PageMap::device_bits`])
+    /// the pages reported free in `epoch`, which must still be current.
+    fn free_set(
+        &mut self,
+        epoch: &Self::Epoch,
+        free: &mut BitVec<u64, Lsb0>,
+    ) -> Result<(), PortError>;
+    /// Ends hinting (the guest gets its set-aside pages back).
+    fn finish(&mut self);
+    /// The guest pages the device wrote or discarded since the last call,
+    /// in device bit order (words, bit *i* = layout bit *i*).
+    fn take_device_dirty(&mut self) -> Result<Vec<u64>, PortError>;
+}
 
 /// Guest pages the device's layout and the migrator's layout disagree on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -190,41 +232,41 @@ impl RoundPolicy {
 
 /// A [`HintSource`] fed by the balloon device model (see the module docs).
 #[derive(Debug)]
-pub struct DeviceHints {
-    handle: HintHandle,
+pub struct DeviceHints<P: HintPort> {
+    port: P,
     map: PageMap,
     policy: RoundPolicy,
     /// Opened by `before_sync`, taken by `on_sync`.
-    pending: Option<EpochToken>,
-    /// The current epoch's token.
-    token: Option<EpochToken>,
-    /// Status at the last look: nothing new while it stays the same (the
+    pending: Option<P::Epoch>,
+    /// The current epoch.
+    epoch: Option<P::Epoch>,
+    /// Progress at the last look: nothing new while it stays the same (the
     /// set only grows within an epoch).
-    seen: Option<HintStatus>,
-    /// Device bits, all set, minus the set's free pages after applying it.
+    seen: Option<(u64, u32)>,
+    /// The free set in device bit order.
     scratch: BitVec<u64, Lsb0>,
     rounds_started: u64,
-    last_refusal: Option<HintError>,
+    last_refusal: Option<PortError>,
     finished: bool,
 }
 
-impl DeviceHints {
-    /// A source over `handle`, whose device has layout `device`, for a
+impl<P: HintPort> DeviceHints<P> {
+    /// A source over `port`, whose device has layout `device`, for a
     /// migration of `ram` (normally [`Engine::layout`](crate::Engine::layout)).
     pub fn new(
-        handle: HintHandle,
+        port: P,
         device: &Layout,
         ram: &RamLayout,
         policy: RoundPolicy,
     ) -> Result<Self, LayoutMismatch> {
         let map = PageMap::new(device, ram)?;
-        let scratch = BitVec::repeat(true, map.device_bits());
+        let scratch = BitVec::repeat(false, map.device_bits());
         Ok(Self {
-            handle,
+            port,
             map,
             policy,
             pending: None,
-            token: None,
+            epoch: None,
             seen: None,
             scratch,
             rounds_started: 0,
@@ -240,34 +282,44 @@ impl DeviceHints {
 
     /// Why the device last refused to start a round (the driver did not
     /// negotiate hinting, the guest poisons free pages, ...), if it did.
-    pub fn last_refusal(&self) -> Option<HintError> {
-        self.last_refusal
+    pub fn last_refusal(&self) -> Option<&PortError> {
+        self.last_refusal.as_ref()
     }
 
     /// Ends hinting: the guest gets its set-aside pages back, and every
-    /// token and set of this migration goes stale. Idempotent; `Drop` calls
+    /// epoch and set of this migration goes stale. Idempotent; `Drop` calls
     /// it.
     pub fn finish(&mut self) {
         if !self.finished {
             self.finished = true;
             self.pending = None;
-            self.token = None;
-            self.handle.finish();
+            self.epoch = None;
+            self.port.finish();
+        }
+    }
+
+    fn open_epoch(&mut self) -> Option<P::Epoch> {
+        match self.port.new_epoch() {
+            Ok(e) => Some(e),
+            Err(e) => {
+                log::warn!("cannot open a device epoch: {e}");
+                None
+            }
         }
     }
 }
 
-impl Drop for DeviceHints {
+impl<P: HintPort> Drop for DeviceHints<P> {
     fn drop(&mut self) {
         self.finish();
     }
 }
 
-impl HintSource for DeviceHints {
+impl<P: HintPort> HintSource for DeviceHints<P> {
     fn before_sync(&mut self) {
         if !self.finished {
-            self.token = None;
-            self.pending = Some(self.handle.new_epoch());
+            self.epoch = None;
+            self.pending = self.open_epoch();
         }
     }
 
@@ -276,15 +328,18 @@ impl HintSource for DeviceHints {
         if self.finished {
             return;
         }
-        let token = self
-            .pending
-            .take()
-            .unwrap_or_else(|| self.handle.new_epoch());
+        let opened = match self.pending.take() {
+            Some(e) => Some(e),
+            None => self.open_epoch(),
+        };
+        let Some(opened) = opened else {
+            return;
+        };
         if self.policy.wants(epoch) {
-            match self.handle.start_round(&token) {
+            match self.port.start_round(&opened) {
                 Ok(id) => {
                     self.rounds_started += 1;
-                    log::debug!("hint round {id:#x} in epoch {epoch} (device epoch {token})");
+                    log::debug!("hint round {id:#x} in epoch {epoch} (device epoch {opened:?})");
                 }
                 Err(e) => {
                     log::info!("no hint round in epoch {epoch}: {e}");
@@ -292,71 +347,113 @@ impl HintSource for DeviceHints {
                 }
             }
         }
-        self.token = Some(token);
+        self.epoch = Some(opened);
     }
 
     fn mark_free(&mut self, free: &mut PageBits) -> Result<(), HookError> {
-        let Some(token) = &self.token else {
+        let Some(epoch) = &self.epoch else {
             return Ok(());
         };
-        let status = self.handle.status();
-        if status.free_pages == 0 || self.seen == Some(status) {
+        let progress = self.port.progress().map_err(hook)?;
+        if progress.0 == 0 || self.seen == Some(progress) {
             return Ok(());
         }
-        self.seen = Some(status);
-        let set = self.handle.snapshot();
-        self.scratch.fill(true);
-        match set.apply_to_bits(token, &mut self.scratch) {
-            Ok(_) => {}
-            Err(e @ HintError::StaleEpoch { .. }) => {
+        self.seen = Some(progress);
+        self.scratch.fill(false);
+        match self.port.free_set(epoch, &mut self.scratch) {
+            Ok(()) => {}
+            Err(e @ PortError::Stale(_)) => {
                 // The device moved the epoch (reset, restore, stop): no
                 // hints until the next sync.
                 log::info!("hints dropped: {e}");
-                self.token = None;
+                self.epoch = None;
                 return Ok(());
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(hook(e)),
         }
-        let hinted = !std::mem::take(&mut self.scratch);
-        self.map.or_into(&hinted, free);
-        self.scratch = hinted;
+        self.map.or_into(&self.scratch, free);
         Ok(())
     }
+}
+
+fn hook(e: PortError) -> HookError {
+    Box::new(e)
 }
 
 /// The device's own writes to guest RAM (used rings, replies, discarded
 /// pages) as a [`DirtyLog`], in the migrator's page order.
 #[derive(Debug)]
-pub struct DeviceDirtyLog {
-    handle: HintHandle,
+pub struct DeviceDirtyLog<P: HintPort> {
+    port: P,
     map: PageMap,
 }
 
-impl DeviceDirtyLog {
-    /// A log over `handle`, whose device has layout `device`, for a
+impl<P: HintPort> DeviceDirtyLog<P> {
+    /// A log over `port`, whose device has layout `device`, for a
     /// migration of `ram`.
-    pub fn new(
-        handle: HintHandle,
-        device: &Layout,
-        ram: &RamLayout,
-    ) -> Result<Self, LayoutMismatch> {
+    pub fn new(port: P, device: &Layout, ram: &RamLayout) -> Result<Self, LayoutMismatch> {
         Ok(Self {
-            handle,
+            port,
             map: PageMap::new(device, ram)?,
         })
     }
 }
 
-impl DirtyLog for DeviceDirtyLog {
+impl<P: HintPort> DirtyLog for DeviceDirtyLog<P> {
     fn start(&mut self) -> Result<(), HookError> {
-        self.handle.take_device_dirty();
+        self.port.take_device_dirty().map_err(hook)?;
         Ok(())
     }
 
     fn sync(&mut self, dirty: &mut PageBits) -> Result<(), HookError> {
-        let words = self.handle.take_device_dirty();
+        let words = self.port.take_device_dirty().map_err(hook)?;
         self.map.or_into(PageBits::from_slice(&words), dirty);
         Ok(())
+    }
+}
+
+/// The device's hint API in the same process.
+#[cfg(feature = "device")]
+impl HintPort for freehint_device::HintHandle {
+    type Epoch = freehint_device::EpochToken;
+
+    fn new_epoch(&mut self) -> Result<Self::Epoch, PortError> {
+        Ok(freehint_device::HintHandle::new_epoch(self))
+    }
+
+    fn start_round(&mut self, epoch: &Self::Epoch) -> Result<u32, PortError> {
+        freehint_device::HintHandle::start_round(self, epoch)
+            .map_err(|e| PortError::Refused(e.to_string()))
+    }
+
+    fn progress(&mut self) -> Result<(u64, u32), PortError> {
+        let s = self.status();
+        Ok((s.free_pages, s.cmd_id))
+    }
+
+    fn free_set(
+        &mut self,
+        epoch: &Self::Epoch,
+        free: &mut BitVec<u64, Lsb0>,
+    ) -> Result<(), PortError> {
+        use freehint_device::balloon::HintError;
+        free.fill(true);
+        match self.snapshot().apply_to_bits(epoch, free) {
+            Ok(_) => {
+                *free = !std::mem::take(free);
+                Ok(())
+            }
+            Err(e @ HintError::StaleEpoch { .. }) => Err(PortError::Stale(e.to_string())),
+            Err(e) => Err(PortError::Failed(e.to_string())),
+        }
+    }
+
+    fn finish(&mut self) {
+        freehint_device::HintHandle::finish(self)
+    }
+
+    fn take_device_dirty(&mut self) -> Result<Vec<u64>, PortError> {
+        Ok(freehint_device::HintHandle::take_device_dirty(self))
     }
 }
 

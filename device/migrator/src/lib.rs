@@ -15,8 +15,10 @@
 //!   marked by hand (a device model's own writes),
 //!   [`PagemapScanLog`](pagemap_scan::PagemapScanLog) reads a process's
 //!   page tables (uffd-wp, see [`uffd`]), [`AnyOf`] merges logs.
-//! - With the `device` feature, `device_hints`: hints and device writes
-//!   from the balloon device model (`freehint-device`).
+//! - [`device_hints`]: hints and device writes from the balloon device
+//!   model through a [`HintPort`](device_hints::HintPort): its
+//!   `HintHandle` in the same process (feature `device`), or the control
+//!   socket of a device server ([`ControlPort`](control_port::ControlPort)).
 //! - [`wire`]: the versioned stream between the two; the [`Decoder`]
 //!   treats the sender as untrusted.
 //! - [`Receiver`] (destination): stores pages into a [`PageSink`]: the
@@ -78,7 +80,7 @@
 compile_error!("freehint-migrate indexes pages with usize and needs a 64-bit host");
 
 pub mod bits;
-#[cfg(feature = "device")]
+pub mod control_port;
 pub mod device_hints;
 pub mod dirty;
 pub mod engine;

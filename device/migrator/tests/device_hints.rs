@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use freehint_device::balloon::{BalloonConfig, HintHandle, HintSet, Layout};
 use freehint_device::test_utils::{BalloonDriver, DRIVER_AREA, DRIVER_AREA_SIZE, HINT_BLOCK_SIZE};
-use freehint_migrate::device_hints::{DeviceDirtyLog, DeviceHints, PageMap, RoundPolicy};
+use freehint_migrate::control_port::ControlPort;
+use freehint_migrate::device_hints::{DeviceDirtyLog, DeviceHints, HintPort, PageMap, RoundPolicy};
 use freehint_migrate::{
     AnyOf, DirtyLog, Engine, HintSource, HookError, MigrationReport, PageBits, Policy, RamLayout,
     SharedLog, PAGE_SIZE,
@@ -78,8 +79,8 @@ impl DirtyLog for DriverArea {
 /// reused its pages, so the bulk pass sees the hints and the reuse
 /// deterministically. With `stale` set it is the broken adapter of the
 /// negative control.
-struct TestHints {
-    inner: DeviceHints,
+struct TestHints<P: HintPort> {
+    inner: DeviceHints<P>,
     answered: Arc<AtomicU32>,
     stale: Option<Stale>,
 }
@@ -92,7 +93,7 @@ struct Stale {
     kept: Option<HintSet>,
 }
 
-impl HintSource for TestHints {
+impl<P: HintPort> HintSource for TestHints<P> {
     fn before_sync(&mut self) {
         self.inner.before_sync();
     }
@@ -125,8 +126,36 @@ impl HintSource for TestHints {
 }
 
 fn migrate(protocol: Protocol, broken: bool) -> Outcome {
+    migrate_with(protocol, broken, |driver, _| (driver.hints(), driver.hints()))
+}
+
+/// [`migrate`] with the device reached through its control socket, as the
+/// program reaches a device server in another process.
+fn migrate_through_the_control_socket(protocol: Protocol) -> Outcome {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ctl");
+    migrate_with(protocol, false, |driver, layout| {
+        let control = freehint_host::Control::new(
+            driver.dev.handle(),
+            driver.hints(),
+            *layout,
+            Arc::new(std::sync::atomic::AtomicU8::new(0x0f)),
+            None,
+        );
+        freehint_host::control::spawn(&path, control, false).unwrap();
+        let connect = || ControlPort::connect(&path, Duration::from_secs(10)).unwrap();
+        (connect(), connect())
+    })
+}
+
+fn migrate_with<P: HintPort + Send + 'static>(
+    protocol: Protocol,
+    broken: bool,
+    ports: impl FnOnce(&BalloonDriver, &Layout) -> (P, P),
+) -> Outcome {
     let layout = Layout::from_ram_byte_ranges(&RAM).unwrap();
     let mut driver = BalloonDriver::new(BalloonConfig::all_features(layout), u64::MAX, 64);
+    let (hint_port, dirty_port) = ports(&driver, &layout);
     let memory = driver.mem.clone();
     let source = memory.memory();
     let engine = Engine::new(&*source).unwrap().with_policy(Policy {
@@ -144,12 +173,12 @@ fn migrate(protocol: Protocol, broken: bool) -> Outcome {
     let driver_area = ram.pages_of(1).unwrap();
     let log = AnyOf::new()
         .with(guest_log.clone())
-        .with(DeviceDirtyLog::new(driver.hints(), &layout, &ram).unwrap())
+        .with(DeviceDirtyLog::new(dirty_port, &layout, &ram).unwrap())
         .with(DriverArea {
             pages: driver_area.start as usize..driver_area.end as usize,
         });
     let device_hints =
-        DeviceHints::new(driver.hints(), &layout, &ram, RoundPolicy::EveryEpoch).unwrap();
+        DeviceHints::new(hint_port, &layout, &ram, RoundPolicy::EveryEpoch).unwrap();
     let answered = Arc::new(AtomicU32::new(0));
     let mut hints = TestHints {
         inner: device_hints,
@@ -292,7 +321,10 @@ impl Guest<'_> {
 }
 
 fn check(protocol: Protocol) {
-    let o = migrate(protocol, false);
+    check_outcome(protocol, migrate(protocol, false));
+}
+
+fn check_outcome(protocol: Protocol, o: Outcome) {
     eprintln!(
         "{protocol:?}: {} passes, {} pages skipped by hints, {} rounds started, {} answered, \
          {} guest writes, {} pages differ",
@@ -322,6 +354,13 @@ fn standard_protocol_hints_lose_no_reused_page() {
 #[test]
 fn bitmap_protocol_hints_lose_no_reused_page() {
     check(Protocol::Bitmap);
+}
+
+#[test]
+fn hints_through_the_control_socket_lose_no_reused_page() {
+    for protocol in [Protocol::Standard, Protocol::Bitmap] {
+        check_outcome(protocol, migrate_through_the_control_socket(protocol));
+    }
 }
 
 #[test]
