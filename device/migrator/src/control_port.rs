@@ -80,11 +80,13 @@ impl ControlPort {
             return Ok(v);
         }
         let error = v["error"].as_str().unwrap_or("no reason given").to_string();
-        Err(if error.contains("is over") || error.contains("epoch") && error.contains("stale") {
-            PortError::Stale(error)
-        } else {
-            PortError::Refused(error)
-        })
+        Err(
+            if error.contains("is over") || error.contains("epoch") && error.contains("stale") {
+                PortError::Stale(error)
+            } else {
+                PortError::Refused(error)
+            },
+        )
     }
 
     /// Sends `cmd`, whose reply carries a bitmap of the layout's size.

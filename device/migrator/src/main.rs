@@ -13,6 +13,7 @@
 //! the destination was not resumed); 3 failed after the device state
 //! moved, the source is left paused (see `docs/migration.md`).
 
+use freehint_migrate::device_hints::RoundPolicy;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -78,6 +79,16 @@ struct SendArgs {
     /// destination then lacks what the guest wrote last).
     #[arg(long, hide = true)]
     negative_control_drop_final_pass: bool,
+    /// Control socket of the guest's balloon device server
+    /// (`freehint-vhost-user --control PATH`): pages the guest reports free
+    /// are not copied, and the device's own writes join the dirty log.
+    #[arg(long)]
+    device_control: Option<PathBuf>,
+    /// With --device-control: ask the guest for free pages before the bulk
+    /// pass only (`bulk`), before every pass (`every`), or before the first
+    /// N passes (a number).
+    #[arg(long, default_value = "bulk", value_parser = parse_rounds)]
+    hint_rounds: RoundPolicy,
 }
 
 #[derive(Debug, Args)]
@@ -167,6 +178,8 @@ fn run_send(args: SendArgs) -> ExitCode {
         connect_timeout: Duration::from_secs(args.connect_timeout_s),
         switchover_timeout: Duration::from_secs(args.switchover_timeout_s),
         drop_final_pass: args.negative_control_drop_final_pass,
+        device_control: args.device_control,
+        rounds: args.hint_rounds,
         cancel,
     };
     let bar = Bar::new();
@@ -203,6 +216,17 @@ fn run_send(args: SendArgs) -> ExitCode {
                 SourceState::Paused => ExitCode::from(3),
             }
         }
+    }
+}
+
+fn parse_rounds(s: &str) -> Result<RoundPolicy, String> {
+    match s {
+        "bulk" => Ok(RoundPolicy::BulkOnly),
+        "every" => Ok(RoundPolicy::EveryEpoch),
+        n => n
+            .parse::<u64>()
+            .map(RoundPolicy::FirstEpochs)
+            .map_err(|_| format!("--hint-rounds {n:?}: give bulk, every or a number")),
     }
 }
 

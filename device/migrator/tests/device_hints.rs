@@ -126,7 +126,9 @@ impl<P: HintPort> HintSource for TestHints<P> {
 }
 
 fn migrate(protocol: Protocol, broken: bool) -> Outcome {
-    migrate_with(protocol, broken, |driver, _| (driver.hints(), driver.hints()))
+    migrate_with(protocol, broken, |driver, _| {
+        (driver.hints(), driver.hints())
+    })
 }
 
 /// [`migrate`] with the device reached through its control socket, as the
@@ -177,8 +179,7 @@ fn migrate_with<P: HintPort + Send + 'static>(
         .with(DriverArea {
             pages: driver_area.start as usize..driver_area.end as usize,
         });
-    let device_hints =
-        DeviceHints::new(hint_port, &layout, &ram, RoundPolicy::EveryEpoch).unwrap();
+    let device_hints = DeviceHints::new(hint_port, &layout, &ram, RoundPolicy::EveryEpoch).unwrap();
     let answered = Arc::new(AtomicU32::new(0));
     let mut hints = TestHints {
         inner: device_hints,

@@ -38,15 +38,19 @@ use serde_json::{json, Value};
 use super::control::{read_reply, ControlError, Reply};
 use super::tracking::{QemuLog, RemoteTracking, TrackingError, SOCKET_ENV};
 use super::{discover, environment_of, expect_status, host_address, map_ram, QemuError};
+use crate::control_port::ControlPort;
+use crate::device_hints::{DeviceDirtyLog, DeviceHints, RoundPolicy};
 use crate::dirty::HookError;
 use crate::engine::{Engine, MigrateError, VmControl};
-use crate::hints::NoHints;
+use crate::hints::{HintSource, NoHints};
+use crate::layout::RamLayout;
 use crate::pagemap_scan::{PagemapScanError, PagemapScanLog};
 use crate::policy::Policy;
 use crate::progress::Progress;
 use crate::qmp::{Qmp, QmpError};
 use crate::sparse::FileHoles;
 use crate::stats::{MigrationReport, PassStats};
+use crate::AnyOf;
 
 /// What `send` needs.
 #[derive(Clone, Debug)]
@@ -65,6 +69,12 @@ pub struct SendOptions {
     pub switchover_timeout: Duration,
     /// Negative control only: the final pass sends nothing.
     pub drop_final_pass: bool,
+    /// The control socket of the guest's balloon device server
+    /// (`freehint-vhost-user`): free page hints skip pages, and the
+    /// device's own writes join the dirty log. `None`: no hints.
+    pub device_control: Option<PathBuf>,
+    /// When to ask the guest for a hint round (with `device_control`).
+    pub rounds: RoundPolicy,
     /// Set to cancel the migration (for example on Ctrl-C).
     pub cancel: Arc<AtomicBool>,
 }
@@ -109,6 +119,9 @@ pub enum SendError {
     /// The receiver's reply could not be read.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// The balloon device's hint port failed or does not fit the guest.
+    #[error("balloon device: {0}")]
+    Device(String),
     /// The receiver said something else than expected.
     #[error("the receiver {0}")]
     Receiver(String),
@@ -409,13 +422,18 @@ impl<'q> Source<'q> {
             .map_err(live)?;
         let scan = PagemapScanLog::for_process(self.ram.pid, &addrs, &self.ram.layout)
             .map_err(|e| live(e.into()))?;
-        let log = QemuLog::new(scan, self.tracking_handle());
+        let qemu_log = QemuLog::new(scan, self.tracking_handle());
         let mut engine = Engine::new(&mem)
             .map_err(|e| live(e.into()))?
             .with_policy(opts.policy.clone())
             .with_holes(&holes);
         if opts.drop_final_pass {
             engine = engine.dropping_final_pass_for_negative_control();
+        }
+        let (mut hints, device_log) = device_hints(opts, engine.layout()).map_err(live)?;
+        let mut log = AnyOf::new().with(qemu_log);
+        if let Some(device_log) = device_log {
+            log = log.with(device_log);
         }
         progress(engine.progress());
         let writer = self
@@ -436,9 +454,10 @@ impl<'q> Source<'q> {
             stop_us: None,
             stopped_at: None,
         };
-        let result = engine.run(out, log, NoHints, &mut stop, |pass: &PassStats| {
+        let result = engine.run(out, log, &mut *hints, &mut stop, |pass: &PassStats| {
             on_pass(pass)
         });
+        drop(hints);
         let (stop_us, stopped_at) = (stop.stop_us, stop.stopped_at);
         let phase = if stopped_at.is_some() {
             Phase::Stopped
@@ -671,6 +690,28 @@ impl<W: Write> Write for Cancellable<W> {
     }
 }
 
+/// A hint source, and the log of the device's own writes that goes with it.
+type DeviceSources = (Box<dyn HintSource>, Option<DeviceDirtyLog<ControlPort>>);
+
+/// The hint source and device log `opts` ask for: the balloon device's
+/// server through its control socket, or no hints.
+fn device_hints(opts: &SendOptions, ram: &RamLayout) -> Result<DeviceSources, SendError> {
+    let Some(path) = &opts.device_control else {
+        return Ok((Box::new(NoHints), None));
+    };
+    let device = |e: &dyn std::fmt::Display| SendError::Device(format!("{}: {e}", path.display()));
+    let connect = || ControlPort::connect(path, opts.switchover_timeout).map_err(|e| device(&e));
+    let port = connect()?;
+    let layout = *port.layout();
+    let hints = DeviceHints::new(port, &layout, ram, opts.rounds).map_err(|e| device(&e))?;
+    let log = DeviceDirtyLog::new(connect()?, &layout, ram).map_err(|e| device(&e))?;
+    log::info!(
+        "free page hints from the balloon device at {}",
+        path.display()
+    );
+    Ok((Box::new(hints), Some(log)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -718,6 +759,8 @@ mod tests {
             connect_timeout: Duration::from_millis(10),
             switchover_timeout: Duration::from_secs(5),
             drop_final_pass: false,
+            device_control: None,
+            rounds: RoundPolicy::default(),
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }
