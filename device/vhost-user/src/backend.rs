@@ -14,6 +14,9 @@ use crate::channel::RequestChannel;
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 /// Queues the front end must create (`num_vqs`): inflate, deflate, stats,
 /// free page and reporting, the most a balloon with every feature uses.
@@ -204,6 +207,18 @@ impl VhostUserBackendMut for BalloonBackend {
         match RequestChannel::find() {
             Ok(channel) => *slot = Some(channel),
             Err(e) => warn!("config changes cannot be signalled: {e}"),
+        }
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        // Without one the library's worker thread never ends, and dropping
+        // the daemon after the front end left would wait for it forever.
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                warn!("cannot create the worker's exit event: {e}");
+                None
+            }
         }
     }
 
