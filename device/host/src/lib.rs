@@ -16,4 +16,4 @@ pub mod signals;
 pub mod sockets;
 
 pub use control::Control;
-pub use options::DeviceOptions;
+pub use options::{DeviceOptions, ServerOptions};

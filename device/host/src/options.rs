@@ -1,6 +1,8 @@
 //! The device's command-line options, shared by every server binary
 //! (`#[command(flatten)]` them into the binary's own arguments).
 
+use std::path::PathBuf;
+
 use clap::{Args, ValueEnum};
 use freehint_device::balloon::Layout;
 use freehint_device::BalloonConfig;
@@ -12,6 +14,52 @@ pub enum Machine {
     Pc,
     /// QEMU `q35`: ≥ 2.75 GiB RAM puts 2 GiB below 4 GiB.
     Q35,
+}
+
+/// Where a server listens, and how it lives.
+#[derive(Args, Clone, Debug)]
+pub struct ServerOptions {
+    /// UNIX socket to listen on for the VMM.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// Replace an existing file at the socket path (a stale socket).
+    #[arg(long)]
+    pub force: bool,
+    /// Keep serving after the VMM disconnects (wait for the next one)
+    /// instead of exiting.
+    #[arg(long)]
+    pub persist: bool,
+    /// Line-based control socket (target, stats, hint rounds, the hint
+    /// port; see the `control` module).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// Directory the control command `hint-dump NAME` writes into (without
+    /// it, `hint-dump` is refused).
+    #[arg(long, requires = "control")]
+    pub dump_dir: Option<PathBuf>,
+}
+
+impl ServerOptions {
+    /// The `--dump-dir` as an absolute path, checked to be a directory.
+    pub fn checked_dump_dir(&self) -> Result<Option<PathBuf>, String> {
+        let Some(dir) = &self.dump_dir else {
+            return Ok(None);
+        };
+        let abs = dir
+            .canonicalize()
+            .map_err(|e| format!("--dump-dir {}: {e}", dir.display()))?;
+        if !abs.is_dir() {
+            return Err(format!("--dump-dir {}: not a directory", dir.display()));
+        }
+        Ok(Some(abs))
+    }
+
+    /// The socket files the server creates (to remove on exit).
+    pub fn socket_files(&self) -> Vec<PathBuf> {
+        std::iter::once(self.socket.clone())
+            .chain(self.control.clone())
+            .collect()
+    }
 }
 
 /// What the device offers and the guest RAM it hints about.

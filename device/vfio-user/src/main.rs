@@ -5,13 +5,12 @@
 //! **No migration:** QEMU migrates no state for a vfio-user device; on a
 //! migration destination the device is dead.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use freehint_device::balloon::Layout;
 use freehint_device::Balloon;
-use freehint_host::{control, DeviceOptions};
+use freehint_host::{control, DeviceOptions, ServerOptions};
 use freehint_vfio_user::{serve, VfioUserDevice, MIGRATION_WARNING};
 use log::{error, info, warn};
 
@@ -23,38 +22,12 @@ use log::{error, info, warn};
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
-    /// UNIX socket to listen on (QEMU: `"socket":{"path":PATH,"type":"unix"}`).
-    #[arg(long)]
-    socket: PathBuf,
-    /// Replace an existing file at the socket path (a stale socket).
-    #[arg(long)]
-    force: bool,
-    /// Keep serving after the client disconnects (reset, wait for the next
-    /// one) instead of exiting.
-    #[arg(long)]
-    persist: bool,
-    /// Line-based control socket (target, stats, hint rounds; see
-    /// docs/vfio-user.md).
-    #[arg(long)]
-    control: Option<PathBuf>,
-    /// Directory the control command `hint-dump NAME` writes into (without
-    /// it, `hint-dump` is refused).
-    #[arg(long, requires = "control")]
-    dump_dir: Option<PathBuf>,
+    /// Sockets and lifetime.
+    #[command(flatten)]
+    server: ServerOptions,
     /// The device: RAM layout and features.
     #[command(flatten)]
     device: DeviceOptions,
-}
-
-/// The `--dump-dir` as an absolute path, checked to be a directory.
-fn dump_dir(dir: &std::path::Path) -> Result<PathBuf, String> {
-    let abs = dir
-        .canonicalize()
-        .map_err(|e| format!("--dump-dir {}: {e}", dir.display()))?;
-    if !abs.is_dir() {
-        return Err(format!("--dump-dir {}: not a directory", dir.display()));
-    }
-    Ok(abs)
 }
 
 fn run(args: Args) -> Result<(), String> {
@@ -75,8 +48,8 @@ fn run(args: Args) -> Result<(), String> {
     if !ranges.is_empty() {
         device.set_expected_ram(ranges);
     }
-    if let Some(path) = &args.control {
-        let dump_dir = args.dump_dir.as_deref().map(dump_dir).transpose()?;
+    if let Some(path) = &args.server.control {
+        let dump_dir = args.server.checked_dump_dir()?;
         let c = control::Control::new(
             handle,
             hint_handle,
@@ -84,11 +57,17 @@ fn run(args: Args) -> Result<(), String> {
             device.status_handle(),
             dump_dir,
         );
-        control::spawn(path, c, args.force)
+        control::spawn(path, c, args.server.force)
             .map_err(|e| format!("control socket {}: {e}", path.display()))?;
     }
-    serve(&args.socket, &mut device, args.persist, args.force).map_err(|e| e.to_string())?;
-    if let Some(path) = &args.control {
+    serve(
+        &args.server.socket,
+        &mut device,
+        args.server.persist,
+        args.server.force,
+    )
+    .map_err(|e| e.to_string())?;
+    if let Some(path) = &args.server.control {
         let _ = std::fs::remove_file(path);
     }
     Ok(())
@@ -97,12 +76,7 @@ fn run(args: Args) -> Result<(), String> {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
-    freehint_host::signals::remove_on_signal(
-        [Some(args.socket.clone()), args.control.clone()]
-            .into_iter()
-            .flatten()
-            .collect(),
-    );
+    freehint_host::signals::remove_on_signal(args.server.socket_files());
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

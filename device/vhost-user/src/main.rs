@@ -9,14 +9,13 @@
 //! Guest RAM must be shared with this process (`memory-backend-file` or
 //! `memory-backend-memfd` with `share=on`). See docs/vhost-user.md.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicU8;
 use std::sync::{Arc, RwLock};
 
 use clap::Parser;
 use freehint_device::Balloon;
-use freehint_host::{control, DeviceOptions};
+use freehint_host::{control, DeviceOptions, ServerOptions};
 use freehint_vhost_user::BalloonBackend;
 use log::{error, info};
 use vhost::vhost_user::Listener;
@@ -27,24 +26,9 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
-    /// UNIX socket to listen on (QEMU: `-chardev socket,path=PATH`).
-    #[arg(long)]
-    socket: PathBuf,
-    /// Replace an existing file at the socket path (a stale socket).
-    #[arg(long)]
-    force: bool,
-    /// Keep serving after the front end disconnects (the device keeps its
-    /// state; the next front end finds the balloon as it was left) instead
-    /// of exiting.
-    #[arg(long)]
-    persist: bool,
-    /// Line-based control socket (target, stats, hint rounds, the hint
-    /// port; see docs/vhost-user.md).
-    #[arg(long)]
-    control: Option<PathBuf>,
-    /// Directory the control command `hint-dump NAME` writes into.
-    #[arg(long, requires = "control")]
-    dump_dir: Option<PathBuf>,
+    /// Sockets and lifetime.
+    #[command(flatten)]
+    server: ServerOptions,
     /// The device: RAM layout and features.
     #[command(flatten)]
     device: DeviceOptions,
@@ -59,14 +43,8 @@ fn run(args: Args) -> Result<(), String> {
     let handle = balloon.handle();
     handle.set_target_pages(args.device.target_pages);
     let status = Arc::new(AtomicU8::new(0));
-    if let Some(path) = &args.control {
-        let dump_dir = match &args.dump_dir {
-            Some(d) => Some(
-                d.canonicalize()
-                    .map_err(|e| format!("--dump-dir {}: {e}", d.display()))?,
-            ),
-            None => None,
-        };
+    if let Some(path) = &args.server.control {
+        let dump_dir = args.server.checked_dump_dir()?;
         let c = control::Control::new(
             handle,
             balloon.hint_handle(),
@@ -74,7 +52,7 @@ fn run(args: Args) -> Result<(), String> {
             Arc::clone(&status),
             dump_dir,
         );
-        control::spawn(path, c, args.force)
+        control::spawn(path, c, args.server.force)
             .map_err(|e| format!("control socket {}: {e}", path.display()))?;
     }
     info!(
@@ -82,11 +60,11 @@ fn run(args: Args) -> Result<(), String> {
         configured.ranges
     );
     let backend = Arc::new(RwLock::new(BalloonBackend::new(balloon, status)));
-    if args.force && args.socket.exists() {
-        let _ = std::fs::remove_file(&args.socket);
+    if args.server.force && args.server.socket.exists() {
+        let _ = std::fs::remove_file(&args.server.socket);
     }
-    let listener = freehint_host::sockets::bind_private(&args.socket)
-        .map_err(|e| format!("cannot listen on {}: {e}", args.socket.display()))?;
+    let listener = freehint_host::sockets::bind_private(&args.server.socket)
+        .map_err(|e| format!("cannot listen on {}: {e}", args.server.socket.display()))?;
     let mut listener = Listener::from(listener);
     loop {
         let mut daemon = VhostUserDaemon::new(
@@ -95,7 +73,10 @@ fn run(args: Args) -> Result<(), String> {
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(|e| format!("cannot create the daemon: {e}"))?;
-        info!("waiting for the front end on {}", args.socket.display());
+        info!(
+            "waiting for the front end on {}",
+            args.server.socket.display()
+        );
         daemon
             .start(&mut listener)
             .map_err(|e| format!("cannot accept the front end: {e}"))?;
@@ -103,12 +84,12 @@ fn run(args: Args) -> Result<(), String> {
             Ok(()) => info!("front end disconnected"),
             Err(e) => info!("front end gone: {e}"),
         }
-        if !args.persist {
+        if !args.server.persist {
             break;
         }
     }
-    let _ = std::fs::remove_file(&args.socket);
-    if let Some(path) = &args.control {
+    let _ = std::fs::remove_file(&args.server.socket);
+    if let Some(path) = &args.server.control {
         let _ = std::fs::remove_file(path);
     }
     Ok(())
@@ -117,12 +98,7 @@ fn run(args: Args) -> Result<(), String> {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
-    freehint_host::signals::remove_on_signal(
-        [Some(args.socket.clone()), args.control.clone()]
-            .into_iter()
-            .flatten()
-            .collect(),
-    );
+    freehint_host::signals::remove_on_signal(args.server.socket_files());
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
