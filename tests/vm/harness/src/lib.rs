@@ -6,9 +6,10 @@
 //! [`qmp`] (QMP client), [`guest`] (console protocol and splat detection),
 //! [`runner`] (boot + report), [`scenarios`] (the registry), [`errors`]
 //! (the shared I/O error), [`sockets`]
-//! (short UNIX socket paths).
+//! (short UNIX socket paths), [`chart`] (the demo table as a PNG).
 #![warn(missing_docs)]
 
+pub mod chart;
 pub mod errors;
 pub mod guest;
 pub mod manifest;
