@@ -221,6 +221,16 @@ pub enum RoundPolicy {
 }
 
 impl RoundPolicy {
+    /// The number of the last pass that uses a round's hints (pass `k`
+    /// uses epoch `k`), or `None` when every pass does.
+    pub fn last_hinted_pass(self) -> Option<u64> {
+        match self {
+            Self::BulkOnly => Some(0),
+            Self::FirstEpochs(n) => Some(n.saturating_sub(1)),
+            Self::EveryEpoch => None,
+        }
+    }
+
     fn wants(self, epoch: u64) -> bool {
         match self {
             Self::BulkOnly => epoch == 0,

@@ -39,11 +39,26 @@ use crate::PAGE_SIZE;
 /// Pages read from guest memory at once.
 pub const CHUNK_PAGES: usize = 64;
 
-/// Stops the guest before the final pass (a VMM pauses its vCPUs and
-/// devices; for QEMU, the QMP `stop` command).
+/// What the engine asks of the VM: chiefly, to stop the guest before the
+/// final pass (a VMM pauses its vCPUs and devices; for QEMU, the QMP `stop`
+/// command).
 pub trait VmControl {
     /// Stops the guest; when this returns, nothing writes guest RAM.
     fn pause(&mut self) -> Result<(), HookError>;
+
+    /// A live pass ended (the guest runs; the next dirty-log sync is still
+    /// to come, so whatever the VM writes now is sent later). Does nothing
+    /// by default.
+    fn after_pass(&mut self, _pass: &PassStats) -> Result<(), HookError> {
+        Ok(())
+    }
+
+    /// The balloon target (4 KiB pages) the destination's balloon device
+    /// takes over, asked for once after the final pass. `None` by default:
+    /// nothing is carried.
+    fn balloon_target(&mut self) -> Option<u32> {
+        None
+    }
 }
 
 impl<F: FnMut() -> Result<(), HookError>> VmControl for F {
@@ -82,6 +97,9 @@ pub enum MigrateError {
     /// Pausing the guest failed.
     #[error("pausing the guest failed")]
     Pause(#[source] HookError),
+    /// The VM's step after a live pass failed.
+    #[error("the step after a live pass failed")]
+    AfterPass(#[source] HookError),
     /// Reading guest memory failed.
     #[error("reading {pages} pages of guest memory at {gpa:#x} failed")]
     Memory {
@@ -178,15 +196,20 @@ impl<'m, M: GuestMemoryBackend + ?Sized> Engine<'m, M> {
             on_pass(&stats);
             done.push(stats);
         };
-        record(session.pass(0, PassKind::Bulk, true)?, &mut done);
+        let mut live = |stats: PassStats, done: &mut Vec<PassStats>| {
+            let ended = vm.after_pass(&stats);
+            record(stats, done);
+            ended.map_err(MigrateError::AfterPass)
+        };
+        live(session.pass(0, PassKind::Bulk, true)?, &mut done)?;
         let stop_reason = loop {
             let pending = session.sync()?;
             match self.policy.decide(&done, pending) {
                 Decision::Stop(reason) => break reason,
-                Decision::Continue => record(
+                Decision::Continue => live(
                     session.pass(done.len() as u32, PassKind::Dirty, true)?,
                     &mut done,
-                ),
+                )?,
             }
         };
         log::info!("stopping the guest: {stop_reason:?}");
@@ -202,6 +225,9 @@ impl<'m, M: GuestMemoryBackend + ?Sized> Engine<'m, M> {
             session.pass(done.len() as u32, PassKind::Final, false)?,
             &mut done,
         );
+        if let Some(target) = vm.balloon_target() {
+            session.out.enc.balloon(target)?;
+        }
         let bytes = session.finish()?;
         Ok(report(done, stop_reason, bytes, paused, started))
     }

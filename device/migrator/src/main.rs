@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use freehint_migrate::qemu::receive::{error_chain, receive, ReceiveOptions};
+use freehint_migrate::qemu::receive::{error_chain, receive, PlugBalloon, ReceiveOptions};
 use freehint_migrate::qemu::send::{send, SendOptions, SourceState};
 use freehint_migrate::{PassStats, Policy, Progress};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -89,6 +89,13 @@ struct SendArgs {
     /// N passes (a number).
     #[arg(long, default_value = "bulk", value_parser = parse_rounds)]
     hint_rounds: RoundPolicy,
+    /// The guest's balloon device (QOM id of a `vhost-user-test-device-pci`
+    /// served by `freehint-vhost-user --persist`), which cannot migrate
+    /// with QEMU's device state: unplugged while the guest runs once its
+    /// hints are used, plugged back if the migration fails. With
+    /// --device-control its target travels to the destination.
+    #[arg(long, value_name = "ID")]
+    unplug_device: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -117,6 +124,22 @@ struct ReceiveArgs {
     /// end of input) leaves the destination paused and the source resumes.
     #[arg(long)]
     hold_before_resume: bool,
+    /// Once the destination runs, plug in a balloon device served by the
+    /// `freehint-vhost-user` listening on this socket.
+    #[arg(long, value_name = "SOCKET")]
+    plug_balloon: Option<PathBuf>,
+    /// The QOM id of the plugged balloon.
+    #[arg(
+        long,
+        value_name = "ID",
+        default_value = "balloon0",
+        requires = "plug_balloon"
+    )]
+    plug_id: String,
+    /// The plugged balloon's control socket: the target the source carried
+    /// is set there.
+    #[arg(long, value_name = "PATH", requires = "plug_balloon")]
+    plug_control: Option<PathBuf>,
 }
 
 /// Set by SIGINT and SIGTERM.
@@ -180,6 +203,7 @@ fn run_send(args: SendArgs) -> ExitCode {
         drop_final_pass: args.negative_control_drop_final_pass,
         device_control: args.device_control,
         rounds: args.hint_rounds,
+        unplug_device: args.unplug_device,
         cancel,
     };
     let bar = Bar::new();
@@ -238,6 +262,11 @@ fn run_receive(args: ReceiveArgs) -> ExitCode {
         ram_file: args.ram_file,
         accept_timeout: Duration::from_secs(args.accept_timeout_s),
         switchover_timeout: Duration::from_secs(args.switchover_timeout_s),
+        plug: args.plug_balloon.map(|socket| PlugBalloon {
+            id: args.plug_id,
+            socket,
+            control: args.plug_control,
+        }),
     };
     let hold = args.hold_before_resume;
     let mut gate = || -> Result<(), String> {

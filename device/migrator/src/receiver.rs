@@ -31,6 +31,8 @@ pub struct ReceiveReport {
     pub passes: u32,
     /// Bytes read from the stream.
     pub bytes: u64,
+    /// The balloon target the source carried (4 KiB pages), if it did.
+    pub balloon_target_pages: Option<u32>,
 }
 
 /// Why a receive failed.
@@ -141,6 +143,9 @@ impl<R: Read> Receiver<R> {
                     sink.zero_pages(at, count)
                         .map_err(|e| sink_error(at, count, e))?;
                     report.zero_pages += count;
+                }
+                Record::Balloon { target_pages } => {
+                    report.balloon_target_pages = Some(target_pages)
                 }
                 Record::End { .. } => {}
             }
@@ -287,7 +292,8 @@ mod tests {
                 pages_written: 3,
                 zero_pages: 3,
                 passes: 2,
-                bytes: bytes.len() as u64
+                bytes: bytes.len() as u64,
+                balloon_target_pages: None,
             }
         );
         let page = |i: usize| &ram[i * PAGE_SIZE..(i + 1) * PAGE_SIZE];

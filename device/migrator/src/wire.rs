@@ -11,6 +11,7 @@
 //! | page run | tag `2` (u8), first page index (u64), count (u64), then count × 4096 bytes |
 //! | zero run | tag `3` (u8), first page index (u64), count (u64) |
 //! | end | tag `4` (u8), data pages sent (u64), zero pages sent (u64) |
+//! | balloon | tag `5` (u8), balloon target in 4 KiB pages (u32) |
 //!
 //! Page indices number the pages of the ranges in order (see
 //! [`RamLayout`]); a run lies within one range. Tag `0` is never valid.
@@ -18,7 +19,10 @@
 //! Order: one bulk pass marker first, then dirty pass markers with
 //! increasing numbers, then one final pass marker, then end. Page and zero
 //! runs follow a pass marker; a later run of a page overrides an earlier
-//! one. The end record repeats the totals so a receiver knows nothing was
+//! one. At most one balloon record, after the final pass marker: the
+//! balloon size the host asked of the guest on the source, which the
+//! destination's balloon device takes over (the device itself does not
+//! migrate with the RAM; see `docs/migration.md`). The end record repeats the totals so a receiver knows nothing was
 //! lost; a stream without one is incomplete.
 //!
 //! The [`Decoder`] treats the sender as untrusted: every field is checked
@@ -42,7 +46,7 @@ use crate::PAGE_SIZE;
 /// First eight bytes of every stream.
 pub const MAGIC: [u8; 8] = *b"FHMIGRAT";
 /// The stream version this build writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// Largest piece of a page run the decoder hands out at once.
 pub const DECODE_CHUNK_PAGES: usize = 32;
 
@@ -50,6 +54,7 @@ const TAG_PASS: u8 = 1;
 const TAG_PAGES: u8 = 2;
 const TAG_ZERO: u8 = 3;
 const TAG_END: u8 = 4;
+const TAG_BALLOON: u8 = 5;
 
 /// What a pass sends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -98,6 +103,11 @@ pub enum Record<'a> {
         start: u64,
         /// Pages.
         count: u64,
+    },
+    /// The balloon target the destination's balloon device takes over.
+    Balloon {
+        /// Target size of the balloon, 4 KiB pages.
+        target_pages: u32,
     },
     /// The stream is complete.
     End {
@@ -162,6 +172,12 @@ pub enum RecordError {
     /// A record after the end record.
     #[error("record after the end record")]
     AfterEnd,
+    /// A balloon record before the final pass marker.
+    #[error("balloon record before the final pass")]
+    BalloonBeforeFinal,
+    /// A second balloon record.
+    #[error("a second balloon record")]
+    SecondBalloon,
 }
 
 /// An error reading or writing a stream.
@@ -228,6 +244,7 @@ pub type Result<T> = std::result::Result<T, WireError>;
 struct Sequence {
     last_pass: Option<(u32, PassKind)>,
     ended: bool,
+    balloon: bool,
     pages: u64,
     zero_pages: u64,
 }
@@ -270,6 +287,17 @@ impl Sequence {
             .checked_add(count)
             .ok_or(RecordError::CounterOverflow)?;
         Ok(place)
+    }
+
+    fn balloon(&mut self) -> std::result::Result<(), RecordError> {
+        self.not_ended()?;
+        if !matches!(self.last_pass, Some((_, PassKind::Final))) {
+            return Err(RecordError::BalloonBeforeFinal);
+        }
+        if std::mem::replace(&mut self.balloon, true) {
+            return Err(RecordError::SecondBalloon);
+        }
+        Ok(())
     }
 
     fn end(&mut self, pages: u64, zero_pages: u64) -> std::result::Result<(), RecordError> {
@@ -357,6 +385,7 @@ impl<W: Write> Encoder<W> {
             Record::Pass { number, kind } => self.pass(number, kind),
             Record::Pages { start, data } => self.pages(start, data),
             Record::Zero { start, count } => self.zero(start, count),
+            Record::Balloon { target_pages } => self.balloon(target_pages),
             Record::End { pages, zero_pages } => self.end_with(pages, zero_pages),
         }
     }
@@ -392,6 +421,16 @@ impl<W: Write> Encoder<W> {
         let checked = self.seq.run(&self.layout, start, count, true).map(drop);
         self.record(checked)?;
         self.put(&run_header(TAG_ZERO, start, count))
+    }
+
+    /// Carries the balloon target (after the final pass marker, once).
+    pub fn balloon(&mut self, target_pages: u32) -> Result<()> {
+        let checked = self.seq.balloon();
+        self.record(checked)?;
+        let mut buf = [0u8; 5];
+        buf[0] = TAG_BALLOON;
+        buf[1..].copy_from_slice(&target_pages.to_le_bytes());
+        self.put(&buf)
     }
 
     /// Ends the stream with the totals counted so far and flushes it; the
@@ -463,6 +502,7 @@ enum Decoded {
     Pass { number: u32, kind: PassKind },
     Pages { start: u64, len: usize },
     Zero { start: u64, count: u64 },
+    Balloon { target_pages: u32 },
     End { pages: u64, zero_pages: u64 },
 }
 
@@ -605,6 +645,7 @@ impl<R: Read> Decoder<R> {
                 data: &self.buf[..len],
             },
             Decoded::Zero { start, count } => Record::Zero { start, count },
+            Decoded::Balloon { target_pages } => Record::Balloon { target_pages },
             Decoded::End { pages, zero_pages } => Record::End { pages, zero_pages },
         }
     }
@@ -619,6 +660,7 @@ impl<R: Read> Decoder<R> {
             TAG_PAGES => self.read_pages(),
             TAG_ZERO => self.read_zero(),
             TAG_END => self.read_end(),
+            TAG_BALLOON => self.read_balloon(),
             tag => Err(self.invalid(RecordError::UnknownTag(tag))),
         };
         self.record += 1;
@@ -649,6 +691,13 @@ impl<R: Read> Decoder<R> {
         let checked = self.seq.run(&self.layout, start, count, true);
         checked.map_err(|reason| self.invalid(reason))?;
         Ok(Decoded::Zero { start, count })
+    }
+
+    fn read_balloon(&mut self) -> Result<Decoded> {
+        let target_pages = self.reader.read_u32("a balloon target")?;
+        let checked = self.seq.balloon();
+        checked.map_err(|reason| self.invalid(reason))?;
+        Ok(Decoded::Balloon { target_pages })
     }
 
     fn read_end(&mut self) -> Result<Decoded> {
@@ -867,8 +916,8 @@ mod tests {
         bad[0] = b'X';
         assert!(matches!(decode(&bad), Err(WireError::BadMagic { .. })));
         let mut bad = good.clone();
-        bad[8] = 2;
-        assert!(matches!(decode(&bad), Err(WireError::Version { found: 2 })));
+        bad[8] = 9;
+        assert!(matches!(decode(&bad), Err(WireError::Version { found: 9 })));
         let mut bad = good.clone();
         bad[13] = 0x20;
         assert!(matches!(
@@ -955,6 +1004,43 @@ mod tests {
                 }
             )
         );
+    }
+
+    #[test]
+    fn the_balloon_target_rides_after_the_final_pass_once() {
+        let mut encoder = Encoder::new(Vec::new(), &layout()).unwrap();
+        encoder.pass(0, PassKind::Bulk).unwrap();
+        assert!(encoder.balloon(7).is_err(), "before the final pass");
+        let mut encoder = Encoder::new(Vec::new(), &layout()).unwrap();
+        encoder.pass(0, PassKind::Bulk).unwrap();
+        encoder.pass(1, PassKind::Final).unwrap();
+        encoder.balloon(4096).unwrap();
+        assert!(encoder.balloon(1).is_err(), "a second one");
+        let bytes = encoder.finish().unwrap();
+        let seen = decode(&bytes).unwrap();
+        assert_eq!(seen[2], "Balloon { target_pages: 4096 }", "{seen:?}");
+
+        let after_pass = HEADER_LEN + 6;
+        assert_eq!(
+            record_error(&with_tail(&[TAG_BALLOON, 1, 0, 0, 0])),
+            (1, after_pass, RecordError::BalloonBeforeFinal)
+        );
+        let tail = [TAG_PASS, 1, 0, 0, 0, 3, TAG_BALLOON, 1, 0, 0, 0];
+        let mut twice = tail.to_vec();
+        twice.extend_from_slice(&[TAG_BALLOON, 2, 0, 0, 0]);
+        assert_eq!(
+            record_error(&with_tail(&twice)),
+            (3, after_pass + 11, RecordError::SecondBalloon)
+        );
+        let mut cut = tail.to_vec();
+        cut.truncate(tail.len() - 2);
+        assert!(matches!(
+            decode(&with_tail(&cut)),
+            Err(WireError::Truncated {
+                what: "a balloon target",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -14,6 +14,7 @@ enum Item {
     Pass(u32, PassKind),
     Page(u64, Vec<u8>),
     Zero(u64, u64),
+    Balloon(u32),
     End(u64, u64),
 }
 
@@ -26,6 +27,7 @@ fn items(record: Record<'_>) -> Vec<Item> {
             .map(|(page, index)| Item::Page(index, page.to_vec()))
             .collect(),
         Record::Zero { start, count } => vec![Item::Zero(start, count)],
+        Record::Balloon { target_pages } => vec![Item::Balloon(target_pages)],
         Record::End { pages, zero_pages } => vec![Item::End(pages, zero_pages)],
     }
 }

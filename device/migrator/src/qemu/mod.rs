@@ -16,6 +16,7 @@
 //! layout (QEMU's flat memory view) and where QEMU maps the file.
 
 pub mod control;
+pub mod hotplug;
 pub mod receive;
 pub mod send;
 pub mod tracking;

@@ -13,6 +13,12 @@
 //!    the guest's integrity check there), resumes it with `cont`, says
 //!    `resumed` with QEMU's `RESUME` timestamp.
 //!
+//! 5. With [`ReceiveOptions::plug`]: plugs a balloon device served by the
+//!    destination's `freehint-vhost-user` into the running guest and gives
+//!    its back end the target the source carried (see
+//!    [`hotplug`](super::hotplug)). The migration has succeeded by then; a
+//!    failure here is reported in the summary, not to the sender.
+//!
 //! A failure before the resume is reported to the sender (`failed` or
 //! `not_resumed`), which then resumes the source; the destination is never
 //! resumed then.
@@ -26,7 +32,9 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::control::{write_reply, Reply, VERSION};
+use super::hotplug::plug_balloon;
 use super::{discover, expect_status, QemuError};
+use crate::control_port::ControlPort;
 use crate::qmp::{Qmp, QmpError};
 use crate::ram_file::RamFile;
 use crate::receiver::{ReceiveError, Receiver};
@@ -47,6 +55,32 @@ pub struct ReceiveOptions {
     pub accept_timeout: Duration,
     /// How long the stream and each switch-over step may take.
     pub switchover_timeout: Duration,
+    /// The balloon device to plug in once the destination runs.
+    pub plug: Option<PlugBalloon>,
+}
+
+/// A balloon device for the destination: `freehint-vhost-user` serving
+/// `socket`, plugged in as device `id`.
+#[derive(Clone, Debug)]
+pub struct PlugBalloon {
+    /// The device's QOM id.
+    pub id: String,
+    /// The back end's vhost-user socket.
+    pub socket: PathBuf,
+    /// The back end's control socket: the carried target is set there.
+    pub control: Option<PathBuf>,
+}
+
+/// What plugging the balloon did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BalloonPlugged {
+    /// From the resume until the device was added, ms.
+    pub plugged_ms: Option<f64>,
+    /// The target the source carried and the back end now holds (4 KiB
+    /// pages).
+    pub target_pages: Option<u32>,
+    /// What failed, if anything did.
+    pub error: Option<String>,
 }
 
 /// Why `receive` failed.
@@ -119,6 +153,12 @@ pub struct ReceiveSummary {
     pub device_state_ms: f64,
     /// QEMU's `RESUME` timestamp, µs since the Unix epoch.
     pub resume_us: Option<i64>,
+    /// The balloon target the source carried (4 KiB pages).
+    #[serde(skip)]
+    pub carried_target: Option<u32>,
+    /// The balloon plugged in after the resume (with [`ReceiveOptions::plug`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonPlugged>,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -186,7 +226,41 @@ pub fn receive(
     if let Err(e) = write_reply(&mut replies, &reply) {
         log::warn!("cannot tell the sender {reply:?}: {e}");
     }
-    result
+    let mut summary = result?;
+    if let Some(plug) = &opts.plug {
+        summary.balloon = Some(plug_in(&mut qmp, plug, summary.carried_target, opts));
+    }
+    Ok(summary)
+}
+
+/// Step 5: the balloon device into the running destination.
+fn plug_in(
+    qmp: &mut Qmp,
+    plug: &PlugBalloon,
+    target: Option<u32>,
+    opts: &ReceiveOptions,
+) -> BalloonPlugged {
+    let started = Instant::now();
+    let mut out = BalloonPlugged::default();
+    if let (Some(path), Some(target)) = (&plug.control, target) {
+        let set = ControlPort::connect(path, opts.switchover_timeout)
+            .and_then(|mut port| port.request(&format!("target {target}")));
+        match set {
+            Ok(_) => out.target_pages = Some(target),
+            Err(e) => out.error = Some(format!("setting the carried target {target}: {e}")),
+        }
+    }
+    match plug_balloon(qmp, &plug.id, &plug.socket) {
+        Ok(()) => {
+            out.plugged_ms = Some(ms(started.elapsed()));
+            log::info!("balloon {} plugged in", plug.id);
+        }
+        Err(e) => {
+            log::error!("the destination runs without its balloon: {e}");
+            out.error = Some(error_chain(&e));
+        }
+    }
+    out
 }
 
 /// `e` and its sources, one sentence.
@@ -308,6 +382,8 @@ fn serve(
         stream_ms,
         device_state_ms,
         resume_us,
+        carried_target: report.balloon_target_pages,
+        balloon: None,
     })
 }
 

@@ -36,6 +36,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::control::{read_reply, ControlError, Reply};
+use super::hotplug::{HotplugError, Unplugged, Unplugging};
 use super::tracking::{QemuLog, RemoteTracking, TrackingError, SOCKET_ENV};
 use super::{discover, environment_of, expect_status, host_address, map_ram, QemuError};
 use crate::control_port::ControlPort;
@@ -75,6 +76,12 @@ pub struct SendOptions {
     pub device_control: Option<PathBuf>,
     /// When to ask the guest for a hint round (with `device_control`).
     pub rounds: RoundPolicy,
+    /// The QOM id of the guest's balloon device (`freehint-vhost-user`
+    /// behind `vhost-user-test-device-pci`): unplugged once its hints are
+    /// used (or before the stop), plugged back if the migration fails; its
+    /// target (read through `device_control`) rides in the stream. See
+    /// [`hotplug`](super::hotplug).
+    pub unplug_device: Option<String>,
     /// Set to cancel the migration (for example on Ctrl-C).
     pub cancel: Arc<AtomicBool>,
 }
@@ -122,6 +129,9 @@ pub enum SendError {
     /// The balloon device's hint port failed or does not fit the guest.
     #[error("balloon device: {0}")]
     Device(String),
+    /// Unplugging the balloon device failed.
+    #[error("unplugging the balloon device failed")]
+    Unplug(#[from] HotplugError),
     /// The receiver said something else than expected.
     #[error("the receiver {0}")]
     Receiver(String),
@@ -216,6 +226,7 @@ pub fn send(
         }
     };
     let outcome = source.migrate(opts, started, progress, on_pass);
+    let unplugged = source.unplugged.take();
     let tracking = source.tracking.clone();
     let end_tracking = || {
         if let Err(e) = tracking.unregister() {
@@ -230,6 +241,14 @@ pub fn send(
         }
         Err((error, phase)) => {
             let source_state = roll_back(&mut qmp, phase);
+            if let (Some(device), SourceState::Running) = (&unplugged, source_state) {
+                if let Err(e) = device.replug(&mut qmp) {
+                    log::error!(
+                        "the guest runs on the source without its balloon: plugging {} back failed: {e}",
+                        device.id
+                    );
+                }
+            }
             end_tracking();
             saved.restore(&mut qmp);
             Err(SendFailure {
@@ -311,7 +330,7 @@ fn roll_back(qmp: &mut Qmp, phase: Phase) -> SourceState {
         }
         let ended = wait_status(
             qmp,
-            &["cancelled", "failed", "none"],
+            &["cancelled", "failed", "none", "completed"],
             Duration::from_secs(30),
         );
         if let Err(e) = ended {
@@ -345,6 +364,8 @@ struct Source<'q> {
     tracking_setup: Duration,
     stream: TcpStream,
     qemu_uri: String,
+    /// The balloon device, once unplugged.
+    unplugged: Option<Unplugged>,
 }
 
 type Step<T> = Result<T, (SendError, Phase)>;
@@ -393,6 +414,7 @@ impl<'q> Source<'q> {
             tracking_setup,
             stream,
             qemu_uri,
+            unplugged: None,
         })
     }
 
@@ -453,12 +475,39 @@ impl<'q> Source<'q> {
             cancel: &opts.cancel,
             stop_us: None,
             stopped_at: None,
+            balloon: opts.unplug_device.as_deref().map(|id| BalloonUnplug {
+                id,
+                after_pass: opts
+                    .device_control
+                    .as_ref()
+                    .map_or(Some(0), |_| opts.rounds.last_hinted_pass()),
+                control: opts.device_control.as_deref(),
+                timeout: opts.switchover_timeout,
+                target: None,
+                state: UnplugState::Plugged,
+            }),
         };
         let result = engine.run(out, log, &mut *hints, &mut stop, |pass: &PassStats| {
             on_pass(pass)
         });
         drop(hints);
         let (stop_us, stopped_at) = (stop.stop_us, stop.stopped_at);
+        self.unplugged = match stop.balloon.map(|b| b.state) {
+            Some(UnplugState::Unplugged(device)) => Some(device),
+            // The guest was asked to let go and has not said it did: give
+            // it a moment, so that the device can be plugged back.
+            Some(UnplugState::Unplugging(mut pending)) => {
+                let never = AtomicBool::new(false);
+                match pending.wait(stop.qmp, Duration::from_secs(10), &never) {
+                    Ok(()) => Some(pending.finish()),
+                    Err(e) => {
+                        log::error!("{e}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let phase = if stopped_at.is_some() {
             Phase::Stopped
         } else {
@@ -643,20 +692,129 @@ fn wait_status(qmp: &mut Qmp, want: &[&str], timeout: Duration) -> Result<Value,
     }
 }
 
-/// The engine's pause: stop the guest, start QEMU's migration.
+/// The engine's view of the source: unplug the balloon when its hints are
+/// used, stop the guest, start QEMU's migration.
 struct Stop<'a> {
     qmp: &'a mut Qmp,
     uri: &'a str,
     cancel: &'a AtomicBool,
     stop_us: Option<i64>,
     stopped_at: Option<Instant>,
+    balloon: Option<BalloonUnplug<'a>>,
+}
+
+/// The balloon device to unplug, and when.
+struct BalloonUnplug<'a> {
+    id: &'a str,
+    /// The last pass that uses hints: the unplug starts after the pass
+    /// that follows it, once the sync in between closed the device's last
+    /// hint epoch (`None`: just before the stop).
+    after_pass: Option<u64>,
+    /// The back end's control socket, to read the target.
+    control: Option<&'a std::path::Path>,
+    timeout: Duration,
+    target: Option<u32>,
+    state: UnplugState,
+}
+
+/// Where the balloon is.
+#[derive(Debug, Default)]
+enum UnplugState {
+    /// In the guest.
+    #[default]
+    Plugged,
+    /// The guest was asked to let go (pre-copy goes on meanwhile).
+    Unplugging(Unplugging),
+    /// Gone from the guest.
+    Unplugged(Unplugged),
+    /// Asking failed.
+    Failed,
+}
+
+impl Stop<'_> {
+    /// Reads the balloon's target and asks the guest to let it go.
+    fn start_unplug(&mut self) -> Result<(), HookError> {
+        let Some(b) = self.balloon.as_mut() else {
+            return Ok(());
+        };
+        if !matches!(b.state, UnplugState::Plugged) {
+            return Ok(());
+        }
+        b.state = UnplugState::Failed;
+        if let Some(path) = b.control {
+            b.target = Some(balloon_target(path, b.timeout)?);
+        }
+        b.state = UnplugState::Unplugging(Unplugged::start(self.qmp, b.id)?);
+        Ok(())
+    }
+
+    /// Notes whether the guest let the balloon go, without waiting.
+    fn poll_unplug(&mut self) -> Result<(), HookError> {
+        let Some(b) = self.balloon.as_mut() else {
+            return Ok(());
+        };
+        if let UnplugState::Unplugging(pending) = &mut b.state {
+            if pending.poll(self.qmp)? {
+                let UnplugState::Unplugging(pending) = std::mem::take(&mut b.state) else {
+                    unreachable!("matched above");
+                };
+                b.state = UnplugState::Unplugged(pending.finish());
+            }
+        }
+        Ok(())
+    }
+
+    /// Unplugs the balloon and waits until the guest let it go.
+    fn finish_unplug(&mut self) -> Result<(), HookError> {
+        self.start_unplug()?;
+        let Some(b) = self.balloon.as_mut() else {
+            return Ok(());
+        };
+        if let UnplugState::Unplugging(pending) = &mut b.state {
+            pending.wait(self.qmp, b.timeout, self.cancel)?;
+            let UnplugState::Unplugging(pending) = std::mem::take(&mut b.state) else {
+                unreachable!("matched above");
+            };
+            b.state = UnplugState::Unplugged(pending.finish());
+        }
+        Ok(())
+    }
+}
+
+/// The balloon target the back end at `path` holds, in 4 KiB pages.
+fn balloon_target(path: &std::path::Path, timeout: Duration) -> Result<u32, HookError> {
+    let mut port = ControlPort::connect(path, timeout)?;
+    let status = port.request("status")?;
+    let target = status["target"]
+        .as_u64()
+        .and_then(|t| u32::try_from(t).ok())
+        .ok_or_else(|| format!("{}: status without a target: {status}", path.display()))?;
+    Ok(target)
 }
 
 impl VmControl for &mut Stop<'_> {
+    fn after_pass(&mut self, pass: &PassStats) -> Result<(), HookError> {
+        let due = self
+            .balloon
+            .as_ref()
+            .and_then(|b| b.after_pass)
+            .is_some_and(|last| u64::from(pass.pass) > last);
+        if due {
+            self.start_unplug()?;
+            self.poll_unplug()?;
+        }
+        Ok(())
+    }
+
+    fn balloon_target(&mut self) -> Option<u32> {
+        self.balloon.as_ref().and_then(|b| b.target)
+    }
+
     fn pause(&mut self) -> Result<(), HookError> {
         if self.cancel.load(Ordering::SeqCst) {
             return Err("cancelled".into());
         }
+        self.finish_unplug()?;
         self.qmp.execute("stop", None)?;
         self.stopped_at = Some(Instant::now());
         self.stop_us = self.qmp.last_event("STOP").and_then(|e| e.timestamp_us);
@@ -761,6 +919,7 @@ mod tests {
             drop_final_pass: false,
             device_control: None,
             rounds: RoundPolicy::default(),
+            unplug_device: None,
             cancel: Arc::new(AtomicBool::new(false)),
         }
     }

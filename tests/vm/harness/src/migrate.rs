@@ -54,6 +54,9 @@ pub enum MigrateError {
          and the device would be dead on the destination (see docs/vfio-user.md); detach it first"
     )]
     VfioUser,
+    /// A device server beside QEMU could not be started.
+    #[error("device server: {0}")]
+    Server(String),
     /// QEMU could not be started.
     #[error("cannot start QEMU {qemu}: {source}")]
     Spawn {

@@ -1,17 +1,25 @@
 //! `demo`: the README's main job. One real 4 GiB guest, "dirtied then
 //! freed" (300 MiB written, then freed; Debian's default `init_on_alloc=1`),
-//! live-migrated to a second QEMU on 127.0.0.1 without hints, with the stock
-//! `virtio_balloon` driver + QEMU's free page hints, and with freehint.ko +
-//! QEMU's free page hints: three rows (a row left out by
-//! `FREEHINT_MIGRATE_DRIVERS` says "pending"). Prints a side-by-side table
-//! (bytes, total time, downtime, integrity) and writes it to
-//! `target/vm/demo/table.txt` (what `tests/demo` shows).
+//! live-migrated to a second QEMU on 127.0.0.1 by QEMU's migrator without
+//! hints, with the stock `virtio_balloon` driver + QEMU's free page hints,
+//! and with freehint.ko + QEMU's free page hints; then by our migrator
+//! (`freehint-migrate`) with our balloon device (`freehint-vhost-user`) and
+//! freehint.ko answering in the bitmap protocol: four rows (a row left out
+//! by `FREEHINT_MIGRATE_DRIVERS` says "pending"). Prints a side-by-side
+//! table (bytes, total time, downtime, integrity), writes it to
+//! `target/vm/demo/table.txt` (what `tests/demo` shows) and draws it as
+//! `target/vm/demo/table.png`.
 
 use serde_json::{json, Map, Value};
 
+use super::own_migrate::{self, build_tools, Migrator, RunOpts};
+use crate::chart::{draw_png, ChartRow};
 use crate::errors::io_error;
 use crate::migrate::{median, qemu_version, run_cell, Cell, CellOutcome, Driver, Workload};
 use crate::runner::{Ctx, HarnessError};
+
+/// The label of the row our migrator and device make.
+const OURS: &str = "freehint migrator + freehint device + freehint.ko (bitmap)";
 
 /// One row of the table: driver, runs, medians, integrity.
 struct Row {
@@ -35,8 +43,8 @@ fn table(rows: &[Row], qemu: &str, used: Option<f64>) -> String {
         ));
     }
     t.push_str(&format!(
-        "{:<34} {:>10} {:>10} {:>10} {:>10}  {}\n",
-        "driver", "MB sent", "vs none", "total ms", "downtime", "integrity"
+        "{:<58} {:>10} {:>10} {:>10} {:>10}  {}\n",
+        "migrator, device, driver", "MB sent", "vs none", "total ms", "downtime", "integrity"
     ));
     let base = rows.first().and_then(|r| r.bytes);
     for r in rows {
@@ -47,7 +55,7 @@ fn table(rows: &[Row], qemu: &str, used: Option<f64>) -> String {
             _ => "-".into(),
         };
         t.push_str(&format!(
-            "{:<34} {:>10} {:>10} {:>10} {:>10}  {}\n",
+            "{:<58} {:>10} {:>10} {:>10} {:>10}  {}\n",
             r.label,
             f(r.bytes, 1e6),
             vs,
@@ -71,9 +79,12 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let mut used = Vec::new();
     let mut s = Map::new();
     for (d, label) in [
-        (Driver::None, "no hints"),
-        (Driver::Stock, "stock virtio_balloon + QEMU hints"),
-        (Driver::Freehint, "freehint.ko + QEMU hints"),
+        (Driver::None, "QEMU migrator, no hints"),
+        (
+            Driver::Stock,
+            "QEMU migrator + stock virtio_balloon + QEMU hints",
+        ),
+        (Driver::Freehint, "QEMU migrator + freehint.ko + QEMU hints"),
     ] {
         if !d.enabled() {
             rows.push(Row {
@@ -132,6 +143,9 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
             integrity: verdicts.join(", "),
         });
     }
+    let (row, good) = ours(ctx, reps, &mut s)?;
+    ok &= good;
+    rows.push(row);
     let text = table(&rows, &qemu_version(&ctx.manifest), median(&used));
     // tests/demo prints the table on stdout itself; a direct
     // `tests/vm/run demo` shows it on stderr beside the JSON lines.
@@ -144,8 +158,98 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         .and_then(|()| std::fs::write(&path, &text))
         .map_err(io_error("cannot write", &path))?;
     s.insert("table".into(), json!(path.display().to_string()));
+    let png = dir.join("table.png");
+    let chart: Vec<ChartRow> = rows.iter().map(chart_row).collect();
+    let title = format!(
+        "freehint demo: 4 GiB TCG guest, 300 MiB dirtied then freed ({})",
+        qemu_version(&ctx.manifest)
+    );
+    match draw_png(&chart, &title, &png) {
+        Ok(()) => {
+            s.insert("picture".into(), json!(png.display().to_string()));
+        }
+        Err(e) => {
+            eprintln!("[demo] cannot draw {}: {e}", png.display());
+            s.insert("picture_error".into(), json!(e.to_string()));
+            ok = false;
+        }
+    }
     s.insert("ok".into(), json!(ok));
     Ok(s)
+}
+
+/// The fourth row: our migrator, our device, freehint.ko.
+fn ours(
+    ctx: &mut Ctx,
+    reps: usize,
+    s: &mut Map<String, Value>,
+) -> Result<(Row, bool), HarnessError> {
+    if !Driver::Freehint.enabled() {
+        let row = Row {
+            label: OURS,
+            bytes: None,
+            total: None,
+            down: None,
+            integrity: "pending (left out by FREEHINT_MIGRATE_DRIVERS)".into(),
+        };
+        return Ok((row, true));
+    }
+    own_migrate::sweep_stale_ram_files();
+    let tools = build_tools(&ctx.repo)?;
+    let cell = Cell::new(4096, Driver::Freehint, Workload::DirtyFree, true);
+    let (mut b, mut tt, mut dn, mut verdicts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut ok = true;
+    for rep in 0..reps {
+        eprintln!("[demo] {OURS}: run {}/{reps}", rep + 1);
+        let opts = RunOpts {
+            balloon: true,
+            ..RunOpts::default()
+        };
+        let run = own_migrate::run_cell(ctx, &tools, &cell, Migrator::Ours, opts);
+        let good = run.ok() && !run.hops.is_empty();
+        ok &= good;
+        let hop = run.hops.first();
+        let pages = hop
+            .and_then(|h| h.verdict.as_ref())
+            .and_then(|v| v.get("pages_checked"))
+            .and_then(Value::as_u64);
+        verdicts.push(match (good, pages) {
+            (true, Some(p)) => format!("ok ({p} pages checked)"),
+            _ => format!("FAILED: {}", run.problems.join("; ")),
+        });
+        b.extend(hop.and_then(|h| h.bytes));
+        tt.extend(hop.and_then(|h| h.total_ms));
+        dn.extend(hop.and_then(|h| h.downtime_ms));
+        let mut line = own_migrate::hop_json("demo/ours-freehint", &cell, Migrator::Ours, &run, 0);
+        line.insert("driver".into(), json!("freehint"));
+        ctx.record(line);
+    }
+    s.insert("bytes_ours_freehint".into(), json!(median(&b)));
+    s.insert("total_ms_ours_freehint".into(), json!(median(&tt)));
+    let row = Row {
+        label: OURS,
+        bytes: median(&b),
+        total: median(&tt),
+        down: median(&dn),
+        integrity: verdicts.join(", "),
+    };
+    Ok((row, ok))
+}
+
+fn chart_row(r: &Row) -> ChartRow {
+    ChartRow {
+        label: r.label.to_string(),
+        mb_sent: r.bytes.map(|b| b / 1e6),
+        downtime_ms: r.down,
+        total_ms: r.total,
+        integrity_ok: if r.integrity.starts_with("ok") {
+            Some(true)
+        } else if r.integrity.starts_with("FAILED") {
+            Some(false)
+        } else {
+            None
+        },
+    }
 }
 
 #[cfg(test)]

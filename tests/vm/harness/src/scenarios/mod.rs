@@ -18,6 +18,7 @@ pub mod bitmap;
 pub mod demo;
 pub mod distro_hint;
 pub mod distro_migrate;
+pub mod own_hint;
 pub mod own_migrate;
 pub mod qemu_balloon;
 pub mod qemu_hint;
@@ -103,6 +104,18 @@ pub const SCENARIOS: &[Scenario] = &[
         run: own_migrate::run_pingpong,
     },
     Scenario {
+        name: "own-hint",
+        description: "the whole chain: our balloon device (vhost-user) + freehint-migrate, 4 GiB {idle,dirty-free} x driver {none,stock,freehint}, QEMU's migrator + QEMU's device + freehint.ko as reference; device unplugged on the source, plugged on the destination, integrity and destination balloon checked",
+        ci: true,
+        run: own_hint::run,
+    },
+    Scenario {
+        name: "own-hint-pingpong",
+        description: "10 migrations with freehint.ko hinting through our device, the balloon unplugged and plugged each time; a refused migration plugs it back into the source",
+        ci: true,
+        run: own_hint::run_pingpong,
+    },
+    Scenario {
         name: "vfio-stock",
         description: "stock virtio_balloon vs freehint-vfio-user: inflate/memfd, stats, hint set vs kpageflags",
         ci: true,
@@ -167,6 +180,18 @@ pub const SCENARIOS: &[Scenario] = &[
         description: "20 migrations back and forth with freehint-migrate, and the negative control",
         ci: false,
         run: own_migrate::bench_pingpong,
+    },
+    Scenario {
+        name: "bench-own-hint",
+        description: "own-hint at 4, 16 and 32 GiB, 3 runs per cell, targets evaluated -> target/bench/own-hint.json",
+        ci: false,
+        run: own_hint::bench,
+    },
+    Scenario {
+        name: "bench-own-hint-pingpong",
+        description: "20 migrations with freehint.ko hinting through our device, the balloon unplugged and plugged each time",
+        ci: false,
+        run: own_hint::bench_pingpong,
     },
     Scenario {
         name: "demo",

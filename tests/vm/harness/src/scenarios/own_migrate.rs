@@ -31,8 +31,10 @@ use crate::migrate::{
     free_port, median, migrate, qemu_version, splat_problems, verify_integrity, wait_ready, Cell,
     Driver, Incoming, MigVm, MigrateError, VmOptions, Workload,
 };
+use crate::qemu::Machine;
 use crate::runner::{object, Ctx, HarnessError};
 use crate::scenarios::num;
+use crate::vfio::{RamLayout, Server};
 
 /// The program and the preload library, built in release mode.
 #[derive(Debug, Clone)]
@@ -41,20 +43,23 @@ pub struct Tools {
     pub migrate: PathBuf,
     /// `libfreehint_uffd_preload.so`.
     pub preload: PathBuf,
+    /// `freehint-vhost-user`, the balloon device server.
+    pub vhost_user: PathBuf,
 }
 
 /// Builds the tools (`cargo build --release -p freehint-migrate -p
-/// freehint-uffd-preload`) and returns their paths.
+/// freehint-uffd-preload -p freehint-vhost-user`) and returns their paths.
 pub fn build_tools(repo: &Path) -> Result<Tools, HarnessError> {
     let st = Command::new("cargo")
         .args(["build", "--release", "-q", "-p", "freehint-migrate"])
-        .args(["-p", "freehint-uffd-preload"])
+        .args(["-p", "freehint-uffd-preload", "-p", "freehint-vhost-user"])
         .current_dir(repo)
         .status()
         .map_err(|e| HarnessError::Other(format!("cannot run cargo: {e}")))?;
     if !st.success() {
         return Err(HarnessError::Other(
-            "cargo build -p freehint-migrate -p freehint-uffd-preload failed".into(),
+            "cargo build -p freehint-migrate -p freehint-uffd-preload -p freehint-vhost-user failed"
+                .into(),
         ));
     }
     let dir = std::env::var_os("CARGO_TARGET_DIR")
@@ -64,8 +69,9 @@ pub fn build_tools(repo: &Path) -> Result<Tools, HarnessError> {
     let tools = Tools {
         migrate: dir.join("freehint-migrate"),
         preload: dir.join("libfreehint_uffd_preload.so"),
+        vhost_user: dir.join("freehint-vhost-user"),
     };
-    for f in [&tools.migrate, &tools.preload] {
+    for f in [&tools.migrate, &tools.preload, &tools.vhost_user] {
         if !f.is_file() {
             return Err(HarnessError::Other(format!(
                 "{} missing after the build",
@@ -119,10 +125,17 @@ impl Migrator {
 }
 
 /// One QEMU set up for our migrator, with the program's QMP socket.
-struct OwnVm {
-    vm: MigVm,
+pub(crate) struct OwnVm {
+    pub(crate) vm: MigVm,
     program_qmp: PathBuf,
+    /// The balloon's device server (`freehint-vhost-user`), with
+    /// [`RunOpts::balloon`]: plugged in at boot on the first source, by
+    /// the receiver on every destination.
+    pub(crate) balloon: Option<Server>,
 }
+
+/// The balloon's QOM id in every QEMU of an own-hint run.
+pub(crate) const BALLOON_ID: &str = "balloon0";
 
 fn start_own(
     manifest: &Manifest,
@@ -131,8 +144,16 @@ fn start_own(
     log_dir: &Path,
     role: &str,
     incoming: bool,
+    balloon: bool,
 ) -> Result<OwnVm, MigrateError> {
     let tag = format!("{}-{role}", cell.label().replace('/', "-"));
+    let server = balloon
+        .then(|| {
+            let layout = RamLayout::for_machine(cell.mem_mib, Machine::Pc);
+            Server::start(&tools.vhost_user, log_dir, &tag, &layout, &["--persist"])
+        })
+        .transpose()
+        .map_err(|e| MigrateError::Server(e.to_string()))?;
     let ram = PathBuf::from(format!("/dev/shm/{RAM_PREFIX}{}-{tag}", std::process::id()));
     let uffd = crate::sockets::socket_path(&format!("{tag}.uffd"))?;
     let program_qmp = crate::sockets::socket_path(&format!("{tag}.pqmp"))?;
@@ -156,8 +177,33 @@ fn start_own(
         ],
         owned_files: vec![ram, uffd, program_qmp.clone()],
     };
-    let vm = MigVm::start_with(manifest, &cell.boot_spec(), log_dir, role, &opts)?;
-    Ok(OwnVm { vm, program_qmp })
+    let mut opts = opts;
+    let mut spec = cell.boot_spec();
+    if let Some(server) = &server {
+        // Our device is the guest's only balloon; a destination gets it
+        // from the receiver once it runs.
+        spec.extra_qemu_args.clear();
+        if !incoming {
+            opts.extra_args.extend([
+                "-chardev".into(),
+                format!(
+                    "socket,id={BALLOON_ID}-chardev,path={}",
+                    server.socket.display()
+                ),
+                "-device".into(),
+                format!(
+                    "vhost-user-test-device-pci,id={BALLOON_ID},chardev={BALLOON_ID}-chardev,\
+                     virtio-id=5,num_vqs=5,config_size=16"
+                ),
+            ]);
+        }
+    }
+    let vm = MigVm::start_with(manifest, &spec, log_dir, role, &opts)?;
+    Ok(OwnVm {
+        vm,
+        program_qmp,
+        balloon: server,
+    })
 }
 
 /// What one migration gave.
@@ -228,27 +274,41 @@ fn migrate_ours(
         free_port().map_err(|e| e.to_string())?,
     );
     let listen = format!("127.0.0.1:{port}");
-    let mut receiver = spawn(
-        tools,
-        &[
-            "receive".into(),
-            "--qmp".into(),
-            dst.program_qmp.display().to_string(),
-            "--listen".into(),
-            listen.clone(),
-            "--qemu-port".into(),
-            qemu_port.to_string(),
-            "--hold-before-resume".into(),
-        ],
-        &log_dir.join(format!("{label}.receive.log")),
-    )?;
     let mut send_args = vec![
         "send".into(),
         "--qmp".into(),
         src.program_qmp.display().to_string(),
         "--to".into(),
-        listen,
+        listen.clone(),
     ];
+    if let Some(server) = &src.balloon {
+        send_args.extend([
+            "--device-control".into(),
+            server.control.display().to_string(),
+            "--unplug-device".into(),
+            BALLOON_ID.into(),
+        ]);
+    }
+    let mut receive_args = vec![
+        "receive".into(),
+        "--qmp".into(),
+        dst.program_qmp.display().to_string(),
+        "--listen".into(),
+        listen.clone(),
+        "--qemu-port".into(),
+        qemu_port.to_string(),
+        "--hold-before-resume".into(),
+    ];
+    if let Some(server) = &dst.balloon {
+        receive_args.extend([
+            "--plug-balloon".into(),
+            server.socket.display().to_string(),
+            "--plug-control".into(),
+            server.control.display().to_string(),
+            "--plug-id".into(),
+            BALLOON_ID.into(),
+        ]);
+    }
     if opts.negative_control {
         send_args.push("--negative-control-drop-final-pass".into());
     }
@@ -256,6 +316,11 @@ fn migrate_ours(
         send_args.push("--max-passes".into());
         send_args.push(n.to_string());
     }
+    let mut receiver = spawn(
+        tools,
+        &receive_args,
+        &log_dir.join(format!("{label}.receive.log")),
+    )?;
     let mut sender = match spawn(
         tools,
         &send_args,
@@ -432,6 +497,10 @@ pub struct RunOpts {
     /// Refuse to resume the destination (the gate answers `abort`): the
     /// migration must fail with the source running.
     pub abort_at_resume: bool,
+    /// Our balloon device (`freehint-vhost-user`) instead of QEMU's: the
+    /// sender takes its hints and unplugs it, the receiver plugs a fresh
+    /// one into the destination (see `own_hint`).
+    pub balloon: bool,
 }
 
 /// The outcome of one cell: every hop, problems, the verdicts.
@@ -517,9 +586,13 @@ fn run_ours(
         &ctx.log_dir,
         &format!("{label}-0"),
         false,
+        opts.balloon,
     )
     .map_err(e)?;
     wait_ready(&mut src.vm, scale(300)).map_err(e)?;
+    if opts.balloon {
+        super::own_hint::inflate(&src, cell.driver, scale(120))?;
+    }
     for i in 0..cell.migrations {
         let before = start_rate(&mut src.vm, opts, scale(1))?;
         let mut dst = start_own(
@@ -529,6 +602,7 @@ fn run_ours(
             &ctx.log_dir,
             &format!("{label}-{}", i + 1),
             true,
+            opts.balloon,
         )
         .map_err(e)?;
         let hop_label = format!("{label}-{}", i + 1);
@@ -558,6 +632,18 @@ fn run_ours(
                 .unwrap_or_else(|e| object(json!({"name": "integrity", "ok": false, "error": e}))),
         );
         end_rate(&mut hop, before, at);
+        if opts.balloon {
+            let check = super::own_hint::destination_balloon(&dst, cell.driver, scale(120));
+            if check.get("ok") != Some(&json!(true)) {
+                run.problems.push(format!(
+                    "migration {}: destination balloon: {}",
+                    i + 1,
+                    Value::Object(check.clone())
+                ));
+            }
+            hop.detail
+                .insert("destination_balloon".into(), Value::Object(check));
+        }
         eprintln!(
             "[own]   {label}: migration {}/{}: {:.1} MB, {:?} ms total, {:?} ms downtime, integrity {}",
             i + 1,
@@ -908,7 +994,7 @@ fn pingpong(ctx: &mut Ctx, migrations: usize) -> Result<Map<String, Value>, Harn
     let mut control = cell.clone();
     control.migrations = 1;
     eprintln!("[own] abort at resume: the source must run on, intact");
-    let aborted = abort_check(ctx, &tools, &control);
+    let aborted = abort_check(ctx, &tools, &control, false, "own-pingpong/abort-at-resume");
     let abort_ok = aborted.get("ok").and_then(Value::as_bool) == Some(true);
     ctx.record(aborted);
     eprintln!("[own] negative control: the final pass dropped; the destination must see damage");
@@ -975,20 +1061,46 @@ fn pingpong(ctx: &mut Ctx, migrations: usize) -> Result<Map<String, Value>, Harn
 /// A migration refused at the last moment (the destination loaded, the
 /// gate says `abort`): the program must fail, say the source runs, and
 /// the source must run on with every page intact.
-fn abort_check(ctx: &mut Ctx, tools: &Tools, cell: &Cell) -> Map<String, Value> {
+pub(crate) fn abort_check(
+    ctx: &mut Ctx,
+    tools: &Tools,
+    cell: &Cell,
+    balloon: bool,
+    name: &str,
+) -> Map<String, Value> {
     let scale = |s: u64| Duration::from_secs(s).mul_f64(ctx.timeout_scale.max(0.1));
     let mut problems = Vec::new();
     let mut summary = Value::Null;
     let result = (|| -> Result<(), String> {
         let e = |e: MigrateError| e.to_string();
         let label = "abort";
-        let mut src =
-            start_own(&ctx.manifest, tools, cell, &ctx.log_dir, "abort-0", false).map_err(e)?;
+        let mut src = start_own(
+            &ctx.manifest,
+            tools,
+            cell,
+            &ctx.log_dir,
+            "abort-0",
+            false,
+            balloon,
+        )
+        .map_err(e)?;
         wait_ready(&mut src.vm, scale(300)).map_err(e)?;
-        let mut dst =
-            start_own(&ctx.manifest, tools, cell, &ctx.log_dir, "abort-1", true).map_err(e)?;
+        if balloon {
+            super::own_hint::inflate(&src, cell.driver, scale(120))?;
+        }
+        let mut dst = start_own(
+            &ctx.manifest,
+            tools,
+            cell,
+            &ctx.log_dir,
+            "abort-1",
+            true,
+            balloon,
+        )
+        .map_err(e)?;
         let opts = RunOpts {
             abort_at_resume: true,
+            balloon,
             ..RunOpts::default()
         };
         let (hop, _) = migrate_ours(tools, &src, &mut dst, &ctx.log_dir, label, opts, scale(600))?;
@@ -1010,6 +1122,16 @@ fn abort_check(ctx: &mut Ctx, tools: &Tools, cell: &Cell) -> Map<String, Value> 
             ));
         }
         dst.vm.kill();
+        if balloon {
+            // Plugged back into the source, bound again, inflated again.
+            let check = super::own_hint::destination_balloon(&src, cell.driver, scale(120));
+            if check.get("ok") != Some(&json!(true)) {
+                problems.push(format!(
+                    "the source's balloon after the refused migration: {}",
+                    Value::Object(check)
+                ));
+            }
+        }
         let mut run = Run::default();
         finish(&mut src.vm, &mut run, &scale)?;
         problems.extend(run.problems);
@@ -1019,7 +1141,7 @@ fn abort_check(ctx: &mut Ctx, tools: &Tools, cell: &Cell) -> Map<String, Value> 
         problems.push(e);
     }
     object(json!({
-        "name": "own-pingpong/abort-at-resume",
+        "name": name,
         "ok": problems.is_empty(),
         "note": "the destination is refused at the last moment: the source must run on, intact",
         "sender": summary,
