@@ -848,6 +848,10 @@ impl<W: Write> Write for Cancellable<W> {
     }
 }
 
+/// How often the bulk pass looks for new hints on a device server's control
+/// socket.
+const CONTROL_POLL_INTERVAL: Duration = Duration::from_millis(5);
+
 /// A hint source, and the log of the device's own writes that goes with it.
 type DeviceSources = (Box<dyn HintSource>, Option<DeviceDirtyLog<ControlPort>>);
 
@@ -861,7 +865,9 @@ fn device_hints(opts: &SendOptions, ram: &RamLayout) -> Result<DeviceSources, Se
     let connect = || ControlPort::connect(path, opts.switchover_timeout).map_err(|e| device(&e));
     let port = connect()?;
     let layout = *port.layout();
-    let hints = DeviceHints::new(port, &layout, ram, opts.rounds).map_err(|e| device(&e))?;
+    let hints = DeviceHints::new(port, &layout, ram, opts.rounds)
+        .map_err(|e| device(&e))?
+        .with_poll_interval(CONTROL_POLL_INTERVAL);
     let log = DeviceDirtyLog::new(connect()?, &layout, ram).map_err(|e| device(&e))?;
     log::info!(
         "free page hints from the balloon device at {}",

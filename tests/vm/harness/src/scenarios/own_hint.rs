@@ -71,9 +71,10 @@ pub(crate) fn inflate(vm: &OwnVm, driver: Driver, timeout: Duration) -> Result<(
 /// Whether `vm`'s balloon works as it did on the first source: the target
 /// carried over; with a driver, the same driver bound (bitmap protocol
 /// for freehint.ko only), `actual` at the target and a hint round
-/// answered; without one, the device seen by the guest and nothing bound.
+/// answered; without one, the device enabled by the guest's PCI core and
+/// not started.
 pub(crate) fn destination_balloon(
-    vm: &OwnVm,
+    vm: &mut OwnVm,
     driver: Driver,
     timeout: Duration,
 ) -> Map<String, Value> {
@@ -91,19 +92,30 @@ pub(crate) fn destination_balloon(
 }
 
 fn check(
-    vm: &OwnVm,
+    vm: &mut OwnVm,
     driver: Driver,
     timeout: Duration,
     r: &mut Map<String, Value>,
 ) -> Result<(), String> {
-    let server = vm.balloon.as_ref().ok_or("no balloon server")?;
     let t0 = Instant::now();
+    if driver == Driver::None {
+        // No driver: the device never starts, so its server sees no
+        // status; the guest's PCI core enabling it is the proof it came.
+        let (_, line) = vm
+            .vm
+            .wait_line(0, "the guest to enable the plugged balloon", timeout, |l| {
+                l.contains("virtio-pci") && l.contains("enabling device")
+            })
+            .map_err(|e| e.to_string())?;
+        r.insert("seen".into(), json!(line.trim()));
+    }
+    let server = vm.balloon.as_ref().ok_or("no balloon server")?;
     let settled = |st: &Map<String, Value>| {
         let status = st.get("virtio_status").and_then(Value::as_u64).unwrap_or(0);
         let actual = st.get("actual").and_then(Value::as_u64);
         match driver {
-            // Seen by the guest's virtio core (ACKNOWLEDGE), no driver.
-            Driver::None => status == 1,
+            // Not started: nothing bound.
+            Driver::None => status == 0,
             _ => status == STATUS_LIVE && actual == Some(TARGET_PAGES),
         }
     };

@@ -633,7 +633,7 @@ fn run_ours(
         );
         end_rate(&mut hop, before, at);
         if opts.balloon {
-            let check = super::own_hint::destination_balloon(&dst, cell.driver, scale(120));
+            let check = super::own_hint::destination_balloon(&mut dst, cell.driver, scale(120));
             if check.get("ok") != Some(&json!(true)) {
                 run.problems.push(format!(
                     "migration {}: destination balloon: {}",
@@ -1124,7 +1124,7 @@ pub(crate) fn abort_check(
         dst.vm.kill();
         if balloon {
             // Plugged back into the source, bound again, inflated again.
-            let check = super::own_hint::destination_balloon(&src, cell.driver, scale(120));
+            let check = super::own_hint::destination_balloon(&mut src, cell.driver, scale(120));
             if check.get("ok") != Some(&json!(true)) {
                 problems.push(format!(
                     "the source's balloon after the refused migration: {}",
