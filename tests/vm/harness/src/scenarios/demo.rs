@@ -160,10 +160,13 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     s.insert("table".into(), json!(path.display().to_string()));
     let png = dir.join("table.png");
     let chart: Vec<ChartRow> = rows.iter().map(chart_row).collect();
-    let title = format!(
-        "freehint demo: 4 GiB TCG guest, 300 MiB dirtied then freed ({})",
-        qemu_version(&ctx.manifest)
-    );
+    let version = qemu_version(&ctx.manifest);
+    let short = version
+        .split(" (")
+        .next()
+        .unwrap_or(&version)
+        .replace("QEMU emulator version", "QEMU");
+    let title = format!("freehint demo: 4 GiB TCG guest, 300 MiB dirtied then freed, {short}");
     match draw_png(&chart, &title, &png) {
         Ok(()) => {
             s.insert("picture".into(), json!(png.display().to_string()));
