@@ -202,7 +202,7 @@ pub fn execute(line: &str, c: &Control) -> Reply {
         }
         ("metrics", None) => Reply::ok(json!({
             "ok": true,
-            "metrics": format!("{:?}", c.balloon.metrics().snapshot()),
+            "metrics": c.balloon.metrics().snapshot(),
         })),
         ("layout", None) => layout(c),
         ("epoch-new", None) => {
@@ -444,7 +444,9 @@ mod tests {
         assert!(run("hint-round 10", &c).contains("\"ok\":false"));
         assert!(run("hint-round x", &c).contains("bad timeout"));
         assert!(run("hint-status", &c).contains("\"state\":\"Idle\""));
-        assert!(run("metrics", &c).contains("\"ok\":true"));
+        let metrics: serde_json::Value = serde_json::from_str(&run("metrics", &c)).unwrap();
+        assert_eq!(metrics["ok"], true);
+        assert_eq!(metrics["metrics"]["inflate_pages"], 0, "{metrics}");
         // No round yet: an all-zero set of the layout's size.
         let reply = run("hint-dump set.bin", &c);
         assert!(reply.contains("\"total_bits\":262144"), "{reply}");

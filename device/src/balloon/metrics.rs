@@ -2,7 +2,7 @@
 //! Balloon counters: one per rejection path, plus activity counters.
 //!
 //! Counters are relaxed atomics, readable any time as a [`MetricsSnapshot`]
-//! which prints as one JSON object, e.g.
+//! which serializes (serde) as one JSON object, e.g.
 //!
 //! ```text
 //! {"inflate_pages":256,"deflate_pages":0,"discard_fail":0,...}
@@ -19,7 +19,7 @@ macro_rules! metrics {
         }
 
         /// A point-in-time copy of [`BalloonMetrics`].
-        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
         pub struct MetricsSnapshot {
             $( $(#[$doc])* pub $name: u64, )*
         }
@@ -34,10 +34,7 @@ macro_rules! metrics {
         impl MetricsSnapshot {
             /// The snapshot as one JSON object (counter name → value).
             pub fn to_json(&self) -> String {
-                let fields: Vec<String> = vec![
-                    $( format!("\"{}\":{}", stringify!($name), self.$name), )*
-                ];
-                format!("{{{}}}", fields.join(","))
+                serde_json::to_string(self).unwrap_or_default()
             }
         }
     };

@@ -125,13 +125,8 @@ fn repost(mem: GuestMemoryMmap, q: Rings, stop: Arc<AtomicBool>, cap: Duration) 
 }
 
 fn metric(srv: &ServerProc, name: &str) -> u64 {
-    let m = srv.ctl("metrics");
-    let at = m.find(&format!("{name}: ")).expect("metric present") + name.len() + 2;
-    m[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()
-        .and_then(|n| n.parse().ok())
-        .expect("a number")
+    let reply: serde_json::Value = serde_json::from_str(&srv.ctl("metrics")).expect("JSON");
+    reply["metrics"][name].as_u64().expect("metric present")
 }
 
 /// A driver that keeps the deflate queue full: one notify must not keep
