@@ -36,6 +36,43 @@ pub const MAX_TOTAL_BITS: u64 = 1 << 32;
 /// Pfns above this cannot be turned back into a 64-bit byte address.
 const MAX_PFN_END: u64 = 1 << (64 - PAGE_SHIFT);
 
+/// A QEMU x86 machine type, for [`qemu_x86_ram_ranges`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QemuX86Machine {
+    /// `pc` (i440FX): from 3.5 GiB of RAM on, 3 GiB stay below the PCI hole.
+    Pc,
+    /// `q35`: from 2.75 GiB of RAM on, 2 GiB stay below the PCI hole.
+    Q35,
+}
+
+/// Where QEMU puts `ram_bytes` of RAM in an x86 guest of `machine`:
+/// `(start, len)` byte ranges, below the PCI hole and from 4 GiB on. The
+/// one description of the split that the device servers, the test harness
+/// and the layout tables share.
+///
+/// ```
+/// use freehint_protocol::layout::{qemu_x86_ram_ranges, QemuX86Machine};
+/// let gib = 1u64 << 30;
+/// let small: Vec<_> = qemu_x86_ram_ranges(gib, QemuX86Machine::Pc).collect();
+/// assert_eq!(small, [(0, gib)]);
+/// let big: Vec<_> = qemu_x86_ram_ranges(6 * gib, QemuX86Machine::Q35).collect();
+/// assert_eq!(big, [(0, 2 * gib), (4 * gib, 4 * gib)]);
+/// ```
+pub fn qemu_x86_ram_ranges(
+    ram_bytes: u64,
+    machine: QemuX86Machine,
+) -> impl Iterator<Item = (u64, u64)> {
+    const GIB4: u64 = 4 << 30;
+    let (threshold, low) = match machine {
+        QemuX86Machine::Pc => (0xe000_0000, 0xc000_0000),
+        QemuX86Machine::Q35 => (0xb000_0000, 0x8000_0000),
+    };
+    let split = ram_bytes >= threshold;
+    let below = if split { (0, low) } else { (0, ram_bytes) };
+    let above = split.then(|| (GIB4, ram_bytes - low));
+    core::iter::once(below).chain(above)
+}
+
 /// One entry of a layout table: `nr_pages` frames from `first_pfn` are RAM
 /// and map to bits `first_bit..first_bit + nr_pages`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, ValueEnum};
 use freehint_device::balloon::Layout;
 use freehint_device::BalloonConfig;
+use freehint_protocol::layout::{qemu_x86_ram_ranges, QemuX86Machine};
 
 /// Machine type whose RAM split below/above 4 GiB is derived.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -168,18 +169,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {s:?} overflows"))
 }
 
-/// RAM byte ranges of a QEMU x86 machine with `size` bytes of RAM.
+/// RAM byte ranges of a QEMU x86 machine with `size` bytes of RAM
+/// ([`qemu_x86_ram_ranges`]).
 pub fn derive_ranges(size: u64, machine: Machine) -> Vec<(u64, u64)> {
-    const GIB4: u64 = 4 << 30;
-    let (threshold, lowmem) = match machine {
-        Machine::Pc => (0xe000_0000, 0xc000_0000),
-        Machine::Q35 => (0xb000_0000, 0x8000_0000),
+    let machine = match machine {
+        Machine::Pc => QemuX86Machine::Pc,
+        Machine::Q35 => QemuX86Machine::Q35,
     };
-    if size >= threshold {
-        vec![(0, lowmem), (GIB4, size - lowmem)]
-    } else {
-        vec![(0, size)]
-    }
+    qemu_x86_ram_ranges(size, machine).collect()
 }
 
 /// Parses `START+LEN[,START+LEN...]` byte ranges.

@@ -31,6 +31,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
+use freehint_protocol::layout::{qemu_x86_ram_ranges, QemuX86Machine};
+
 use crate::errors::io_error;
 use crate::guest::{result_ok, GuestOutput};
 use crate::qemu::{BootSpec, Machine, Vm};
@@ -78,22 +80,16 @@ pub struct RamLayout {
 }
 
 impl RamLayout {
-    /// QEMU's split of `mem_mib` at the PCI hole (pc: ≥ 3.5 GiB keeps 3 GiB
-    /// low; q35: ≥ 2.75 GiB keeps 2 GiB low; the rest starts at 4 GiB).
+    /// QEMU's split of `mem_mib` at the PCI hole
+    /// ([`qemu_x86_ram_ranges`], the function the device servers use).
     pub fn for_machine(mem_mib: u64, machine: Machine) -> Self {
-        let (threshold, low) = match machine {
-            Machine::Pc => (3584, 3072),
-            Machine::Q35 => (2816, 2048),
+        let machine = match machine {
+            Machine::Pc => QemuX86Machine::Pc,
+            Machine::Q35 => QemuX86Machine::Q35,
         };
-        let mib_pages = 256;
-        let ranges = if mem_mib >= threshold {
-            vec![
-                (0, low * mib_pages),
-                (4096 * mib_pages, (mem_mib - low) * mib_pages),
-            ]
-        } else {
-            vec![(0, mem_mib * mib_pages)]
-        };
+        let ranges = qemu_x86_ram_ranges(mem_mib << 20, machine)
+            .map(|(start, len)| (start >> 12, len >> 12))
+            .collect();
         RamLayout { ranges }
     }
 
