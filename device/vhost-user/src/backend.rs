@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use freehint_device::balloon::DEFAULT_QUEUE_SIZE;
 use freehint_device::{Balloon, GuestMemoryHandle, Interrupt, VirtioDevice};
+use freehint_protocol::balloon::{CONFIG_FREE_PAGE_HINT_CMD_ID, CONFIG_NUM_PAGES, CONFIG_SIZE};
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Backend;
@@ -17,6 +18,9 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+
+/// Config fields only the device writes.
+const DEVICE_FIELDS: [usize; 2] = [CONFIG_NUM_PAGES, CONFIG_FREE_PAGE_HINT_CMD_ID];
 
 /// Queues the front end must create (`num_vqs`): inflate, deflate, stats,
 /// free page and reporting, the most a balloon with every feature uses.
@@ -176,17 +180,25 @@ impl VhostUserBackendMut for BalloonBackend {
     }
 
     fn set_config(&mut self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        // QEMU's generic front end writes the whole config image when the
-        // driver writes one field: pass on only the fields (all 32-bit) that
-        // change, so the device sees the driver's write and no writes of
-        // read-only fields.
+        // QEMU's generic front end writes its cached copy of the whole
+        // config image when the driver writes one field: pass on only the
+        // fields (all 32-bit) that change. In such a write-back a device
+        // field (`num_pages`, `free_page_hint_cmd_id`) that differs is
+        // QEMU's stale copy, not the driver's doing: it is dropped here,
+        // not reported as a driver writing a read-only field.
+        let whole_image = offset == 0 && buf.len() == CONFIG_SIZE;
         let mut current = vec![0; buf.len()];
         self.device.read_config(u64::from(offset), &mut current);
         let start = offset as usize;
         let mut at = 0;
         while at < buf.len() {
             let end = ((start + at) / 4 * 4 + 4 - start).min(buf.len());
-            if buf[at..end] != current[at..end] {
+            let field = (start + at) / 4 * 4;
+            if buf[at..end] == current[at..end] {
+                // Unchanged.
+            } else if whole_image && DEVICE_FIELDS.contains(&field) {
+                debug!("stale config write-back of device field {field} dropped");
+            } else {
                 self.device.write_config((start + at) as u64, &buf[at..end]);
             }
             at = end;
@@ -287,5 +299,38 @@ impl Interrupt for VhostIrq {
             }
             None => warn!("config change not signalled: the front end gave no request channel"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use freehint_device::balloon::Layout;
+    use freehint_device::BalloonConfig;
+
+    fn backend() -> BalloonBackend {
+        let layout = Layout::from_ram_pfn_ranges(&[(0, 256)]).unwrap();
+        let balloon = Balloon::new(BalloonConfig::all_features(layout)).unwrap();
+        BalloonBackend::new(balloon, Arc::default())
+    }
+
+    fn image(b: &BalloonBackend) -> [u8; CONFIG_SIZE] {
+        let mut out = [0u8; CONFIG_SIZE];
+        b.device.read_config(0, &mut out);
+        out
+    }
+
+    #[test]
+    fn a_whole_image_write_back_passes_the_drivers_field_and_keeps_the_devices() {
+        let mut b = backend();
+        let stale = image(&b);
+        b.device.handle().set_target_pages(64);
+        // QEMU's cached image, with the driver's new `actual`.
+        let mut write_back = stale;
+        write_back[4..8].copy_from_slice(&32u32.to_le_bytes());
+        b.set_config(0, &write_back).unwrap();
+        let now = image(&b);
+        assert_eq!(now[0..4], 64u32.to_le_bytes(), "num_pages is the device's");
+        assert_eq!(now[4..8], 32u32.to_le_bytes(), "actual is the driver's");
     }
 }
