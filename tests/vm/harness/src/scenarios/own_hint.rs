@@ -10,8 +10,9 @@
 //! destination once it runs and hands it the target the source carried in
 //! the stream. Every destination is checked twice: every live page of the
 //! integrity workload at resume, and a working balloon afterwards (the
-//! same driver bound, `actual` back at the target, a hint round answered;
-//! with no driver, the device seen by the guest and nothing bound).
+//! same driver bound, `actual` back at the target, a hint round answered
+//! by freehint.ko; with no driver, the device enabled by the guest's PCI
+//! core and not started).
 //!
 //! `own-hint`: a 4 GiB guest (`init_on_alloc=1`), idle and dirtied then
 //! freed, drivers none / stock `virtio_balloon` / `freehint.ko` over our
@@ -70,8 +71,8 @@ pub(crate) fn inflate(vm: &OwnVm, driver: Driver, timeout: Duration) -> Result<(
 
 /// Whether `vm`'s balloon works as it did on the first source: the target
 /// carried over; with a driver, the same driver bound (bitmap protocol
-/// for freehint.ko only), `actual` at the target and a hint round
-/// answered; without one, the device enabled by the guest's PCI core and
+/// for freehint.ko only) and `actual` at the target, and for freehint.ko a
+/// hint round answered; without one, the device enabled by the guest's PCI core and
 /// not started.
 pub(crate) fn destination_balloon(
     vm: &mut OwnVm,
@@ -150,6 +151,15 @@ fn check(
             "another driver bound: bitmap protocol negotiated {bitmap} with {}",
             driver.name()
         ));
+    }
+    if driver == Driver::Stock {
+        // Bound, and inflated to the target: the balloon works. A hint
+        // round is not asked of it here: Linux's driver answers by
+        // allocating (and, with init_on_alloc=1, zeroing) every free page,
+        // which took 50-65 s on a 16 GiB TCG guest and tripped an RCU stall
+        // warning there (its rounds through our device are tested by the
+        // `vhost-user` scenario).
+        return Ok(());
     }
     let round = server.ctl("hint-round 120000").map_err(|e| e.to_string())?;
     let free = round.get("free_pages").and_then(Value::as_u64).unwrap_or(0);
