@@ -32,11 +32,10 @@ pub const VHOST_USER_DRIVER: &str = "vhost-user-test-device-pci";
 /// device id 5, five queues (inflate, deflate, stats, free page hints,
 /// reporting), the 16-byte balloon config space.
 pub fn balloon_properties() -> Map<String, Value> {
-    let props = json!({"virtio-id": 5, "num_vqs": 5, "config_size": 16});
-    match props {
-        Value::Object(m) => m,
-        _ => unreachable!("a JSON object literal"),
-    }
+    [("virtio-id", 5), ("num_vqs", 5), ("config_size", 16)]
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), json!(value)))
+        .collect()
 }
 
 /// The properties copied from a device to plug it again.

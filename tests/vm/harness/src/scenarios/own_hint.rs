@@ -29,8 +29,8 @@ use serde_json::{json, Map, Value};
 
 use super::num;
 use super::own_migrate::{
-    abort_check, build_tools, hop_json, run_cell, sweep_stale_ram_files, Migrator, OwnVm, Run,
-    RunOpts,
+    abort_check, build_tools, env_list, hop_json, run_cell, sweep_stale_ram_files, Migrator, OwnVm,
+    Run, RunOpts,
 };
 use crate::migrate::{median, qemu_version, Cell, Driver, Workload};
 use crate::runner::{object, Ctx, HarnessError};
@@ -477,19 +477,8 @@ pub fn bench_pingpong(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError>
 /// 16 and 32 GiB), `FREEHINT_BENCH_REPS` (default 3) runs per cell, to
 /// `target/bench/own-hint.json`, with the targets evaluated.
 pub fn bench(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
-    let env = |name: &str, default: &[u64]| -> Vec<u64> {
-        std::env::var(name)
-            .ok()
-            .map(|v| {
-                v.split(',')
-                    .filter_map(|x| x.trim().parse().ok())
-                    .collect::<Vec<u64>>()
-            })
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| default.to_vec())
-    };
-    let reps = env("FREEHINT_BENCH_REPS", &[3])[0].max(1) as usize;
-    let sizes = env("FREEHINT_BENCH_SIZES", &[MEM_MIB, 16384, 32768]);
+    let reps = env_list("FREEHINT_BENCH_REPS", &[3])[0].max(1) as usize;
+    let sizes = env_list("FREEHINT_BENCH_SIZES", &[MEM_MIB, 16384, 32768]);
     let t = matrix(ctx, &sizes, &[Workload::Idle, Workload::DirtyFree], reps)?;
     let mut s = Map::new();
     for &mem in &sizes {

@@ -1159,7 +1159,8 @@ pub fn bench_pingpong(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError>
     pingpong(ctx, 20)
 }
 
-fn env_list(name: &str, default: &[u64]) -> Vec<u64> {
+/// The numbers of the comma-separated variable `name`, or `default`.
+pub(crate) fn env_list(name: &str, default: &[u64]) -> Vec<u64> {
     std::env::var(name)
         .ok()
         .map(|v| {
