@@ -5,8 +5,8 @@
 //! QEMU's device state: QEMU blocks the migration while it is attached. So
 //! the source unplugs it while the guest runs ([`Unplugged::start`]: QMP
 //! `device_del`; the guest's driver lets go and the guest ejects the slot
-//! through ACPI while pre-copy goes on; [`Unplugging::wait`] for
-//! `DEVICE_DELETED` before the stop) once its hints are used, and the destination plugs a fresh one after it resumed
+//! through ACPI while pre-copy goes on; [`Unplugging::wait`] until it
+//! left QEMU's device tree before the stop) once its hints are used, and the destination plugs a fresh one after it resumed
 //! ([`plug_balloon`]: `chardev-add` + `device_add`); the guest's driver
 //! unbinds on the source and binds again on the destination, and the
 //! balloon target rides in the stream. A failed or cancelled migration
@@ -125,29 +125,19 @@ pub struct Unplugging {
 }
 
 impl Unplugging {
-    /// The device's QOM id.
-    pub fn id(&self) -> &str {
-        &self.device.id
-    }
-
     /// Whether the guest released it; does not wait. The device is gone
-    /// when it left QEMU's device tree (`/machine/peripheral`): QEMU emits
-    /// `DEVICE_DELETED` only when the object is finalized, which can come
-    /// much later (measured: not within minutes while pre-copy ran), though
-    /// the device is unrealized and no longer blocks the migration.
+    /// when it left QEMU's device tree (`/machine/peripheral`). QEMU's
+    /// `DEVICE_DELETED` is no signal: it comes only when the object is
+    /// finalized, which can be much later (measured: not within minutes
+    /// while pre-copy ran), though the device is unrealized by then and no
+    /// longer blocks the migration.
     pub fn poll(&mut self, qmp: &mut Qmp) -> Result<bool, HotplugError> {
-        let id = self.device.id.clone();
-        match qmp.wait_event(Duration::ZERO, |e| deleted(e, &id)) {
-            Ok(_) => return Ok(true),
-            Err(QmpError::Timeout(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
         let peripherals = qmp.execute("qom-list", Some(json!({"path": "/machine/peripheral"})))?;
         let present = peripherals
             .as_array()
             .into_iter()
             .flatten()
-            .any(|p| p["name"] == id.as_str());
+            .any(|p| p["name"] == self.device.id.as_str());
         Ok(!present)
     }
 
@@ -183,11 +173,6 @@ impl Unplugging {
         );
         self.device
     }
-}
-
-/// `DEVICE_DELETED` of device `id` itself (not of a child).
-fn deleted(e: &crate::qmp::Event, id: &str) -> bool {
-    e.name == "DEVICE_DELETED" && e.data["device"] == id
 }
 
 /// Reads what it takes to plug device `id` again.
