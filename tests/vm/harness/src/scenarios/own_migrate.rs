@@ -157,7 +157,7 @@ fn start_own(
     let ram = PathBuf::from(format!("/dev/shm/{RAM_PREFIX}{}-{tag}", std::process::id()));
     let uffd = crate::sockets::socket_path(&format!("{tag}.uffd"))?;
     let program_qmp = crate::sockets::socket_path(&format!("{tag}.pqmp"))?;
-    let opts = VmOptions {
+    let mut opts = VmOptions {
         incoming: incoming.then_some(Incoming::Defer),
         extra_args: vec![
             "-object".into(),
@@ -177,7 +177,6 @@ fn start_own(
         ],
         owned_files: vec![ram, uffd, program_qmp.clone()],
     };
-    let mut opts = opts;
     let mut spec = cell.boot_spec();
     if let Some(server) = &server {
         // Our device is the guest's only balloon; a destination gets it
