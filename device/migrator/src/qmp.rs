@@ -4,7 +4,20 @@
 //! QEMU is the program's peer here: its replies are parsed with bounds
 //! (line length, JSON shape) and a malformed one is an error, never a
 //! panic. Events that arrive while a command waits are kept, with QEMU's
-//! timestamp, for [`Qmp::wait_event`].
+//! timestamp, for [`Qmp::wait_event`]. Each command carries an id; a
+//! reply with another id (one to a command that timed out earlier) is
+//! skipped.
+//!
+//! ```no_run
+//! # use freehint_migrate::qmp::Qmp;
+//! # use std::time::Duration;
+//! // QEMU creates the socket shortly after it starts: retry for 10 s.
+//! let mut qmp = Qmp::connect_within("/tmp/vm.qmp".as_ref(), Duration::from_secs(10))?;
+//! let status = qmp.execute("query-status", None)?;
+//! qmp.execute("migrate", Some(serde_json::json!({"uri": "tcp:127.0.0.1:4444"})))?;
+//! let done = qmp.wait_event(Duration::from_secs(60), |e| e.name == "MIGRATION")?;
+//! # Ok::<(), freehint_migrate::qmp::QmpError>(())
+//! ```
 
 use std::collections::VecDeque;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -72,6 +85,7 @@ pub struct Qmp {
     writer: UnixStream,
     events: VecDeque<Event>,
     peer_pid: Option<u32>,
+    next_id: u64,
     /// How long a command may take.
     pub timeout: Duration,
 }
@@ -83,15 +97,45 @@ impl Qmp {
             path: path.to_path_buf(),
             source,
         })?;
+        Self::start(stream, Duration::from_secs(30))
+    }
+
+    /// Connects to `path`, retrying until `timeout` (QEMU creates the
+    /// socket shortly after it starts), waits up to `timeout` for the
+    /// greeting and negotiates capabilities.
+    pub fn connect_within(path: &Path, timeout: Duration) -> Result<Self, QmpError> {
+        let start = Instant::now();
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if start.elapsed() < timeout => {
+                    log::trace!("QMP connect {}: {e}; retrying", path.display());
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(source) => {
+                    return Err(QmpError::Connect {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                }
+            }
+        };
+        Self::start(stream, timeout)
+    }
+
+    /// Reads the greeting of a connected `stream` (within `greeting`) and
+    /// negotiates capabilities.
+    fn start(stream: UnixStream, greeting: Duration) -> Result<Self, QmpError> {
         let peer_pid = peer_pid_of(&stream);
         let mut qmp = Self {
             reader: BufReader::new(stream.try_clone()?),
             writer: stream,
             events: VecDeque::new(),
             peer_pid,
+            next_id: 1,
             timeout: Duration::from_secs(30),
         };
-        let greeting = qmp.read_message(qmp.timeout)?;
+        let greeting = qmp.read_message(greeting)?;
         if greeting.get("QMP").is_none() {
             return Err(QmpError::Protocol(format!("no greeting: {greeting}")));
         }
@@ -106,8 +150,11 @@ impl Qmp {
     }
 
     /// Runs `command` with `arguments`; returns its `return` member.
+    /// Events that arrive meanwhile are queued for [`Qmp::wait_event`].
     pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
-        let mut msg = json!({ "execute": command });
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut msg = json!({ "execute": command, "id": id });
         if let Some(arguments) = arguments {
             msg["arguments"] = arguments;
         }
@@ -117,9 +164,20 @@ impl Qmp {
         let deadline = Instant::now() + self.timeout;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let reply = self.read_message(left)?;
+            let reply = match self.read_message(left) {
+                Err(QmpError::Timeout(_)) => {
+                    return Err(QmpError::Timeout(format!("reply to {command}")))
+                }
+                r => r?,
+            };
             if let Some(event) = as_event(&reply) {
                 self.events.push_back(event);
+                continue;
+            }
+            // QEMU echoes the id; only a message it could not parse gets
+            // an error without one.
+            if reply.get("id").is_some_and(|r| r.as_u64() != Some(id)) {
+                log::debug!("QMP: skipping a reply to another command: {reply}");
                 continue;
             }
             if let Some(ret) = reply.get("return") {
@@ -172,6 +230,40 @@ impl Qmp {
                 None => return Err(QmpError::Protocol(format!("unasked reply: {msg}"))),
             }
         }
+    }
+
+    /// Waits up to `timeout` for an event named `name` (queued ones first)
+    /// and takes it; unlike [`Qmp::wait_event`], other events stay queued.
+    pub fn wait_event_named(&mut self, name: &str, timeout: Duration) -> Result<Event, QmpError> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = 0;
+        loop {
+            if let Some(pos) = self.events.iter().skip(seen).position(|e| e.name == name) {
+                if let Some(event) = self.events.remove(seen + pos) {
+                    return Ok(event);
+                }
+            }
+            seen = self.events.len();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(QmpError::Timeout(format!("event {name}")));
+            }
+            let msg = match self.read_message(left) {
+                Err(QmpError::Timeout(_)) => {
+                    return Err(QmpError::Timeout(format!("event {name}")))
+                }
+                r => r?,
+            };
+            match as_event(&msg) {
+                Some(event) => self.events.push_back(event),
+                None => return Err(QmpError::Protocol(format!("unasked reply: {msg}"))),
+            }
+        }
+    }
+
+    /// Takes every queued event.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        self.events.drain(..).collect()
     }
 
     /// The latest queued event named `name`, if any (the queue keeps it).
@@ -299,5 +391,57 @@ mod tests {
             qmp.wait_event(Duration::from_millis(20), |_| true),
             Err(QmpError::Timeout(_) | QmpError::Closed)
         ));
+    }
+
+    #[test]
+    fn waits_for_the_socket_skips_stale_replies_and_keeps_other_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp");
+        let p = path.clone();
+        // The socket appears only after a while, as when QEMU starts.
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(200));
+            let listener = UnixListener::bind(&p).unwrap();
+            let (mut s, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            s.write_all(b"{\"QMP\":{\"version\":{}}}\n").unwrap();
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                let cmd: Value = serde_json::from_str(&line).unwrap();
+                let id = cmd["id"].as_u64().unwrap();
+                let reply = match cmd["execute"].as_str().unwrap() {
+                    // A late reply to an earlier command, then events, then ours.
+                    "query-status" => format!(
+                        "{{\"return\":{{\"status\":\"stale\"}},\"id\":{}}}\n\
+                         {{\"event\":\"STOP\"}}\n{{\"event\":\"RESET\"}}\n\
+                         {{\"return\":{{\"status\":\"running\"}},\"id\":{id}}}\n",
+                        id - 1
+                    ),
+                    _ => format!("{{\"return\":{{}},\"id\":{id}}}\n"),
+                };
+                s.write_all(reply.as_bytes()).unwrap();
+                line.clear();
+            }
+        });
+        let mut qmp = Qmp::connect_within(&path, Duration::from_secs(10)).unwrap();
+        let status = qmp.execute("query-status", None).unwrap();
+        assert_eq!(status["status"], "running");
+        let reset = qmp
+            .wait_event_named("RESET", Duration::from_millis(10))
+            .unwrap();
+        assert_eq!(reset.name, "RESET");
+        let left: Vec<String> = qmp.take_events().into_iter().map(|e| e.name).collect();
+        assert_eq!(left, ["STOP"]);
+        assert!(matches!(
+            qmp.wait_event_named("RESUME", Duration::from_millis(50)),
+            Err(QmpError::Timeout(ref what)) if what == "event RESUME"
+        ));
+    }
+
+    #[test]
+    fn connect_within_gives_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Qmp::connect_within(&dir.path().join("none"), Duration::from_millis(100));
+        assert!(matches!(err, Err(QmpError::Connect { .. })));
     }
 }

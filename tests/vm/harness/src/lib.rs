@@ -3,10 +3,11 @@
 //! guest and turns their console output into JSON results.
 //!
 //! Layout: [`manifest`] (where the image is), [`qemu`] (one QEMU process),
-//! [`qmp`] (QMP client), [`guest`] (console protocol and splat detection),
+//! [`guest`] (console protocol and splat detection),
 //! [`runner`] (boot + report), [`scenarios`] (the registry), [`errors`]
 //! (the shared I/O error), [`sockets`]
-//! (short UNIX socket paths), [`chart`] (the demo table as a PNG).
+//! (short UNIX socket paths), [`chart`] (the demo table as a PNG). QMP is
+//! the migrator's client, `freehint_migrate::qmp`.
 #![warn(missing_docs)]
 
 pub mod chart;
@@ -15,7 +16,6 @@ pub mod guest;
 pub mod manifest;
 pub mod migrate;
 pub mod qemu;
-pub mod qmp;
 pub mod runner;
 pub mod scenarios;
 pub mod sockets;

@@ -26,6 +26,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use freehint_migrate::qmp::{Qmp, QmpError};
 use serde_json::{json, Map, Value};
 use thiserror::Error;
 
@@ -33,7 +34,6 @@ use crate::errors::{io_error, PathIoError};
 use crate::guest::{GuestOutput, LineJoiner};
 use crate::manifest::Manifest;
 use crate::qemu::BootSpec;
-use crate::qmp::{Qmp, QmpError};
 use crate::runner::{object, HarnessError};
 use crate::sockets;
 
@@ -73,7 +73,7 @@ pub enum MigrateError {
     #[error(transparent)]
     Manifest(#[from] crate::manifest::ManifestError),
     /// QMP failed.
-    #[error(transparent)]
+    #[error("{}", freehint_migrate::qemu::receive::error_chain(.0))]
     Qmp(#[from] QmpError),
     /// The migration ended in a state other than `completed`.
     #[error("migration {status}: {error}")]
@@ -295,7 +295,7 @@ impl MigVm {
                 return Err(e);
             }
         };
-        let qmp = match Qmp::connect(&qmp_sock, Duration::from_secs(60)) {
+        let qmp = match Qmp::connect_within(&qmp_sock, Duration::from_secs(60)) {
             Ok(q) => q,
             Err(e) => {
                 let _ = child.kill();

@@ -26,8 +26,8 @@ pub enum HarnessError {
     #[error(transparent)]
     Qemu(#[from] QemuError),
     /// QMP failed.
-    #[error(transparent)]
-    Qmp(#[from] crate::qmp::QmpError),
+    #[error("{}", freehint_migrate::qemu::receive::error_chain(.0))]
+    Qmp(#[from] freehint_migrate::qmp::QmpError),
     /// A file or socket failed.
     #[error(transparent)]
     Io(#[from] PathIoError),
