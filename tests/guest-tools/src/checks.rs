@@ -6,10 +6,14 @@ use std::time::{Duration, Instant};
 use freehint_protocol::bitmap::{count_ones, test_bit, words_for_bits};
 use freehint_protocol::layout::{Layout, LayoutRange};
 
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+
+use crate::cli::{ChurnArgs, Machine};
 use crate::debugfs::Freehint;
 use crate::mem::{self, Region, PAGE};
 use crate::result::Report;
-use crate::{Args, Error};
+use crate::Error;
 
 /// `KPF_BUDDY`: the head page of a free buddy block.
 const KPF_BUDDY: u64 = 1 << 10;
@@ -28,11 +32,11 @@ fn pages_below(layout: &Layout, pfn: u64) -> u64 {
 }
 
 /// `fhtool false-free --mib N`: no page we hold may be marked free.
-pub fn false_free(args: &Args) -> Result<bool, Error> {
+pub fn false_free(mib: Option<u64>) -> Result<bool, Error> {
     // Default: a quarter of RAM (at least 64 MiB), so that after the unmap
     // more is freed than the per-CPU page lists can absorb (their high mark
     // may reach 1/8 of a zone) and the liveness check below sees frees.
-    let mib = args.num("mib", (mem::mem_total_kib() / 4 / 1024).max(64))?;
+    let mib = mib.unwrap_or_else(|| (mem::mem_total_kib() / 4 / 1024).max(64));
     let fh = Freehint::open()?;
     let region = Region::filled(mib as usize * 1024 * 1024, 0x5a, true)?;
     let before = region.pfns()?;
@@ -197,7 +201,7 @@ fn compare_once(
 /// pages within 1 % both ways. Pass 2 adds the per-CPU lists: their pages are
 /// free but not `KPF_BUDDY`, so they show up as extra; every extra page must
 /// carry no page flag (as free pages do), to within 1 %.
-pub fn kpageflags(_args: &Args) -> Result<bool, Error> {
+pub fn kpageflags() -> Result<bool, Error> {
     let fh = Freehint::open()?;
     let layout = fh.layout()?;
     let nwords = words_for_bits(layout.total_bits());
@@ -245,17 +249,8 @@ pub fn kpageflags(_args: &Args) -> Result<bool, Error> {
     Ok(r.emit(ok))
 }
 
-/// Where QEMU ends low RAM when the guest has more than fits below the PCI hole.
-fn low_ram_end(machine: &str) -> Option<u64> {
-    match machine {
-        "pc" => Some(3 << 30),
-        "q35" => Some(2 << 30),
-        _ => None,
-    }
-}
-
 /// `fhtool bits [--machine pc|q35]`: one bit per RAM page, hole folded out.
-pub fn bits(args: &Args) -> Result<bool, Error> {
+pub fn bits(machine: Option<Machine>) -> Result<bool, Error> {
     let fh = Freehint::open()?;
     let iomem = fs::read_to_string("/proc/iomem").map_err(|e| Error::io("read /proc/iomem", e))?;
     let ram = mem::parse_iomem(&iomem);
@@ -306,7 +301,7 @@ pub fn bits(args: &Args) -> Result<bool, Error> {
             .num("gap_pages", gap_pages)
             .num("bit_of_4g", layout.pfn_to_bit(PFN_4G).unwrap_or(u64::MAX))
             .num("pages_below_4g", below);
-        if let Some(end) = args.get("machine").and_then(low_ram_end) {
+        if let Some(end) = machine.map(Machine::low_ram_end) {
             // Firmware reserves a little at the top of low RAM (SeaBIOS: 128 KiB).
             let low_end = low_end_pfn.unwrap_or(0) * PAGE as u64;
             let near = low_end <= end && end - low_end <= 16 << 20;
@@ -317,7 +312,7 @@ pub fn bits(args: &Args) -> Result<bool, Error> {
     } else {
         rep.flag("gap", false);
         // With more RAM than fits below 2 GiB there must be a high range.
-        if let Some(end) = args.get("machine").and_then(low_ram_end) {
+        if let Some(end) = machine.map(Machine::low_ram_end) {
             let expect_gap = mem::mem_total_kib() * 1024 > end;
             rep.flag("gap_expected", expect_gap);
             ok &= !expect_gap;
@@ -329,15 +324,15 @@ pub fn bits(args: &Args) -> Result<bool, Error> {
         .num("iomem_ranges", ram.len() as u64)
         .num("bitmap_bytes", words.len() as u64 * 8)
         .num("unmapped_ram", unmapped);
-    if let Some(m) = args.get("machine") {
-        rep.text("machine", m);
+    if let Some(m) = machine {
+        rep.text("machine", m.name());
     }
     Ok(rep.emit(ok))
 }
 
 /// `fhtool host-layout`: a layout from outside is validated, used, and the
 /// kernel's own map is restored.
-pub fn host_layout(_args: &Args) -> Result<bool, Error> {
+pub fn host_layout() -> Result<bool, Error> {
     let fh = Freehint::open()?;
     let own = fh.layout()?;
     let io = |e: std::io::Error| Error::io("write layout", e);
@@ -411,29 +406,15 @@ pub fn host_layout(_args: &Args) -> Result<bool, Error> {
     Ok(r.emit(ok))
 }
 
-/// Small xorshift generator (reproducible churn without dependencies).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
-
-/// `fhtool churn --seconds S [--max-mib M]`: allocation churn.
-pub fn churn(args: &Args) -> Result<bool, Error> {
-    let secs = args.num("seconds", 10)?;
-    let max_bytes = args.num("max-mib", 64)? as usize * 1024 * 1024;
+/// `fhtool churn --seconds S [--max-mib M] [--stop-file F]`: allocation
+/// churn, different in every process (seeded with the pid).
+pub fn churn(args: &ChurnArgs) -> Result<bool, Error> {
+    let secs = args.seconds;
+    let max_bytes = args.max_mib as usize * 1024 * 1024;
     let deadline = Instant::now() + Duration::from_secs(secs);
     // Stops early once this file exists (lets a script end the churn cleanly).
-    let stop_file = args.get("stop-file").map(std::path::PathBuf::from);
-    let stopped = || stop_file.as_ref().is_some_and(|p| p.exists());
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id()));
+    let stopped = || args.stop_file.as_ref().is_some_and(|p| p.exists());
+    let mut rng = SmallRng::seed_from_u64(u64::from(std::process::id()));
     let mut live: Vec<Region> = Vec::new();
     let (mut held, mut maps, mut unmaps, mut bytes) = (0usize, 0u64, 0u64, 0u64);
     let mut iter = 0u64;
@@ -442,18 +423,18 @@ pub fn churn(args: &Args) -> Result<bool, Error> {
         if iter % 64 == 0 && stopped() {
             break;
         }
-        let grow = live.is_empty() || (held < max_bytes && rng.next() % 2 == 0);
+        let grow = live.is_empty() || (held < max_bytes && rng.random_bool(0.5));
         if grow {
             // 4 KiB .. 8 MiB, biased towards small sizes.
-            let pages = 1usize << (rng.next() % 12);
-            let pages = pages + (rng.next() as usize % pages);
-            let r = Region::filled(pages * PAGE, rng.next() as u8, false)?;
+            let pages = 1usize << rng.random_range(0..12);
+            let pages = pages + rng.random_range(0..pages);
+            let r = Region::filled(pages * PAGE, rng.random(), false)?;
             held += r.pages() * PAGE;
             bytes += (r.pages() * PAGE) as u64;
             maps += 1;
             live.push(r);
         } else {
-            let i = rng.next() as usize % live.len();
+            let i = rng.random_range(0..live.len());
             held -= live.swap_remove(i).pages() * PAGE;
             unmaps += 1;
         }
@@ -473,9 +454,7 @@ pub fn churn(args: &Args) -> Result<bool, Error> {
 /// restarted a list from its head R times: that proves the path ran. A
 /// restart needs the allocator to take the kept block between two holds,
 /// which under churn happened 8 to 19 times per 1000 builds here.
-pub fn builds(args: &Args) -> Result<bool, Error> {
-    let count = args.num("count", 1000)?;
-    let min_restarts = args.num("min-restarts", 0)?;
+pub fn builds(count: u64, min_restarts: u64) -> Result<bool, Error> {
     let max_count = if min_restarts > 0 {
         count.saturating_mul(4)
     } else {
@@ -582,8 +561,8 @@ fn bench_series(fh: &Freehint, n: u64) -> Result<Series, Error> {
 /// `fhtool bench [--builds N]`: builds on an idle guest, medians; first with
 /// the buddy lists only, then (the default configuration) with the per-CPU
 /// lists too.
-pub fn bench(args: &Args) -> Result<bool, Error> {
-    let n = args.num("builds", 21)?.max(1);
+pub fn bench(builds: u64) -> Result<bool, Error> {
+    let n = builds.max(1);
     let fh = Freehint::open()?;
     let was_pcp = fh.pcp()?;
     fh.set_pcp(false)?;
@@ -628,7 +607,7 @@ pub fn bench(args: &Args) -> Result<bool, Error> {
 }
 
 /// `fhtool stats`: one build, its statistics as a result line.
-pub fn stats(_args: &Args) -> Result<bool, Error> {
+pub fn stats() -> Result<bool, Error> {
     let fh = Freehint::open()?;
     fh.build()?;
     let s = fh.stats()?;

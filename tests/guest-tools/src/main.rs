@@ -17,17 +17,30 @@
 //!                                    going on up to 4 N builds for it)
 //! fhtool bench [--builds N]          walk time, lock hold, memset baseline (medians)
 //! fhtool stats                       one build, its statistics as a result
+//! fhtool vfio-round [--mode stock|freehint] [--hold MIB] [--tty DEV]
+//!                                    guest half of the vfio-* scenarios: holds
+//!                                    MIB, waits for the host's round, dumps the
+//!                                    guest's bitmap, kpageflags and held pfns
+//! fhtool hostile [--iterations N]    drives the vfio-user balloon's BAR0 with
+//!                                    garbage, then resets and rebinds virtio-pci
 //! ```
 
 #![warn(missing_docs)]
 
 mod checks;
+mod cli;
 mod debugfs;
+mod hostile;
 mod mem;
 mod result;
+mod vfio_round;
 
 use std::fmt;
 use std::process::ExitCode;
+
+use clap::Parser;
+
+use cli::{Cli, Cmd};
 
 /// What went wrong, for the operator (which step, and why).
 #[derive(Debug)]
@@ -53,111 +66,43 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-/// Command line: `SUBCOMMAND [--key value]...`.
-#[derive(Debug)]
-pub struct Args {
-    cmd: String,
-    opts: Vec<(String, String)>,
-}
-
-impl Args {
-    fn parse(mut it: impl Iterator<Item = String>) -> Result<Self, Error> {
-        let cmd = it
-            .next()
-            .ok_or_else(|| Error::msg("missing subcommand (see fhtool --help)"))?;
-        let mut opts = Vec::new();
-        while let Some(k) = it.next() {
-            let key = k
-                .strip_prefix("--")
-                .ok_or_else(|| Error::msg(format!("unexpected argument {k:?}")))?
-                .to_owned();
-            let v = it
-                .next()
-                .ok_or_else(|| Error::msg(format!("--{key} needs a value")))?;
-            opts.push((key, v));
-        }
-        Ok(Self { cmd, opts })
+/// Runs the subcommand: `Ok(true)` when all its checks passed.
+fn dispatch(cmd: &Cmd) -> Result<bool, Error> {
+    match cmd {
+        Cmd::FalseFree { mib } => checks::false_free(*mib),
+        Cmd::Kpageflags => checks::kpageflags(),
+        Cmd::Bits { machine } => checks::bits(*machine),
+        Cmd::HostLayout => checks::host_layout(),
+        Cmd::Churn(a) => checks::churn(a),
+        Cmd::Builds {
+            count,
+            min_restarts,
+        } => checks::builds(*count, *min_restarts),
+        Cmd::Bench { builds } => checks::bench(*builds),
+        Cmd::Stats => checks::stats(),
+        Cmd::VfioRound(a) => vfio_round::round(a),
+        Cmd::Hostile { iterations } => hostile::run(*iterations),
     }
-
-    /// A string option.
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.opts
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// A numeric option with a default.
-    pub fn num(&self, key: &str, default: u64) -> Result<u64, Error> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| Error::msg(format!("--{key}: {v:?} is not a number"))),
-        }
-    }
-}
-
-fn usage() -> &'static str {
-    "usage: fhtool false-free [--mib N] | kpageflags | bits [--machine pc|q35] | host-layout\n\
-     \x20      | churn --seconds S [--max-mib M] | builds --count N [--min-restarts R] | bench [--builds N] | stats"
 }
 
 fn main() -> ExitCode {
-    let mut argv = std::env::args().skip(1).peekable();
-    if matches!(
-        argv.peek().map(String::as_str),
-        None | Some("-h" | "--help")
-    ) {
-        println!("{}", usage());
-        return ExitCode::SUCCESS;
-    }
-    let args = match Args::parse(argv) {
-        Ok(a) => a,
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
         Err(e) => {
-            eprintln!("fhtool: {e}\n{}", usage());
-            return ExitCode::from(2);
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    let res = match args.cmd.as_str() {
-        "false-free" => checks::false_free(&args),
-        "kpageflags" => checks::kpageflags(&args),
-        "bits" => checks::bits(&args),
-        "host-layout" => checks::host_layout(&args),
-        "churn" => checks::churn(&args),
-        "builds" => checks::builds(&args),
-        "bench" => checks::bench(&args),
-        "stats" => checks::stats(&args),
-        other => Err(Error::msg(format!(
-            "unknown subcommand {other:?}\n{}",
-            usage()
-        ))),
-    };
-    match res {
+    match dispatch(&cli.cmd) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("fhtool {}: {e}", args.cmd);
-            let mut r = result::Report::new(&args.cmd);
+            let name = cli.cmd.result_name();
+            eprintln!("fhtool {name}: {e}");
+            let mut r = result::Report::new(name);
             r.text("error", &e.to_string());
             r.emit(false);
             ExitCode::FAILURE
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn args_parse_options() {
-        let a = Args::parse(["bench", "--builds", "7"].map(String::from).into_iter()).unwrap();
-        assert_eq!(a.cmd, "bench");
-        assert_eq!(a.num("builds", 1).unwrap(), 7);
-        assert_eq!(a.num("other", 3).unwrap(), 3);
-        assert!(Args::parse(["x", "--k"].map(String::from).into_iter()).is_err());
-        assert!(Args::parse(["x", "k"].map(String::from).into_iter()).is_err());
     }
 }

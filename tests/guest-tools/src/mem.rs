@@ -68,6 +68,13 @@ impl Region {
         self.len / PAGE
     }
 
+    /// The mapping's bytes.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` is our live mapping of `len` bytes, readable and
+        // writable; `&mut self` makes the borrow exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
     /// The pfn of every page (from /proc/self/pagemap); `None` for a page
     /// that is not present.
     pub fn pfns(&self) -> Result<Vec<Option<u64>>, Error> {

@@ -1,6 +1,6 @@
 //! `fhwork`: the integrity workload of the freehint migration tests.
 //!
-//! Runs inside the test guest (static binary, std only). Modes:
+//! Runs inside the test guest (static binary). Modes:
 //!
 //! - `fhwork dirty-free --mib N`: map N MiB, write a non-zero pattern, unmap
 //!   (the "dirtied then freed" guest: the pages go back to the buddy allocator
@@ -25,6 +25,7 @@
 
 #![warn(missing_docs)]
 
+mod cli;
 mod pattern;
 mod region;
 mod workload;
@@ -33,69 +34,13 @@ use std::io::{BufRead, Write};
 use std::sync::mpsc::{self, TryRecvError};
 use std::time::{Duration, Instant};
 
+use clap::Parser;
+
+use cli::{Cli, Mode, RunArgs};
 use region::Region;
 use workload::{Tally, WorkingSet};
 
 const MIB_PAGES: usize = (1 << 20) / pattern::PAGE_SIZE;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Opts {
-    mode: String,
-    mib: usize,
-    chunk_mib: usize,
-    keep_mib: usize,
-    pre_free_mib: usize,
-    pace_us: u64,
-    seed: u64,
-}
-
-fn usage() -> String {
-    "usage: fhwork dirty-free --mib N | dirty-keep --mib N | run --mib N [--chunk-mib C] \
-     [--keep-mib K] [--pre-free-mib F] [--pace-us U] [--seed S]"
-        .to_string()
-}
-
-fn parse(args: &[String]) -> Result<Opts, String> {
-    let mut it = args.iter();
-    let mode = it.next().ok_or_else(usage)?.clone();
-    if !matches!(mode.as_str(), "dirty-free" | "dirty-keep" | "run") {
-        return Err(format!("unknown mode '{mode}'\n{}", usage()));
-    }
-    let mut o = Opts {
-        mode,
-        mib: 0,
-        chunk_mib: 1,
-        keep_mib: 0,
-        pre_free_mib: 0,
-        pace_us: 0,
-        seed: 0x5eed,
-    };
-    while let Some(flag) = it.next() {
-        let val = it
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value\n{}", usage()))?;
-        let num: u64 = val
-            .parse()
-            .map_err(|_| format!("{flag}: '{val}' is not a number"))?;
-        let n = usize::try_from(num).map_err(|_| format!("{flag}: {num} too large"))?;
-        match flag.as_str() {
-            "--mib" => o.mib = n,
-            "--chunk-mib" => o.chunk_mib = n,
-            "--keep-mib" => o.keep_mib = n,
-            "--pre-free-mib" => o.pre_free_mib = n,
-            "--pace-us" => o.pace_us = num,
-            "--seed" => o.seed = num,
-            _ => return Err(format!("unknown option {flag}\n{}", usage())),
-        }
-    }
-    if o.chunk_mib == 0 {
-        return Err("--chunk-mib must be at least 1".into());
-    }
-    if o.mode != "run" && o.mib == 0 {
-        return Err(format!("{} needs --mib N (N > 0)", o.mode));
-    }
-    Ok(o)
-}
 
 /// A /proc/meminfo field in KiB (0 when unreadable).
 fn meminfo_kib(name: &str) -> u64 {
@@ -156,7 +101,7 @@ fn dirty_free(mib: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-fn run(o: &Opts) -> std::io::Result<bool> {
+fn run(o: &RunArgs) -> std::io::Result<bool> {
     let t0 = Instant::now();
     if o.pre_free_mib > 0 {
         dirty_free(o.pre_free_mib)?;
@@ -228,23 +173,24 @@ fn run(o: &Opts) -> std::io::Result<bool> {
     }
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut o = match parse(&args) {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("fhwork: {e}");
+/// The parsed command line; on bad usage prints the error and exits 1 (help
+/// and version exit 0).
+fn parse_args() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
             std::process::exit(1);
         }
-    };
-    let res = match o.mode.as_str() {
-        "dirty-free" => dirty_free(o.mib).map(|()| true),
-        "dirty-keep" => {
-            o.keep_mib = o.mib;
-            o.mib = 0;
-            run(&o)
-        }
-        _ => run(&o),
+        Err(e) => e.exit(),
+    }
+}
+
+fn main() {
+    let res = match parse_args().mode {
+        Mode::DirtyFree { mib } => dirty_free(mib).map(|()| true),
+        Mode::DirtyKeep { mib } => run(&RunArgs::keep_only(mib)),
+        Mode::Run(o) => run(&o),
     };
     match res {
         Ok(true) => {}
@@ -263,33 +209,6 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(String::from).collect()
-    }
-
-    #[test]
-    fn parses_run_options() {
-        let o = parse(&args(
-            "run --mib 64 --chunk-mib 2 --keep-mib 8 --pre-free-mib 300 --pace-us 5",
-        ))
-        .expect("valid");
-        assert_eq!(
-            (o.mib, o.chunk_mib, o.keep_mib, o.pre_free_mib, o.pace_us),
-            (64, 2, 8, 300, 5)
-        );
-    }
-
-    #[test]
-    fn rejects_bad_usage() {
-        assert!(parse(&args("")).is_err());
-        assert!(parse(&args("fly")).is_err());
-        assert!(parse(&args("dirty-free")).is_err());
-        assert!(parse(&args("run --mib")).is_err());
-        assert!(parse(&args("run --mib x")).is_err());
-        assert!(parse(&args("run --chunk-mib 0")).is_err());
-        assert!(parse(&args("run --bogus 1")).is_err());
-    }
 
     #[test]
     fn result_line_is_json_shaped() {

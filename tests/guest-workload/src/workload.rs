@@ -3,6 +3,9 @@
 
 use std::io;
 
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+
 use crate::region::{BadPage, Region};
 
 /// At most this many damaged words are kept for the report.
@@ -40,32 +43,6 @@ impl Tally {
     }
 }
 
-/// Small deterministic PRNG (xorshift64*).
-#[derive(Debug, Clone)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator from `seed` (any value).
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed | 1)
-    }
-
-    /// Next value.
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform-ish value below `n` (`n > 0`).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n.max(1) as u64) as usize
-    }
-}
-
 /// What one churn step did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
@@ -85,7 +62,8 @@ pub struct WorkingSet {
     chunk_pages: usize,
     keep: Option<Chunk>,
     next_id: u64,
-    rng: Rng,
+    /// The churn's choices, reproducible from the seed.
+    rng: SmallRng,
     /// Counters since the last [`WorkingSet::take_tally`].
     pub tally: Tally,
     /// Churn operations done.
@@ -101,7 +79,7 @@ impl WorkingSet {
             keep: None,
             // Id 0 is the kept region.
             next_id: 1,
-            rng: Rng::new(seed),
+            rng: SmallRng::seed_from_u64(seed),
             tally: Tally::default(),
             ops: 0,
         };
@@ -138,10 +116,11 @@ impl WorkingSet {
     }
 
     /// One churn step on a random slot: verify before every free or rewrite.
+    /// Needs at least one slot.
     pub fn step(&mut self) -> io::Result<Op> {
         self.ops += 1;
-        let i = self.rng.below(self.slots.len());
-        let free_it = self.rng.next_u64() & 1 == 0;
+        let i = self.rng.random_range(0..self.slots.len());
+        let free_it = self.rng.random_bool(0.5);
         match self.slots[i].take() {
             None => {
                 self.slots[i] = Some(self.fresh_chunk()?);
@@ -264,9 +243,14 @@ mod tests {
         assert_eq!(t.first_bad[0].addr % crate::pattern::PAGE_SIZE, 24);
     }
 
+    fn ops(seed: u64) -> Vec<Op> {
+        let mut ws = WorkingSet::new(5, 1, 0, seed).expect("alloc");
+        (0..200).map(|_| ws.step().expect("step")).collect()
+    }
+
     #[test]
-    fn rng_below_is_bounded() {
-        let mut r = Rng::new(0);
-        assert!((0..1000).all(|_| r.below(7) < 7));
+    fn the_seed_fixes_the_churn() {
+        assert_eq!(ops(7), ops(7), "same seed, same operations");
+        assert_ne!(ops(7), ops(8), "another seed, other operations");
     }
 }
