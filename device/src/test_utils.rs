@@ -15,21 +15,49 @@
 //! Buffers and rings live in a driver area ([`DRIVER_AREA`]), outside guest
 //! RAM so RAM pfns stay free for the balloon and hints, unless the layout
 //! puts RAM there (then they are guest RAM, as in a real guest).
+//!
+//! # What comes from virtio-queue and what is the driver's own
+//!
+//! Descriptors are virtio-queue's split [`Descriptor`], stored with its
+//! `mock` [`DescriptorTable`]; the rings are set up by the mock's
+//! [`AvailRing`] and [`UsedRing`] and used elements read as its
+//! [`VirtqUsedElem`]; flags are virtio-bindings' `VRING_DESC_F_*`.
+//! [`DriverQueue`] keeps only what `virtio_queue::mock::MockSplitQueue`
+//! cannot do for a driver that runs against a real device for a whole test:
+//! - the ring placement: `MockSplitQueue::create` puts the used ring at the
+//!   available ring's `end()`, which counts ring entries as bytes, so the
+//!   two rings overlap and a driver publishing more than a few buffers
+//!   overwrites the used ring. [`DriverQueue::layout`] places them as the
+//!   spec does (virtio 1.2 §2.7);
+//! - the free-descriptor list and the chains in flight: the mock's chains
+//!   always take the same indices (its free list is never updated) and point
+//!   at fixed buffers, while the driver model reuses descriptors as the
+//!   device returns them, as Linux's `virtqueue_add` does;
+//! - the ring indexes: the mock borrows the guest memory for its whole life
+//!   and zeroes the ring headers when built, while the driver model owns
+//!   the memory next to its queues and is handed it per call, so it keeps
+//!   `avail_idx` and the last used index itself.
 #![doc(hidden)]
 #![allow(missing_docs)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bitvec::prelude::*;
 use freehint_protocol::balloon::{
     encode_stat, feature, QueueKind, QueueLayout, CONFIG_SIZE, FREE_PAGE_HINT_CMD_ID_DONE,
-    FREE_PAGE_HINT_CMD_ID_STOP, VIRTIO_F_VERSION_1,
+    FREE_PAGE_HINT_CMD_ID_STOP,
 };
-use freehint_protocol::bitmap::{set_bit_run, words_for_bits};
 use freehint_protocol::bitmap_hint::{
     ChunkHeader, LayoutReply, Message, MsgHeader, LAYOUT_REPLY_MAX, MSG_HEADER_SIZE,
 };
 use freehint_protocol::layout::Layout;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+pub use virtio_queue::desc::split::Descriptor;
+use virtio_queue::desc::split::VirtqUsedElem;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::{AvailRing, DescriptorTable, UsedRing};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -44,34 +72,16 @@ pub const DRIVER_AREA_SIZE: u64 = 16 << 20;
 /// Linux's `VIRTIO_BALLOON_HINT_BLOCK_ORDER` block: 4 MiB.
 pub const HINT_BLOCK_SIZE: u64 = 4 << 20;
 
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
-const VRING_DESC_F_INDIRECT: u16 = 4;
+/// Size of a split-queue descriptor.
+const DESC_SIZE: u64 = std::mem::size_of::<RawDescriptor>() as u64;
 
-/// One descriptor as the driver writes it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RawDesc {
-    pub addr: u64,
-    pub len: u32,
-    pub flags: u16,
-    pub next: u16,
-}
-
-impl RawDesc {
-    /// The descriptor as it lies in a table.
-    pub fn to_bytes(&self) -> [u8; 16] {
-        let mut b = [0u8; 16];
-        b[0..8].copy_from_slice(&self.addr.to_le_bytes());
-        b[8..12].copy_from_slice(&self.len.to_le_bytes());
-        b[12..14].copy_from_slice(&self.flags.to_le_bytes());
-        b[14..16].copy_from_slice(&self.next.to_le_bytes());
-        b
-    }
-
-    /// Writes the descriptor at `addr` (e.g. into an indirect table).
-    pub fn write_at(&self, mem: &GuestMemoryMmap, addr: u64) {
-        mem.write_slice(&self.to_bytes(), GuestAddress(addr))
-            .expect("descriptor");
+/// Writes `descs` as a descriptor table at `addr` (e.g. an indirect table,
+/// or descriptors `0..descs.len()` of a queue).
+pub fn write_descs(mem: &GuestMemoryMmap, addr: u64, descs: &[Descriptor]) {
+    let n = u16::try_from(descs.len()).expect("at most 65535 descriptors");
+    let table = DescriptorTable::new(mem, GuestAddress(addr), n);
+    for (i, d) in (0..n).zip(descs) {
+        table.store(i, RawDescriptor::from(*d)).expect("descriptor");
     }
 }
 
@@ -94,7 +104,8 @@ impl Interrupt for TestInterrupt {
     }
 }
 
-/// The driver's side of one split virtqueue.
+/// The driver's side of one split virtqueue (see the module docs for what
+/// virtio-queue's mock does and what this keeps).
 #[derive(Debug)]
 pub struct DriverQueue {
     pub size: u16,
@@ -109,14 +120,12 @@ pub struct DriverQueue {
 }
 
 impl DriverQueue {
-    /// Lays out a queue of `size` at `base` (16-byte aligned, zeroed).
+    /// Lays out a queue of `size` at `base` (16-byte aligned) and sets its
+    /// rings up empty.
     pub fn new(mem: &GuestMemoryMmap, base: u64, size: u16) -> Self {
-        let desc_table = base;
-        let avail = desc_table + 16 * u64::from(size);
-        let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
-        let end = used + 6 + 8 * u64::from(size);
-        mem.write_slice(&vec![0u8; (end - base) as usize], GuestAddress(base))
-            .expect("queue memory");
+        let (desc_table, avail, used, _) = Self::layout(base, size);
+        AvailRing::new(mem, GuestAddress(avail), size);
+        UsedRing::new(mem, GuestAddress(used), size);
         Self {
             size,
             desc_table,
@@ -129,23 +138,32 @@ impl DriverQueue {
         }
     }
 
-    /// Bytes the queue occupies.
+    /// Descriptor table, available ring, used ring and end of a queue of
+    /// `size` at `base`: each part right after the previous one, aligned
+    /// as virtio 1.2 §2.7 requires (16, 2 and 4 bytes).
+    pub fn layout(base: u64, size: u16) -> (u64, u64, u64, u64) {
+        let n = u64::from(size);
+        let avail = base + DESC_SIZE * n;
+        let used = (avail + 6 + 2 * n).next_multiple_of(4);
+        (base, avail, used, used + 6 + 8 * n)
+    }
+
+    /// Bytes the queue occupies (rounded up to keep the next one aligned).
     pub fn footprint(size: u16) -> u64 {
-        let avail = 16 * u64::from(size);
-        let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
-        (used + 6 + 8 * u64::from(size) + 15) & !15
+        Self::layout(0, size).3.next_multiple_of(16)
     }
 
     /// The device-side `Queue` a transport would hand to `activate`.
     pub fn device_queue(&self, max_size: u16) -> Queue {
         let mut q = Queue::new(max_size).expect("queue max size");
+        let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
         q.set_size(self.size);
-        q.set_desc_table_address(
-            Some(self.desc_table as u32),
-            Some((self.desc_table >> 32) as u32),
-        );
-        q.set_avail_ring_address(Some(self.avail as u32), Some((self.avail >> 32) as u32));
-        q.set_used_ring_address(Some(self.used as u32), Some((self.used >> 32) as u32));
+        let (lo, hi) = split(self.desc_table);
+        q.set_desc_table_address(lo, hi);
+        let (lo, hi) = split(self.avail);
+        q.set_avail_ring_address(lo, hi);
+        let (lo, hi) = split(self.used);
+        q.set_used_ring_address(lo, hi);
         q.set_ready(true);
         q
     }
@@ -156,8 +174,10 @@ impl DriverQueue {
     }
 
     /// Writes descriptor `i`.
-    pub fn write_desc(&self, mem: &GuestMemoryMmap, i: u16, d: RawDesc) {
-        d.write_at(mem, self.desc_table + 16 * u64::from(i));
+    pub fn write_desc(&self, mem: &GuestMemoryMmap, i: u16, d: Descriptor) {
+        DescriptorTable::new(mem, GuestAddress(self.desc_table), self.size)
+            .store(i, RawDescriptor::from(d))
+            .expect("descriptor index within the queue");
     }
 
     /// Publishes `head` in the available ring.
@@ -178,23 +198,13 @@ impl DriverQueue {
         }
         let ids: Vec<u16> = (0..bufs.len()).filter_map(|_| self.free.pop()).collect();
         for (k, (&(addr, len, write), &id)) in bufs.iter().zip(&ids).enumerate() {
-            let last = k + 1 == bufs.len();
+            let next = ids.get(k + 1).copied();
             let mut flags = if write { VRING_DESC_F_WRITE } else { 0 };
-            let mut next = 0;
-            if !last {
+            if next.is_some() {
                 flags |= VRING_DESC_F_NEXT;
-                next = ids[k + 1];
             }
-            self.write_desc(
-                mem,
-                id,
-                RawDesc {
-                    addr,
-                    len,
-                    flags,
-                    next,
-                },
-            );
+            let d = Descriptor::new(addr, len, flags as u16, next.unwrap_or(0));
+            self.write_desc(mem, id, d);
         }
         let head = ids[0];
         self.inflight[usize::from(head)] = Some(ids);
@@ -208,22 +218,13 @@ impl DriverQueue {
         &mut self,
         mem: &GuestMemoryMmap,
         table_addr: u64,
-        descs: &[RawDesc],
+        descs: &[Descriptor],
     ) -> Option<u16> {
         let id = self.free.pop()?;
-        for (i, d) in descs.iter().enumerate() {
-            d.write_at(mem, table_addr + 16 * i as u64);
-        }
-        self.write_desc(
-            mem,
-            id,
-            RawDesc {
-                addr: table_addr,
-                len: 16 * descs.len() as u32,
-                flags: VRING_DESC_F_INDIRECT,
-                next: 0,
-            },
-        );
+        write_descs(mem, table_addr, descs);
+        let len = DESC_SIZE as u32 * descs.len() as u32;
+        let d = Descriptor::new(table_addr, len, VRING_DESC_F_INDIRECT as u16, 0);
+        self.write_desc(mem, id, d);
         self.inflight[usize::from(id)] = Some(vec![id]);
         self.publish(mem, id);
         Some(id)
@@ -231,10 +232,8 @@ impl DriverQueue {
 
     /// Adds raw descriptors at explicit indices (hostile tests): writes
     /// `descs[k]` at index `k`, publishes `head`, and reserves them all.
-    pub fn add_raw(&mut self, mem: &GuestMemoryMmap, descs: &[RawDesc], head: u16) {
-        for (i, d) in descs.iter().enumerate() {
-            self.write_desc(mem, i as u16, *d);
-        }
+    pub fn add_raw(&mut self, mem: &GuestMemoryMmap, descs: &[Descriptor], head: u16) {
+        write_descs(mem, self.desc_table, descs);
         let ids: Vec<u16> = (0..descs.len() as u16).collect();
         self.free.retain(|f| !ids.contains(f));
         self.inflight[usize::from(head)] = Some(ids);
@@ -244,17 +243,17 @@ impl DriverQueue {
     /// Used elements `(head, len)` since the last call; their descriptors
     /// become free again.
     pub fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
-        let idx: u16 = u16::from_le(mem.read_obj(GuestAddress(self.used + 2)).expect("used idx"));
+        let idx = u16::from_le(mem.read_obj(GuestAddress(self.used + 2)).expect("used idx"));
         let mut out = Vec::new();
         while self.last_used != idx {
             let slot = self.used + 4 + 8 * u64::from(self.last_used % self.size);
-            let id: u32 = u32::from_le(mem.read_obj(GuestAddress(slot)).expect("used id"));
-            let len: u32 = u32::from_le(mem.read_obj(GuestAddress(slot + 4)).expect("used len"));
+            let elem: VirtqUsedElem = mem.read_obj(GuestAddress(slot)).expect("used elem");
             self.last_used = self.last_used.wrapping_add(1);
+            let id = elem.id();
             if let Some(ids) = self.inflight.get_mut(id as usize).and_then(|s| s.take()) {
                 self.free.extend(ids);
             }
-            out.push((id as u16, len));
+            out.push((id as u16, elem.len()));
         }
         out
     }
@@ -684,24 +683,21 @@ impl BalloonDriver {
     ) -> Option<Layout> {
         let reply = self.layout_query(cmd_id)?;
         let layout = reply.layout;
-        let mut words = vec![0u64; words_for_bits(layout.total_bits())];
+        let total = layout.total_bits() as usize;
+        let mut bits = bitvec![u64, Lsb0; 0; total];
         let mut count = 0u64;
         for &(pfn, nr) in free {
             layout.for_each_bit_run(pfn, nr, |b, n| {
-                set_bit_run(&mut words, b, n);
+                bits[b as usize..(b + n) as usize].fill(true);
                 count += n;
             });
         }
-        let total = layout.total_bits();
-        let mut bit = 0u64;
-        while bit < total {
-            let n = (total - bit).min(u64::from(chunk_bits)) as u32;
-            let w0 = (bit / 64) as usize;
-            let nw = (n as usize).div_ceil(64);
-            if words[w0..w0 + nw].iter().any(|&w| w != 0) {
-                self.send_chunk(cmd_id, &words, bit, n);
+        for start in (0..total).step_by(chunk_bits as usize) {
+            let end = total.min(start + chunk_bits as usize);
+            if bits[start..end].any() {
+                let n = (end - start) as u32;
+                self.send_chunk(cmd_id, bits.as_raw_slice(), start as u64, n);
             }
-            bit += u64::from(n);
         }
         let end = Message::RoundEnd {
             cmd_id,
@@ -709,5 +705,50 @@ impl BalloonDriver {
         };
         self.send_msg(&end.header(), &[], 0, 0);
         Some(layout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rings of each queue size lie one after the other without
+    /// overlapping, aligned as virtio-queue checks them.
+    #[test]
+    fn queue_layout_is_valid_and_rings_do_not_overlap() {
+        let mem = BalloonDriver::guest_memory(&[]);
+        for size in [1u16, 2, 8, 64, 256] {
+            let (desc, avail, used, end) = DriverQueue::layout(DRIVER_AREA, size);
+            assert_eq!(avail - desc, 16 * u64::from(size));
+            assert!(used >= avail + 6 + 2 * u64::from(size), "size {size}");
+            assert_eq!(end, used + 6 + 8 * u64::from(size));
+            assert!(DriverQueue::footprint(size) >= end - desc);
+            let q = DriverQueue::new(&mem, DRIVER_AREA, size);
+            assert!(q.device_queue(256).is_valid(&mem), "size {size}");
+        }
+    }
+
+    /// Descriptors come back to the free list when the device returns
+    /// their chain, so a queue can be filled and drained over and over.
+    #[test]
+    fn returned_chains_free_their_descriptors() {
+        let mem = BalloonDriver::guest_memory(&[]);
+        let mut q = DriverQueue::new(&mem, DRIVER_AREA, 4);
+        let mut dev = q.device_queue(4);
+        for _ in 0..3 {
+            assert!(q
+                .add_chain(&mem, &[(0x1000, 8, false), (0x2000, 8, true)])
+                .is_some());
+            assert!(q
+                .add_chain(&mem, &[(0x3000, 8, false), (0x4000, 8, true)])
+                .is_some());
+            assert_eq!(q.num_free(), 0);
+            assert!(q.add_chain(&mem, &[(0x5000, 8, false)]).is_none());
+            while let Some(chain) = dev.pop_descriptor_chain(&mem) {
+                dev.add_used(&mem, chain.head_index(), 8).unwrap();
+            }
+            assert_eq!(q.take_used(&mem).len(), 2);
+            assert_eq!(q.num_free(), 4);
+        }
     }
 }

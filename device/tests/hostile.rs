@@ -10,11 +10,12 @@ use freehint_protocol::balloon::{encode_stat, VIRTIO_BALLOON_S_MEMFREE};
 use freehint_protocol::bitmap_hint::{
     ChunkHeader, Message, MsgHeader, KIND_CHUNK, LAYOUT_REPLY_MAX, MAX_CHUNK_BITS, MSG_MAGIC,
 };
+use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 const MIB: u64 = 1 << 20;
-const F_NEXT: u16 = 1;
-const F_INDIRECT: u16 = 4;
+const F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const F_INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
 
 fn drv() -> BalloonDriver {
     let layout = Layout::from_ram_byte_ranges(&[(0, 16 * MIB)]).unwrap();
@@ -53,13 +54,8 @@ fn descriptor_chain_too_long() {
     let pfns = d.alloc(4);
     d.m().write_obj(5u32, GuestAddress(pfns)).unwrap();
     let table = d.alloc(16 * 600);
-    let descs: Vec<RawDesc> = (0..600u16)
-        .map(|i| RawDesc {
-            addr: pfns,
-            len: 4,
-            flags: if i < 599 { F_NEXT } else { 0 },
-            next: i + 1,
-        })
+    let descs: Vec<Descriptor> = (0..600u16)
+        .map(|i| Descriptor::new(pfns, 4, if i < 599 { F_NEXT } else { 0 }, i + 1))
         .collect();
     let mem = d.m();
     d.queue(QueueKind::Inflate)
@@ -78,12 +74,7 @@ fn inflate_indirect(d: &mut BalloonDriver) -> Vec<(u16, u32)> {
     let pfns = d.alloc(4);
     d.m().write_obj(5u32, GuestAddress(pfns)).unwrap();
     let table = d.alloc(16);
-    let desc = RawDesc {
-        addr: pfns,
-        len: 4,
-        flags: 0,
-        next: 0,
-    };
+    let desc = Descriptor::new(pfns, 4, 0, 0);
     let mem = d.m();
     d.queue(QueueKind::Inflate)
         .add_indirect(&mem, table, &[desc])
@@ -127,13 +118,8 @@ fn pfn_table(d: &mut BalloonDriver, pfn: u32) -> u64 {
     let buf = d.alloc(4);
     d.m().write_obj(pfn, GuestAddress(buf)).unwrap();
     let table = d.alloc(16);
-    let entry = RawDesc {
-        addr: buf,
-        len: 4,
-        flags: 0,
-        next: 0,
-    };
-    entry.write_at(&d.m(), table);
+    let entry = Descriptor::new(buf, 4, 0, 0);
+    write_descs(&d.m(), table, &[entry]);
     table
 }
 
@@ -146,18 +132,8 @@ fn indirect_descriptor_after_the_head_without_the_feature() {
     d.m().write_obj(3u32, GuestAddress(first)).unwrap();
     let table = pfn_table(&mut d, 5);
     let descs = [
-        RawDesc {
-            addr: first,
-            len: 4,
-            flags: F_NEXT,
-            next: 1,
-        },
-        RawDesc {
-            addr: table,
-            len: 16,
-            flags: F_INDIRECT,
-            next: 0,
-        },
+        Descriptor::new(first, 4, F_NEXT, 1),
+        Descriptor::new(table, 16, F_INDIRECT, 0),
     ];
     let mem = d.m();
     d.queue(QueueKind::Inflate).add_raw(&mem, &descs, 0);
@@ -176,30 +152,15 @@ fn malformed_indirect_descriptors() {
     let table = pfn_table(&mut d, 5);
     let buf = d.alloc(4);
     let with_next = [
-        RawDesc {
-            addr: table,
-            len: 16,
-            flags: F_INDIRECT | F_NEXT,
-            next: 1,
-        },
-        RawDesc {
-            addr: buf,
-            len: 4,
-            flags: 0,
-            next: 0,
-        },
+        Descriptor::new(table, 16, F_INDIRECT | F_NEXT, 1),
+        Descriptor::new(buf, 4, 0, 0),
     ];
     let mem = d.m();
     d.queue(QueueKind::Inflate).add_raw(&mem, &with_next, 0);
     drop(mem);
     assert_eq!(d.kick(QueueKind::Inflate).len(), 1);
     assert_eq!(metrics(&d).bad_indirect, 1);
-    let nested = RawDesc {
-        addr: table,
-        len: 16,
-        flags: F_INDIRECT,
-        next: 0,
-    };
+    let nested = Descriptor::new(table, 16, F_INDIRECT, 0);
     let outer = d.alloc(16);
     let mem = d.m();
     d.queue(QueueKind::Inflate)
@@ -224,12 +185,7 @@ fn head_flags_rewritten_during_processing_are_read_once() {
     const MAX_CHAINS: u32 = 1_000_000;
     let mut d = no_indirect_drv();
     let table = pfn_table(&mut d, 5);
-    let head = RawDesc {
-        addr: table,
-        len: 16,
-        flags: F_NEXT,
-        next: 0,
-    };
+    let head = Descriptor::new(table, 16, F_NEXT, 0);
     let flags_at = GuestAddress(d.queue(QueueKind::Inflate).desc_table + 12);
     let mem = d.m();
     d.queue(QueueKind::Inflate).add_raw(&mem, &[head], 0);
@@ -293,19 +249,9 @@ fn free_page_chain_bytes_come_from_the_checked_descriptors() {
     let buf = d.alloc(4);
     d.m().write_obj(id, GuestAddress(buf)).unwrap();
     let table = d.alloc(16);
-    let entry = RawDesc {
-        addr: buf,
-        len: 4,
-        flags: 0,
-        next: 0,
-    };
-    entry.write_at(&d.m(), table);
-    let head = RawDesc {
-        addr: table,
-        len: 16,
-        flags: 0,
-        next: 0,
-    };
+    let entry = Descriptor::new(buf, 4, 0, 0);
+    write_descs(&d.m(), table, &[entry]);
+    let head = Descriptor::new(table, 16, 0, 0);
     let flags_at = GuestAddress(d.queue(QueueKind::FreePage).desc_table + 12);
     let mem = d.m();
     d.queue(QueueKind::FreePage).add_raw(&mem, &[head], 0);
@@ -359,18 +305,8 @@ fn looping_descriptor_chain() {
     let mut d = drv();
     let buf = d.alloc(4);
     let descs = [
-        RawDesc {
-            addr: buf,
-            len: 4,
-            flags: F_NEXT,
-            next: 1,
-        },
-        RawDesc {
-            addr: buf,
-            len: 4,
-            flags: F_NEXT,
-            next: 0,
-        },
+        Descriptor::new(buf, 4, F_NEXT, 1),
+        Descriptor::new(buf, 4, F_NEXT, 0),
     ];
     let mem = d.m();
     d.queue(QueueKind::FreePage).add_raw(&mem, &descs, 0);
@@ -385,12 +321,7 @@ fn looping_descriptor_chain() {
 fn chain_next_beyond_queue() {
     let mut d = drv();
     let buf = d.alloc(4);
-    let descs = [RawDesc {
-        addr: buf,
-        len: 4,
-        flags: F_NEXT,
-        next: 1000,
-    }];
+    let descs = [Descriptor::new(buf, 4, F_NEXT, 1000)];
     let mem = d.m();
     d.queue(QueueKind::Deflate).add_raw(&mem, &descs, 0);
     drop(mem);

@@ -27,6 +27,7 @@
 
 use std::num::Wrapping;
 
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -155,10 +156,6 @@ pub(super) fn collect_chain(
     }
 }
 
-/// Descriptor flag: the chain continues at `next`.
-const VRING_DESC_F_NEXT: u16 = 1;
-/// Descriptor flag: the device writes the buffer.
-const VRING_DESC_F_WRITE: u16 = 2;
 /// Entries of the shadow queue: a whole accepted chain fits (a power of
 /// two, as a split queue's size must be).
 const SHADOW_ENTRIES: u16 = MAX_CHAIN_DESCRIPTORS as u16;
@@ -235,8 +232,9 @@ impl ShadowQueue {
             if i + 1 < n {
                 flags |= VRING_DESC_F_NEXT;
             }
-            // `i + 1 <= n <= SHADOW_ENTRIES`, so it fits in u16.
-            let desc = SplitDescriptor::new(d.addr, d.len, flags, (i + 1) as u16);
+            // The flags are bits 0 and 1, and `i + 1 <= n <= SHADOW_ENTRIES`:
+            // both fit in u16.
+            let desc = SplitDescriptor::new(d.addr, d.len, flags as u16, (i + 1) as u16);
             let at = SHADOW_DESC_TABLE + i as u64 * DESC_SIZE;
             self.mem.write_obj(desc, GuestAddress(at)).ok()?;
         }
@@ -261,10 +259,11 @@ impl ShadowQueue {
 mod tests {
     use super::*;
     use std::collections::HashMap;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
 
-    const NEXT: u16 = 1;
-    const WRITE: u16 = 2;
-    const INDIRECT: u16 = 4;
+    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+    const INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
 
     fn desc(addr: u64, len: u32, flags: u16, next: u16) -> SplitDescriptor {
         SplitDescriptor::new(addr, len, flags, next)

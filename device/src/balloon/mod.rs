@@ -2,8 +2,9 @@
 //! The virtio-balloon device (virtio 1.2 §5.5) with free page hinting.
 //!
 //! Split by concern, like Firecracker's `devices/virtio/balloon/`:
-//! - this file: constants (re-exported from [`freehint_protocol`], never
-//!   defined twice), [`BalloonConfig`] (what the VMM offers) and
+//! - this file: constants (re-exported, never defined twice: the
+//!   balloon's own from [`freehint_protocol`], the generic virtio ones from
+//!   [`virtio_bindings`]), [`BalloonConfig`] (what the VMM offers) and
 //!   [`BalloonError`];
 //! - [`device`]: [`Balloon`], the device: feature negotiation, the config
 //!   space ([`ConfigSpace`](freehint_protocol::ConfigSpace)), the
@@ -55,10 +56,12 @@ pub use freehint_protocol::balloon::{
     FREE_PAGE_HINT_CMD_ID_MIN, FREE_PAGE_HINT_CMD_ID_STOP, VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
     VIRTIO_BALLOON_F_FREE_PAGE_BITMAP, VIRTIO_BALLOON_F_FREE_PAGE_HINT,
     VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_PAGE_POISON, VIRTIO_BALLOON_F_REPORTING,
-    VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_BALLOON_PFN_SHIFT, VIRTIO_F_VERSION_1, VIRTIO_ID_BALLOON,
-    VIRTIO_RING_F_INDIRECT_DESC,
+    VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_BALLOON_PFN_SHIFT,
 };
 pub use freehint_protocol::layout::{Layout, PAGE_SHIFT, PAGE_SIZE};
+pub use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+pub use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
+pub use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 
 /// Default (and largest) virtqueue size offered.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;

@@ -20,8 +20,9 @@ pub(super) mod inflate;
 pub(super) mod report;
 pub(super) mod stats;
 
-use freehint_protocol::balloon::{QueueKind, VIRTIO_RING_F_INDIRECT_DESC};
+use freehint_protocol::balloon::QueueKind;
 use log::warn;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
