@@ -1,5 +1,5 @@
 #!/bin/sh
-# Scenario "vfio-hostile": the hostile driver program
-# (device/vfio-user/scripts/hostile-guest.rs) drives our device with garbage
-# first; then the stock driver must bind again and the vfio-stock checks run.
+# Scenario "vfio-hostile": the hostile driver `fhtool hostile`
+# (tests/guest-tools/src/hostile.rs) drives our device with garbage first;
+# then the stock driver must bind again and the vfio-stock checks run.
 exec sh /scenarios/vfio-stock.sh hostile=4000 "$@"

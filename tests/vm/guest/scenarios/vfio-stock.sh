@@ -3,11 +3,12 @@
 # freehint-vfio-user (our device over vfio-user). Guest half:
 #   bind      the driver binds 1af4:1045 and reaches DRIVER_OK (status 0xf)
 #   (host)    inflate/deflate, stats, a standard hint round, dump of its set
-#   dump      vfio-guest holds MIB mlocked, then after the host's round
-#             prints /proc/kpageflags free pages and the held pfns
+#   dump      `fhtool vfio-round` holds MIB mlocked, then after the host's
+#             round prints /proc/kpageflags free pages and the held pfns
 # Arguments (key=value): hold=MIB (default 32), hostile=N (run the hostile
-# driver for N rounds first, scenario "vfio-hostile"), driver=virtio_balloon|
-# freehint, mode=stock|freehint (what vfio-guest dumps).
+# driver `fhtool hostile` for N rounds first, scenario "vfio-hostile"),
+# driver=virtio_balloon|freehint, mode=stock|freehint (what
+# `fhtool vfio-round` dumps).
 PATH=/bin:/sbin:/usr/bin:/usr/sbin
 hold=32 hostile=0 driver=virtio_balloon mode=stock
 for kv in "$@"; do
@@ -45,10 +46,8 @@ sleep 1
 bind_result bind
 
 if [ "$hostile" -gt 0 ]; then
-  if out=$(/bin/hostile "$hostile" 2>&1); then r=true; else r=false; ok=false; fi
-  echo "$out" | tail -n 5
-  line=$(echo "$out" | grep 'HOSTILE: iterations' | tr -d '"')
-  echo "@@RESULT {\"name\":\"hostile-driver\",\"ok\":$r,\"rounds\":$hostile,\"report\":\"$line\"}"
+  # Prints the result "hostile-driver".
+  fhtool hostile --iterations "$hostile" || ok=false
   sleep 2
   bind_result rebind
 fi
@@ -60,7 +59,7 @@ sync
 echo 3 >/proc/sys/vm/drop_caches 2>/dev/null
 sleep 1
 
-/bin/vfio-guest round --mode "$mode" --hold "$hold" --tty /dev/ttyS1 || ok=false
+fhtool vfio-round --mode "$mode" --hold "$hold" --tty /dev/ttyS1 || ok=false
 
 dmesg | grep -E 'freehint|virtio_balloon' | tail -n 5
 if [ "$driver" = freehint ]; then

@@ -9,9 +9,9 @@
 //!   [`Server::dump_path`]);
 //! - [`RamLayout`] is the guest RAM layout of a QEMU x86 machine, the bit
 //!   space of the device's free set (passed to the server as `--ram-layout`);
-//! - [`overlay_initramfs`] adds the guest programs (`vfio-guest`,
-//!   `hostile`, built from `device/vfio-user/scripts/`) and the `vfio-*.sh`
-//!   scripts to the image's initramfs (a second cpio appended to it);
+//! - [`overlay_initramfs`] adds the `vfio-*.sh` scripts to the image's
+//!   initramfs (a second cpio appended to it); their guest programs are
+//!   `fhtool vfio-round` and `fhtool hostile`, already in the image;
 //! - [`VfioBoot::run`] boots a guest with `-device vfio-user-pci`, guest RAM
 //!   as `memory-backend-memfd,share=on` and a second serial port as the
 //!   host → guest channel; when the guest prints `@@VFIO ready` it hands the
@@ -314,52 +314,27 @@ fn run_cmd(cmd: &mut Command, what: &str) -> Result<(), HarnessError> {
     Ok(())
 }
 
-fn newer(out: &Path, src: &Path) -> bool {
-    let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    matches!((m(out), m(src)), (Some(o), Some(s)) if o >= s)
-}
-
-/// The image's initramfs of the normal flavour with the vfio guest programs
-/// and scripts appended (Linux unpacks concatenated cpio archives in order,
-/// so later files win). Returns the combined file under `ctx.log_dir`.
+/// The image's initramfs of the normal flavour with the vfio guest scripts
+/// appended (Linux unpacks concatenated cpio archives in order, so later
+/// files win). Returns the combined file under `ctx.log_dir`.
 pub fn overlay_initramfs(ctx: &Ctx) -> Result<PathBuf, HarnessError> {
     let base = ctx.manifest.flavour("normal")?.initramfs;
     let dir = ctx.log_dir.join("overlay");
     let root = dir.join("root");
-    for d in ["bin", "scenarios"] {
-        std::fs::create_dir_all(root.join(d))
-            .map_err(io_error("cannot create overlay dir", root.join(d)))?;
+    // Built afresh: the overlay holds what this run puts there, nothing older.
+    if root.exists() {
+        std::fs::remove_dir_all(&root).map_err(io_error("cannot clear overlay dir", &root))?;
     }
-    let scripts = ctx.repo.join("device/vfio-user/scripts");
-    for (src, name) in [
-        ("vfio-guest.rs", "vfio-guest"),
-        ("hostile-guest.rs", "hostile"),
-    ] {
-        let (src, out) = (scripts.join(src), root.join("bin").join(name));
-        if !newer(&out, &src) {
-            run_cmd(
-                Command::new("rustc")
-                    .args([
-                        "-O",
-                        "-C",
-                        "target-feature=+crt-static",
-                        "--edition",
-                        "2021",
-                    ])
-                    .arg(&src)
-                    .arg("-o")
-                    .arg(&out),
-                "rustc (guest program)",
-            )?;
-        }
-    }
+    let scenarios = root.join("scenarios");
+    std::fs::create_dir_all(&scenarios)
+        .map_err(io_error("cannot create overlay dir", &scenarios))?;
     let guest_scripts = ctx.repo.join("tests/vm/guest/scenarios");
     let entries =
         std::fs::read_dir(&guest_scripts).map_err(io_error("cannot list", &guest_scripts))?;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with("vfio-") && name.ends_with(".sh") {
-            let to = root.join("scenarios").join(&name);
+            let to = scenarios.join(&name);
             std::fs::copy(e.path(), &to).map_err(io_error("cannot copy", to))?;
         }
     }

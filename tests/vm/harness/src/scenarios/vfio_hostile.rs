@@ -1,6 +1,6 @@
 //! `vfio-hostile`: a hostile guest driver against `freehint-vfio-user`.
 //!
-//! The guest program `hostile` (device/vfio-user/scripts/hostile-guest.rs)
+//! The guest program `fhtool hostile` (tests/guest-tools/src/hostile.rs)
 //! unbinds `virtio-pci`, drives BAR0 with 4000 rounds of garbage (random
 //! features, queue sizes and ring addresses, DRIVER_OK, notify storms,
 //! config writes, ring scribbles), resets and rebinds. Then the stock
