@@ -18,6 +18,7 @@ pub mod bitmap;
 pub mod demo;
 pub mod distro_hint;
 pub mod distro_migrate;
+pub mod migrate_probe;
 pub mod own_hint;
 pub mod own_migrate;
 pub mod qemu_balloon;
@@ -26,6 +27,7 @@ pub mod qemu_lockdep;
 pub mod qemu_migrate;
 pub mod qemu_pingpong;
 pub mod smoke;
+pub mod vfio_cases;
 pub mod vfio_freehint;
 pub mod vfio_hostile;
 pub mod vfio_stock;
@@ -134,6 +136,12 @@ pub const SCENARIOS: &[Scenario] = &[
         run: vfio_hostile::run,
     },
     Scenario {
+        name: "vfio-cases",
+        description: "stock virtio_balloon vs freehint-vfio-user beyond vfio-stock: INTx, q35 6 GiB, free page reporting, a second client after kill -9, QMP system_reset; freehint.ko with the stats queue off",
+        ci: false,
+        run: vfio_cases::run,
+    },
+    Scenario {
         name: "vhost-user",
         description: "stock virtio_balloon and freehint.ko vs freehint-vhost-user (QEMU's generic vhost-user front end): bind, inflate/deflate, a hint round, integrity",
         ci: true,
@@ -210,6 +218,18 @@ pub const SCENARIOS: &[Scenario] = &[
         description: "hint round latency on freehint-vfio-user (bitmap, standard, stock) and QEMU's device, 1/4/8 GiB -> target/bench/vfio.json",
         ci: false,
         run: bench_vfio::run,
+    },
+    Scenario {
+        name: "probe-floor",
+        description: "4 GiB dirtied-then-freed guest migrated to exec:cat, at full speed and held at 1 byte/s for 2 s while the hint round runs, per driver",
+        ci: false,
+        run: migrate_probe::run_floor,
+    },
+    Scenario {
+        name: "probe-downtime",
+        description: "4 GiB guest under a rewrite loop migrated to exec:cat at downtime-limit 300 and 30 ms, per driver",
+        ci: false,
+        run: migrate_probe::run_downtime,
     },
 ];
 
