@@ -284,7 +284,7 @@ impl HintHandle {
             cmd_id: core.round_id,
             total_bits: core.total_bits(),
             complete: core.round_complete(),
-            words: core.words(),
+            bits: core.free_set(),
             shared: Arc::clone(&self.shared),
         }
     }
@@ -303,7 +303,7 @@ impl HintHandle {
                 got: to_send.len(),
             });
         }
-        Ok(st.hints.bits().map_or(0, |free| and_not(to_send, free)))
+        Ok(st.hints.words().map_or(0, |free| and_not(to_send, free)))
     }
 
     /// Takes the guest pages the device itself changed since the last call
@@ -333,6 +333,11 @@ impl HintHandle {
 }
 
 /// `to_send &= !free` word by word; returns the bits cleared.
+///
+/// bitvec has no and-not that also counts, so this stays a loop over the
+/// words: clearing each of `free.iter_ones()` in `to_send` instead took
+/// 1000 ms rather than 6.7 ms for a 1 TiB guest with half its pages free
+/// (device bench, `apply`; 7 ms rather than 0.02 ms for 8 GiB).
 fn and_not(to_send: &mut [u64], free: &[u64]) -> u64 {
     let mut cleared = 0u64;
     for (t, f) in to_send.iter_mut().zip(free) {
@@ -352,7 +357,7 @@ pub struct HintSet {
     cmd_id: u32,
     total_bits: u64,
     complete: bool,
-    words: Vec<u64>,
+    bits: BitVec<u64, Lsb0>,
     shared: Arc<Shared>,
 }
 
@@ -379,18 +384,27 @@ impl HintSet {
 
     /// Free pages in the set.
     pub fn free_pages(&self) -> u64 {
-        freehint_protocol::bitmap::count_ones(&self.words)
+        self.bits.count_ones() as u64
     }
 
     /// The set as little-endian-bit words (bit `i` = word `i / 64`, bit
     /// `i % 64`).
     pub fn words(&self) -> &[u64] {
-        &self.words
+        self.bits.as_raw_slice()
+    }
+
+    /// The set as bits (bit `i` = layout bit `i`, [`Self::total_bits`]
+    /// long).
+    pub fn bits(&self) -> &BitSlice<u64, Lsb0> {
+        &self.bits
     }
 
     /// Whether layout bit `bit` is in the set.
     pub fn contains(&self, bit: u64) -> bool {
-        freehint_protocol::bitmap::test_bit(&self.words, bit)
+        usize::try_from(bit)
+            .ok()
+            .and_then(|b| self.bits.get(b))
+            .is_some_and(|b| *b)
     }
 
     /// Clears every free page from `to_send` (`to_send &= !free`, word
@@ -411,13 +425,14 @@ impl HintSet {
                 current: token.epoch,
             });
         }
-        if to_send.len() < self.words.len() {
+        let needed = self.words().len();
+        if to_send.len() < needed {
             return Err(HintError::BitmapTooShort {
-                needed: self.words.len(),
+                needed,
                 got: to_send.len(),
             });
         }
-        Ok(and_not(to_send, &self.words))
+        Ok(and_not(to_send, self.words()))
     }
 
     /// [`Self::apply_to`] for a `bitvec` to-send bitmap.
@@ -587,7 +602,11 @@ mod tests {
         let s = h.snapshot();
         assert!(s.contains(1) && s.contains(2) && !s.contains(0) && !s.contains(3));
         assert!(s.contains(14) && s.contains(15));
+        assert!(!s.contains(16) && !s.contains(u64::MAX));
         assert_eq!(s.free_pages(), 4);
+        assert_eq!(s.bits().len(), 16);
+        assert!(s.bits().iter_ones().eq([1, 2, 14, 15]));
+        assert_eq!(s.words(), [0xc006]);
         // Huge/overflowing block: clamped, no panic.
         h.shared
             .lock()
@@ -672,5 +691,27 @@ mod tests {
     fn inactive_device_refuses_rounds() {
         let h = HintHandle { shared: shared(64) };
         assert_eq!(h.start_round(&h.new_epoch()), Err(HintError::NotActive));
+    }
+
+    /// Before the first round the set is empty but still covers the layout.
+    #[test]
+    fn snapshot_before_any_round_covers_the_layout() {
+        let (h, _) = handle(100);
+        let s = h.snapshot();
+        assert_eq!((s.bits().len(), s.words().len()), (100, 2));
+        assert_eq!(s.free_pages(), 0);
+        let t = h.new_epoch();
+        assert_eq!(
+            s.apply_to(&t, &mut [!0u64; 1]),
+            Err(HintError::StaleEpoch {
+                given: t.epoch() - 1,
+                current: t.epoch()
+            })
+        );
+        assert_eq!(h.snapshot().apply_to(&t, &mut [!0u64; 2]), Ok(0));
+        assert_eq!(
+            h.snapshot().apply_to(&t, &mut [!0u64; 1]),
+            Err(HintError::BitmapTooShort { needed: 2, got: 1 })
+        );
     }
 }

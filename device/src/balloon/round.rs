@@ -50,7 +50,8 @@ pub(crate) struct HintCore {
     epoch: u64,
     /// Epoch the latest round was started in.
     round_epoch: u64,
-    /// Free set of the current epoch (allocated on the first round).
+    /// Free set of the current epoch, bit `i` = layout bit `i` (allocated,
+    /// `total_bits` long, on the first round).
     bits: BitVec<u64, Lsb0>,
     /// Whether `bits` is known to be all zero (skips clearing).
     bits_clean: bool,
@@ -87,7 +88,7 @@ impl HintCore {
 
     fn clear_bits(&mut self) {
         if !self.bits_clean {
-            self.bits.as_raw_mut_slice().fill(0);
+            self.bits.fill(false);
             self.bits_clean = true;
         }
     }
@@ -166,9 +167,9 @@ impl HintCore {
 
     /// Starts a round in the current epoch with an empty set; returns its id.
     pub(crate) fn begin_round(&mut self) -> u32 {
-        let words = freehint_protocol::bitmap::words_for_bits(self.total_bits());
-        if self.bits.as_raw_slice().len() != words {
-            self.bits = BitVec::repeat(false, words * 64);
+        let total = self.total_bits() as usize;
+        if self.bits.len() != total {
+            self.bits = BitVec::repeat(false, total);
             self.bits_clean = true;
         } else {
             self.clear_bits();
@@ -227,11 +228,14 @@ impl HintCore {
         let whole = (end_pfn - first_pfn) << PAGE_SHIFT;
         let partial = len - whole;
         let mut merged = 0;
-        let words = self.bits.as_raw_mut_slice();
+        let bits = &mut self.bits;
         self.layout
             .for_each_bit_run(first_pfn, end_pfn - first_pfn, |bit, nr| {
-                freehint_protocol::bitmap::set_bit_run(words, bit, nr);
-                merged += nr;
+                // The layout's runs lie within its bits, so within the set.
+                if let Some(run) = bits.get_mut(bit as usize..(bit + nr) as usize) {
+                    run.fill(true);
+                    merged += nr;
+                }
             });
         if merged > 0 {
             self.bits_clean = false;
@@ -297,14 +301,20 @@ impl HintCore {
         }
     }
 
-    /// The free set as words, sized to the layout.
-    pub(crate) fn words(&self) -> Vec<u64> {
-        let mut words = self.bits.as_raw_slice().to_vec();
-        words.resize(
-            freehint_protocol::bitmap::words_for_bits(self.total_bits()),
-            0,
-        );
-        words
+    /// A copy of the free set, `total_bits` long (empty before the first
+    /// round).
+    ///
+    /// Copies the words: `BitVec::clone` goes element by element through
+    /// the bit domain and made `HintHandle::snapshot` of a 1 TiB guest
+    /// (32 MiB) take 31 ms instead of 14 ms in the device bench.
+    pub(crate) fn free_set(&self) -> BitVec<u64, Lsb0> {
+        let total = self.total_bits() as usize;
+        if self.bits.len() != total {
+            return BitVec::repeat(false, total);
+        }
+        let mut set = BitVec::from_vec(self.bits.as_raw_slice().to_vec());
+        set.truncate(total);
+        set
     }
 
     /// Activation, reset and restore: whether hinting was negotiated on an
@@ -374,8 +384,8 @@ impl HintCore {
         self.epoch
     }
 
-    /// The live free set (`None` when it is known to be empty).
-    pub(crate) fn bits(&self) -> Option<&[u64]> {
+    /// The live free set as words (`None` when it is known to be empty).
+    pub(crate) fn words(&self) -> Option<&[u64]> {
         (!self.bits_clean).then(|| self.bits.as_raw_slice())
     }
 
@@ -429,7 +439,7 @@ mod tests {
         let chunk = h.bind(c.total_bits()).unwrap();
         c.merge_chunk_piece(&chunk, 0, &[0xff; 8]).unwrap();
         assert_eq!(c.free_pages(), 64);
-        assert_eq!(c.words(), vec![!0, 0]);
+        assert_eq!(c.free_set().as_raw_slice(), [!0, 0]);
         // A new epoch ends the round and drops late pieces.
         c.end_epoch(RoundState::Stopped);
         assert_eq!(c.chunk_accepted(&h), Err(HintDrop::Epoch));
