@@ -19,8 +19,7 @@
 //! # What comes from virtio-queue and what is the driver's own
 //!
 //! Descriptors are virtio-queue's split [`Descriptor`], stored with its
-//! `mock` [`DescriptorTable`]; the rings are set up by the mock's
-//! [`AvailRing`] and [`UsedRing`] and used elements read as its
+//! `mock` [`DescriptorTable`]; used elements are read as its
 //! [`VirtqUsedElem`]; flags are virtio-bindings' `VRING_DESC_F_*`.
 //! [`DriverQueue`] keeps only what `virtio_queue::mock::MockSplitQueue`
 //! cannot do for a driver that runs against a real device for a whole test:
@@ -33,10 +32,11 @@
 //!   always take the same indices (its free list is never updated) and point
 //!   at fixed buffers, while the driver model reuses descriptors as the
 //!   device returns them, as Linux's `virtqueue_add` does;
-//! - the ring indexes: the mock borrows the guest memory for its whole life
-//!   and zeroes the ring headers when built, while the driver model owns
-//!   the memory next to its queues and is handed it per call, so it keeps
-//!   `avail_idx` and the last used index itself.
+//! - the rings themselves: the mock borrows the guest memory for its whole
+//!   life and zeroes the ring headers whenever a ring is built, while the
+//!   driver model owns the memory next to its queues and is handed it per
+//!   call, so it publishes heads and reads used elements itself, keeping
+//!   `avail_idx` and the last used index.
 #![doc(hidden)]
 #![allow(missing_docs)]
 
@@ -57,7 +57,7 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRI
 pub use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::split::VirtqUsedElem;
 use virtio_queue::desc::RawDescriptor;
-use virtio_queue::mock::{AvailRing, DescriptorTable, UsedRing};
+use virtio_queue::mock::DescriptorTable;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -74,6 +74,22 @@ pub const HINT_BLOCK_SIZE: u64 = 4 << 20;
 
 /// Size of a split-queue descriptor.
 const DESC_SIZE: u64 = std::mem::size_of::<RawDescriptor>() as u64;
+
+/// A descriptor spelled with named fields, for tests that build malformed
+/// ones; it becomes virtio-queue's [`Descriptor`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawDesc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: u16,
+}
+
+impl From<RawDesc> for Descriptor {
+    fn from(d: RawDesc) -> Self {
+        Descriptor::new(d.addr, d.len, d.flags, d.next)
+    }
+}
 
 /// Writes `descs` as a descriptor table at `addr` (e.g. an indirect table,
 /// or descriptors `0..descs.len()` of a queue).
@@ -120,12 +136,11 @@ pub struct DriverQueue {
 }
 
 impl DriverQueue {
-    /// Lays out a queue of `size` at `base` (16-byte aligned) and sets its
-    /// rings up empty.
+    /// Lays out a queue of `size` at `base` (16-byte aligned, zeroed).
     pub fn new(mem: &GuestMemoryMmap, base: u64, size: u16) -> Self {
-        let (desc_table, avail, used, _) = Self::layout(base, size);
-        AvailRing::new(mem, GuestAddress(avail), size);
-        UsedRing::new(mem, GuestAddress(used), size);
+        let (desc_table, avail, used, end) = Self::layout(base, size);
+        mem.write_slice(&vec![0u8; (end - base) as usize], GuestAddress(base))
+            .expect("queue memory");
         Self {
             size,
             desc_table,
@@ -174,9 +189,9 @@ impl DriverQueue {
     }
 
     /// Writes descriptor `i`.
-    pub fn write_desc(&self, mem: &GuestMemoryMmap, i: u16, d: Descriptor) {
+    pub fn write_desc(&self, mem: &GuestMemoryMmap, i: u16, d: impl Into<Descriptor>) {
         DescriptorTable::new(mem, GuestAddress(self.desc_table), self.size)
-            .store(i, RawDescriptor::from(d))
+            .store(i, RawDescriptor::from(d.into()))
             .expect("descriptor index within the queue");
     }
 
