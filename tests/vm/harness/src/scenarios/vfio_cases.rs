@@ -161,7 +161,6 @@ fn first_client(
 ) -> Result<Vec<String>, HarnessError> {
     let mut spec = spec.clone();
     spec.extra_qemu_args = vfio_qemu_args(&spec, server, initramfs);
-    spec.guest_scenario = "vfio-stock".into();
     let first_dir = dir.join("first");
     std::fs::create_dir_all(&first_dir).map_err(io_error("cannot create log dir", &first_dir))?;
     let mut problems = Vec::new();
@@ -206,9 +205,10 @@ fn qmp_socket_of(pid: u32) -> Option<PathBuf> {
     Some(PathBuf::from(arg.split(',').next()?))
 }
 
-/// QMP `system_reset` on QEMU `pid` (after `set-action reboot=reset`: the
-/// harness's `-no-reboot` would turn the reset into an exit), then waits for
-/// the guest in `serial_log` to be ready a second time.
+/// QMP `system_reset` on QEMU `pid` (with `set-action reboot=reset` for
+/// the while: the harness's `-no-reboot` would turn the reset into an
+/// exit), then waits for the guest in `serial_log` to be ready a second
+/// time; the guest's own reboot at the end exits QEMU again.
 fn system_reset(pid: u32, serial_log: &Path, timeout: Duration) -> Result<(), HarnessError> {
     let sock = qmp_socket_of(pid).ok_or_else(|| other("QEMU has no -qmp socket"))?;
     let mut qmp = Qmp::connect_within(&sock, Duration::from_secs(10))?;
@@ -220,6 +220,7 @@ fn system_reset(pid: u32, serial_log: &Path, timeout: Duration) -> Result<(), Ha
         || std::fs::read_to_string(serial_log).unwrap_or_default(),
         |t| t.matches("@@VFIO ready").count() >= 2,
     );
+    qmp.execute("set-action", Some(json!({"reboot": "shutdown"})))?;
     if again {
         Ok(())
     } else {
