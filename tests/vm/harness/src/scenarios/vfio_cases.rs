@@ -66,43 +66,39 @@ struct Case {
     system_reset: bool,
 }
 
+/// pc, 1 GiB, MSI-X, no reporting, one client, no reset.
+const PLAIN: Case = Case {
+    tag: "",
+    q35: false,
+    mem_mib: 1024,
+    intx: false,
+    reporting: false,
+    reconnect: false,
+    system_reset: false,
+};
+
 /// The stock-driver cases run by [`stock_case`].
 const CASES: [Case; 4] = [
     Case {
         tag: "intx",
-        q35: false,
-        mem_mib: 1024,
         intx: true,
-        reporting: false,
-        reconnect: false,
-        system_reset: false,
+        ..PLAIN
     },
     Case {
         tag: "reporting",
         q35: true,
-        mem_mib: 1024,
-        intx: false,
         reporting: true,
-        reconnect: false,
-        system_reset: false,
+        ..PLAIN
     },
     Case {
         tag: "reconnect",
-        q35: false,
-        mem_mib: 1024,
-        intx: false,
-        reporting: false,
         reconnect: true,
-        system_reset: false,
+        ..PLAIN
     },
     Case {
         tag: "system-reset",
-        q35: false,
-        mem_mib: 1024,
-        intx: false,
-        reporting: false,
-        reconnect: false,
         system_reset: true,
+        ..PLAIN
     },
 ];
 
