@@ -1,5 +1,7 @@
 //! `freehint-migrate receive`: receives a guest into a destination QEMU
-//! started with `-incoming defer`.
+//! started with `-S -incoming defer` (`-S`: the destination stays paused
+//! after loading, whatever the source's run state was, until this program
+//! resumes it).
 //!
 //! 1. QMP: the destination waits for a migration (`inmigrate`); its RAM is
 //!    a shared file; its RAM layout.
@@ -367,7 +369,10 @@ fn serve(
     if running {
         // Never report a running destination as failed: the sender would
         // resume the source too.
-        log::warn!("the destination QEMU resumed on its own after loading");
+        log::warn!(
+            "the destination QEMU resumed on its own after loading: start it with -S \
+             so that this program resumes it"
+        );
     } else {
         before_resume().map_err(ReceiveFailure::NotResumed)?;
         qmp.execute("cont", None)?;

@@ -8,11 +8,15 @@
 //!    asks the preload library inside QEMU to track writes to the RAM.
 //! 4. Runs the [`Engine`]: bulk pass (file holes as zero runs), dirty
 //!    passes read from QEMU's page tables, the [`Policy`] decides when to
-//!    stop. To stop: QMP `stop`, then `migrate` to the destination QEMU
-//!    (QEMU sets up its migration while the final pass runs; the guest was
-//!    stopped first, so the destination stays paused when it has loaded).
-//! 5. When the receiver has stored every page and QEMU waits before the
-//!    switch-over, `migrate-continue`: QEMU moves CPU and device state.
+//!    stop. To stop: `migrate` to the destination QEMU while the guest
+//!    still runs. QEMU sets its migration up and sends its own small
+//!    non-shared blocks live, then stops the guest itself and waits before
+//!    the switch-over (`pause-before-switchover`); the guest is down from
+//!    that `STOP` on, and the final pass runs then. QEMU's setup (146 ms
+//!    for a 32 GiB guest when it ran after a QMP `stop`) stays out of the
+//!    downtime.
+//! 5. When the receiver has stored every page, `migrate-continue`: QEMU
+//!    moves CPU and device state.
 //! 6. The receiver resumes the destination and says so.
 //!
 //! Whatever fails before the receiver says the destination runs, the
@@ -309,7 +313,7 @@ impl Settings {
 enum Phase {
     /// The guest was never stopped.
     Live,
-    /// The guest is stopped; QEMU's migration may have started.
+    /// QEMU's migration was started; it may have stopped the guest.
     Stopped,
     /// QEMU moved the device state; the receiver may have resumed it.
     Handed,
@@ -475,6 +479,8 @@ impl<'q> Source<'q> {
             cancel: &opts.cancel,
             stop_us: None,
             stopped_at: None,
+            migrating: false,
+            timeout: opts.switchover_timeout,
             balloon: opts.unplug_device.as_deref().map(|id| BalloonUnplug {
                 id,
                 after_pass: opts
@@ -491,7 +497,7 @@ impl<'q> Source<'q> {
             on_pass(pass)
         });
         drop(hints);
-        let (stop_us, stopped_at) = (stop.stop_us, stop.stopped_at);
+        let (stop_us, stopped_at, migrating) = (stop.stop_us, stop.stopped_at, stop.migrating);
         self.unplugged = match stop.balloon.map(|b| b.state) {
             Some(UnplugState::Unplugged(device)) => Some(device),
             // The guest was asked to let go and has not said it did: give
@@ -508,7 +514,7 @@ impl<'q> Source<'q> {
             }
             _ => None,
         };
-        let phase = if stopped_at.is_some() {
+        let phase = if migrating {
             Phase::Stopped
         } else {
             Phase::Live
@@ -672,8 +678,21 @@ fn connect(opts: &SendOptions) -> Result<(TcpStream, String), SendError> {
 
 /// Polls `query-migrate` until its status is in `want`.
 fn wait_status(qmp: &mut Qmp, want: &[&str], timeout: Duration) -> Result<Value, SendError> {
+    wait_status_or_cancel(qmp, want, timeout, &AtomicBool::new(false))
+}
+
+/// [`wait_status`] that gives up once `cancel` is set.
+fn wait_status_or_cancel(
+    qmp: &mut Qmp,
+    want: &[&str],
+    timeout: Duration,
+    cancel: &AtomicBool,
+) -> Result<Value, SendError> {
     let deadline = Instant::now() + timeout;
     loop {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(SendError::Cancelled);
+        }
         let q = qmp.execute("query-migrate", None)?;
         let status = q["status"].as_str().unwrap_or("none");
         if want.contains(&status) {
@@ -698,8 +717,14 @@ struct Stop<'a> {
     qmp: &'a mut Qmp,
     uri: &'a str,
     cancel: &'a AtomicBool,
+    /// QEMU's `STOP` event time (µs since the epoch, QEMU's clock).
     stop_us: Option<i64>,
+    /// When the guest stopped, on this program's clock.
     stopped_at: Option<Instant>,
+    /// `migrate` was issued: a failure must cancel QEMU's migration.
+    migrating: bool,
+    /// How long QEMU may take to set up and stop the guest.
+    timeout: Duration,
     balloon: Option<BalloonUnplug<'a>>,
 }
 
@@ -815,18 +840,37 @@ impl VmControl for &mut Stop<'_> {
             return Err("cancelled".into());
         }
         self.finish_unplug()?;
-        self.qmp.execute("stop", None)?;
-        self.stopped_at = Some(Instant::now());
-        self.stop_us = self.qmp.last_event("STOP").and_then(|e| e.timestamp_us);
+        let asked = Instant::now();
+        self.migrating = true;
         self.qmp
             .execute("migrate", Some(json!({ "uri": self.uri })))?;
+        wait_status_or_cancel(self.qmp, &["pre-switchover"], self.timeout, self.cancel)?;
+        let stop = self.qmp.wait_event_named("STOP", self.timeout)?;
+        self.stop_us = stop.timestamp_us;
+        self.stopped_at = Some(self.stop_us.map_or_else(Instant::now, instant_of));
         log::info!(
-            "source stopped; QEMU's migration to {} started {:.1} ms later",
+            "QEMU's migration to {} stopped the source {:.1} ms after `migrate` \
+             ({:.1} ms ago)",
             self.uri,
+            ms(self
+                .stopped_at
+                .unwrap_or(asked)
+                .saturating_duration_since(asked)),
             since(self.stopped_at)
         );
         Ok(())
     }
+}
+
+/// The instant on this program's clock of `micros` since the Unix epoch
+/// (a QMP event's time stamp; QEMU runs on this host).
+fn instant_of(micros: i64) -> Instant {
+    let now = Instant::now();
+    let wall_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    let ago = Duration::from_micros(wall_us.saturating_sub(micros).max(0) as u64);
+    now.checked_sub(ago).unwrap_or(now)
 }
 
 /// A writer that fails once `cancel` is set.
@@ -907,6 +951,12 @@ mod tests {
                     .iter()
                     .find(|(n, _)| *n == name)
                     .map_or(json!({}), |(_, v)| v.clone());
+                if name == "query-migrate" && reply["status"] == "pre-switchover" {
+                    // QEMU stopped the guest on its way there.
+                    let stop = json!({"event": "STOP",
+                        "timestamp": {"seconds": 1_700_000_000, "microseconds": 250}});
+                    s.write_all(format!("{stop}\n").as_bytes()).unwrap();
+                }
                 s.write_all(format!("{}\n", json!({ "return": reply })).as_bytes())
                     .unwrap();
             }
@@ -987,5 +1037,55 @@ mod tests {
             failure.error,
             SendError::Qemu(QemuError::State { ref found, .. }) if found == "paused"
         ));
+    }
+
+    fn stop_for<'a>(qmp: &'a mut Qmp, cancel: &'a AtomicBool) -> Stop<'a> {
+        Stop {
+            qmp,
+            uri: "tcp:127.0.0.1:4444",
+            cancel,
+            stop_us: None,
+            stopped_at: None,
+            migrating: false,
+            timeout: Duration::from_secs(5),
+            balloon: None,
+        }
+    }
+
+    #[test]
+    fn the_pause_starts_qemus_migration_on_a_running_guest_and_takes_its_stop() {
+        let (_dir, path, seen) =
+            fake_qemu(vec![("query-migrate", json!({"status": "pre-switchover"}))]);
+        let mut qmp = Qmp::connect(&path).unwrap();
+        let cancel = AtomicBool::new(false);
+        let mut stop = stop_for(&mut qmp, &cancel);
+        (&mut stop).pause().unwrap();
+        assert!(stop.migrating);
+        assert_eq!(stop.stop_us, Some(1_700_000_000_000_250));
+        assert!(stop.stopped_at.is_some());
+        let names: Vec<String> = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|c| c["execute"].as_str().map(String::from))
+            .collect();
+        // No QMP `stop`: QEMU stops the guest after its own setup.
+        assert!(!names.iter().any(|n| n == "stop"), "{names:?}");
+        assert_eq!(names, ["qmp_capabilities", "migrate", "query-migrate"]);
+    }
+
+    #[test]
+    fn a_migration_qemu_fails_before_the_stop_is_a_pause_error_to_roll_back() {
+        let (_dir, path, _) = fake_qemu(vec![(
+            "query-migrate",
+            json!({"status": "failed", "error-desc": "no route"}),
+        )]);
+        let mut qmp = Qmp::connect(&path).unwrap();
+        let cancel = AtomicBool::new(false);
+        let mut stop = stop_for(&mut qmp, &cancel);
+        let error = (&mut stop).pause().unwrap_err();
+        assert!(error.to_string().contains("no route"), "{error}");
+        assert!(stop.migrating, "the roll-back must cancel QEMU's migration");
+        assert!(stop.stopped_at.is_none());
     }
 }

@@ -177,6 +177,12 @@ fn start_own(
         ],
         owned_files: vec![ram, uffd, program_qmp.clone()],
     };
+    if incoming {
+        // The receiver resumes the destination itself (`-S`, as libvirt
+        // starts a destination): QEMU started it on its own otherwise,
+        // since the source ran when QEMU's migration began.
+        opts.extra_args.push("-S".into());
+    }
     let mut spec = cell.boot_spec();
     if let Some(server) = &server {
         // Our device is the guest's only balloon; a destination gets it
