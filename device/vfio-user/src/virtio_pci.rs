@@ -14,6 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use freehint_device::{GuestMemoryHandle, VirtioDevice};
 use log::{debug, error, info, warn};
 use virtio_queue::{Queue, QueueT};
+use virtio_bindings::{virtio_config, virtio_ring::VIRTIO_RING_F_EVENT_IDX};
 
 use crate::interrupt::{InterruptRouter, VIRTIO_MSI_NO_VECTOR};
 use crate::pci::{
@@ -37,8 +38,8 @@ pub mod status {
     pub const FAILED: u8 = 0x80;
 }
 
-/// `VIRTIO_F_VERSION_1`.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// The `VERSION_1` feature bit, as a mask.
+pub const VERSION_1: u64 = 1 << virtio_config::VIRTIO_F_VERSION_1;
 
 /// Common configuration register offsets (virtio 1.2 §4.1.4.3).
 pub mod common {
@@ -603,7 +604,7 @@ impl VirtioPciTransport {
         if new & !old & FEATURES_OK != 0 {
             let offered = self.device.device_features();
             let f = self.driver_features;
-            if f & !offered != 0 || f & VIRTIO_F_VERSION_1 == 0 {
+            if f & !offered != 0 || f & VERSION_1 == 0 {
                 self.stats.features_refused += 1;
                 self.warn_limited(format_args!(
                     "FEATURES_OK refused: driver features {f:#x}, offered {offered:#x} \
@@ -702,9 +703,6 @@ pub const WARN_BURST: u64 = 64;
 /// the serve loop gets to answer the next message.
 pub const NOTIFY_BUDGET: usize = 64;
 
-/// `VIRTIO_RING_F_EVENT_IDX` bit number.
-const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -735,7 +733,7 @@ pub(crate) mod tests {
             5
         }
         fn device_features(&self) -> u64 {
-            VIRTIO_F_VERSION_1 | 0b1011
+            VERSION_1 | 0b1011
         }
         fn ack_features(&mut self, features: u64) {
             self.seen.lock().unwrap().acked = Some(features);
@@ -850,21 +848,21 @@ pub(crate) mod tests {
         use common::*;
         let (mut t, seen) = transport(false);
         // Unoffered bit 2 → FEATURES_OK refused and reads back clear.
-        assert_eq!(negotiate(&mut t, VIRTIO_F_VERSION_1 | 0b100), 0x3);
+        assert_eq!(negotiate(&mut t, VERSION_1 | 0b100), 0x3);
         assert_eq!(t.stats().features_refused, 1);
         // No VERSION_1 → refused.
         assert_eq!(negotiate(&mut t, 0b1), 0x3);
         assert!(seen.lock().unwrap().acked.is_none());
         // Good set → accepted and passed to the device.
-        assert_eq!(negotiate(&mut t, VIRTIO_F_VERSION_1 | 0b1001), 0xb);
+        assert_eq!(negotiate(&mut t, VERSION_1 | 0b1001), 0xb);
         assert_eq!(
             seen.lock().unwrap().acked,
-            Some(VIRTIO_F_VERSION_1 | 0b1001)
+            Some(VERSION_1 | 0b1001)
         );
         // Driver features frozen after FEATURES_OK.
         w(&mut t, DRIVER_FEATURE_SELECT, 4, 0);
         w(&mut t, DRIVER_FEATURE, 4, 0);
-        assert_eq!(t.driver_features(), VIRTIO_F_VERSION_1 | 0b1001);
+        assert_eq!(t.driver_features(), VERSION_1 | 0b1001);
         // Clearing bits without reset is refused.
         w(&mut t, DEVICE_STATUS, 1, 0x1);
         assert_eq!(r(&mut t, DEVICE_STATUS, 1), 0xb);
@@ -891,7 +889,7 @@ pub(crate) mod tests {
         use common::*;
         let (mut t, seen) = transport(false);
         assert_eq!(r(&mut t, NUM_QUEUES, 2), 3);
-        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        negotiate(&mut t, VERSION_1);
         w(&mut t, QUEUE_SELECT, 2, 1);
         assert_eq!(r(&mut t, QUEUE_SIZE, 2), 128);
         assert_eq!(r(&mut t, QUEUE_NOTIFY_OFF, 2), 1);
@@ -946,7 +944,7 @@ pub(crate) mod tests {
         };
         notify(&mut t, 0);
         assert_eq!(t.stats().bad_notifies, 1);
-        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        negotiate(&mut t, VERSION_1);
         w(&mut t, QUEUE_SELECT, 2, 0);
         w(&mut t, QUEUE_ENABLE, 2, 1);
         // A kick between FEATURES_OK and DRIVER_OK (Linux's stats queue) is
@@ -967,7 +965,7 @@ pub(crate) mod tests {
     fn failing_device_sets_needs_reset() {
         use common::*;
         let (mut t, _) = transport(true);
-        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        negotiate(&mut t, VERSION_1);
         w(&mut t, QUEUE_ENABLE, 2, 1);
         w(&mut t, DEVICE_STATUS, 1, 0xf);
         t.write(NOTIFY_CFG_OFFSET, &[0, 0]);
@@ -984,7 +982,7 @@ pub(crate) mod tests {
     fn isr_read_to_clear_and_device_config() {
         let (mut t, seen) = transport(false);
         // A queue interrupt with MSI-X off sets ISR bit 0.
-        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        negotiate(&mut t, VERSION_1);
         w(&mut t, common::QUEUE_ENABLE, 2, 1);
         w(&mut t, common::DEVICE_STATUS, 1, 0xf);
         t.write(NOTIFY_CFG_OFFSET, &[0, 0]);
