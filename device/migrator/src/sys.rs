@@ -152,9 +152,91 @@ pub fn userfaultfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Which buffer of a socket [`set_socket_buffer`] sizes.
+#[derive(Clone, Copy, Debug)]
+pub enum SocketBuffer {
+    /// `SO_SNDBUF`.
+    Send,
+    /// `SO_RCVBUF`.
+    Receive,
+}
+
+/// Sets a socket's send or receive buffer to `bytes` (Linux doubles it for
+/// its bookkeeping and caps it at `net.core.[wr]mem_max`); this also turns
+/// the kernel's automatic growth of that buffer off.
+pub fn set_socket_buffer(
+    socket: &impl AsRawFd,
+    which: SocketBuffer,
+    bytes: usize,
+) -> io::Result<()> {
+    let option = match which {
+        SocketBuffer::Send => libc::SO_SNDBUF,
+        SocketBuffer::Receive => libc::SO_RCVBUF,
+    };
+    let value = libc::c_int::try_from(bytes).map_err(io::Error::other)?;
+    // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `&value`,
+    // which lives across the call; the descriptor is borrowed from `socket`.
+    let ret = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The size `getsockopt` reports for a socket's buffer (twice what was
+/// set, see [`set_socket_buffer`]).
+#[cfg(test)]
+pub fn socket_buffer(socket: &impl AsRawFd, which: SocketBuffer) -> io::Result<usize> {
+    let option = match which {
+        SocketBuffer::Send => libc::SO_SNDBUF,
+        SocketBuffer::Receive => libc::SO_RCVBUF,
+    };
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes to `&mut value`, which
+    // lives across the call, and updates `len`.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    usize::try_from(value).map_err(io::Error::other)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_buffers_are_set_and_read_back() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        set_socket_buffer(&stream, SocketBuffer::Send, 256 << 10).unwrap();
+        set_socket_buffer(&listener, SocketBuffer::Receive, 256 << 10).unwrap();
+        assert_eq!(
+            socket_buffer(&stream, SocketBuffer::Send).unwrap(),
+            512 << 10
+        );
+        assert_eq!(
+            socket_buffer(&listener, SocketBuffer::Receive).unwrap(),
+            512 << 10
+        );
+    }
 
     /// The numbers `_IOWR` yields in C, computed by hand from the headers.
     #[test]

@@ -33,13 +33,14 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::json;
 
-use super::control::{write_reply, Reply, VERSION};
+use super::control::{write_reply, Reply, STREAM_SOCKET_BUFFER, VERSION};
 use super::hotplug::plug_balloon;
 use super::{discover, expect_status, QemuError};
 use crate::control_port::ControlPort;
 use crate::qmp::{Qmp, QmpError};
 use crate::ram_file::RamFile;
 use crate::receiver::{ReceiveError, Receiver};
+use crate::sys::{set_socket_buffer, SocketBuffer};
 
 /// What `receive` needs.
 #[derive(Clone, Debug)]
@@ -195,7 +196,11 @@ pub fn receive(
     let qemu_port = opts
         .qemu_port
         .unwrap_or_else(|| listen.port().wrapping_add(1));
-    let listener = TcpListener::bind(listen).map_err(net(format!("cannot listen on {listen}")))?;
+    let listener = TcpListener::bind(listen)
+        .and_then(|l| {
+            set_socket_buffer(&l, SocketBuffer::Receive, STREAM_SOCKET_BUFFER).map(|()| l)
+        })
+        .map_err(net(format!("cannot listen on {listen}")))?;
     qmp.execute(
         "migrate-set-capabilities",
         Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]})),

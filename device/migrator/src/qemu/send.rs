@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::control::{read_reply, ControlError, Reply};
+use super::control::{read_reply, ControlError, Reply, STREAM_SOCKET_BUFFER};
 use super::hotplug::{HotplugError, Unplugged, Unplugging};
 use super::tracking::{QemuLog, RemoteTracking, TrackingError, SOCKET_ENV};
 use super::{discover, environment_of, expect_status, host_address, map_ram, QemuError};
@@ -55,6 +55,7 @@ use crate::progress::Progress;
 use crate::qmp::{Qmp, QmpError};
 use crate::sparse::FileHoles;
 use crate::stats::{MigrationReport, PassStats};
+use crate::sys::{set_socket_buffer, SocketBuffer};
 use crate::AnyOf;
 
 /// What `send` needs.
@@ -657,6 +658,7 @@ fn connect(opts: &SendOptions) -> Result<(TcpStream, String), SendError> {
     stream
         .set_nodelay(true)
         .and_then(|()| stream.set_read_timeout(Some(opts.connect_timeout)))
+        .and_then(|()| set_socket_buffer(&stream, SocketBuffer::Send, STREAM_SOCKET_BUFFER))
         .map_err(|e| connect_error(opts, e))?;
     let hello = read_reply(&mut BufReader::new(&stream))?;
     let Reply::Hello { version, qemu_port } = hello else {
