@@ -40,8 +40,8 @@ use crate::PAGE_SIZE;
 pub const CHUNK_PAGES: usize = 64;
 
 /// What the engine asks of the VM: chiefly, to stop the guest before the
-/// final pass (a VMM pauses its vCPUs and devices; for QEMU, the QMP `stop`
-/// command).
+/// final pass (a VMM pauses its vCPUs and devices; `freehint-migrate send`
+/// starts QEMU's own migration, which stops the guest once it is set up).
 pub trait VmControl {
     /// Stops the guest; when this returns, nothing writes guest RAM.
     fn pause(&mut self) -> Result<(), HookError>;
