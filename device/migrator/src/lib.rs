@@ -110,6 +110,9 @@ pub use ram_file::RamFile;
 pub use receiver::{GuestMemorySink, PageSink, ReceiveError, ReceiveReport, Receiver};
 pub use sparse::{FileHoles, HoleMap};
 pub use stats::{MigrationReport, PassStats};
+/// How `freehint-migrate send|receive` size their stream socket's buffers,
+/// for embedders and benchmarks that want the same stream.
+pub use sys::{set_socket_buffer, SocketBuffer};
 pub use wire::{Decoder, Encoder, PassKind, Record, RecordError, WireError};
 
 /// The page size of the stream and of every bitmap: 4 KiB.
