@@ -219,7 +219,7 @@ impl Balloon {
                 let bitmap = abi::bitmap_hints(feat.bits);
                 let q = HintQueue::new(vq, bitmap)?;
                 let builder = crate::builder::Builder::new()?;
-                let own_bits = builder.summary().0;
+                let own_bits = builder.summary().total_bits;
                 dev.alloc_hint_wq()?;
                 Some(HintState {
                     q,

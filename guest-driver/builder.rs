@@ -10,7 +10,7 @@ use kernel::alloc::flags::GFP_KERNEL;
 use kernel::prelude::*;
 
 use crate::bitmap;
-use crate::layout::{Layout, LayoutRange, MAX_LAYOUT_RANGES};
+use crate::layout::{Bit, Layout, LayoutRange, Pfn, MAX_LAYOUT_RANGES};
 use crate::walk::{BuildStats, Walker, DEFAULT_BUDGET, MAX_BUDGET};
 use crate::zone;
 
@@ -211,10 +211,10 @@ impl Builder {
     /// Calls `f(first_pfn, nr_pages)` for every run of free pages of the
     /// last build, in layout (address) order, until `f` returns `false`.
     /// A run never spans a hole of the layout.
-    pub(crate) fn for_each_free_run(&self, mut f: impl FnMut(u64, u64) -> bool) {
+    pub(crate) fn for_each_free_run(&self, mut f: impl FnMut(Pfn, u64) -> bool) {
         let mut go = true;
         for (bit, nr) in bitmap::set_runs(&self.bitmap) {
-            self.layout.for_each_pfn_run(bit, nr, |pfn, pages| {
+            self.layout.for_each_pfn_run(Bit(bit), nr, |pfn, pages| {
                 if go {
                     go = f(pfn, pages);
                 }
@@ -225,9 +225,13 @@ impl Builder {
         }
     }
 
-    /// `(total_bits, pages_free, walk_ns)` of the last build.
-    pub(crate) fn summary(&self) -> (u64, u64, u64) {
-        (self.layout.total_bits(), self.pages_free, self.last.walk_ns)
+    /// Headline figures of the last build.
+    pub(crate) fn summary(&self) -> BuildSummary {
+        BuildSummary {
+            total_bits: self.layout.total_bits(),
+            free_pages: self.pages_free,
+            walk_ns: self.last.walk_ns,
+        }
     }
 
     /// Number of builds since the module was loaded.
@@ -244,6 +248,17 @@ impl Builder {
     pub(crate) fn write_pcp(&self, out: &mut impl Write) -> fmt::Result {
         writeln!(out, "{}", u8::from(self.pcp))
     }
+}
+
+/// Headline figures of a build ([`Builder::summary`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct BuildSummary {
+    /// Bits in the bitmap (RAM pages the layout covers).
+    pub(crate) total_bits: u64,
+    /// Pages found free.
+    pub(crate) free_pages: u64,
+    /// Time the walk took, in nanoseconds.
+    pub(crate) walk_ns: u64,
 }
 
 /// Parses a layout table in the text form of [`Builder::write_layout`]:
@@ -265,9 +280,9 @@ pub(crate) fn parse_layout(text: &[u8]) -> Result<Option<Layout>> {
             s.ok_or(EINVAL)?.parse::<u64>().map_err(|_| EINVAL)
         };
         let range = LayoutRange {
-            first_pfn: num(Some(first))?,
+            first_pfn: Pfn(num(Some(first))?),
             nr_pages: num(fields.next())?,
-            first_bit: num(fields.next())?,
+            first_bit: Bit(num(fields.next())?),
         };
         if fields.next().is_some() {
             return Err(EINVAL);

@@ -47,6 +47,7 @@ use kernel::prelude::*;
 
 use crate::bitmap_hint::{LAYOUT_REPLY_MAX, MSG_HEADER_SIZE};
 use crate::builder::Builder;
+use crate::layout::Pfn;
 use crate::virtio::{Chain, DmaBuf, Queue, VqHandle};
 use crate::zone;
 
@@ -167,7 +168,7 @@ impl HintQueue {
     /// Adds the free range `[pfn, pfn + pages)` as one device-writable
     /// buffer (addr = pfn << 12, len = pages << 12, at most `u32::MAX`
     /// bytes). Not kicked.
-    fn add_range(&mut self, pfn: u64, pages: u64) -> Result {
+    fn add_range(&mut self, pfn: Pfn, pages: u64) -> Result {
         self.q.add(|_| Chain::free_range(pfn, pages))
     }
 
@@ -313,7 +314,7 @@ struct Round<'a, C: Control> {
 impl<C: Control> Round<'_, C> {
     /// Adds one range, waiting for room in the ring (one slot is kept for
     /// STOP).
-    fn send_range(&mut self, pfn: u64, pages: u64) -> core::result::Result<(), End> {
+    fn send_range(&mut self, pfn: Pfn, pages: u64) -> core::result::Result<(), End> {
         let mut idle_waits = 0;
         while self.q.free_slots() <= 1 {
             self.q.kick();
@@ -344,7 +345,7 @@ impl<C: Control> Round<'_, C> {
             while pages > 0 && res.is_ok() {
                 let n = pages.min(MAX_RUN_PAGES);
                 res = self.send_range(pfn, n);
-                pfn += n;
+                pfn = pfn.unchecked_add(n);
                 pages -= n;
                 // Every 64 descriptors: let the device start, and look for
                 // a STOP or a new command id.
@@ -549,8 +550,7 @@ pub(crate) fn run_bitmap_round(
             return Err(e);
         }
         st.build_ns = timed_build(builder);
-        let (_, free, _) = builder.summary();
-        st.free_pages = free;
+        st.free_pages = builder.summary().free_pages;
         let bytes = builder.bitmap_bytes();
         for (first_bit, nr_bits) in chunk_spans(st.total_bits, (CHUNK_BYTES * 8) as u32) {
             if let Some(e) = ctl.should_stop() {

@@ -89,12 +89,12 @@ impl kernel::Module for FreeHint {
         {
             let mut b = diag.builder().lock();
             b.build();
-            let (bits, free, walk_ns) = b.summary();
+            let s = b.summary();
             pr_info!(
                 "freehint: loaded: {} RAM pages in the layout, {} free, walk {} us; see /sys/kernel/debug/freehint\n",
-                bits,
-                free,
-                walk_ns / 1000
+                s.total_bits,
+                s.free_pages,
+                s.walk_ns / 1000
             );
         }
         // Harmless without a balloon device; a failure only disables it.

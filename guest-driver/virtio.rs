@@ -30,6 +30,8 @@ use kernel::ffi::{c_char, c_int, c_uint, c_ulong};
 use kernel::prelude::*;
 use kernel::types::Opaque;
 
+use crate::layout::Pfn;
+
 /// The C types behind the handles, opaque to Rust (no bindings exist for
 /// them). Distinct types, so one cannot be passed for the other.
 mod ffi {
@@ -655,7 +657,7 @@ enum Seg<'a> {
     /// The first `len` bytes of a buffer.
     Mem(&'a DmaBuf, usize),
     /// Guest memory the driver does not own: `pages` pages from `pfn`.
-    Free { pfn: u64, pages: u64 },
+    Free { pfn: Pfn, pages: u64 },
 }
 
 /// A buffer chain for [`Queue::add`]: device-readable buffers first, then
@@ -703,7 +705,7 @@ impl<'a> Chain<'a> {
 
     /// A chain of the free guest range `[pfn, pfn + pages)`, device-writable
     /// (the standard hint: the device only records the range).
-    pub(crate) fn free_range(pfn: u64, pages: u64) -> Self {
+    pub(crate) fn free_range(pfn: Pfn, pages: u64) -> Self {
         Self::empty().push(Seg::Free { pfn, pages }, true)
     }
 
@@ -786,7 +788,7 @@ impl<B> Queue<B> {
                 },
                 Seg::Free { pfn, pages } => RawBuf {
                     addr: core::ptr::null(),
-                    pfn: c_ulong::try_from(pfn).map_err(|_| EINVAL)?,
+                    pfn: c_ulong::try_from(pfn.raw()).map_err(|_| EINVAL)?,
                     len: pages
                         .checked_mul(kernel::page::PAGE_SIZE as u64)
                         .filter(|l| *l > 0 && *l <= u64::from(u32::MAX))

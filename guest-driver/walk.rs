@@ -38,7 +38,7 @@
 //! lost hint, never a lost page.
 
 use crate::bitmap;
-use crate::layout::Layout;
+use crate::layout::{Layout, Pfn};
 use crate::zone::{self, PcpPass, PerCpuPages, Zone};
 
 /// Default budget of free-list entries visited per lock hold.
@@ -143,7 +143,7 @@ impl<'a> Walker<'a> {
         let block_pages = 1u64 << order;
         // First pfn of the last block visited by the previous hold: a number,
         // never a pointer, so nothing is dereferenced across an unlock.
-        let mut resume: Option<u64> = None;
+        let mut resume: Option<Pfn> = None;
         let mut restarts = 0;
         // A list cannot hold more blocks than fit in the zone; visiting twice
         // that many means churn keeps moving the kept block back up the list.
@@ -251,13 +251,13 @@ impl<'a> Walker<'a> {
     }
 
     /// Marks the block `[pfn, pfn + pages)` free, a run of bits at a time.
-    fn mark(&mut self, pfn: u64, pages: u64) {
+    fn mark(&mut self, pfn: Pfn, pages: u64) {
         self.stats.blocks += 1;
         let mut inside = 0u64;
         let words = &mut *self.words;
         self.layout.for_each_bit_run(pfn, pages, |bit, nr| {
             // The bitmap holds total_bits() bits, so nothing is ignored.
-            bitmap::set_bit_run(words, bit, nr);
+            bitmap::set_bit_run(words, bit.raw(), nr);
             inside += nr;
         });
         self.stats.pages_outside_layout += pages - inside;

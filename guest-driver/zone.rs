@@ -30,6 +30,8 @@ use core::ffi::c_void;
 use core::marker::PhantomData;
 use core::ptr::NonNull;
 use kernel::bindings;
+
+use crate::layout::Pfn;
 use kernel::ffi::{c_int, c_uint, c_ulong};
 
 // `*mut bindings::zone` trips `improper_ctypes` on some configurations (a
@@ -251,9 +253,9 @@ impl<'a> ZoneLockGuard<'a> {
     /// the cursor stops at that list's head (every head of this zone stops
     /// it), so it never walks beyond a list. Returns `None` when the block is
     /// gone: the caller restarts the list from its head.
-    pub(crate) fn resume_after(&self, order: u32, mt: u32, pfn: u64) -> Option<FreeListCursor<'_>> {
+    pub(crate) fn resume_after(&self, order: u32, mt: u32, pfn: Pfn) -> Option<FreeListCursor<'_>> {
         self.head(order, mt)?;
-        let pfn = c_ulong::try_from(pfn).ok()?;
+        let pfn = c_ulong::try_from(pfn.raw()).ok()?;
         // SAFETY: `pfn_valid` accepts any pfn.
         if !unsafe { freehint_pfn_valid(pfn) } {
             return None;
@@ -333,9 +335,9 @@ pub(crate) struct FreeListCursor<'g> {
 }
 
 impl Iterator for FreeListCursor<'_> {
-    type Item = u64;
+    type Item = Pfn;
 
-    fn next(&mut self) -> Option<u64> {
+    fn next(&mut self) -> Option<Pfn> {
         if self.pos.is_null() || self.heads.contains(&(self.pos as usize)) {
             return None;
         }
@@ -348,7 +350,7 @@ impl Iterator for FreeListCursor<'_> {
         // SAFETY: as above; the successor is linked in the same list.
         self.pos = unsafe { (*self.pos.cast::<bindings::list_head>()).next }.cast();
         // CAST: `unsigned long` is 64 bits on every target this builds for.
-        Some(pfn as u64)
+        Some(Pfn(pfn as u64))
     }
 }
 
@@ -499,7 +501,7 @@ impl PcpLockGuard<'_> {
     /// visit limit then ends the pass. The kernel takes pages from, and
     /// adds pages to, both ends of these lists and relies on no order for
     /// correctness (order only decides which pages are reused first).
-    pub(crate) fn rotate_front(&self, pindex: u32, budget: u32, pass: &mut PcpPass, mut f: impl FnMut(u64)) -> (u32, bool) {
+    pub(crate) fn rotate_front(&self, pindex: u32, budget: u32, pass: &mut PcpPass, mut f: impl FnMut(Pfn)) -> (u32, bool) {
         let Some((head, heads)) = self.head(pindex) else {
             return (0, true);
         };
@@ -513,7 +515,7 @@ impl PcpLockGuard<'_> {
             let page = unsafe { freehint_pcp_list_page(pos) };
             // SAFETY: `page` is a valid `struct page` (above).
             // CAST: `unsigned long` is 64 bits on every target this builds for.
-            f(unsafe { freehint_page_to_pfn(page) } as u64);
+            f(Pfn(unsafe { freehint_page_to_pfn(page) } as u64));
             last = pos;
             n += 1;
             // SAFETY: as above; the successor is linked in the same list.

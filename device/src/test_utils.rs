@@ -51,7 +51,7 @@ use freehint_protocol::balloon::{
 use freehint_protocol::bitmap_hint::{
     ChunkHeader, LayoutReply, Message, MsgHeader, LAYOUT_REPLY_MAX, MSG_HEADER_SIZE,
 };
-use freehint_protocol::layout::Layout;
+use freehint_protocol::layout::{Layout, Pfn, PAGE_SHIFT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 pub use virtio_queue::desc::split::Descriptor;
@@ -135,17 +135,31 @@ pub struct DriverQueue {
     last_used: u16,
 }
 
+/// Guest-physical addresses of a split queue's parts, from
+/// [`DriverQueue::layout`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingLayout {
+    /// Descriptor table (the queue's base).
+    pub desc_table: u64,
+    /// Available ring.
+    pub avail: u64,
+    /// Used ring.
+    pub used: u64,
+    /// One past the used ring's last byte.
+    pub end: u64,
+}
+
 impl DriverQueue {
     /// Lays out a queue of `size` at `base` (16-byte aligned, zeroed).
     pub fn new(mem: &GuestMemoryMmap, base: u64, size: u16) -> Self {
-        let (desc_table, avail, used, end) = Self::layout(base, size);
-        mem.write_slice(&vec![0u8; (end - base) as usize], GuestAddress(base))
+        let rings = Self::layout(base, size);
+        mem.write_slice(&vec![0u8; (rings.end - base) as usize], GuestAddress(base))
             .expect("queue memory");
         Self {
             size,
-            desc_table,
-            avail,
-            used,
+            desc_table: rings.desc_table,
+            avail: rings.avail,
+            used: rings.used,
             free: (0..size).rev().collect(),
             inflight: vec![None; usize::from(size)],
             avail_idx: 0,
@@ -156,16 +170,21 @@ impl DriverQueue {
     /// Descriptor table, available ring, used ring and end of a queue of
     /// `size` at `base`: each part right after the previous one, aligned
     /// as virtio 1.2 §2.7 requires (16, 2 and 4 bytes).
-    pub fn layout(base: u64, size: u16) -> (u64, u64, u64, u64) {
+    pub fn layout(base: u64, size: u16) -> RingLayout {
         let n = u64::from(size);
         let avail = base + DESC_SIZE * n;
         let used = (avail + 6 + 2 * n).next_multiple_of(4);
-        (base, avail, used, used + 6 + 8 * n)
+        RingLayout {
+            desc_table: base,
+            avail,
+            used,
+            end: used + 6 + 8 * n,
+        }
     }
 
     /// Bytes the queue occupies (rounded up to keep the next one aligned).
     pub fn footprint(size: u16) -> u64 {
-        Self::layout(0, size).3.next_multiple_of(16)
+        Self::layout(0, size).end.next_multiple_of(16)
     }
 
     /// The device-side `Queue` a transport would hand to `activate`.
@@ -374,7 +393,7 @@ impl BalloonDriver {
             .layout
             .ranges()
             .iter()
-            .map(|r| (r.first_pfn << 12, r.nr_pages << 12))
+            .map(|r| (r.first_pfn.addr(), r.nr_pages << PAGE_SHIFT))
             .collect();
         let mem = Self::guest_memory(&ram);
         let dev = Balloon::new(config).expect("balloon config");
@@ -712,8 +731,8 @@ impl BalloonDriver {
         let mut bits = bitvec![u64, Lsb0; 0; total];
         let mut count = 0u64;
         for &(pfn, nr) in free {
-            layout.for_each_bit_run(pfn, nr, |b, n| {
-                bits[b as usize..(b + n) as usize].fill(true);
+            layout.for_each_bit_run(Pfn(pfn), nr, |b, n| {
+                bits[b.index()..b.unchecked_add(n).index()].fill(true);
                 count += n;
             });
         }
@@ -746,7 +765,12 @@ mod tests {
     fn queue_layout_is_valid_and_rings_do_not_overlap() {
         let mem = BalloonDriver::guest_memory(&[]);
         for size in [1u16, 2, 8, 64, 256] {
-            let (desc, avail, used, end) = DriverQueue::layout(DRIVER_AREA, size);
+            let RingLayout {
+                desc_table: desc,
+                avail,
+                used,
+                end,
+            } = DriverQueue::layout(DRIVER_AREA, size);
             assert_eq!(avail - desc, 16 * u64::from(size));
             assert!(used >= avail + 6 + 2 * u64::from(size), "size {size}");
             assert_eq!(end, used + 6 + 8 * u64::from(size));

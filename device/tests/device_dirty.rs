@@ -10,6 +10,7 @@ use freehint_device::balloon::*;
 use freehint_device::test_utils::*;
 use freehint_protocol::bitmap::test_bit;
 use freehint_protocol::bitmap_hint::{Message, MsgHeader, LAYOUT_REPLY_MAX, MSG_HEADER_SIZE};
+use freehint_protocol::layout::{Bit, Pfn};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const MIB: u64 = 1 << 20;
@@ -33,9 +34,9 @@ fn driver() -> BalloonDriver {
 fn pages(mem: &GuestMemoryMmap) -> Vec<Vec<u8>> {
     (0..layout().total_bits())
         .map(|bit| {
-            let pfn = layout().bit_to_pfn(bit).unwrap();
+            let pfn = layout().bit_to_pfn(Bit(bit)).unwrap();
             let mut b = vec![0u8; 4096];
-            mem.read_slice(&mut b, GuestAddress(pfn << 12)).unwrap();
+            mem.read_slice(&mut b, GuestAddress(pfn.addr())).unwrap();
             b
         })
         .collect()
@@ -48,7 +49,7 @@ fn set(words: &[u64]) -> BTreeSet<u64> {
 }
 
 fn bit_of(gpa: u64) -> u64 {
-    layout().pfn_to_bit(gpa >> 12).unwrap()
+    layout().pfn_to_bit(Pfn::from_addr(gpa)).unwrap().raw()
 }
 
 /// Runs `device_work` (which only notifies the device) and checks every page

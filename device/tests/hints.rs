@@ -9,6 +9,7 @@ use freehint_device::balloon::*;
 use freehint_device::test_utils::*;
 use freehint_device::VirtioDevice;
 use freehint_protocol::bitmap_hint::Message;
+use freehint_protocol::layout::Pfn;
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -19,7 +20,7 @@ fn pc_layout() -> Layout {
 }
 
 fn bit_of(gpa: u64) -> u64 {
-    pc_layout().pfn_to_bit(gpa >> 12).unwrap()
+    pc_layout().pfn_to_bit(Pfn::from_addr(gpa)).unwrap().raw()
 }
 
 fn standard_driver(queue_size: u16) -> BalloonDriver {
@@ -399,8 +400,8 @@ mod prop {
                 let first = addr.div_ceil(4096);
                 let end = (addr + u64::from(len)) / 4096;
                 for pfn in first..end.max(first) {
-                    if let Some(bit) = layout.pfn_to_bit(pfn) {
-                        expect[bit as usize] = true;
+                    if let Some(bit) = layout.pfn_to_bit(Pfn(pfn)) {
+                        expect[bit.index()] = true;
                     }
                 }
             }

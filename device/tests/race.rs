@@ -21,6 +21,7 @@ use freehint_device::balloon::*;
 use freehint_device::test_utils::*;
 use freehint_protocol::bitmap::{set_bit_run, words_for_bits};
 use freehint_protocol::bitmap_hint::Message;
+use freehint_protocol::layout::Pfn;
 use proptest::prelude::*;
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
@@ -224,8 +225,8 @@ impl Hinter {
             let runs = g.free_runs();
             let mut words = vec![0u64; words_for_bits(reply.layout.total_bits())];
             for (pfn, nr) in runs {
-                reply.layout.for_each_bit_run(pfn, nr, |b, n| {
-                    set_bit_run(&mut words, b, n);
+                reply.layout.for_each_bit_run(Pfn(pfn), nr, |b, n| {
+                    set_bit_run(&mut words, b.raw(), n);
                 });
             }
             self.pending = Some((id, Pending::Chunks { words, next_bit: 0 }));

@@ -45,7 +45,7 @@
 use core::fmt;
 
 use super::bitmap::or_le_bytes;
-use super::layout::{Layout, LayoutError, LayoutRange, MAX_LAYOUT_RANGES, PAGE_SHIFT};
+use super::layout::{Bit, Layout, LayoutError, LayoutRange, Pfn, MAX_LAYOUT_RANGES, PAGE_SHIFT};
 
 /// Magic of every driver → device message: `b"FHBM"` read as le32.
 pub const MSG_MAGIC: u32 = u32::from_le_bytes(*b"FHBM");
@@ -588,9 +588,9 @@ impl LayoutReply {
         out[16..24].copy_from_slice(&self.layout.total_bits().to_le_bytes());
         for (i, r) in ranges.iter().enumerate() {
             let o = LAYOUT_REPLY_HEADER_SIZE + i * LAYOUT_RANGE_SIZE;
-            out[o..o + 8].copy_from_slice(&r.first_pfn.to_le_bytes());
+            out[o..o + 8].copy_from_slice(&r.first_pfn.raw().to_le_bytes());
             out[o + 8..o + 16].copy_from_slice(&r.nr_pages.to_le_bytes());
-            out[o + 16..o + 24].copy_from_slice(&r.first_bit.to_le_bytes());
+            out[o + 16..o + 24].copy_from_slice(&r.first_bit.raw().to_le_bytes());
         }
         Ok(len)
     }
@@ -629,9 +629,9 @@ impl LayoutReply {
         for i in 0..nr {
             let o = LAYOUT_REPLY_HEADER_SIZE + i * LAYOUT_RANGE_SIZE;
             layout.push_range(LayoutRange {
-                first_pfn: rd64(bytes, o),
+                first_pfn: Pfn(rd64(bytes, o)),
                 nr_pages: rd64(bytes, o + 8),
-                first_bit: rd64(bytes, o + 16),
+                first_bit: Bit(rd64(bytes, o + 16)),
             })?;
         }
         if layout.total_bits() != declared {

@@ -12,15 +12,15 @@
 //! such as the x86 PCI hole below 4 GiB, are folded out of the bitmap.
 //!
 //! ```
-//! use freehint_protocol::layout::{Layout, PAGE_SHIFT};
+//! use freehint_protocol::layout::{Bit, Layout, Pfn, PAGE_SHIFT};
 //! // x86 `pc` machine with 4 GiB: 3 GiB low RAM, 1 GiB above 4 GiB.
 //! let gib = 1u64 << 30;
 //! let l = Layout::from_ram_byte_ranges(&[(0, 3 * gib), (4 * gib, gib)]).unwrap();
 //! let pfn_gap = gib >> PAGE_SHIFT; // (4 GiB - low_mem) >> 12
-//! let pfn = (4 * gib >> PAGE_SHIFT) + 7;
-//! assert_eq!(l.pfn_to_bit(pfn), Some(pfn - pfn_gap));
+//! let pfn = Pfn::from_addr(4 * gib).unchecked_add(7);
+//! assert_eq!(l.pfn_to_bit(pfn), Some(Bit(pfn.raw() - pfn_gap)));
 //! assert_eq!(l.total_bits(), 4 * gib >> PAGE_SHIFT);
-//! assert_eq!(l.pfn_to_bit(3 * gib >> PAGE_SHIFT), None); // in the hole
+//! assert_eq!(l.pfn_to_bit(Pfn::from_addr(3 * gib)), None); // in the hole
 //! ```
 
 use core::fmt;
@@ -35,6 +35,157 @@ pub const MAX_LAYOUT_RANGES: usize = 32;
 pub const MAX_TOTAL_BITS: u64 = 1 << 32;
 /// Pfns above this cannot be turned back into a 64-bit byte address.
 const MAX_PFN_END: u64 = 1 << (64 - PAGE_SHIFT);
+
+/// Defines a `u64` index newtype with the arithmetic the layout needs.
+macro_rules! index_newtype {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        #[repr(transparent)]
+        pub struct $name(pub u64);
+
+        impl $name {
+            #[doc = concat!("The raw ", $what, ".")]
+            #[inline]
+            pub const fn raw(self) -> u64 {
+                self.0
+            }
+
+            #[doc = concat!("The ", $what, " `n` further on, or `None` on overflow.")]
+            #[inline]
+            pub const fn checked_add(self, n: u64) -> Option<Self> {
+                match self.0.checked_add(n) {
+                    Some(v) => Some(Self(v)),
+                    None => None,
+                }
+            }
+
+            #[doc = concat!("The ", $what, " `n` further on (wraps on overflow; for")]
+            /// values a validated layout has already bounded).
+            #[inline]
+            pub const fn unchecked_add(self, n: u64) -> Self {
+                Self(self.0.wrapping_add(n))
+            }
+
+            /// How far `self` lies past `base`, or `None` if it lies before.
+            #[inline]
+            pub const fn checked_offset_from(self, base: Self) -> Option<u64> {
+                self.0.checked_sub(base.0)
+            }
+
+            /// How far `self` lies past `base` (wraps if it lies before; for
+            /// values known to be in order).
+            #[inline]
+            pub const fn unchecked_offset_from(self, base: Self) -> u64 {
+                self.0.wrapping_sub(base.0)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(&self.0, f)
+            }
+        }
+
+        impl fmt::LowerHex for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::LowerHex::fmt(&self.0, f)
+            }
+        }
+    };
+}
+
+index_newtype!(
+    /// A guest page frame number: the guest-physical byte address shifted
+    /// right by [`PAGE_SHIFT`]. Like vm-memory's `GuestAddress`, but counting
+    /// 4 KiB pages, so it cannot be mixed up with a byte address or a
+    /// [`Bit`].
+    ///
+    /// ```
+    /// use freehint_protocol::layout::Pfn;
+    /// let p = Pfn::from_addr(0x1_0000_0fff);
+    /// assert_eq!(p, Pfn(0x10_0000));
+    /// assert_eq!(p.addr(), 0x1_0000_0000);
+    /// assert_eq!(Pfn::from_addr_up(0x1001), Some(Pfn(2)));
+    /// assert_eq!(p.checked_add(3), Some(Pfn(0x10_0003)));
+    /// assert_eq!(Pfn(7).checked_offset_from(Pfn(5)), Some(2));
+    /// ```
+    Pfn,
+    "page frame number"
+);
+
+index_newtype!(
+    /// An index into the free page bitmap of a [`Layout`]: RAM pages
+    /// numbered densely with holes (the x86 PCI hole below 4 GiB) folded
+    /// out. Only a layout turns a [`Pfn`] into a `Bit` and back.
+    ///
+    /// ```
+    /// use freehint_protocol::layout::Bit;
+    /// assert_eq!(Bit(130).word(), 2);
+    /// assert_eq!(Bit(130).bit_in_word(), 2);
+    /// assert_eq!(Bit(64).unchecked_add(64), Bit(128));
+    /// ```
+    Bit,
+    "bit index"
+);
+
+impl Pfn {
+    /// The page frame holding byte address `addr` (rounds down).
+    #[inline]
+    pub const fn from_addr(addr: u64) -> Self {
+        Self(addr >> PAGE_SHIFT)
+    }
+
+    /// The first page frame that starts at or after byte address `addr`
+    /// (rounds up), or `None` if `addr` lies in the last, partial page of
+    /// the 64-bit address space.
+    #[inline]
+    pub const fn from_addr_up(addr: u64) -> Option<Self> {
+        match addr.checked_add(PAGE_SIZE - 1) {
+            Some(a) => Some(Self(a >> PAGE_SHIFT)),
+            None => None,
+        }
+    }
+
+    /// Byte address of the frame's first byte (the high bits are lost for
+    /// pfns at or above 2^52, which no layout holds).
+    #[inline]
+    pub const fn addr(self) -> u64 {
+        self.0 << PAGE_SHIFT
+    }
+
+    /// Byte address of the frame's first byte, or `None` if it does not fit
+    /// in 64 bits.
+    #[inline]
+    pub const fn checked_addr(self) -> Option<u64> {
+        if self.0 < MAX_PFN_END {
+            Some(self.0 << PAGE_SHIFT)
+        } else {
+            None
+        }
+    }
+}
+
+impl Bit {
+    /// The bit as an index into an in-memory bitmap (a valid layout's bits
+    /// are below [`MAX_TOTAL_BITS`], which fits a 64-bit `usize`).
+    #[inline]
+    pub const fn index(self) -> usize {
+        self.0 as usize
+    }
+
+    /// Index of the 64-bit bitmap word holding this bit.
+    #[inline]
+    pub const fn word(self) -> usize {
+        (self.0 / 64) as usize
+    }
+
+    /// Position of this bit within its word (`0..64`).
+    #[inline]
+    pub const fn bit_in_word(self) -> u32 {
+        (self.0 % 64) as u32
+    }
+}
 
 /// A QEMU x86 machine type, for [`qemu_x86_ram_ranges`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,24 +229,30 @@ pub fn qemu_x86_ram_ranges(
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct LayoutRange {
     /// First page frame number of the range.
-    pub first_pfn: u64,
+    pub first_pfn: Pfn,
     /// Number of pages in the range (never 0 in a valid layout).
     pub nr_pages: u64,
     /// Bitmap bit of `first_pfn`.
-    pub first_bit: u64,
+    pub first_bit: Bit,
 }
 
 impl LayoutRange {
     /// One past the last pfn (unchecked; valid layouts never overflow).
     #[inline]
-    pub const fn end_pfn(&self) -> u64 {
-        self.first_pfn.wrapping_add(self.nr_pages)
+    pub const fn end_pfn(&self) -> Pfn {
+        self.first_pfn.unchecked_add(self.nr_pages)
     }
 
     /// One past the last bit (unchecked; valid layouts never overflow).
     #[inline]
-    pub const fn end_bit(&self) -> u64 {
-        self.first_bit.wrapping_add(self.nr_pages)
+    pub const fn end_bit(&self) -> Bit {
+        self.first_bit.unchecked_add(self.nr_pages)
+    }
+
+    /// Whether `pfn` lies in the range.
+    #[inline]
+    pub fn contains_pfn(&self, pfn: Pfn) -> bool {
+        self.first_pfn <= pfn && pfn < self.end_pfn()
     }
 }
 
@@ -165,9 +322,9 @@ impl Layout {
     pub const fn empty() -> Self {
         Self {
             ranges: [LayoutRange {
-                first_pfn: 0,
+                first_pfn: Pfn(0),
                 nr_pages: 0,
-                first_bit: 0,
+                first_bit: Bit(0),
             }; MAX_LAYOUT_RANGES],
             len: 0,
             total_bits: 0,
@@ -176,12 +333,12 @@ impl Layout {
 
     /// Appends RAM `[first_pfn, first_pfn + nr)` packed right after the
     /// previous range's bits; merges with the previous range when contiguous.
-    fn push_ram(&mut self, first_pfn: u64, nr: u64) -> Result<(), LayoutError> {
+    fn push_ram(&mut self, first_pfn: Pfn, nr: u64) -> Result<(), LayoutError> {
         if nr == 0 {
             return Err(LayoutError::ZeroLength);
         }
         let end = first_pfn.checked_add(nr).ok_or(LayoutError::Overflow)?;
-        if end > MAX_PFN_END {
+        if end.raw() > MAX_PFN_END {
             return Err(LayoutError::Overflow);
         }
         let first_bit = self.total_bits;
@@ -213,7 +370,7 @@ impl Layout {
         self.ranges[self.len] = LayoutRange {
             first_pfn,
             nr_pages: nr,
-            first_bit,
+            first_bit: Bit(first_bit),
         };
         self.len += 1;
         self.total_bits = total;
@@ -230,7 +387,7 @@ impl Layout {
     /// let l = Layout::from_ram_pfn_ranges(&[(0, 16), (16, 16), (100, 4)]).unwrap();
     /// assert_eq!(l.ranges().len(), 2);
     /// assert_eq!(l.total_bits(), 36);
-    /// assert_eq!(l.pfn_to_bit(101), Some(33));
+    /// assert_eq!(l.pfn_to_bit(freehint_protocol::layout::Pfn(101)), Some(freehint_protocol::layout::Bit(33)));
     /// assert_eq!(Layout::from_ram_pfn_ranges(&[(8, 8), (0, 4)]), Err(LayoutError::Unsorted));
     /// ```
     pub fn from_ram_pfn_ranges(ranges: &[(u64, u64)]) -> Result<Self, LayoutError> {
@@ -239,7 +396,7 @@ impl Layout {
         }
         let mut l = Self::empty();
         for &(first_pfn, nr) in ranges {
-            l.push_ram(first_pfn, nr)?;
+            l.push_ram(Pfn(first_pfn), nr)?;
         }
         Ok(l)
     }
@@ -260,7 +417,7 @@ impl Layout {
             }
             // The last byte must be addressable (the end may be 2^64).
             start.checked_add(len - 1).ok_or(LayoutError::Overflow)?;
-            l.push_ram(start >> PAGE_SHIFT, len >> PAGE_SHIFT)?;
+            l.push_ram(Pfn::from_addr(start), len >> PAGE_SHIFT)?;
         }
         Ok(l)
     }
@@ -272,8 +429,8 @@ impl Layout {
     /// never set. Entries are kept as given (no merging).
     ///
     /// ```
-    /// use freehint_protocol::layout::{Layout, LayoutError, LayoutRange};
-    /// let r = |first_pfn, nr_pages, first_bit| LayoutRange { first_pfn, nr_pages, first_bit };
+    /// use freehint_protocol::layout::{Bit, Layout, LayoutError, LayoutRange, Pfn};
+    /// let r = |pfn, nr_pages, bit| LayoutRange { first_pfn: Pfn(pfn), nr_pages, first_bit: Bit(bit) };
     /// assert!(Layout::from_ranges(&[r(0, 8, 0), r(16, 8, 8)]).is_ok());
     /// assert_eq!(
     ///     Layout::from_ranges(&[r(0, 8, 0), r(16, 8, 4)]),
@@ -300,10 +457,10 @@ impl Layout {
     /// temporary table.
     ///
     /// ```
-    /// use freehint_protocol::layout::{Layout, LayoutError, LayoutRange};
+    /// use freehint_protocol::layout::{Bit, Layout, LayoutError, LayoutRange, Pfn};
     /// let mut l = Layout::empty();
-    /// l.push_range(LayoutRange { first_pfn: 0, nr_pages: 4, first_bit: 0 }).unwrap();
-    /// let bad = LayoutRange { first_pfn: 2, nr_pages: 4, first_bit: 4 };
+    /// l.push_range(LayoutRange { first_pfn: Pfn(0), nr_pages: 4, first_bit: Bit(0) }).unwrap();
+    /// let bad = LayoutRange { first_pfn: Pfn(2), nr_pages: 4, first_bit: Bit(4) };
     /// assert_eq!(l.push_range(bad), Err(LayoutError::OverlappingPfns));
     /// assert_eq!(l.total_bits(), 4);
     /// ```
@@ -318,7 +475,7 @@ impl Layout {
             .first_pfn
             .checked_add(r.nr_pages)
             .ok_or(LayoutError::Overflow)?;
-        if end_pfn > MAX_PFN_END {
+        if end_pfn.raw() > MAX_PFN_END {
             return Err(LayoutError::Overflow);
         }
         let end_bit = r
@@ -336,12 +493,12 @@ impl Layout {
                 return Err(LayoutError::OverlappingBits);
             }
         }
-        if end_bit > MAX_TOTAL_BITS {
+        if end_bit.raw() > MAX_TOTAL_BITS {
             return Err(LayoutError::TooManyBits);
         }
         self.ranges[self.len] = r;
         self.len += 1;
-        self.total_bits = end_bit;
+        self.total_bits = end_bit.raw();
         Ok(())
     }
 
@@ -365,7 +522,7 @@ impl Layout {
 
     /// Index of the range containing `pfn`, if any.
     #[inline]
-    fn range_of_pfn(&self, pfn: u64) -> Option<&LayoutRange> {
+    fn range_of_pfn(&self, pfn: Pfn) -> Option<&LayoutRange> {
         let rs = self.ranges();
         let i = rs.partition_point(|r| r.first_pfn <= pfn);
         let r = rs.get(i.checked_sub(1)?)?;
@@ -374,18 +531,24 @@ impl Layout {
 
     /// Bit of `pfn`, or `None` if the pfn is not RAM covered by the layout.
     #[inline]
-    pub fn pfn_to_bit(&self, pfn: u64) -> Option<u64> {
+    pub fn pfn_to_bit(&self, pfn: Pfn) -> Option<Bit> {
         let r = self.range_of_pfn(pfn)?;
-        Some(r.first_bit + (pfn - r.first_pfn))
+        Some(
+            r.first_bit
+                .unchecked_add(pfn.unchecked_offset_from(r.first_pfn)),
+        )
     }
 
     /// Pfn of `bit`, or `None` if no range maps to that bit.
     #[inline]
-    pub fn bit_to_pfn(&self, bit: u64) -> Option<u64> {
+    pub fn bit_to_pfn(&self, bit: Bit) -> Option<Pfn> {
         let rs = self.ranges();
         let i = rs.partition_point(|r| r.first_bit <= bit);
         let r = rs.get(i.checked_sub(1)?)?;
-        (bit < r.end_bit()).then(|| r.first_pfn + (bit - r.first_bit))
+        (bit < r.end_bit()).then(|| {
+            r.first_pfn
+                .unchecked_add(bit.unchecked_offset_from(r.first_bit))
+        })
     }
 
     /// Calls `f(first_pfn, nr_pages)` for every piece of the bit run
@@ -395,16 +558,16 @@ impl Layout {
     /// because the pfns jump over the hole between them.
     ///
     /// ```
-    /// use freehint_protocol::layout::Layout;
+    /// use freehint_protocol::layout::{Bit, Layout};
     /// // pfns 0..10 are bits 0..10, pfns 20..30 are bits 10..20.
     /// let l = Layout::from_ram_pfn_ranges(&[(0, 10), (20, 10)]).unwrap();
     /// let mut runs = [(0u64, 0u64); 4];
     /// let mut n = 0;
-    /// l.for_each_pfn_run(5, 10, |p, k| { runs[n] = (p, k); n += 1; });
+    /// l.for_each_pfn_run(Bit(5), 10, |p, k| { runs[n] = (p.raw(), k); n += 1; });
     /// assert_eq!(&runs[..n], &[(5, 5), (20, 5)]);
     /// ```
-    pub fn for_each_pfn_run(&self, bit: u64, nr: u64, mut f: impl FnMut(u64, u64)) {
-        let end = bit.saturating_add(nr);
+    pub fn for_each_pfn_run(&self, bit: Bit, nr: u64, mut f: impl FnMut(Pfn, u64)) {
+        let end = Bit(bit.raw().saturating_add(nr));
         let rs = self.ranges();
         let start = rs.partition_point(|r| r.end_bit() <= bit);
         for r in &rs[start..] {
@@ -414,7 +577,10 @@ impl Layout {
             let lo = if bit > r.first_bit { bit } else { r.first_bit };
             let hi = if end < r.end_bit() { end } else { r.end_bit() };
             if lo < hi {
-                f(r.first_pfn + (lo - r.first_bit), hi - lo);
+                let pfn = r
+                    .first_pfn
+                    .unchecked_add(lo.unchecked_offset_from(r.first_bit));
+                f(pfn, hi.unchecked_offset_from(lo));
             }
         }
     }
@@ -425,23 +591,23 @@ impl Layout {
     /// first range, then a walk: no per-page work.
     ///
     /// ```
-    /// use freehint_protocol::layout::Layout;
+    /// use freehint_protocol::layout::{Layout, Pfn};
     /// let l = Layout::from_ram_pfn_ranges(&[(0, 10), (20, 10)]).unwrap();
     /// let mut runs = [(0u64, 0u64); 4];
     /// let mut n = 0;
     /// // pfns 5..25: 5..10 are bits 5..10, 10..20 is a hole, 20..25 are
     /// // bits 10..15, adjacent to the first piece, so one call.
-    /// l.for_each_bit_run(5, 20, |b, k| { runs[n] = (b, k); n += 1; });
+    /// l.for_each_bit_run(Pfn(5), 20, |b, k| { runs[n] = (b.raw(), k); n += 1; });
     /// assert_eq!(&runs[..n], &[(5, 10)]);
     /// ```
-    pub fn for_each_bit_run(&self, pfn: u64, nr: u64, mut f: impl FnMut(u64, u64)) {
+    pub fn for_each_bit_run(&self, pfn: Pfn, nr: u64, mut f: impl FnMut(Bit, u64)) {
         if nr == 0 {
             return;
         }
-        let end = pfn.saturating_add(nr);
+        let end = Pfn(pfn.raw().saturating_add(nr));
         let rs = self.ranges();
         let start = rs.partition_point(|r| r.end_pfn() <= pfn);
-        let mut pending: Option<(u64, u64)> = None;
+        let mut pending: Option<(Bit, u64)> = None;
         for r in &rs[start..] {
             if r.first_pfn >= end {
                 break;
@@ -451,10 +617,12 @@ impl Layout {
             if lo >= hi {
                 continue;
             }
-            let bit = r.first_bit + (lo - r.first_pfn);
-            let n = hi - lo;
+            let bit = r
+                .first_bit
+                .unchecked_add(lo.unchecked_offset_from(r.first_pfn));
+            let n = hi.unchecked_offset_from(lo);
             pending = match pending {
-                Some((pb, pn)) if pb + pn == bit => Some((pb, pn + n)),
+                Some((pb, pn)) if pb.unchecked_add(pn) == bit => Some((pb, pn + n)),
                 Some((pb, pn)) => {
                     f(pb, pn);
                     Some((bit, n))

@@ -27,4 +27,6 @@ pub mod layout;
 pub use balloon::{next_cmd_id, ConfigSpace, QueueKind, QueueLayout};
 pub use bitmap::{count_ones, set_bit_run, set_runs, words_for_bits};
 pub use bitmap_hint::{BoundChunk, ChunkHeader, LayoutReply, Message, MsgHeader, WireError};
-pub use layout::{Layout, LayoutError, LayoutRange, MAX_TOTAL_BITS, PAGE_SHIFT, PAGE_SIZE};
+pub use layout::{
+    Bit, Layout, LayoutError, LayoutRange, Pfn, MAX_TOTAL_BITS, PAGE_SHIFT, PAGE_SIZE,
+};

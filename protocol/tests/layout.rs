@@ -8,11 +8,34 @@ use proptest::prelude::*;
 
 const GIB: u64 = 1 << 30;
 
+/// The layout's mapping in raw numbers, for the naive models below.
+trait Raw {
+    fn p2b(&self, pfn: u64) -> Option<u64>;
+    fn b2p(&self, bit: u64) -> Option<u64>;
+    fn bit_runs(&self, pfn: u64, nr: u64, f: impl FnMut(u64, u64));
+    fn pfn_runs(&self, bit: u64, nr: u64, f: impl FnMut(u64, u64));
+}
+
+impl Raw for Layout {
+    fn p2b(&self, pfn: u64) -> Option<u64> {
+        self.pfn_to_bit(Pfn(pfn)).map(Bit::raw)
+    }
+    fn b2p(&self, bit: u64) -> Option<u64> {
+        self.bit_to_pfn(Bit(bit)).map(Pfn::raw)
+    }
+    fn bit_runs(&self, pfn: u64, nr: u64, mut f: impl FnMut(u64, u64)) {
+        self.for_each_bit_run(Pfn(pfn), nr, |b, n| f(b.raw(), n));
+    }
+    fn pfn_runs(&self, bit: u64, nr: u64, mut f: impl FnMut(u64, u64)) {
+        self.for_each_pfn_run(Bit(bit), nr, |p, n| f(p.raw(), n));
+    }
+}
+
 fn r(first_pfn: u64, nr_pages: u64, first_bit: u64) -> LayoutRange {
     LayoutRange {
-        first_pfn,
+        first_pfn: Pfn(first_pfn),
         nr_pages,
-        first_bit,
+        first_bit: Bit(first_bit),
     }
 }
 
@@ -21,7 +44,7 @@ fn model(l: &Layout) -> BTreeMap<u64, u64> {
     let mut m = BTreeMap::new();
     for r in l.ranges() {
         for i in 0..r.nr_pages {
-            m.insert(r.first_pfn + i, r.first_bit + i);
+            m.insert(r.first_pfn.raw() + i, r.first_bit.raw() + i);
         }
     }
     m
@@ -34,7 +57,11 @@ fn naive_valid(rs: &[LayoutRange]) -> bool {
     }
     let mut prev: Option<(u128, u128)> = None;
     for r in rs {
-        let (p, n, b) = (r.first_pfn as u128, r.nr_pages as u128, r.first_bit as u128);
+        let (p, n, b) = (
+            r.first_pfn.raw() as u128,
+            r.nr_pages as u128,
+            r.first_bit.raw() as u128,
+        );
         if n == 0 || p + n > 1u128 << 52 || b + n > MAX_TOTAL_BITS as u128 {
             return false;
         }
@@ -53,12 +80,12 @@ fn check_against_model(l: &Layout) {
     let m = model(l);
     let inv: BTreeMap<u64, u64> = m.iter().map(|(&p, &b)| (b, p)).collect();
     assert_eq!(inv.len(), m.len(), "bits must be unique");
-    let max_pfn = l.ranges().last().map_or(0, |r| r.end_pfn());
+    let max_pfn = l.ranges().last().map_or(0, |r| r.end_pfn().raw());
     for pfn in 0..max_pfn + 5 {
-        assert_eq!(l.pfn_to_bit(pfn), m.get(&pfn).copied(), "pfn {pfn}");
+        assert_eq!(l.p2b(pfn), m.get(&pfn).copied(), "pfn {pfn}");
     }
     for bit in 0..l.total_bits() + 5 {
-        assert_eq!(l.bit_to_pfn(bit), inv.get(&bit).copied(), "bit {bit}");
+        assert_eq!(l.b2p(bit), inv.get(&bit).copied(), "bit {bit}");
     }
     assert_eq!(l.ram_pages(), m.len() as u64);
     assert_eq!(l.total_bits(), inv.keys().last().map_or(0, |b| b + 1));
@@ -80,18 +107,18 @@ fn check_against_model(l: &Layout) {
 /// one range each.
 fn check_pfn_runs(l: &Layout, bit: u64, nr: u64) {
     let mut runs = Vec::new();
-    l.for_each_pfn_run(bit, nr, |p, k| runs.push((p, k)));
+    l.pfn_runs(bit, nr, |p, k| runs.push((p, k)));
     let mut got = Vec::new();
     for &(p, k) in &runs {
         assert!(k > 0, "empty piece in {runs:?}");
         got.extend(p..p + k);
     }
-    let want: Vec<u64> = (bit..bit + nr).filter_map(|b| l.bit_to_pfn(b)).collect();
+    let want: Vec<u64> = (bit..bit + nr).filter_map(|b| l.b2p(b)).collect();
     assert_eq!(got, want, "for_each_pfn_run({bit}, {nr})");
     let n_ranges = l
         .ranges()
         .iter()
-        .filter(|r| nr > 0 && r.first_bit < bit + nr && bit < r.end_bit())
+        .filter(|r| nr > 0 && r.first_bit.raw() < bit + nr && bit < r.end_bit().raw())
         .count();
     assert_eq!(
         runs.len(),
@@ -102,7 +129,7 @@ fn check_pfn_runs(l: &Layout, bit: u64, nr: u64) {
 
 fn check_runs(l: &Layout, m: &BTreeMap<u64, u64>, pfn: u64, nr: u64) {
     let mut runs = Vec::new();
-    l.for_each_bit_run(pfn, nr, |b, n| runs.push((b, n)));
+    l.bit_runs(pfn, nr, |b, n| runs.push((b, n)));
     let mut got = Vec::new();
     for w in runs.windows(2) {
         assert!(
@@ -133,20 +160,20 @@ fn x86_pc_4g_gap() {
         ((4 * GIB) >> PAGE_SHIFT) + 1,
         ((7 * GIB) >> PAGE_SHIFT) - 1,
     ] {
-        assert_eq!(l.pfn_to_bit(pfn), Some(pfn - pfn_gap));
-        assert_eq!(l.bit_to_pfn(pfn - pfn_gap), Some(pfn));
+        assert_eq!(l.p2b(pfn), Some(pfn - pfn_gap));
+        assert_eq!(l.b2p(pfn - pfn_gap), Some(pfn));
     }
     assert_eq!(
-        l.pfn_to_bit((low >> PAGE_SHIFT) - 1),
+        l.p2b((low >> PAGE_SHIFT) - 1),
         Some((low >> PAGE_SHIFT) - 1)
     );
-    assert_eq!(l.pfn_to_bit(low >> PAGE_SHIFT), None);
-    assert_eq!(l.pfn_to_bit(((4 * GIB) >> PAGE_SHIFT) - 1), None);
-    assert_eq!(l.pfn_to_bit((7 * GIB) >> PAGE_SHIFT), None);
-    assert_eq!(l.bit_to_pfn(l.total_bits()), None);
+    assert_eq!(l.p2b(low >> PAGE_SHIFT), None);
+    assert_eq!(l.p2b(((4 * GIB) >> PAGE_SHIFT) - 1), None);
+    assert_eq!(l.p2b((7 * GIB) >> PAGE_SHIFT), None);
+    assert_eq!(l.b2p(l.total_bits()), None);
     // A free block straddling the hole: two pieces, adjacent in bit space.
     let mut runs = Vec::new();
-    l.for_each_bit_run((low >> PAGE_SHIFT) - 2, pfn_gap + 4, |b, n| {
+    l.bit_runs((low >> PAGE_SHIFT) - 2, pfn_gap + 4, |b, n| {
         runs.push((b, n))
     });
     assert_eq!(runs, vec![((low >> PAGE_SHIFT) - 2, 4)]);
@@ -172,9 +199,9 @@ fn empty_layout_maps_nothing() {
     assert_eq!(l, Layout::default());
     assert_eq!(l.total_bits(), 0);
     assert!(l.ranges().is_empty());
-    assert_eq!(l.pfn_to_bit(0), None);
-    assert_eq!(l.bit_to_pfn(0), None);
-    l.for_each_bit_run(0, u64::MAX, |_, _| panic!("no runs in an empty layout"));
+    assert_eq!(l.p2b(0), None);
+    assert_eq!(l.b2p(0), None);
+    l.bit_runs(0, u64::MAX, |_, _| panic!("no runs in an empty layout"));
 }
 
 #[test]
@@ -236,7 +263,7 @@ fn every_layout_error_from_byte_ranges() {
     // The last byte-addressable page is fine.
     let top = u64::MAX - 4095;
     let l = Layout::from_ram_byte_ranges(&[(top, 4096)]).unwrap();
-    assert_eq!(l.pfn_to_bit(top >> PAGE_SHIFT), Some(0));
+    assert_eq!(l.p2b(top >> PAGE_SHIFT), Some(0));
 }
 
 #[test]
@@ -266,8 +293,8 @@ fn peer_table_with_bit_gaps() {
     let l = Layout::from_ranges(&[r(0, 8, 0), r(100, 8, 16)]).unwrap();
     assert_eq!(l.total_bits(), 24);
     assert_eq!(l.ram_pages(), 16);
-    assert_eq!(l.bit_to_pfn(10), None);
-    assert_eq!(l.bit_to_pfn(17), Some(101));
+    assert_eq!(l.b2p(10), None);
+    assert_eq!(l.b2p(17), Some(101));
     check_against_model(&l);
 }
 
@@ -284,10 +311,10 @@ fn error_messages_are_clear() {
 fn for_each_bit_run_huge_inputs_do_not_overflow() {
     let l = Layout::from_ram_pfn_ranges(&[(0, 10), ((1 << 52) - 10, 10)]).unwrap();
     let mut runs = Vec::new();
-    l.for_each_bit_run(5, u64::MAX, |b, n| runs.push((b, n)));
+    l.bit_runs(5, u64::MAX, |b, n| runs.push((b, n)));
     assert_eq!(runs, vec![(5, 15)]);
     runs.clear();
-    l.for_each_bit_run(u64::MAX - 1, u64::MAX, |b, n| runs.push((b, n)));
+    l.bit_runs(u64::MAX - 1, u64::MAX, |b, n| runs.push((b, n)));
     assert!(runs.is_empty());
 }
 
@@ -359,11 +386,11 @@ proptest! {
         let l = Layout::from_ram_pfn_ranges(&ranges).unwrap();
         for p in probes {
             let bit = p % l.total_bits();
-            let pfn = l.bit_to_pfn(bit).unwrap();
-            prop_assert_eq!(l.pfn_to_bit(pfn), Some(bit));
+            let pfn = l.b2p(bit).unwrap();
+            prop_assert_eq!(l.p2b(pfn), Some(bit));
             let pfn2 = p % (pfn + 1);
-            if let Some(b) = l.pfn_to_bit(pfn2) {
-                prop_assert_eq!(l.bit_to_pfn(b), Some(pfn2));
+            if let Some(b) = l.p2b(pfn2) {
+                prop_assert_eq!(l.b2p(b), Some(pfn2));
             }
         }
     }
@@ -379,7 +406,7 @@ proptest! {
         prop_assert_eq!(got.is_ok(), naive_valid(&rs), "{:?} -> {:?}", rs, got);
         if let Ok(l) = got {
             prop_assert_eq!(l.ranges(), &rs[..]);
-            prop_assert_eq!(l.total_bits(), rs.last().unwrap().end_bit());
+            prop_assert_eq!(l.total_bits(), rs.last().unwrap().end_bit().raw());
         }
     }
 

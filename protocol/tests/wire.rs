@@ -3,10 +3,29 @@
 
 use freehint_protocol::bitmap::{set_runs, words_for_bits};
 use freehint_protocol::bitmap_hint::*;
-use freehint_protocol::layout::{Layout, LayoutError, LayoutRange, MAX_LAYOUT_RANGES};
+use freehint_protocol::layout::{Bit, Layout, LayoutError, LayoutRange, Pfn, MAX_LAYOUT_RANGES};
 use proptest::prelude::*;
 
 const ID: u32 = 0x8000_0000;
+
+/// The layout's mapping in raw numbers, for the naive models below.
+trait Raw {
+    fn p2b(&self, pfn: u64) -> Option<u64>;
+    fn b2p(&self, bit: u64) -> Option<u64>;
+    fn bit_runs(&self, pfn: u64, nr: u64, f: impl FnMut(u64, u64));
+}
+
+impl Raw for Layout {
+    fn p2b(&self, pfn: u64) -> Option<u64> {
+        self.pfn_to_bit(Pfn(pfn)).map(Bit::raw)
+    }
+    fn b2p(&self, bit: u64) -> Option<u64> {
+        self.bit_to_pfn(Bit(bit)).map(Pfn::raw)
+    }
+    fn bit_runs(&self, pfn: u64, nr: u64, mut f: impl FnMut(u64, u64)) {
+        self.for_each_bit_run(Pfn(pfn), nr, |b, n| f(b.raw(), n));
+    }
+}
 
 fn hdr(kind: u16, cmd_id: u32, nr_bits: u32, first_bit: u64) -> MsgHeader {
     MsgHeader {
@@ -262,18 +281,18 @@ fn raw_reply(nr: u16, total: u64, ranges: &[LayoutRange]) -> Vec<u8> {
     b.extend_from_slice(&0u32.to_le_bytes());
     b.extend_from_slice(&total.to_le_bytes());
     for r in ranges {
-        b.extend_from_slice(&r.first_pfn.to_le_bytes());
+        b.extend_from_slice(&r.first_pfn.raw().to_le_bytes());
         b.extend_from_slice(&r.nr_pages.to_le_bytes());
-        b.extend_from_slice(&r.first_bit.to_le_bytes());
+        b.extend_from_slice(&r.first_bit.raw().to_le_bytes());
     }
     b
 }
 
 fn lr(first_pfn: u64, nr_pages: u64, first_bit: u64) -> LayoutRange {
     LayoutRange {
-        first_pfn,
+        first_pfn: Pfn(first_pfn),
         nr_pages,
-        first_bit,
+        first_bit: Bit(first_bit),
     }
 }
 
@@ -434,7 +453,7 @@ fn chunked_bitmap_end_to_end() {
     // Driver: build the whole bitmap, then send it in 128-bit chunks.
     let mut guest = vec![0u64; words_for_bits(l.total_bits())];
     for &(pfn, nr) in &free_pfns {
-        l.for_each_bit_run(pfn, nr, |b, n| {
+        l.bit_runs(pfn, nr, |b, n| {
             assert!(freehint_protocol::bitmap::set_bit_run(&mut guest, b, n));
         });
     }
@@ -460,12 +479,12 @@ fn chunked_bitmap_end_to_end() {
     let mut pfns = Vec::new();
     for (b, n) in set_runs(&host) {
         for bit in b..b + n {
-            pfns.push(l.bit_to_pfn(bit).unwrap());
+            pfns.push(l.b2p(bit).unwrap());
         }
     }
     let mut want = Vec::new();
     for &(pfn, nr) in &free_pfns {
-        want.extend((pfn..pfn + nr).filter(|&p| l.pfn_to_bit(p).is_some()));
+        want.extend((pfn..pfn + nr).filter(|&p| l.p2b(p).is_some()));
     }
     assert_eq!(pfns, want);
 }
@@ -579,7 +598,7 @@ fn docs_example_8gib_pc_guest() {
     assert_eq!(words_for_bits(l.total_bits()) * 8, 256 << 10);
     let pfn_gap = 0x40000;
     let pfn = 0x100000 + 12345;
-    assert_eq!(l.pfn_to_bit(pfn), Some(pfn - pfn_gap));
+    assert_eq!(l.p2b(pfn), Some(pfn - pfn_gap));
     let b = reply_bytes(l);
     assert_eq!(&b[..4], b"FHLR");
     assert_eq!(&b[4..8], &0x8000_0000u32.to_le_bytes());

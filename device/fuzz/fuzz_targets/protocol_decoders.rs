@@ -71,11 +71,11 @@ fn layout_reply(bytes: &[u8]) {
     assert_eq!(LayoutReply::parse(&out[..n]), Ok(reply));
     let layout = reply.layout;
     for r in layout.ranges() {
-        for pfn in [r.first_pfn, r.end_pfn() - 1] {
+        for pfn in [r.first_pfn, r.first_pfn.unchecked_add(r.nr_pages - 1)] {
             let bit = layout
                 .pfn_to_bit(pfn)
                 .expect("a pfn inside a range has a bit");
-            assert!(bit < layout.total_bits());
+            assert!(bit.raw() < layout.total_bits());
             assert_eq!(layout.bit_to_pfn(bit), Some(pfn));
         }
     }

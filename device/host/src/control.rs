@@ -311,7 +311,7 @@ fn layout(c: &Control) -> Reply {
         .ranges()
         .iter()
         .map(
-            |r| json!({"first_pfn": r.first_pfn, "nr_pages": r.nr_pages, "first_bit": r.first_bit}),
+            |r| json!({"first_pfn": r.first_pfn.raw(), "nr_pages": r.nr_pages, "first_bit": r.first_bit.raw()}),
         )
         .collect();
     Reply::ok(json!({"ok": true, "total_bits": layout.total_bits(), "ranges": ranges}))

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bitvec::prelude::{BitVec, Lsb0};
-use freehint_protocol::layout::{Layout, LayoutRange};
+use freehint_protocol::layout::{Bit, Layout, LayoutRange, Pfn};
 use serde_json::Value;
 
 use crate::device_hints::{HintPort, PortError};
@@ -120,9 +120,9 @@ fn parse_layout(reply: &Value) -> Result<Layout, PortError> {
     for r in ranges {
         let field = |k: &str| r[k].as_u64().ok_or_else(|| bad(k));
         out.push(LayoutRange {
-            first_pfn: field("first_pfn")?,
+            first_pfn: Pfn(field("first_pfn")?),
             nr_pages: field("nr_pages")?,
-            first_bit: field("first_bit")?,
+            first_bit: Bit(field("first_bit")?),
         });
     }
     Layout::from_ranges(&out).map_err(|e| bad(&e.to_string()))

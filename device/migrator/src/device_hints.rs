@@ -47,13 +47,12 @@
 use std::time::{Duration, Instant};
 
 use bitvec::prelude::{BitVec, Lsb0};
-use freehint_protocol::layout::Layout;
+use freehint_protocol::layout::{Layout, Pfn};
 
 use crate::bits::PageBits;
 use crate::dirty::{DirtyLog, HookError};
 use crate::hints::HintSource;
 use crate::layout::RamLayout;
-use crate::PAGE_SIZE;
 
 /// Why a [`HintPort`] refused or failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -102,25 +101,36 @@ pub enum LayoutMismatch {
     #[error("guest RAM pfns {first_pfn:#x}..{end_pfn:#x} are not in the balloon device's layout")]
     NotInDevice {
         /// First pfn of the first such run.
-        first_pfn: u64,
+        first_pfn: Pfn,
         /// One past its last pfn.
-        end_pfn: u64,
+        end_pfn: Pfn,
     },
     /// Pages the device can hint that the migrator does not send.
     #[error("the balloon device's layout has pfns {first_pfn:#x}..{end_pfn:#x}, which are not guest RAM of the migration")]
     NotInRam {
         /// First pfn of the first such run.
-        first_pfn: u64,
+        first_pfn: Pfn,
         /// One past its last pfn.
-        end_pfn: u64,
+        end_pfn: Pfn,
     },
 }
 
-/// Device layout bits to migrator page indices: runs of
-/// `(first page, first bit, length)`.
+/// Pages that are consecutive both in the migrator's page order and in the
+/// device's bit order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MapRun {
+    /// Migrator page index of the first page.
+    page: usize,
+    /// Device bit of the first page.
+    bit: usize,
+    /// Pages in the run.
+    len: usize,
+}
+
+/// Device layout bits to migrator page indices, as [`MapRun`]s.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PageMap {
-    runs: Vec<(usize, usize, usize)>,
+    runs: Vec<MapRun>,
     device_bits: usize,
 }
 
@@ -128,17 +138,17 @@ impl PageMap {
     /// The map between `device` and `ram`, which must cover the same guest
     /// pages.
     pub fn new(device: &Layout, ram: &RamLayout) -> Result<Self, LayoutMismatch> {
-        let dev: Vec<(u64, u64)> = device
+        let dev: Vec<(Pfn, Pfn)> = device
             .ranges()
             .iter()
             .map(|r| (r.first_pfn, r.end_pfn()))
             .collect();
-        let mig: Vec<(u64, u64)> = ram
+        let mig: Vec<(Pfn, Pfn)> = ram
             .ranges()
             .iter()
             .map(|r| {
-                let pfn = r.gpa.0 / PAGE_SIZE as u64;
-                (pfn, pfn + r.pages)
+                let pfn = Pfn::from_addr(r.gpa.0);
+                (pfn, pfn.unchecked_add(r.pages))
             })
             .collect();
         if let Some((first_pfn, end_pfn)) = first_gap(&mig, &dev) {
@@ -153,11 +163,14 @@ impl PageMap {
             for r in device.ranges() {
                 let (lo, hi) = (m_lo.max(r.first_pfn), m_hi.min(r.end_pfn()));
                 if lo < hi {
-                    runs.push((
-                        (first_page + lo - m_lo) as usize,
-                        (r.first_bit + lo - r.first_pfn) as usize,
-                        (hi - lo) as usize,
-                    ));
+                    let bit = r
+                        .first_bit
+                        .unchecked_add(lo.unchecked_offset_from(r.first_pfn));
+                    runs.push(MapRun {
+                        page: (first_page + lo.unchecked_offset_from(m_lo)) as usize,
+                        bit: bit.index(),
+                        len: hi.unchecked_offset_from(lo) as usize,
+                    });
                 }
             }
         }
@@ -174,7 +187,7 @@ impl PageMap {
 
     /// ORs device bitmap `bits` into migrator bitmap `pages` (never clears).
     pub fn or_into(&self, bits: &PageBits, pages: &mut PageBits) {
-        for &(page, bit, len) in &self.runs {
+        for &MapRun { page, bit, len } in &self.runs {
             if let (Some(src), Some(dst)) =
                 (bits.get(bit..bit + len), pages.get_mut(page..page + len))
             {
@@ -186,7 +199,7 @@ impl PageMap {
 
 /// The first piece of `spans` that `covers` does not cover (both sorted,
 /// non-overlapping, as `[lo, hi)`).
-fn first_gap(spans: &[(u64, u64)], covers: &[(u64, u64)]) -> Option<(u64, u64)> {
+fn first_gap(spans: &[(Pfn, Pfn)], covers: &[(Pfn, Pfn)]) -> Option<(Pfn, Pfn)> {
     for &(lo, hi) in spans {
         let mut at = lo;
         for &(c_lo, c_hi) in covers {
@@ -497,7 +510,7 @@ impl HintPort for freehint_device::HintHandle {
 mod tests {
     use super::*;
     use crate::layout::RamRange;
-    use crate::PageBitmap;
+    use crate::{PageBitmap, PAGE_SIZE};
     use vm_memory::GuestAddress;
 
     fn ram(ranges: &[(u64, u64)]) -> RamLayout {
@@ -521,7 +534,8 @@ mod tests {
     fn same_pages_across_a_hole_map_one_to_one() {
         let dev = Layout::from_ram_pfn_ranges(&[(0, 16), (0x100, 16)]).unwrap();
         let map = PageMap::new(&dev, &ram(&[(0, 16), (0x100, 16)])).unwrap();
-        assert_eq!(map.runs, vec![(0, 0, 16), (16, 16, 16)]);
+        let run = |page, bit, len| MapRun { page, bit, len };
+        assert_eq!(map.runs, vec![run(0, 0, 16), run(16, 16, 16)]);
         let mut bits = PageBitmap::repeat(false, 32);
         bits.set(3, true);
         bits.set(17, true);
@@ -550,23 +564,23 @@ mod tests {
         assert_eq!(
             PageMap::new(&dev, &ram(&[(0, 16), (0x100, 4)])),
             Err(LayoutMismatch::NotInDevice {
-                first_pfn: 0x100,
-                end_pfn: 0x104
+                first_pfn: Pfn(0x100),
+                end_pfn: Pfn(0x104)
             })
         );
         assert_eq!(
             PageMap::new(&dev, &ram(&[(0, 8)])),
             Err(LayoutMismatch::NotInRam {
-                first_pfn: 8,
-                end_pfn: 16
+                first_pfn: Pfn(8),
+                end_pfn: Pfn(16)
             })
         );
         let dev = Layout::from_ram_pfn_ranges(&[(0, 4), (8, 8)]).unwrap();
         assert_eq!(
             PageMap::new(&dev, &ram(&[(0, 16)])),
             Err(LayoutMismatch::NotInDevice {
-                first_pfn: 4,
-                end_pfn: 8
+                first_pfn: Pfn(4),
+                end_pfn: Pfn(8)
             })
         );
     }

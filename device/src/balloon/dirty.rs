@@ -20,7 +20,7 @@
 
 use std::num::NonZeroUsize;
 
-use freehint_protocol::layout::{Layout, PAGE_SHIFT};
+use freehint_protocol::layout::{Layout, Pfn};
 use log::warn;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::bitmap::AtomicBitmap;
@@ -62,12 +62,12 @@ impl DeviceDirtyLog {
         if len == 0 {
             return 0;
         }
-        let first = gpa >> PAGE_SHIFT;
-        let last = gpa.saturating_add(len - 1) >> PAGE_SHIFT;
-        let pages = last - first + 1;
+        let first = Pfn::from_addr(gpa);
+        let last = Pfn::from_addr(gpa.saturating_add(len - 1));
+        let pages = last.unchecked_offset_from(first) + 1;
         let mut inside = 0;
         self.layout.for_each_bit_run(first, pages, |bit, nr| {
-            if let (Ok(bit), Ok(nr)) = (usize::try_from(bit), usize::try_from(nr)) {
+            if let (Ok(bit), Ok(nr)) = (usize::try_from(bit.raw()), usize::try_from(nr)) {
                 self.bits.set_addr_range(bit, nr);
             }
             inside += nr;
@@ -123,6 +123,7 @@ impl DirtyMarker<'_> {
 mod tests {
     use super::*;
     use freehint_protocol::bitmap::test_bit;
+    use freehint_protocol::layout::PAGE_SHIFT;
 
     #[test]
     fn marks_pages_in_layout_order_and_counts_the_rest() {

@@ -448,7 +448,7 @@ impl HintSet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balloon::round::HintDrop;
+    use crate::balloon::round::{FreeBlock, HintDrop};
     use crate::balloon::{BalloonConfig, MmapDiscard};
     use crate::virtio_device::Interrupt;
     use freehint_protocol::balloon::{FREE_PAGE_HINT_CMD_ID_DONE, FREE_PAGE_HINT_CMD_ID_STOP};
@@ -580,7 +580,11 @@ mod tests {
         h.shared.lock().hints.on_cmd_id(id).unwrap();
         assert_eq!(
             h.shared.lock().hints.on_free_block(0, 4 * PAGE_SIZE),
-            Ok((4, 0, 0))
+            Ok(FreeBlock {
+                merged_pages: 4,
+                partial_bytes: 0,
+                outside_bytes: 0
+            })
         );
     }
 
@@ -589,16 +593,23 @@ mod tests {
         let (h, _) = handle(16);
         started(&h);
         // [0x800, 0x3800): pages 1 and 2 whole, two half pages.
-        let (m, partial, outside) = h.shared.lock().hints.on_free_block(0x800, 0x3000).unwrap();
-        assert_eq!((m, partial, outside), (2, 0x1000, 0));
+        let b = h.shared.lock().hints.on_free_block(0x800, 0x3000).unwrap();
+        assert_eq!(
+            b,
+            FreeBlock {
+                merged_pages: 2,
+                partial_bytes: 0x1000,
+                outside_bytes: 0
+            }
+        );
         // Pages 14..20: 2 inside, 4 outside RAM.
-        let (m, _, outside) = h
+        let b = h
             .shared
             .lock()
             .hints
             .on_free_block(14 * PAGE_SIZE, 6 * PAGE_SIZE)
             .unwrap();
-        assert_eq!((m, outside), (2, 4 * PAGE_SIZE));
+        assert_eq!((b.merged_pages, b.outside_bytes), (2, 4 * PAGE_SIZE));
         let s = h.snapshot();
         assert!(s.contains(1) && s.contains(2) && !s.contains(0) && !s.contains(3));
         assert!(s.contains(14) && s.contains(15));
@@ -607,12 +618,14 @@ mod tests {
         assert_eq!(s.bits().len(), 16);
         assert!(s.bits().iter_ones().eq([1, 2, 14, 15]));
         assert_eq!(s.words(), [0xc006]);
-        // Huge/overflowing block: clamped, no panic.
-        h.shared
+        // Huge/overflowing block: clamped, no panic, nothing merged.
+        let b = h
+            .shared
             .lock()
             .hints
             .on_free_block(u64::MAX - 10, u64::MAX)
             .unwrap();
+        assert_eq!(b.merged_pages, 0);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use freehint_protocol::balloon::{
     next_cmd_id, FREE_PAGE_HINT_CMD_ID_DONE, FREE_PAGE_HINT_CMD_ID_STOP,
 };
 use freehint_protocol::bitmap_hint::{BoundChunk, ChunkHeader};
-use freehint_protocol::layout::{Layout, PAGE_SHIFT, PAGE_SIZE};
+use freehint_protocol::layout::{Layout, Pfn, PAGE_SHIFT};
 use freehint_protocol::WireError;
 use log::{debug, warn};
 
@@ -24,6 +24,28 @@ pub(crate) enum HintDrop {
     Stale,
     /// The epoch moved since the round started (which ended the round).
     Epoch,
+}
+
+/// What [`HintCore::on_free_block`] did with one standard-protocol block.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct FreeBlock {
+    /// Whole pages added to the free set.
+    pub(crate) merged_pages: u64,
+    /// Bytes ignored because they cover only part of a page (the block's
+    /// unaligned head and tail).
+    pub(crate) partial_bytes: u64,
+    /// Bytes of whole pages ignored because the layout does not map them.
+    pub(crate) outside_bytes: u64,
+}
+
+impl FreeBlock {
+    /// A block with no whole page: all `len` bytes are partial.
+    fn partial(len: u64) -> Self {
+        Self {
+            partial_bytes: len,
+            ..Self::default()
+        }
+    }
 }
 
 /// The state machine and the free set. Part of the device state, so always
@@ -211,37 +233,34 @@ impl HintCore {
     }
 
     /// Standard protocol: a free block (an inbuf; its address and length are
-    /// the free range). Returns the pages merged and the bytes ignored
-    /// (partial pages, outside the layout).
-    pub(crate) fn on_free_block(
-        &mut self,
-        addr: u64,
-        len: u64,
-    ) -> Result<(u64, u64, u64), HintDrop> {
+    /// the free range). Returns the pages merged and the bytes ignored.
+    pub(crate) fn on_free_block(&mut self, addr: u64, len: u64) -> Result<FreeBlock, HintDrop> {
         self.accepting(self.round_id)?;
         let end = addr.saturating_add(len);
-        let first_pfn = addr.div_ceil(PAGE_SIZE);
-        let end_pfn = end >> PAGE_SHIFT;
-        if end_pfn <= first_pfn {
-            return Ok((0, len, 0));
-        }
-        let whole = (end_pfn - first_pfn) << PAGE_SHIFT;
-        let partial = len - whole;
-        let mut merged = 0;
+        let (Some(first_pfn), end_pfn) = (Pfn::from_addr_up(addr), Pfn::from_addr(end)) else {
+            return Ok(FreeBlock::partial(len));
+        };
+        let Some(pages) = end_pfn.checked_offset_from(first_pfn).filter(|&n| n > 0) else {
+            return Ok(FreeBlock::partial(len));
+        };
+        let partial_bytes = len - (pages << PAGE_SHIFT);
+        let mut merged_pages = 0;
         let bits = &mut self.bits;
-        self.layout
-            .for_each_bit_run(first_pfn, end_pfn - first_pfn, |bit, nr| {
-                // The layout's runs lie within its bits, so within the set.
-                if let Some(run) = bits.get_mut(bit as usize..(bit + nr) as usize) {
-                    run.fill(true);
-                    merged += nr;
-                }
-            });
-        if merged > 0 {
+        self.layout.for_each_bit_run(first_pfn, pages, |bit, nr| {
+            // The layout's runs lie within its bits, so within the set.
+            if let Some(run) = bits.get_mut(bit.index()..bit.unchecked_add(nr).index()) {
+                run.fill(true);
+                merged_pages += nr;
+            }
+        });
+        if merged_pages > 0 {
             self.bits_clean = false;
         }
-        let outside = (end_pfn - first_pfn - merged) << PAGE_SHIFT;
-        Ok((merged, partial, outside))
+        Ok(FreeBlock {
+            merged_pages,
+            partial_bytes,
+            outside_bytes: (pages - merged_pages) << PAGE_SHIFT,
+        })
     }
 
     /// Bitmap protocol: LAYOUT_QUERY. Returns the layout to reply with.

@@ -4,7 +4,7 @@ use std::fs::{self, File};
 use std::time::{Duration, Instant};
 
 use freehint_protocol::bitmap::{count_ones, test_bit, words_for_bits};
-use freehint_protocol::layout::{Layout, LayoutRange};
+use freehint_protocol::layout::{Bit, Layout, LayoutRange, Pfn};
 
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
@@ -20,14 +20,19 @@ const KPF_BUDDY: u64 = 1 << 10;
 /// `KPF_NOPAGE`: no struct page at this pfn.
 const KPF_NOPAGE: u64 = 1 << 20;
 /// First pfn above 4 GiB.
-const PFN_4G: u64 = 1 << (32 - 12);
+const PFN_4G: Pfn = Pfn::from_addr(1 << 32);
 
 /// Pages in `[0, pfn)` covered by `layout` (dense bits below `pfn`).
-fn pages_below(layout: &Layout, pfn: u64) -> u64 {
+fn pages_below(layout: &Layout, pfn: Pfn) -> u64 {
     layout
         .ranges()
         .iter()
-        .map(|r| r.end_pfn().min(pfn).saturating_sub(r.first_pfn))
+        .map(|r| {
+            r.end_pfn()
+                .min(pfn)
+                .checked_offset_from(r.first_pfn)
+                .unwrap_or(0)
+        })
         .sum()
 }
 
@@ -59,9 +64,9 @@ pub fn false_free(mib: Option<u64>) -> Result<bool, Error> {
             continue;
         }
         held += 1;
-        match layout.pfn_to_bit(*b) {
+        match layout.pfn_to_bit(Pfn(*b)) {
             None => outside += 1,
-            Some(bit) if test_bit(&words, bit) => false_free += 1,
+            Some(bit) if test_bit(&words, bit.raw()) => false_free += 1,
             Some(_) => {}
         }
     }
@@ -77,8 +82,8 @@ pub fn false_free(mib: Option<u64>) -> Result<bool, Error> {
         .flatten()
         .filter(|p| {
             layout
-                .pfn_to_bit(**p)
-                .is_some_and(|bit| test_bit(&words, bit))
+                .pfn_to_bit(Pfn(**p))
+                .is_some_and(|bit| test_bit(&words, bit.raw()))
         })
         .count() as u64;
 
@@ -104,7 +109,7 @@ pub fn false_free(mib: Option<u64>) -> Result<bool, Error> {
 /// buddy block carries `KPF_BUDDY` (fs/proc/page.c: `PageBuddy` for the head,
 /// `is_free_buddy_page` for the rest), so the free set is exactly the pages
 /// with that flag. Sets their bits in `out`; returns how many there were.
-fn ground_truth_free(flags: &[u64], first_pfn: u64, out: &mut [u64], layout: &Layout) -> u64 {
+fn ground_truth_free(flags: &[u64], first_pfn: Pfn, out: &mut [u64], layout: &Layout) -> u64 {
     let mut pages = 0;
     let mut i = 0usize;
     while i < flags.len() {
@@ -116,8 +121,8 @@ fn ground_truth_free(flags: &[u64], first_pfn: u64, out: &mut [u64], layout: &La
             .iter()
             .take_while(|&&f| f & KPF_BUDDY != 0)
             .count();
-        layout.for_each_bit_run(first_pfn + i as u64, run as u64, |b, n| {
-            freehint_protocol::bitmap::set_bit_run(out, b, n);
+        layout.for_each_bit_run(first_pfn.unchecked_add(i as u64), run as u64, |b, n| {
+            freehint_protocol::bitmap::set_bit_run(out, b.raw(), n);
         });
         pages += run as u64;
         i += run;
@@ -150,7 +155,7 @@ fn compare_once(
     fh.build()?;
     fh.read_bitmap(words)?;
     for (r, f) in layout.ranges().iter().zip(flags_of.iter_mut()) {
-        mem::read_kpageflags(kpf, r.first_pfn, f)?;
+        mem::read_kpageflags(kpf, r.first_pfn.raw(), f)?;
     }
     let buddyinfo = fs::read_to_string("/proc/buddyinfo").unwrap_or_default();
     if words.len() != truth.len() {
@@ -178,15 +183,17 @@ fn compare_once(
         while m != 0 {
             let bit = wi as u64 * 64 + u64::from(m.trailing_zeros());
             m &= m - 1;
-            let Some(pfn) = layout.bit_to_pfn(bit) else {
+            let Some(pfn) = layout.bit_to_pfn(Bit(bit)) else {
                 continue;
             };
             let fl = layout
                 .ranges()
                 .iter()
                 .zip(flags_of.iter())
-                .find(|(r, _)| pfn >= r.first_pfn && pfn < r.end_pfn())
-                .map_or(0, |(r, f)| f[(pfn - r.first_pfn) as usize]);
+                .find(|(r, _)| r.contains_pfn(pfn))
+                .map_or(0, |(r, f)| {
+                    f[pfn.unchecked_offset_from(r.first_pfn) as usize]
+                });
             // A free page (buddy or per-CPU list) has no flags but BUDDY.
             if fl & !(KPF_BUDDY | KPF_NOPAGE) != 0 {
                 c.extra_flagged += 1;
@@ -270,7 +277,7 @@ pub fn bits(machine: Option<Machine>) -> Result<bool, Error> {
     let mut unmapped = 0u64;
     for r in &ram {
         for pfn in [r.first_pfn, r.first_pfn + r.nr_pages - 1] {
-            if layout.pfn_to_bit(pfn).is_none() {
+            if layout.pfn_to_bit(Pfn(pfn)).is_none() {
                 unmapped += 1;
             }
         }
@@ -291,19 +298,20 @@ pub fn bits(machine: Option<Machine>) -> Result<bool, Error> {
         .max();
     if let Some(h) = high {
         let below = pages_below(&layout, PFN_4G);
-        let gap_pages = PFN_4G - low_end_pfn.unwrap_or(0);
-        ok &= h.first_pfn == PFN_4G && layout.pfn_to_bit(PFN_4G) == Some(below);
+        let low_end_pfn = low_end_pfn.unwrap_or_default();
+        let gap_pages = PFN_4G.unchecked_offset_from(low_end_pfn);
+        ok &= h.first_pfn == PFN_4G && layout.pfn_to_bit(PFN_4G) == Some(Bit(below));
         rep.flag("gap", true)
-            .num(
-                "low_end_mib",
-                (low_end_pfn.unwrap_or(0) * PAGE as u64) >> 20,
-            )
+            .num("low_end_mib", low_end_pfn.addr() >> 20)
             .num("gap_pages", gap_pages)
-            .num("bit_of_4g", layout.pfn_to_bit(PFN_4G).unwrap_or(u64::MAX))
+            .num(
+                "bit_of_4g",
+                layout.pfn_to_bit(PFN_4G).map_or(u64::MAX, Bit::raw),
+            )
             .num("pages_below_4g", below);
         if let Some(end) = machine.map(Machine::low_ram_end) {
             // Firmware reserves a little at the top of low RAM (SeaBIOS: 128 KiB).
-            let low_end = low_end_pfn.unwrap_or(0) * PAGE as u64;
+            let low_end = low_end_pfn.addr();
             let near = low_end <= end && end - low_end <= 16 << 20;
             rep.num("expected_low_end_mib", end >> 20)
                 .flag("low_end_ok", near);
@@ -339,26 +347,26 @@ pub fn host_layout() -> Result<bool, Error> {
     // Malformed tables are refused and leave the layout alone.
     let unsorted = [
         LayoutRange {
-            first_pfn: 100,
+            first_pfn: Pfn(100),
             nr_pages: 10,
-            first_bit: 0,
+            first_bit: Bit(0),
         },
         LayoutRange {
-            first_pfn: 0,
+            first_pfn: Pfn(0),
             nr_pages: 10,
-            first_bit: 10,
+            first_bit: Bit(10),
         },
     ];
     let overlapping = [
         LayoutRange {
-            first_pfn: 0,
+            first_pfn: Pfn(0),
             nr_pages: 10,
-            first_bit: 0,
+            first_bit: Bit(0),
         },
         LayoutRange {
-            first_pfn: 20,
+            first_pfn: Pfn(20),
             nr_pages: 10,
-            first_bit: 5,
+            first_bit: Bit(5),
         },
     ];
     let mut rejected = [&unsorted[..], &overlapping[..]]
@@ -381,7 +389,7 @@ pub fn host_layout() -> Result<bool, Error> {
     let host = [LayoutRange {
         first_pfn: big.first_pfn,
         nr_pages: big.nr_pages / 2,
-        first_bit: 64,
+        first_bit: Bit(64),
     }];
     fh.set_layout(Some(&host)).map_err(io)?;
     fh.build()?;
@@ -645,14 +653,14 @@ mod tests {
         flags[8] = 1 << 5; // LRU
         let layout = Layout::from_ram_pfn_ranges(&[(0, 16)]).unwrap();
         let mut out = vec![0u64; 1];
-        assert_eq!(ground_truth_free(&flags, 0, &mut out, &layout), 9);
+        assert_eq!(ground_truth_free(&flags, Pfn(0), &mut out, &layout), 9);
         assert_eq!(out[0], 0b1111_0010_0000_1111);
     }
 
     #[test]
     fn pages_below_counts_only_ram_under_the_limit() {
-        let l = Layout::from_ram_pfn_ranges(&[(1, 9), (PFN_4G, 100)]).unwrap();
+        let l = Layout::from_ram_pfn_ranges(&[(1, 9), (PFN_4G.raw(), 100)]).unwrap();
         assert_eq!(pages_below(&l, PFN_4G), 9);
-        assert_eq!(pages_below(&l, 5), 4);
+        assert_eq!(pages_below(&l, Pfn(5)), 4);
     }
 }

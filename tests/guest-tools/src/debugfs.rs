@@ -4,7 +4,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 
-use freehint_protocol::layout::{Layout, LayoutRange, MAX_LAYOUT_RANGES};
+use freehint_protocol::layout::{Bit, Layout, LayoutRange, Pfn, MAX_LAYOUT_RANGES};
 
 use crate::result::json_u64;
 use crate::Error;
@@ -126,9 +126,9 @@ pub fn parse_layout(text: &str) -> Result<Layout, Error> {
             return Err(Error::msg(format!("bad layout line {line:?}")));
         };
         ranges.push(LayoutRange {
-            first_pfn,
+            first_pfn: Pfn(first_pfn),
             nr_pages,
-            first_bit,
+            first_bit: Bit(first_bit),
         });
     }
     if ranges.len() > MAX_LAYOUT_RANGES {

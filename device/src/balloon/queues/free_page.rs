@@ -112,12 +112,12 @@ fn take_free_blocks(shared: &Shared, st: &mut DeviceState, blocks: &[Desc]) {
     let m = &shared.metrics;
     for d in blocks {
         match st.hints.on_free_block(d.addr, u64::from(d.len)) {
-            Ok((pages, partial, outside)) => {
-                BalloonMetrics::add(&m.hint_pages, pages);
-                if partial > 0 {
+            Ok(block) => {
+                BalloonMetrics::add(&m.hint_pages, block.merged_pages);
+                if block.partial_bytes > 0 {
                     BalloonMetrics::inc(&m.hint_partial_pages);
                 }
-                if outside > 0 {
+                if block.outside_bytes > 0 {
                     BalloonMetrics::inc(&m.hint_out_of_layout);
                 }
             }
