@@ -47,7 +47,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use freehint_device::balloon::{EpochToken, HintState, Layout};
+use freehint_device::balloon::{Epoch, EpochToken, HintState, Layout};
 use freehint_device::{BalloonHandle, HintHandle};
 use log::{info, warn};
 use serde_json::{json, Value};
@@ -170,7 +170,9 @@ pub fn execute(line: &str, c: &Control) -> Reply {
         ("hint-start", None) => {
             let epoch = c.hints.new_epoch();
             match c.hints.start_round(&epoch) {
-                Ok(id) => Reply::ok(json!({"ok": true, "cmd_id": id, "epoch": epoch.epoch()})),
+                Ok(id) => {
+                    Reply::ok(json!({"ok": true, "cmd_id": id, "epoch": epoch.epoch().raw()}))
+                }
                 Err(e) => Reply::err(e),
             }
         }
@@ -180,8 +182,8 @@ pub fn execute(line: &str, c: &Control) -> Reply {
                 "ok": true,
                 "state": format!("{:?}", s.state),
                 "cmd_id": s.cmd_id,
-                "epoch": s.epoch,
-                "round_epoch": s.round_epoch,
+                "epoch": s.epoch.raw(),
+                "round_epoch": s.round_epoch.raw(),
                 "free_pages": s.free_pages,
             }))
         }
@@ -207,12 +209,12 @@ pub fn execute(line: &str, c: &Control) -> Reply {
         ("layout", None) => layout(c),
         ("epoch-new", None) => {
             let token = c.hints.new_epoch();
-            let epoch = token.epoch();
+            let epoch = token.epoch().raw();
             *lock(&c.epoch) = Some(token);
             Reply::ok(json!({"ok": true, "epoch": epoch}))
         }
         ("round-start", Some(e)) => with_epoch(c, e, |token| match c.hints.start_round(token) {
-            Ok(id) => Reply::ok(json!({"ok": true, "cmd_id": id, "epoch": token.epoch()})),
+            Ok(id) => Reply::ok(json!({"ok": true, "cmd_id": id, "epoch": token.epoch().raw()})),
             Err(e) => Reply::err(e),
         }),
         ("hint-set", Some(e)) => with_epoch(c, e, |token| hint_set(c, token)),
@@ -229,7 +231,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Runs `f` with the port's token if `given` names it.
 fn with_epoch(c: &Control, given: &str, f: impl FnOnce(&EpochToken) -> Reply) -> Reply {
-    let Ok(given) = given.parse::<u64>() else {
+    let Ok(given) = given.parse::<u64>().map(Epoch) else {
         return Reply::err(format!("bad epoch {given:?}"));
     };
     let held = lock(&c.epoch);
@@ -296,7 +298,7 @@ fn hint_dump(c: &Control, name: &str) -> Reply {
         Ok(()) => Reply::ok(json!({
             "ok": true,
             "cmd_id": set.cmd_id(),
-            "epoch": set.epoch(),
+            "epoch": set.epoch().raw(),
             "complete": set.is_complete(),
             "total_bits": set.total_bits(),
             "free_pages": set.free_pages(),
@@ -329,7 +331,7 @@ fn hint_set(c: &Control, token: &EpochToken) -> Reply {
     Reply::with_words(
         json!({
             "ok": true,
-            "epoch": token.epoch(),
+            "epoch": token.epoch().raw(),
             "cmd_id": set.cmd_id(),
             "complete": set.is_complete(),
             "free_pages": set.free_pages(),

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use bitvec::prelude::{BitVec, Lsb0};
 use freehint_protocol::layout::{Bit, Layout, LayoutRange, Pfn};
+use freehint_protocol::Epoch;
 use serde_json::Value;
 
 use crate::device_hints::{HintPort, PortError};
@@ -33,7 +34,7 @@ pub struct ControlPort {
 
 /// An epoch the server opened (`epoch-new`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RemoteEpoch(pub u64);
+pub struct RemoteEpoch(pub Epoch);
 
 impl ControlPort {
     /// Connects to the control socket at `path` and reads the device's
@@ -135,7 +136,7 @@ impl HintPort for ControlPort {
         let v = self.request("epoch-new")?;
         v["epoch"]
             .as_u64()
-            .map(RemoteEpoch)
+            .map(|e| RemoteEpoch(Epoch(e)))
             .ok_or_else(|| PortError::Failed(format!("epoch-new: {v}")))
     }
 

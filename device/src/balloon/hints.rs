@@ -91,6 +91,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use bitvec::prelude::*;
+use freehint_protocol::Epoch;
 use log::{debug, info};
 
 use super::metrics::BalloonMetrics;
@@ -144,9 +145,9 @@ pub enum HintError {
     #[error("epoch {given} is over (current epoch is {current}): take a new token with new_epoch() before the next dirty log sync")]
     StaleEpoch {
         /// Epoch of the token, or the one the set was collected in.
-        given: u64,
+        given: Epoch,
         /// Current epoch.
-        current: u64,
+        current: Epoch,
     },
     /// The token was handed out by another device.
     #[error("the epoch token belongs to another balloon device")]
@@ -169,12 +170,12 @@ pub enum HintError {
 #[derive(Debug, PartialEq, Eq)]
 pub struct EpochToken {
     pub(super) device: u64,
-    pub(super) epoch: u64,
+    pub(super) epoch: Epoch,
 }
 
 impl EpochToken {
-    /// The epoch number (for logs and status output).
-    pub fn epoch(&self) -> u64 {
+    /// The epoch the token opened (for logs and status output).
+    pub fn epoch(&self) -> Epoch {
         self.epoch
     }
 }
@@ -194,9 +195,9 @@ pub struct HintStatus {
     pub cmd_id: u32,
     /// Current sync epoch (a number to show; tokens come from
     /// [`HintHandle::new_epoch`] only).
-    pub epoch: u64,
+    pub epoch: Epoch,
     /// Epoch the latest round was started in.
-    pub round_epoch: u64,
+    pub round_epoch: Epoch,
     /// Pages currently in the free set.
     pub free_pages: u64,
 }
@@ -319,7 +320,7 @@ impl HintHandle {
 
     /// Moves the epoch (ending a round in progress in `end`) and tells the
     /// guest if a round was running or `end` is a new DONE.
-    fn end_epoch(&self, end: RoundState) -> u64 {
+    fn end_epoch(&self, end: RoundState) -> Epoch {
         let (epoch, irq) = {
             let mut st = self.shared.lock();
             let (epoch, signal) = st.hints.end_epoch(end);
@@ -353,7 +354,7 @@ fn and_not(to_send: &mut [u64], free: &[u64]) -> u64 {
 /// current one, proven by that epoch's [`EpochToken`].
 #[derive(Clone, Debug)]
 pub struct HintSet {
-    epoch: u64,
+    epoch: Epoch,
     cmd_id: u32,
     total_bits: u64,
     complete: bool,
@@ -363,7 +364,7 @@ pub struct HintSet {
 
 impl HintSet {
     /// Epoch the set was collected in.
-    pub fn epoch(&self) -> u64 {
+    pub fn epoch(&self) -> Epoch {
         self.epoch
     }
 
@@ -549,7 +550,7 @@ mod tests {
         );
         h.shared.lock().hints.on_cmd_id(id).unwrap();
         let t1 = h.new_epoch();
-        assert_eq!(t1.epoch(), t0.epoch() + 1);
+        assert_eq!(t1.epoch(), t0.epoch().next());
         assert_eq!(h.status().state, RoundState::Stopped);
         assert_eq!(
             h.shared.lock().hints.on_free_block(0, PAGE_SIZE),
@@ -717,7 +718,7 @@ mod tests {
         assert_eq!(
             s.apply_to(&t, &mut [!0u64; 1]),
             Err(HintError::StaleEpoch {
-                given: t.epoch() - 1,
+                given: Epoch(t.epoch().raw() - 1),
                 current: t.epoch()
             })
         );

@@ -58,7 +58,8 @@ pub use freehint_protocol::balloon::{
     VIRTIO_BALLOON_F_MUST_TELL_HOST, VIRTIO_BALLOON_F_PAGE_POISON, VIRTIO_BALLOON_F_REPORTING,
     VIRTIO_BALLOON_F_STATS_VQ, VIRTIO_BALLOON_PFN_SHIFT,
 };
-pub use freehint_protocol::layout::{Layout, PAGE_SHIFT, PAGE_SIZE};
+pub use freehint_protocol::layout::{Bit, Layout, Pfn, PAGE_SHIFT, PAGE_SIZE};
+pub use freehint_protocol::Epoch;
 pub use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 pub use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 pub use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;

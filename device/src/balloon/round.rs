@@ -11,7 +11,7 @@ use freehint_protocol::balloon::{
 };
 use freehint_protocol::bitmap_hint::{BoundChunk, ChunkHeader};
 use freehint_protocol::layout::{Layout, Pfn, PAGE_SHIFT};
-use freehint_protocol::WireError;
+use freehint_protocol::{Epoch, WireError};
 use log::{debug, warn};
 
 use super::hints::{EpochToken, HintError, HintStatus, RoundState};
@@ -69,9 +69,9 @@ pub(crate) struct HintCore {
     /// Latest round id (0 = none yet).
     pub(super) round_id: u32,
     /// Current sync epoch.
-    epoch: u64,
+    epoch: Epoch,
     /// Epoch the latest round was started in.
-    round_epoch: u64,
+    round_epoch: Epoch,
     /// Free set of the current epoch, bit `i` = layout bit `i` (allocated,
     /// `total_bits` long, on the first round).
     bits: BitVec<u64, Lsb0>,
@@ -91,8 +91,8 @@ impl HintCore {
             poison_unknown: false,
             state: RoundState::Idle,
             round_id: 0,
-            epoch: 0,
-            round_epoch: 0,
+            epoch: Epoch(0),
+            round_epoch: Epoch(0),
             bits: BitVec::new(),
             bits_clean: true,
             layout_replied: false,
@@ -130,7 +130,7 @@ impl HintCore {
             RoundState::Done if self.state == RoundState::Idle => RoundState::Idle,
             _ => end,
         };
-        self.epoch = self.epoch.wrapping_add(1);
+        self.epoch = self.epoch.next();
         self.layout_replied = false;
         self.clear_bits();
         was_running
@@ -375,7 +375,7 @@ impl HintCore {
     /// The host ends the epoch (ending a round in progress in `end`).
     /// Returns the new epoch and whether the guest must be told (a round was
     /// running, or `end` is a new DONE).
-    pub(crate) fn end_epoch(&mut self, end: RoundState) -> (u64, bool) {
+    pub(crate) fn end_epoch(&mut self, end: RoundState) -> (Epoch, bool) {
         let before = self.state;
         let was_running = self.move_epoch(end);
         let done_now = self.state == RoundState::Done && before != RoundState::Done;
@@ -399,7 +399,7 @@ impl HintCore {
     }
 
     /// Current epoch.
-    pub(crate) fn epoch(&self) -> u64 {
+    pub(crate) fn epoch(&self) -> Epoch {
         self.epoch
     }
 
@@ -430,17 +430,17 @@ mod tests {
     #[test]
     fn stop_ends_only_a_running_round_and_done_needs_a_round() {
         let mut c = core();
-        assert_eq!(c.end_epoch(RoundState::Stopped), (2, false));
+        assert_eq!(c.end_epoch(RoundState::Stopped), (Epoch(2), false));
         assert_eq!(c.status().state, RoundState::Idle);
-        assert_eq!(c.end_epoch(RoundState::Done), (3, false));
+        assert_eq!(c.end_epoch(RoundState::Done), (Epoch(3), false));
         assert_eq!(c.status().state, RoundState::Idle);
         let id = c.begin_round();
         assert_eq!(c.config_cmd_id(), id);
-        assert_eq!(c.end_epoch(RoundState::Stopped), (4, true));
+        assert_eq!(c.end_epoch(RoundState::Stopped), (Epoch(4), true));
         assert_eq!(c.config_cmd_id(), FREE_PAGE_HINT_CMD_ID_STOP);
-        assert_eq!(c.end_epoch(RoundState::Done), (5, true));
+        assert_eq!(c.end_epoch(RoundState::Done), (Epoch(5), true));
         assert_eq!(c.config_cmd_id(), FREE_PAGE_HINT_CMD_ID_DONE);
-        assert_eq!(c.end_epoch(RoundState::Done), (6, false));
+        assert_eq!(c.end_epoch(RoundState::Done), (Epoch(6), false));
     }
 
     #[test]
