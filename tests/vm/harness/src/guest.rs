@@ -29,6 +29,18 @@ pub const SPLAT_MARKERS: &[&str] = &[
     "list_del corruption",
     "general protection fault",
     "Call Trace:",
+    // Reports that do not start with `WARNING:` or `BUG:`, or that follow a
+    // report whose first line could be missed: `BUG()`/`VM_BUG_ON`, a Rust
+    // panic in the kernel, UBSAN, DEBUG_LIST's double add, lockdep switching
+    // itself off after a report (after which it reports nothing more).
+    "kernel BUG at",
+    "panicked at",
+    "UBSAN:",
+    "list_add double add",
+    "DEBUG_LOCKS_WARN_ON",
+    "turning off the locking correctness validator",
+    "INFO: lockdep is turned off",
+    "Unable to handle kernel",
 ];
 
 /// Console lines that look like splats but are not (exact substrings).
@@ -189,8 +201,34 @@ impl GuestOutput {
 
 /// Whether a console line (not a result or done line) is a kernel splat:
 /// one of [`SPLAT_MARKERS`], and none of its known harmless look-alikes.
+/// `@@RESULT` and `@@DONE` lines never count (they may quote an error text).
+/// The one splat test of the harness: plain boots, migrations and the
+/// lockdep scenario's log scans all use it.
 pub fn is_splat(line: &str) -> bool {
+    if line.contains(RESULT_MARKER) || line.contains("@@DONE rc=") {
+        return false;
+    }
     SPLAT_MARKERS.iter().any(|m| line.contains(m)) && !SPLAT_IGNORE.iter().any(|m| line.contains(m))
+}
+
+/// Marker of a guest result line.
+pub const RESULT_MARKER: &str = "@@RESULT ";
+
+/// The JSON object that follows `marker` on a console line.
+pub fn json_after(line: &str, marker: &str) -> Option<Map<String, Value>> {
+    let (_, j) = line.split_once(marker)?;
+    match serde_json::from_str::<Value>(j.trim()).ok()? {
+        Value::Object(m) => Some(m),
+        _ => None,
+    }
+}
+
+/// The splat lines of a whole serial log (see [`is_splat`]).
+pub fn splat_lines(text: &str) -> Vec<String> {
+    text.lines()
+        .filter(|l| is_splat(l))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Whether a result object says it passed (`"ok": true`).
@@ -278,5 +316,77 @@ mod tests {
     fn garbage_rc_is_failure() {
         let out = GuestOutput::parse("@@DONE rc=\n");
         assert_eq!(out.done_rc, Some(-1));
+    }
+
+    /// A real lockdep report, captured from the debug flavour's console on
+    /// 2026-11-23: `tests/vm/run qemu-lockdep` with a throwaway module
+    /// (never committed) that takes two mutexes in ABBA order, loaded on the
+    /// last destination just before the unload. Between two lines of the
+    /// guest's own output, one of them cut by the report.
+    const REAL_LOCKDEP_SPLAT: &str = "\
+@@RESULT {\"name\":\"integrity\",\"ok\":true,\"pages_checked\":16896,\"corrupt_pages\":0}
+[    8.689319] ======================================================
+[    8.689508] WARNING: possible circular locking dependency detected
+[    8.689881] 6.12.117 #1 Tainted: G           O      
+[    8.690173] ------------------------------------------------------
+[    8.690320] insmod/59 is trying to acquire lock:
+[    8.691174] ffffffffa0020068 (splat_a){+.+.}-{3:3}, at: init_module+0x54/0x1000 [splat]
+[    8.693956] ffffffffa00200f8 (splat_b){+.+.}-{3:3}, at: init_module+0x46/0x1000 [splat]
+[    8.694566] which lock already depends on the new lock.
+[    8.695470] -> #1 (splat_b){+.+.}-{3:3}:
+[    8.695687]        lock_acquire+0x13c/0x240
+@@RMMOD waiting[    8.698661]        init_module+0x20/0x1000 [splat]
+[    8.701175] -> #0 (splat_a){+.+.}-{3:3}:
+[    8.701631]        check_noncircular+0x139/0x160
+[    8.708866]  Possible unsafe locking scenario:
+[    8.709014]        CPU0                    CPU1
+[    8.709319]   lock(splat_b);
+[    8.709771]                                lock(splat_a);
+[    8.710269]  *** DEADLOCK ***
+[    8.710441] 1 lock held by insmod/59:
+[    8.714107] CPU: 1 UID: 0 PID: 59 Comm: insmod Tainted: G           O       6.12.117 #1 
+[    8.714532] Call Trace:
+[    8.714602]  <TASK>
+[    8.714713]  ? print_circular_bug+0x2d9/0x2f0
+[    8.715014]  </TASK>
+go
+[    8.733667] freehint: freehint: unloaded after 1 builds
+";
+
+    #[test]
+    fn a_real_lockdep_report_is_a_splat() {
+        let lines = splat_lines(REAL_LOCKDEP_SPLAT);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].contains("WARNING: possible circular locking dependency detected"));
+        assert!(lines[1].contains("Call Trace:"));
+        // The guest's own lines around it are not.
+        assert!(!is_splat(
+            "[    8.733667] freehint: freehint: unloaded after 1 builds"
+        ));
+    }
+
+    #[test]
+    fn extra_markers_and_exceptions() {
+        for l in [
+            "[    3.1] kernel BUG at mm/page_alloc.c:1234!",
+            "[    3.1] rust_kernel: panicked at guest-driver/hint.rs:10:5:",
+            "[    3.1] UBSAN: shift-out-of-bounds in mm/x.c:1:2",
+            "[    3.1] list_add double add: new=0, prev=0, next=0.",
+            "[    3.1] DEBUG_LOCKS_WARN_ON(1)",
+            "[    3.1] turning off the locking correctness validator.",
+            "[    3.1] BUG: sleeping function called from invalid context at x.c:1",
+            "[    3.1] list_del corruption, ffff->next is LIST_POISON1 (dead)",
+            "[    3.1] Oops: general protection fault, probably for non-canonical address",
+        ] {
+            assert!(is_splat(l), "{l}");
+        }
+        for l in [
+            "[    0.1] Lock dependency validator: Copyright (c) 2006 Red Hat, Inc., Ingo Molnar",
+            "[    0.1] kmemleak: Kernel memory leak detector disabled",
+            r#"@@RESULT {"name":"rmmod","ok":false,"error":"WARNING: x"}"#,
+            "[   10.0] freehint: hint round 0x8000000b: 1 blocks, end=removing",
+        ] {
+            assert!(!is_splat(l), "{l}");
+        }
     }
 }

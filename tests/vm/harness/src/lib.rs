@@ -2,8 +2,12 @@
 //! `tests/vm/build-image` under QEMU (TCG), runs scenario scripts inside the
 //! guest and turns their console output into JSON results.
 //!
-//! Layout: [`manifest`] (where the image is), [`qemu`] (one QEMU process),
-//! [`guest`] (console protocol and splat detection),
+//! Layout: [`manifest`] (where the image is), [`qemu`] (what one boot
+//! runs: machine, memory, command line), [`vm`] (one running QEMU: process,
+//! serial console, QMP, logs; for boots, migrations and vfio-user boots),
+//! [`guest`] (console protocol and the one splat list), [`migrate`]
+//! (migrations, the integrity protocol and the migration matrix), [`vfio`]
+//! (vfio-user device servers and boots),
 //! [`runner`] (boot + report), [`scenarios`] (the registry), [`errors`]
 //! (the shared I/O error), [`sockets`]
 //! (short UNIX socket paths), [`chart`] (the demo table as a PNG). QMP is
@@ -20,3 +24,4 @@ pub mod runner;
 pub mod scenarios;
 pub mod sockets;
 pub mod vfio;
+pub mod vm;

@@ -1,18 +1,11 @@
-//! Launching a QEMU (TCG) guest that boots the freehint image.
-//!
-//! One [`Vm`] is one QEMU process: serial console to a log file, an optional
-//! QMP socket, a hard timeout, and the process killed when the value is
-//! dropped (a failing test never leaves a QEMU behind).
+//! What QEMU (TCG) runs to boot the freehint image: the machine, memory,
+//! kernel command line and QEMU arguments of one boot ([`BootSpec`]). The
+//! running process is [`crate::vm::Vm`].
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use thiserror::Error;
-
-use crate::errors::{io_error, PathIoError};
-use crate::manifest::{FlavourImage, Manifest};
+use crate::manifest::FlavourImage;
 
 /// Kernel parameters that give a TCG guest an exact TSC clocksource:
 /// `tsc_early_khz=<host TSC rate> tsc=reliable`. Under TCG the guest's TSC
@@ -42,32 +35,6 @@ pub fn host_tsc_cmdline() -> Vec<String> {
     khz.filter(|&k| k > 0)
         .map(|k| vec![format!("tsc_early_khz={k}"), "tsc=reliable".to_string()])
         .unwrap_or_default()
-}
-
-/// Errors of launching or waiting for QEMU.
-#[derive(Debug, Error)]
-pub enum QemuError {
-    /// QEMU could not be started.
-    #[error("cannot start QEMU {qemu}: {source}")]
-    Spawn {
-        /// The QEMU command.
-        qemu: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The serial log or a socket could not be created.
-    #[error(transparent)]
-    Io(#[from] PathIoError),
-    /// Waiting for the process failed.
-    #[error("waiting for QEMU failed: {0}")]
-    Wait(#[source] std::io::Error),
-    /// The manifest lacks the requested flavour.
-    #[error(transparent)]
-    Manifest(#[from] crate::manifest::ManifestError),
-    /// The guest did not power off in time.
-    #[error("QEMU did not exit within {0:?} (killed)")]
-    Timeout(Duration),
 }
 
 /// x86 machine type.
@@ -188,126 +155,6 @@ impl BootSpec {
         }
         args.extend(self.extra_qemu_args.iter().cloned());
         args
-    }
-}
-
-/// A running QEMU. Killed on drop.
-#[derive(Debug)]
-pub struct Vm {
-    child: Option<Child>,
-    started: Instant,
-    timeout: Duration,
-    /// The serial console log.
-    pub serial_log: PathBuf,
-    /// The QMP socket, if requested.
-    pub qmp_socket: Option<PathBuf>,
-}
-
-/// How a boot ended.
-#[derive(Debug, Clone)]
-pub struct BootExit {
-    /// QEMU's exit status (None when killed on timeout).
-    pub status: Option<ExitStatus>,
-    /// Whether the hard timeout fired.
-    pub timed_out: bool,
-    /// Wall-clock time of the boot.
-    pub elapsed: Duration,
-}
-
-impl Vm {
-    /// Starts QEMU for `spec`, writing the serial console to `log_dir/<label>.log`.
-    pub fn start(manifest: &Manifest, spec: &BootSpec, log_dir: &Path) -> Result<Vm, QemuError> {
-        let image = manifest.flavour(&spec.flavour)?;
-        let serial_log = log_dir.join(format!("{}.log", spec.label()));
-        let qmp_socket = if spec.qmp {
-            Some(crate::sockets::socket_path(&format!(
-                "{}.qmp",
-                spec.label()
-            ))?)
-        } else {
-            None
-        };
-        let out =
-            File::create(&serial_log).map_err(io_error("cannot create serial log", &serial_log))?;
-        let err = out
-            .try_clone()
-            .map_err(io_error("cannot clone serial log", &serial_log))?;
-        let args = spec.qemu_args(&image, qmp_socket.as_deref());
-        log::debug!("{} {}", manifest.qemu.display(), args.join(" "));
-        let child = Command::new(&manifest.qemu)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(|source| QemuError::Spawn {
-                qemu: manifest.qemu.clone(),
-                source,
-            })?;
-        Ok(Vm {
-            child: Some(child),
-            started: Instant::now(),
-            timeout: spec.timeout,
-            serial_log,
-            qmp_socket,
-        })
-    }
-
-    /// The QEMU process id.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// Whether QEMU is still running.
-    pub fn running(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
-        }
-    }
-
-    /// Waits for QEMU to exit, killing it when the hard timeout expires.
-    pub fn wait(&mut self) -> Result<BootExit, QemuError> {
-        let Some(child) = self.child.as_mut() else {
-            return Ok(BootExit {
-                status: None,
-                timed_out: false,
-                elapsed: self.started.elapsed(),
-            });
-        };
-        loop {
-            if let Some(status) = child.try_wait().map_err(QemuError::Wait)? {
-                self.child = None;
-                return Ok(BootExit {
-                    status: Some(status),
-                    timed_out: false,
-                    elapsed: self.started.elapsed(),
-                });
-            }
-            if self.started.elapsed() >= self.timeout {
-                let _ = child.kill();
-                let _ = child.wait();
-                self.child = None;
-                return Ok(BootExit {
-                    status: None,
-                    timed_out: true,
-                    elapsed: self.started.elapsed(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if let Some(s) = &self.qmp_socket {
-            crate::sockets::release(s);
-        }
     }
 }
 

@@ -13,7 +13,8 @@ use thiserror::Error;
 use crate::errors::{io_error, PathIoError};
 use crate::guest::{result_ok, GuestOutput};
 use crate::manifest::{Manifest, ManifestError};
-use crate::qemu::{BootSpec, QemuError, Vm};
+use crate::qemu::BootSpec;
+use crate::vm::{BootExit, Vm};
 
 /// Errors that abort a scenario (as opposed to failed results, which are
 /// reported and counted).
@@ -22,9 +23,6 @@ pub enum HarnessError {
     /// The manifest is missing or broken.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    /// QEMU could not be run.
-    #[error(transparent)]
-    Qemu(#[from] QemuError),
     /// QMP failed.
     #[error("{}", freehint_migrate::qemu::receive::error_chain(.0))]
     Qmp(#[from] freehint_migrate::qmp::QmpError),
@@ -257,7 +255,7 @@ impl Ctx {
             spec.flavour,
             spec.timeout.as_secs()
         );
-        let mut vm = Vm::start(&self.manifest, &spec, &self.log_dir)?;
+        let mut vm = Vm::boot(&self.manifest, &spec, &self.log_dir)?;
         let exit = vm.wait()?;
         let serial_log = vm.serial_log.clone();
         drop(vm);
@@ -279,7 +277,7 @@ impl Ctx {
         &mut self,
         spec: BootSpec,
         out: GuestOutput,
-        exit: crate::qemu::BootExit,
+        exit: BootExit,
         serial_log: PathBuf,
         label: &str,
     ) -> Result<BootReport, HarnessError> {

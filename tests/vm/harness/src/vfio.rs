@@ -35,8 +35,9 @@ use freehint_protocol::layout::{qemu_x86_ram_ranges, QemuX86Machine};
 
 use crate::errors::io_error;
 use crate::guest::{result_ok, GuestOutput};
-use crate::qemu::{BootSpec, Machine, Vm};
+use crate::qemu::{BootSpec, Machine};
 use crate::runner::{boot_result, Ctx, HarnessError};
+use crate::vm::Vm;
 
 fn other(msg: impl Into<String>) -> HarnessError {
     HarnessError::Other(msg.into())
@@ -442,11 +443,11 @@ impl VfioBoot {
             spec.mem_mib,
             spec.machine.name()
         );
-        // Vm::start names the serial log after the spec's label: one
+        // Vm::boot names the serial log after the spec's label: one
         // directory per tag keeps boots of the same spec apart.
         let dir = ctx.log_dir.join(&self.tag);
         std::fs::create_dir_all(&dir).map_err(io_error("cannot create log dir", &dir))?;
-        let mut vm = Vm::start(&ctx.manifest, &spec, &dir)?;
+        let mut vm = Vm::boot(&ctx.manifest, &spec, &dir)?;
         let serial_log = vm.serial_log.clone();
         let t0 = Instant::now();
         let mut problems = Vec::new();

@@ -23,10 +23,11 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 
 use crate::errors::io_error;
-use crate::migrate::{median, qemu_version, MigVm, BALLOON_QOM, FREE_PAGE_VQ, MAX_BANDWIDTH};
+use crate::migrate::{median, qemu_version, BALLOON_QOM, FREE_PAGE_VQ, MAX_BANDWIDTH};
 use crate::qemu::{BootSpec, Machine};
 use crate::runner::{emit, Ctx, HarnessError};
 use crate::vfio::{overlay_initramfs, server_binary, RamLayout, Server, VfioBoot};
+use crate::vm::Vm;
 
 /// Rounds per boot on our device.
 const ROUNDS: usize = 9;
@@ -130,12 +131,12 @@ fn qemu_device(
     ];
     let dir = ctx.log_dir.join("qemu-stock");
     std::fs::create_dir_all(&dir).map_err(io_error("cannot create log dir", &dir))?;
-    let mut vm = MigVm::start(&ctx.manifest, &spec, &dir, "src", None)?;
+    let mut vm = Vm::start(&ctx.manifest, &spec, &dir, "src", None)?;
     vm.wait_line(0, "@@VFIO ready", Duration::from_secs(300), |l| {
         l.contains("@@VFIO ready")
     })?;
-    let vq = |vm: &mut MigVm| -> Result<u64, HarnessError> {
-        let q = vm.qmp.execute(
+    let vq = |vm: &mut Vm| -> Result<u64, HarnessError> {
+        let q = vm.qmp().execute(
             "x-query-virtio-queue-status",
             Some(json!({"path": BALLOON_QOM, "queue": FREE_PAGE_VQ})),
         )?;
@@ -144,12 +145,12 @@ fn qemu_device(
             .ok_or_else(|| other(format!("no used-idx in {q}")))
     };
     let used0 = vq(&mut vm)?;
-    vm.qmp.execute(
+    vm.qmp().execute(
         "migrate-set-parameters",
         Some(json!({"max-bandwidth": MAX_BANDWIDTH})),
     )?;
     let t0 = Instant::now();
-    vm.qmp
+    vm.qmp()
         .execute("migrate", Some(json!({"uri": "exec:cat > /dev/null"})))?;
     let (mut last, mut last_change_ms, mut polls) = (used0, None, 0u64);
     let status = loop {
@@ -160,14 +161,14 @@ fn qemu_device(
             last_change_ms = Some(t0.elapsed().as_secs_f64() * 1e3);
         }
         if polls % 8 == 0 {
-            let q = vm.qmp.execute("query-migrate", None)?;
+            let q = vm.qmp().execute("query-migrate", None)?;
             let st = q["status"].as_str().unwrap_or("?").to_string();
             if matches!(st.as_str(), "completed" | "failed" | "cancelled") {
                 break st;
             }
         }
         if t0.elapsed() > Duration::from_secs(120) {
-            let _ = vm.qmp.execute("migrate_cancel", None);
+            let _ = vm.qmp().execute("migrate_cancel", None);
             break "timeout".into();
         }
     };

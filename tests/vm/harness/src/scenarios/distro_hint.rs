@@ -28,7 +28,8 @@ use std::path::PathBuf;
 use serde_json::{json, Map, Value};
 
 use super::qemu_balloon::{
-    boot_spec, check_bind, check_inflate, check_stream, check_unload, with_guest, Check, Guest,
+    boot_spec, check_bind, check_inflate, check_stream, check_unload, with_guest, BalloonBoot,
+    Check, Guest,
 };
 use crate::migrate::qemu_version;
 use crate::runner::{object, Ctx, HarnessError};
@@ -36,9 +37,17 @@ use crate::runner::{object, Ctx, HarnessError};
 /// The flavour of Debian's kernel in the (merged) manifest.
 pub const FLAVOUR: &str = "distro";
 
-/// The distro kernel's release and package, or the error that tells the
-/// user to build it.
-pub fn distro_kernel(ctx: &Ctx) -> Result<(String, String), HarnessError> {
+/// The distro kernel of the manifest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DistroKernel {
+    /// Its release (`uname -r`).
+    pub release: String,
+    /// Its Debian package.
+    pub package: String,
+}
+
+/// The distro kernel, or the error that tells the user to build it.
+pub fn distro_kernel(ctx: &Ctx) -> Result<DistroKernel, HarnessError> {
     let f = ctx.manifest.flavours.get(FLAVOUR).ok_or_else(|| {
         HarnessError::Other(
             "no distro kernel image (flavour 'distro' in target/vm/distro/manifest.json): \
@@ -46,15 +55,15 @@ pub fn distro_kernel(ctx: &Ctx) -> Result<(String, String), HarnessError> {
                 .into(),
         )
     })?;
-    Ok((
-        f.release.clone().unwrap_or_default(),
-        f.package.clone().unwrap_or_default(),
-    ))
+    Ok(DistroKernel {
+        release: f.release.clone().unwrap_or_default(),
+        package: f.package.clone().unwrap_or_default(),
+    })
 }
 
 /// Check 1: the guest's `stock` line (printed before the command loop).
 fn check_stock(g: &mut Guest, release: &str) -> Check {
-    let (_, line, obj) =
+    let crate::vm::ResultLine { line, obj, .. } =
         g.vm.wait_result(0, "stock", "the guest's stock driver check", g.unit * 60)
             .map_err(|e| e.to_string())?;
     let r = obj.ok_or_else(|| format!("malformed stock line: {line}"))?;
@@ -94,10 +103,10 @@ fn record(ctx: &mut Ctx, name: &str, r: Check) -> bool {
 
 /// Runs the scenario.
 pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
-    let (release, package) = distro_kernel(ctx)?;
+    let DistroKernel { release, package } = distro_kernel(ctx)?;
     let started = std::time::Instant::now();
     let stream_file: PathBuf = ctx.log_dir.join("migration-stream.bin");
-    let mut spec = boot_spec(false, true);
+    let mut spec = boot_spec(BalloonBoot::PLAIN);
     spec.flavour = FLAVOUR.into();
     spec.guest_scenario = "distro-hint".into();
     let mut oks = [false; 5];

@@ -22,7 +22,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::distro_hint::{distro_kernel, FLAVOUR};
+use super::distro_hint::{distro_kernel, DistroKernel, FLAVOUR};
 use super::qemu_migrate::{rows, run_matrix, summary, Key, Table};
 use crate::errors::io_error;
 use crate::runner::{Ctx, HarnessError};
@@ -51,7 +51,7 @@ fn meets(v: Option<f64>, target: f64) -> Value {
 
 /// The matrix on the distro kernel, `reps` runs per cell, and its summary.
 fn matrix(ctx: &mut Ctx, reps: usize) -> Result<(Table, Map<String, Value>), HarnessError> {
-    let (release, package) = distro_kernel(ctx)?;
+    let DistroKernel { release, package } = distro_kernel(ctx)?;
     if ctx.flavour_override.is_none() {
         ctx.flavour_override = Some(FLAVOUR.into());
     }

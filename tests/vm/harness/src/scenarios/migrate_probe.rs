@@ -24,11 +24,12 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 
 use crate::migrate::{
-    start_migration, wait_migration, wait_ready, Cell, Driver, MigVm, MigrationStats, Workload,
+    start_migration, wait_migration, wait_ready, Cell, Driver, MigrationStats, Workload,
     MAX_BANDWIDTH,
 };
 use crate::runner::{object, Ctx, HarnessError};
 use crate::scenarios::qemu_migrate::DRIVERS;
+use crate::vm::Vm;
 
 /// Where the probes migrate to: QEMU runs its whole migration (and asks for
 /// hints) with nothing to restore.
@@ -79,10 +80,10 @@ fn probe(
     let spec = cell.boot_spec();
     let tag = name.replace('/', "-");
     eprintln!("[probe] {name}");
-    let mut vm = MigVm::start(&ctx.manifest, &spec, &ctx.log_dir, &tag, None)?;
+    let mut vm = Vm::start(&ctx.manifest, &spec, &ctx.log_dir, &tag, None)?;
     let ready = wait_ready(&mut vm, ctx.scaled(Duration::from_secs(300)))?;
     if let Some(limit) = setup.downtime_limit_ms {
-        vm.qmp.execute(
+        vm.qmp().execute(
             "migrate-set-parameters",
             Some(json!({ "downtime-limit": limit })),
         )?;
@@ -91,7 +92,7 @@ fn probe(
     start_migration(&mut vm, SINK, if setup.held { 1 } else { MAX_BANDWIDTH })?;
     if setup.held {
         std::thread::sleep(Duration::from_secs(2));
-        vm.qmp.execute(
+        vm.qmp().execute(
             "migrate-set-parameters",
             Some(json!({ "max-bandwidth": MAX_BANDWIDTH })),
         )?;
@@ -118,7 +119,7 @@ fn probe(
             r.insert("ok".into(), json!(true));
         }
         Err(e) => {
-            let _ = vm.qmp.execute("migrate_cancel", None);
+            let _ = vm.qmp().execute("migrate_cancel", None);
             r.insert("error".into(), json!(e.to_string()));
             r.insert("ok".into(), json!(false));
         }

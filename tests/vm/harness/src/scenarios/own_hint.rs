@@ -102,12 +102,13 @@ fn check(
     if driver == Driver::None {
         // No driver: the device never starts, so its server sees no
         // status; the guest's PCI core enabling it is the proof it came.
-        let (_, line) = vm
+        let line = vm
             .vm
             .wait_line(0, "the guest to enable the plugged balloon", timeout, |l| {
                 l.contains("virtio-pci") && l.contains("enabling device")
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .line;
         r.insert("seen".into(), json!(line.trim()));
     }
     let server = vm.balloon.as_ref().ok_or("no balloon server")?;

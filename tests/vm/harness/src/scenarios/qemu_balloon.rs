@@ -3,7 +3,7 @@
 //! iothread=…,deflate-on-oom=on`): bind, inflate/deflate, stats, OOM
 //! deflate, unload while busy, page poison.
 //!
-//! One [`MigVm`] (QMP plus a serial console the harness reads and types
+//! One [`Vm`] (QMP plus a serial console the harness reads and types
 //! into) per boot; the guest half (`tests/vm/guest/scenarios/qemu-balloon.sh`)
 //! answers one command per console line with one `@@RESULT` line, and this
 //! side makes every verdict. Three boots of [`MEM_MIB`], normal kernel.
@@ -58,9 +58,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-use crate::migrate::{free_page_vq, migrate_to, qemu_version, splat_problems, MigVm, MigrateError};
+use crate::migrate::{free_page_vq, migrate_to, qemu_version};
 use crate::qemu::BootSpec;
 use crate::runner::{object, Ctx, HarnessError};
+use crate::vm::{splat_problems, Vm, VmError};
 
 /// Guest RAM (MiB).
 pub const MEM_MIB: u64 = 1024;
@@ -101,9 +102,30 @@ const F_PAGE_POISON: usize = 4;
 const STAT_UNSET: u64 = u64::MAX;
 const MIB: u64 = 1 << 20;
 
+/// What differs between the boots of the scenario.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BalloonBoot {
+    /// `init_on_free=1` on the kernel command line (the poison boot).
+    pub init_on_free: bool,
+    /// The balloon offers DEFLATE_ON_OOM.
+    pub deflate_on_oom: bool,
+}
+
+impl BalloonBoot {
+    /// The usual boot: DEFLATE_ON_OOM, no `init_on_free`.
+    pub const PLAIN: BalloonBoot = BalloonBoot {
+        init_on_free: false,
+        deflate_on_oom: true,
+    };
+}
+
 /// The boot: 1 GiB, QEMU's balloon with hints (on an iothread) and
-/// DEFLATE_ON_OOM (`deflate_on_oom`); `init_on_free=1` for the poison boot.
-pub fn boot_spec(init_on_free: bool, deflate_on_oom: bool) -> BootSpec {
+/// DEFLATE_ON_OOM if asked; `init_on_free=1` for the poison boot.
+pub fn boot_spec(boot: BalloonBoot) -> BootSpec {
+    let BalloonBoot {
+        init_on_free,
+        deflate_on_oom,
+    } = boot;
     let mut spec = BootSpec::new("qemu-balloon");
     spec.mem_mib = MEM_MIB;
     spec.extra_qemu_args = vec![
@@ -129,18 +151,13 @@ pub fn feature(features: &str, bit: usize) -> bool {
 
 /// One VM and its scaled timeout unit.
 pub(crate) struct Guest {
-    pub(crate) vm: MigVm,
+    pub(crate) vm: Vm,
     pub(crate) unit: Duration,
 }
 
 impl Guest {
     /// Types `line` and returns the guest's `@@RESULT` named `name`.
-    fn cmd(
-        &mut self,
-        line: &str,
-        name: &str,
-        secs: u64,
-    ) -> Result<Map<String, Value>, MigrateError> {
+    fn cmd(&mut self, line: &str, name: &str, secs: u64) -> Result<Map<String, Value>, VmError> {
         let from = self.vm.line_count();
         self.vm.send_line(line)?;
         self.answer(from, line, name, secs)
@@ -153,23 +170,23 @@ impl Guest {
         line: &str,
         name: &str,
         secs: u64,
-    ) -> Result<Map<String, Value>, MigrateError> {
+    ) -> Result<Map<String, Value>, VmError> {
         let what = format!("the guest's answer to `{line}`");
-        let (_, l, obj) = self
-            .vm
-            .wait_result(from, name, &what, self.unit * secs as u32)?;
+        let crate::vm::ResultLine { line: l, obj, .. } =
+            self.vm
+                .wait_result(from, name, &what, self.unit * secs as u32)?;
         Ok(obj.unwrap_or_else(|| object(json!({ "malformed": l }))))
     }
 
     /// `query-balloon` `actual` in bytes.
-    fn actual(&mut self) -> Result<u64, MigrateError> {
-        let q = self.vm.qmp.execute("query-balloon", None)?;
+    fn actual(&mut self) -> Result<u64, VmError> {
+        let q = self.vm.qmp().execute("query-balloon", None)?;
         Ok(q["actual"].as_u64().unwrap_or(0))
     }
 
-    fn balloon(&mut self, mib: u64) -> Result<(), MigrateError> {
+    fn balloon(&mut self, mib: u64) -> Result<(), VmError> {
         self.vm
-            .qmp
+            .qmp()
             .execute("balloon", Some(json!({"value": mib * MIB})))?;
         Ok(())
     }
@@ -200,7 +217,7 @@ impl Guest {
         }
     }
 
-    fn meminfo(&mut self, tag: &str) -> Result<MemInfo, MigrateError> {
+    fn meminfo(&mut self, tag: &str) -> Result<MemInfo, VmError> {
         let r = self.cmd(&format!("meminfo {tag}"), "meminfo", 60)?;
         let kb = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(0);
         Ok(MemInfo {
@@ -337,27 +354,36 @@ pub(crate) fn check_inflate(g: &mut Guest, deflate_on_oom: bool) -> Check {
     Ok((ok, m))
 }
 
-/// Reads `guest-stats`: (last-update, free, total, available).
-fn guest_stats(g: &mut Guest) -> Result<(u64, u64, u64, u64), String> {
+/// The balloon's `guest-stats` (bytes; [`STAT_UNSET`] when not reported).
+#[derive(Debug, Clone, Copy)]
+struct GuestStats {
+    last_update: u64,
+    free: u64,
+    total: u64,
+    available: u64,
+}
+
+/// Reads `guest-stats`.
+fn guest_stats(g: &mut Guest) -> Result<GuestStats, String> {
     let v =
-        g.vm.qmp
+        g.vm.qmp()
             .execute(
                 "qom-get",
                 Some(json!({"path": BALLOON_DEV, "property": "guest-stats"})),
             )
             .map_err(|e| e.to_string())?;
     let s = |k: &str| v["stats"][k].as_u64().unwrap_or(STAT_UNSET);
-    Ok((
-        v["last-update"].as_u64().unwrap_or(0),
-        s("stat-free-memory"),
-        s("stat-total-memory"),
-        s("stat-available-memory"),
-    ))
+    Ok(GuestStats {
+        last_update: v["last-update"].as_u64().unwrap_or(0),
+        free: s("stat-free-memory"),
+        total: s("stat-total-memory"),
+        available: s("stat-available-memory"),
+    })
 }
 
 /// Check 3: the stats queue.
 fn check_stats(g: &mut Guest) -> Check {
-    g.vm.qmp
+    g.vm.qmp()
         .execute(
             "qom-set",
             Some(
@@ -370,7 +396,7 @@ fn check_stats(g: &mut Guest) -> Check {
     let limit = g.unit * 60;
     let first = loop {
         let s = guest_stats(g)?;
-        if s.0 != 0 && s.1 != STAT_UNSET {
+        if s.last_update != 0 && s.free != STAT_UNSET {
             break s;
         }
         if start.elapsed() >= limit {
@@ -381,27 +407,32 @@ fn check_stats(g: &mut Guest) -> Check {
     // Wait for the next update, then read the guest's own figures.
     let second = loop {
         let s = guest_stats(g)?;
-        if s.0 > first.0 {
+        if s.last_update > first.last_update {
             break s;
         }
         if start.elapsed() >= limit {
             return Err(format!(
                 "guest-stats last-update stuck at {} for {}s",
-                first.0,
+                first.last_update,
                 limit.as_secs()
             ));
         }
         std::thread::sleep(Duration::from_millis(200));
     };
     let mi = g.meminfo("stats").map_err(err)?;
-    let (_, free, total, avail) = second;
+    let GuestStats {
+        free,
+        total,
+        available: avail,
+        ..
+    } = second;
     let real = |v: u64| v != STAT_UNSET && v > 0;
     let total_ok = real(total) && abs_diff_mib(total, mi.total_kb * 1024) <= 1;
     let free_ok = real(free) && abs_diff_mib(free, mi.free_kb * 1024) <= FREE_TOLERANCE_MIB;
     let avail_ok = real(avail) && abs_diff_mib(avail, mi.available_kb * 1024) <= FREE_TOLERANCE_MIB;
-    let ok = total_ok && free_ok && avail_ok && second.0 > first.0;
+    let ok = total_ok && free_ok && avail_ok && second.last_update > first.last_update;
     let m = object(json!({
-        "last_update": [first.0, second.0],
+        "last_update": [first.last_update, second.last_update],
         "stat_free_mib": free / MIB,
         "stat_total_mib": total / MIB,
         "stat_available_mib": avail / MIB,
@@ -549,8 +580,19 @@ pub fn poison_val_in_stream(stream: &[u8]) -> Option<u32> {
     found
 }
 
-/// The driver's hint rounds so far: (count, `end=` word of each).
-pub(crate) fn hint_rounds(g: &mut Guest) -> Result<(u64, Vec<String>, String), String> {
+/// The driver's hint rounds so far ([`hint_rounds`]).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HintRounds {
+    /// How many rounds.
+    pub(crate) count: u64,
+    /// The `end=` word of each.
+    pub(crate) ends: Vec<String>,
+    /// The driver's round log.
+    pub(crate) log: String,
+}
+
+/// The driver's hint rounds so far.
+pub(crate) fn hint_rounds(g: &mut Guest) -> Result<HintRounds, String> {
     let h = g.cmd("hintlog", "hintlog", 60).map_err(err)?;
     let ends = h
         .get("ends")
@@ -564,11 +606,11 @@ pub(crate) fn hint_rounds(g: &mut Guest) -> Result<(u64, Vec<String>, String), S
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
-    Ok((
-        h.get("rounds").and_then(Value::as_u64).unwrap_or(0),
+    Ok(HintRounds {
+        count: h.get("rounds").and_then(Value::as_u64).unwrap_or(0),
         ends,
         log,
-    ))
+    })
 }
 
 /// Migrates to a file (`exec:cat > FILE`): QEMU asks for hints (a new
@@ -580,12 +622,12 @@ pub(crate) fn hint_rounds(g: &mut Guest) -> Result<(u64, Vec<String>, String), S
 /// round may also end `stop` (QEMU stopped asking before it was sent).
 pub(crate) fn check_stream(g: &mut Guest, file: &std::path::Path) -> Check {
     let _ = std::fs::remove_file(file);
-    let (r0, _, _) = hint_rounds(g)?;
+    let r0 = hint_rounds(g)?.count;
     let vq0 = free_page_vq(&mut g.vm).map_err(err)?;
     let uri = format!("exec:cat > '{}'", file.display());
     let stats = migrate_to(&mut g.vm, &uri, g.unit * 300).map_err(err)?;
     let vq1 = free_page_vq(&mut g.vm).map_err(err)?;
-    g.vm.qmp.execute("cont", None).map_err(err)?;
+    g.vm.qmp().execute("cont", None).map_err(err)?;
     let stream = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()));
     let _ = std::fs::remove_file(file);
     let stream = stream?;
@@ -600,7 +642,7 @@ pub(crate) fn check_stream(g: &mut Guest, file: &std::path::Path) -> Check {
     // The last round logs once the guest runs again: poll (bounded).
     let start = Instant::now();
     let (ends, log) = loop {
-        let (_, ends, log) = hint_rounds(g)?;
+        let HintRounds { ends, log, .. } = hint_rounds(g)?;
         let new: Vec<String> = ends.into_iter().skip(r0 as usize).collect();
         let done = new.iter().any(|e| e == "complete" || e == "done");
         if done || start.elapsed() >= g.unit * 30 {
@@ -639,7 +681,7 @@ pub(crate) fn with_guest(
         spec.cmdline()
     );
     let started = Instant::now();
-    let vm = MigVm::start(&ctx.manifest, &spec, &ctx.log_dir, role, None)?;
+    let vm = Vm::start(&ctx.manifest, &spec, &ctx.log_dir, role, None)?;
     let mut g = Guest { vm, unit };
     let mut problems = Vec::new();
     match g.vm.wait_line(0, "the guest script", unit * 300, |l| {
@@ -694,7 +736,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let (mut bind_ok, mut inflate_ok, mut stats_ok, mut oom_ok, mut unload_ok) =
         (false, false, false, false, false);
     let mut normal_stream: Check = Err("not run".into());
-    let b1 = with_guest(ctx, "bal", boot_spec(false, true), &mut |g, ctx| {
+    let b1 = with_guest(ctx, "bal", boot_spec(BalloonBoot::PLAIN), &mut |g, ctx| {
         eprintln!("[balloon]   bind, inflate, stats, oom_deflate, unload");
         bind_ok = step(ctx, "bind", check_bind(g, false, true)).0;
         inflate_ok = step(ctx, "inflate", check_inflate(g, true)).0;
@@ -704,43 +746,59 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         // The reference for the poison check: no PAGE_POISON, no subsection.
         normal_stream = check_stream(g, &stream_file);
     })?;
-    let b2 = with_guest(ctx, "nodoom", boot_spec(false, false), &mut |g, ctx| {
-        eprintln!("[balloon]   bind and inflate without DEFLATE_ON_OOM");
-        let b = step(ctx, "bind_no_deflate_on_oom", check_bind(g, false, false)).0;
-        let i = step(ctx, "inflate_no_deflate_on_oom", check_inflate(g, false)).0;
-        bind_ok &= b;
-        inflate_ok &= i;
-    })?;
+    let b2 = with_guest(
+        ctx,
+        "nodoom",
+        boot_spec(BalloonBoot {
+            deflate_on_oom: false,
+            ..BalloonBoot::PLAIN
+        }),
+        &mut |g, ctx| {
+            eprintln!("[balloon]   bind and inflate without DEFLATE_ON_OOM");
+            let b = step(ctx, "bind_no_deflate_on_oom", check_bind(g, false, false)).0;
+            let i = step(ctx, "inflate_no_deflate_on_oom", check_inflate(g, false)).0;
+            bind_ok &= b;
+            inflate_ok &= i;
+        },
+    )?;
     let mut poison_ok = false;
-    let b3 = with_guest(ctx, "poison", boot_spec(true, true), &mut |g, ctx| {
-        eprintln!("[balloon]   poison");
-        let bind = check_bind(g, true, true);
-        let stream = if bind.as_ref().is_ok_and(|b| b.0) {
-            check_stream(g, &stream_file)
-        } else {
-            Err("not bound with PAGE_POISON".into())
-        };
-        let normal = std::mem::replace(&mut normal_stream, Err("taken".into()));
-        // QEMU holds poison_val 0 only where PAGE_POISON was negotiated.
-        let normal_ok = normal
-            .as_ref()
-            .is_ok_and(|(ok, m)| *ok && m.get("poison_subsection") == Some(&json!(false)));
-        let poison_stream_ok = stream
-            .as_ref()
-            .is_ok_and(|(ok, m)| *ok && m.get("qemu_poison_val") == Some(&json!(0)));
-        let mut f = Map::new();
-        let mut ok = normal_ok && poison_stream_ok;
-        for (k, r) in [
-            ("bind", bind),
-            ("stream", stream),
-            ("normal_boot_stream", normal),
-        ] {
-            let r = result(k, r);
-            ok &= crate::guest::result_ok(&r);
-            f.insert(k.into(), Value::Object(r));
-        }
-        poison_ok = step(ctx, "poison", Ok((ok, f))).0;
-    })?;
+    let b3 = with_guest(
+        ctx,
+        "poison",
+        boot_spec(BalloonBoot {
+            init_on_free: true,
+            ..BalloonBoot::PLAIN
+        }),
+        &mut |g, ctx| {
+            eprintln!("[balloon]   poison");
+            let bind = check_bind(g, true, true);
+            let stream = if bind.as_ref().is_ok_and(|b| b.0) {
+                check_stream(g, &stream_file)
+            } else {
+                Err("not bound with PAGE_POISON".into())
+            };
+            let normal = std::mem::replace(&mut normal_stream, Err("taken".into()));
+            // QEMU holds poison_val 0 only where PAGE_POISON was negotiated.
+            let normal_ok = normal
+                .as_ref()
+                .is_ok_and(|(ok, m)| *ok && m.get("poison_subsection") == Some(&json!(false)));
+            let poison_stream_ok = stream
+                .as_ref()
+                .is_ok_and(|(ok, m)| *ok && m.get("qemu_poison_val") == Some(&json!(0)));
+            let mut f = Map::new();
+            let mut ok = normal_ok && poison_stream_ok;
+            for (k, r) in [
+                ("bind", bind),
+                ("stream", stream),
+                ("normal_boot_stream", normal),
+            ] {
+                let r = result(k, r);
+                ok &= crate::guest::result_ok(&r);
+                f.insert(k.into(), Value::Object(r));
+            }
+            poison_ok = step(ctx, "poison", Ok((ok, f))).0;
+        },
+    )?;
     let boots_clean = b1 && b2 && b3;
     let ok = bind_ok && inflate_ok && stats_ok && oom_ok && unload_ok && poison_ok && boots_clean;
     Ok(object(json!({
@@ -774,14 +832,24 @@ mod tests {
 
     #[test]
     fn boot_spec_has_the_device_and_poison_only_when_asked() {
-        let a = boot_spec(false, true);
+        let a = boot_spec(BalloonBoot::PLAIN);
         assert!(a.extra_qemu_args.iter().any(|x| x.contains(
             "virtio-balloon-pci,id=balloon0,free-page-hint=on,iothread=fhio,deflate-on-oom=on"
         )));
         assert!(!a.cmdline().contains("init_on_free"));
         assert!(a.cmdline().contains("fh.scenario=qemu-balloon"));
-        assert!(boot_spec(true, true).cmdline().ends_with("init_on_free=1"));
-        assert!(boot_spec(false, false).extra_qemu_args[3].ends_with("deflate-on-oom=off"));
+        assert!(boot_spec(BalloonBoot {
+            init_on_free: true,
+            ..BalloonBoot::PLAIN
+        })
+        .cmdline()
+        .ends_with("init_on_free=1"));
+        assert!(boot_spec(BalloonBoot {
+            deflate_on_oom: false,
+            ..BalloonBoot::PLAIN
+        })
+        .extra_qemu_args[3]
+            .ends_with("deflate-on-oom=off"));
         assert!(crate::migrate::BALLOON_QOM.starts_with(BALLOON_DEV));
     }
 

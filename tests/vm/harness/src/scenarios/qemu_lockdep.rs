@@ -38,12 +38,13 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 
 use crate::errors::io_error;
+use crate::guest::splat_lines;
 use crate::guest::{result_ok, GuestOutput};
 use crate::migrate::{
-    cell_json, qemu_version, run_cell_with, splat_lines, start_migration, wait_migration, Cell,
-    Driver, MigVm, MigrateError, Workload,
+    cell_json, qemu_version, run_cell_with, start_migration, wait_migration, Cell, Driver, Workload,
 };
 use crate::runner::{object, Ctx, HarnessError};
+use crate::vm::{Vm, VmError};
 
 /// Migrations under the workload (2 round trips).
 pub const MIGRATIONS: usize = 4;
@@ -90,7 +91,7 @@ struct Sink {
 }
 
 impl Sink {
-    fn start() -> Result<Sink, MigrateError> {
+    fn start() -> Result<Sink, VmError> {
         let l = TcpListener::bind("127.0.0.1:0")
             .map_err(io_error("cannot bind a sink on", "127.0.0.1"))?;
         let port = l
@@ -156,19 +157,14 @@ impl Drop for Sink {
     }
 }
 
-fn migrate_status(vm: &mut MigVm) -> Result<String, MigrateError> {
-    let q = vm.qmp.execute("query-migrate", None)?;
+fn migrate_status(vm: &mut Vm) -> Result<String, VmError> {
+    let q = vm.qmp().execute("query-migrate", None)?;
     Ok(q["status"].as_str().unwrap_or("none").to_string())
 }
 
 /// Waits for the held-open migration to reach `want`; it must neither fail
 /// nor complete (the sink is too slow for that).
-fn wait_status(
-    vm: &mut MigVm,
-    want: &str,
-    what: &str,
-    timeout: Duration,
-) -> Result<(), MigrateError> {
+fn wait_status(vm: &mut Vm, want: &str, what: &str, timeout: Duration) -> Result<(), VmError> {
     wait_migration(vm, &[want], &["failed", "completed"], what, timeout).map(|_| ())
 }
 
@@ -177,11 +173,11 @@ fn wait_status(
 /// index `marker`, waits for `go`, then (after its `rmmod_cycle` result) for
 /// one more line. Returns the index of the result line.
 fn unload_cycle(
-    vm: &mut MigVm,
+    vm: &mut Vm,
     unit: Duration,
     marker: usize,
     rep: &mut CycleReport,
-) -> Result<usize, MigrateError> {
+) -> Result<usize, VmError> {
     let sink = Sink::start()?;
     // The guest now polls /proc/interrupts and unloads the driver as soon as
     // the hint request (a config interrupt) arrives.
@@ -189,14 +185,14 @@ fn unload_cycle(
     let uri = format!("tcp:127.0.0.1:{}", sink.port);
     start_migration(vm, &uri, SINK_BANDWIDTH)?;
     wait_status(vm, "active", "the held-open migration", unit * 60)?;
-    let (result, ..) = vm.wait_result(
+    let crate::vm::ResultLine { index: result, .. } = vm.wait_result(
         marker + 1,
         "rmmod_cycle",
         "the guest's rmmod result",
         unit * 300,
     )?;
     rep.status_at_rmmod = Some(migrate_status(vm)?);
-    vm.qmp.execute("migrate_cancel", None)?;
+    vm.qmp().execute("migrate_cancel", None)?;
     wait_status(vm, "cancelled", "the migration cancel", unit * 60)?;
     rep.sink_bytes = sink.bytes();
     drop(sink);
@@ -207,16 +203,17 @@ fn unload_cycle(
 /// The final step: [`UNLOAD_CYCLES`] unload cycles, then waits for the
 /// guest's overall `rmmod` result.
 fn unload_during_rounds(
-    vm: &mut MigVm,
+    vm: &mut Vm,
     unit: Duration,
     reps: &mut Vec<CycleReport>,
-) -> Result<(), MigrateError> {
+) -> Result<(), VmError> {
     let mut from = 0;
     for _ in 0..UNLOAD_CYCLES {
-        let (marker, _) =
-            vm.wait_line(from, "the guest to wait for the unload", unit * 120, |l| {
+        let marker = vm
+            .wait_line(from, "the guest to wait for the unload", unit * 120, |l| {
                 l.contains(RMMOD_MARKER)
-            })?;
+            })?
+            .index;
         let mut rep = CycleReport::default();
         let r = unload_cycle(vm, unit, marker, &mut rep);
         reps.push(rep);
@@ -287,7 +284,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
                 let r = unload_during_rounds(vm, unit, cycles);
                 if r.is_err() {
                     // Let the guest finish (each cycle waits for two lines).
-                    let _ = vm.qmp.execute("migrate_cancel", None);
+                    let _ = vm.qmp().execute("migrate_cancel", None);
                     for _ in 0..UNLOAD_CYCLES * 2 {
                         let _ = vm.send_line("go");
                     }

@@ -22,9 +22,10 @@ use serde_json::{json, Map, Value};
 
 use crate::errors::io_error;
 use crate::migrate::{
-    cell_json, median, qemu_version, run_cell, Cell, CellOutcome, Driver, MigrateError, Workload,
+    cell_json, median, qemu_version, run_cell, Cell, CellOutcome, Driver, Workload,
 };
 use crate::runner::{emit, object, Ctx, HarnessError};
+use crate::vm::VmError;
 
 /// All drivers, in column order.
 pub const DRIVERS: [Driver; 3] = [Driver::None, Driver::Stock, Driver::Freehint];
@@ -155,7 +156,7 @@ pub enum AttemptEnd {
 
 impl AttemptEnd {
     /// Classifies what [`run_cell`] returned.
-    pub fn of(res: &Result<CellOutcome, MigrateError>) -> AttemptEnd {
+    pub fn of(res: &Result<CellOutcome, VmError>) -> AttemptEnd {
         match res {
             Err(_) => AttemptEnd::Broken,
             Ok(out) if out.integrity_failures() > 0 || out.corrupt_pages() > 0 => {
@@ -426,7 +427,7 @@ mod tests {
         }
     }
 
-    fn ends() -> Vec<(&'static str, Result<CellOutcome, MigrateError>, AttemptEnd)> {
+    fn ends() -> Vec<(&'static str, Result<CellOutcome, VmError>, AttemptEnd)> {
         vec![
             (
                 "clean",
@@ -482,7 +483,7 @@ mod tests {
             ),
             (
                 "harness timeout",
-                Err(MigrateError::Timeout {
+                Err(VmError::Timeout {
                     what: "the guest's ready line".into(),
                     secs: 300,
                     log: "x.log".into(),
@@ -491,7 +492,7 @@ mod tests {
             ),
             (
                 "QEMU exited",
-                Err(MigrateError::Exited {
+                Err(VmError::Exited {
                     role: "dst".into(),
                     what: "serial socket".into(),
                     log: "x.log".into(),

@@ -36,11 +36,12 @@ use serde_json::{json, Map, Value};
 
 use super::vfio_stock::{boot_round, host_round};
 use crate::errors::io_error;
-use crate::qemu::{BootSpec, Machine, Vm};
+use crate::qemu::{BootSpec, Machine};
 use crate::runner::{object, Ctx, HarnessError};
 use crate::vfio::{
     compare, overlay_initramfs, read_dump, server_binary, RamLayout, Server, VfioBoot,
 };
+use crate::vm::Vm;
 
 /// The least host RAM an inflate to 64 MiB must give back (75 %), kB.
 const INFLATE_FREED_MIN_KB: u64 = 48 * 1024;
@@ -160,7 +161,7 @@ fn first_client(
     let first_dir = dir.join("first");
     std::fs::create_dir_all(&first_dir).map_err(io_error("cannot create log dir", &first_dir))?;
     let mut problems = Vec::new();
-    let vm = Vm::start(&ctx.manifest, &spec, &first_dir)?;
+    let vm = Vm::boot(&ctx.manifest, &spec, &first_dir)?;
     let log = vm.serial_log.clone();
     let bound = wait_text(
         ctx.scaled(spec.timeout),

@@ -16,12 +16,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-use crate::migrate::{
-    splat_problems, verify_integrity, wait_ready, Cell, Driver, MigVm, VmOptions, Workload,
-};
+use crate::migrate::{verify_integrity, wait_ready, Cell, Driver, Then, Workload};
 use crate::qemu::Machine;
 use crate::runner::{object, Ctx, HarnessError};
 use crate::vfio::{package_binary, RamLayout, Server};
+use crate::vm::{splat_problems, Vm, VmOptions};
 
 /// Guest memory, MiB.
 const MEM_MIB: u64 = 1024;
@@ -103,7 +102,7 @@ fn drive(
         env: Vec::new(),
         owned_files: vec![ram],
     };
-    let mut vm = MigVm::start_with(&ctx.manifest, &spec, &ctx.log_dir, &label, &opts)?;
+    let mut vm = Vm::start_with(&ctx.manifest, &spec, &ctx.log_dir, &label, &opts)?;
     wait_ready(&mut vm, timeout)?;
     let bound = vm
         .output()
@@ -159,7 +158,7 @@ fn drive(
             }
         }
     }
-    let verdict = verify_integrity(&mut vm, true, timeout)?;
+    let verdict = verify_integrity(&mut vm, Then::Stop, timeout)?;
     if verdict.get("ok") != Some(&json!(true)) {
         problems.push(format!("integrity: {verdict:?}"));
     }

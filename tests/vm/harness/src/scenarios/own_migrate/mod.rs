@@ -28,13 +28,13 @@ use serde_json::{json, Map, Value};
 
 use crate::manifest::Manifest;
 use crate::migrate::{
-    free_port, median, migrate, qemu_version, splat_problems, verify_integrity, wait_ready, Cell,
-    Driver, Incoming, MigVm, MigrateError, VmOptions, Workload,
+    median, migrate, qemu_version, verify_integrity, wait_ready, Cell, Driver, Then, Workload,
 };
 use crate::qemu::Machine;
 use crate::runner::{object, Ctx, HarnessError};
 use crate::scenarios::num;
 use crate::vfio::{RamLayout, Server};
+use crate::vm::{free_port, splat_problems, Incoming, Vm, VmError, VmOptions};
 
 /// The program and the preload library, built in release mode.
 #[derive(Debug, Clone)]
@@ -126,7 +126,8 @@ impl Migrator {
 
 /// One QEMU set up for our migrator, with the program's QMP socket.
 pub(crate) struct OwnVm {
-    pub(crate) vm: MigVm,
+    pub(crate) vm: Vm,
+    /// The second QMP socket, for the program.
     program_qmp: PathBuf,
     /// The balloon's device server (`freehint-vhost-user`), with
     /// [`RunOpts::balloon`]: plugged in at boot on the first source, by
@@ -145,7 +146,7 @@ fn start_own(
     role: &str,
     incoming: bool,
     balloon: bool,
-) -> Result<OwnVm, MigrateError> {
+) -> Result<OwnVm, VmError> {
     let tag = format!("{}-{role}", cell.label().replace('/', "-"));
     let server = balloon
         .then(|| {
@@ -153,7 +154,7 @@ fn start_own(
             Server::start(&tools.vhost_user, log_dir, &tag, &layout, &["--persist"])
         })
         .transpose()
-        .map_err(|e| MigrateError::Server(e.to_string()))?;
+        .map_err(|e| VmError::Server(e.to_string()))?;
     let ram = PathBuf::from(format!("/dev/shm/{RAM_PREFIX}{}-{tag}", std::process::id()));
     let uffd = crate::sockets::socket_path(&format!("{tag}.uffd"))?;
     let program_qmp = crate::sockets::socket_path(&format!("{tag}.pqmp"))?;
@@ -203,7 +204,7 @@ fn start_own(
             ]);
         }
     }
-    let vm = MigVm::start_with(manifest, &spec, log_dir, role, &opts)?;
+    let vm = Vm::start_with(manifest, &spec, log_dir, role, &opts)?;
     Ok(OwnVm {
         vm,
         program_qmp,
@@ -262,9 +263,17 @@ fn json_line(line: &str) -> Option<Map<String, Value>> {
     }
 }
 
+/// One hop of our migrator ([`migrate_ours`]).
+#[derive(Debug)]
+struct Migrated {
+    /// Its figures.
+    hop: Hop,
+    /// The destination's console index from which the verdict comes.
+    verdict_from: usize,
+}
+
 /// Migrates `src` to `dst` with `freehint-migrate`; the destination
-/// verifies at resume. Returns the hop and the console index from which
-/// the verdict comes.
+/// verifies at resume.
 fn migrate_ours(
     tools: &Tools,
     src: &OwnVm,
@@ -273,7 +282,7 @@ fn migrate_ours(
     label: &str,
     opts: RunOpts,
     timeout: Duration,
-) -> Result<(Hop, usize), String> {
+) -> Result<Migrated, String> {
     let (port, qemu_port) = (
         free_port().map_err(|e| e.to_string())?,
         free_port().map_err(|e| e.to_string())?,
@@ -362,7 +371,7 @@ fn drive(
     dst: &mut OwnVm,
     abort: bool,
     timeout: Duration,
-) -> Result<(Hop, usize), String> {
+) -> Result<Migrated, String> {
     let deadline = Instant::now() + timeout;
     let (recv_lines, send_lines) = (lines_of(receiver), lines_of(sender));
     let mut gate = receiver.stdin.take();
@@ -443,7 +452,10 @@ fn drive(
     };
     if abort {
         let from = verdict_from.ok_or("the receiver never held the destination")?;
-        return Ok((hop, from));
+        return Ok(Migrated {
+            hop,
+            verdict_from: from,
+        });
     }
     if status("send").as_deref() != Some("completed")
         || status("receive").as_deref() != Some("completed")
@@ -459,24 +471,41 @@ fn drive(
         ));
     }
     let from = verdict_from.ok_or("the receiver never held the destination")?;
-    Ok((hop, from))
+    Ok(Migrated {
+        hop,
+        verdict_from: from,
+    })
 }
 
 /// The integrity verdict at `from` on `vm`.
-fn verdict_at(
-    vm: &mut MigVm,
-    from: usize,
-    timeout: Duration,
-) -> Result<Map<String, Value>, String> {
-    let (_, line, obj) = vm
+fn verdict_at(vm: &mut Vm, from: usize, timeout: Duration) -> Result<Map<String, Value>, String> {
+    let crate::vm::ResultLine { line, obj, .. } = vm
         .wait_result(from, "integrity", "the destination's verdict", timeout)
         .map_err(|e| e.to_string())?;
     Ok(obj.unwrap_or_else(|| object(json!({"name": "integrity", "ok": false, "error": line}))))
 }
 
+/// The guest's churn steps (`ops`) at a moment of host time.
+#[derive(Debug, Clone, Copy)]
+struct OpsSample {
+    /// `ops` of the verdict.
+    ops: f64,
+    /// When the verdict came.
+    at: Instant,
+}
+
+/// The workload's churn rate before a migration ([`start_rate`]).
+#[derive(Debug, Clone, Copy)]
+struct RateBefore {
+    /// Steps per second over the window.
+    rate: f64,
+    /// The last sample of the window.
+    last: OpsSample,
+}
+
 /// `ops` and the host time of a fresh verdict (the guest's churn steps).
-fn ops_now(vm: &mut MigVm, timeout: Duration) -> Result<(f64, Instant), String> {
-    let v = verify_integrity(vm, false, timeout).map_err(|e| e.to_string())?;
+fn ops_now(vm: &mut Vm, timeout: Duration) -> Result<OpsSample, String> {
+    let v = verify_integrity(vm, Then::Continue, timeout).map_err(|e| e.to_string())?;
     let ops = v
         .get("ops")
         .and_then(Value::as_f64)
@@ -487,7 +516,10 @@ fn ops_now(vm: &mut MigVm, timeout: Duration) -> Result<(f64, Instant), String> 
             Value::Object(v)
         ));
     }
-    Ok((ops, Instant::now()))
+    Ok(OpsSample {
+        ops,
+        at: Instant::now(),
+    })
 }
 
 /// How a run measures.
@@ -551,26 +583,25 @@ pub fn run_cell(ctx: &Ctx, tools: &Tools, cell: &Cell, migrator: Migrator, opts:
     run
 }
 
-fn start_rate(
-    vm: &mut MigVm,
-    opts: RunOpts,
-    unit: Duration,
-) -> Result<Option<(f64, f64, Instant)>, String> {
+fn start_rate(vm: &mut Vm, opts: RunOpts, unit: Duration) -> Result<Option<RateBefore>, String> {
     let Some(window) = opts.rate_window else {
         return Ok(None);
     };
-    let (ops0, t0) = ops_now(vm, unit * 60)?;
+    let first = ops_now(vm, unit * 60)?;
     std::thread::sleep(window);
-    let (ops1, t1) = ops_now(vm, unit * 60)?;
-    Ok(Some(((ops1 - ops0) / (t1 - t0).as_secs_f64(), ops1, t1)))
+    let last = ops_now(vm, unit * 60)?;
+    Ok(Some(RateBefore {
+        rate: (last.ops - first.ops) / (last.at - first.at).as_secs_f64(),
+        last,
+    }))
 }
 
-fn end_rate(hop: &mut Hop, before: Option<(f64, f64, Instant)>, at: Instant) {
-    let (Some((rate, ops1, t1)), Some(v)) = (before, &hop.verdict) else {
+fn end_rate(hop: &mut Hop, before: Option<RateBefore>, at: Instant) {
+    let (Some(RateBefore { rate, last }), Some(v)) = (before, &hop.verdict) else {
         return;
     };
     if let Some(ops2) = v.get("ops").and_then(Value::as_f64) {
-        hop.ops_rate = Some((rate, (ops2 - ops1) / (at - t1).as_secs_f64()));
+        hop.ops_rate = Some((rate, (ops2 - last.ops) / (at - last.at).as_secs_f64()));
     }
 }
 
@@ -583,7 +614,7 @@ fn run_ours(
     run: &mut Run,
     scale: &dyn Fn(u64) -> Duration,
 ) -> Result<(), String> {
-    let e = |e: MigrateError| e.to_string();
+    let e = |e: VmError| e.to_string();
     let mut src = start_own(
         &ctx.manifest,
         tools,
@@ -628,7 +659,10 @@ fn run_ours(
             splat_problems(&dst.vm, &mut run.problems);
             run.destination_splat |= run.problems.len() > before;
         }
-        let (mut hop, from) = migrated?;
+        let Migrated {
+            mut hop,
+            verdict_from: from,
+        } = migrated?;
         src.vm.kill();
         let verdict = verdict_at(&mut dst.vm, from, scale(300));
         let at = Instant::now();
@@ -672,7 +706,7 @@ fn run_qemu(
     run: &mut Run,
     scale: &dyn Fn(u64) -> Duration,
 ) -> Result<(), String> {
-    let e = |e: MigrateError| e.to_string();
+    let e = |e: VmError| e.to_string();
     let spec = cell.boot_spec();
     let ram = qemu_ram_args(cell);
     let with = |incoming| VmOptions {
@@ -680,7 +714,7 @@ fn run_qemu(
         extra_args: ram.clone(),
         ..VmOptions::default()
     };
-    let mut src = MigVm::start_with(
+    let mut src = Vm::start_with(
         &ctx.manifest,
         &spec,
         &ctx.log_dir,
@@ -692,7 +726,7 @@ fn run_qemu(
     for i in 0..cell.migrations {
         let before = start_rate(&mut src, opts, scale(1))?;
         let port = free_port().map_err(e)?;
-        let mut dst = MigVm::start_with(
+        let mut dst = Vm::start_with(
             &ctx.manifest,
             &spec,
             &ctx.log_dir,
@@ -704,7 +738,7 @@ fn run_qemu(
         splat_problems(&src, &mut run.problems);
         let stats = stats.map_err(e)?;
         src.kill();
-        let verdict = verify_integrity(&mut dst, false, scale(300));
+        let verdict = verify_integrity(&mut dst, Then::Continue, scale(300));
         let at = Instant::now();
         let mut hop = Hop {
             bytes: Some(stats.transferred as f64),
@@ -754,8 +788,8 @@ fn selected(name: &str) -> bool {
 }
 
 /// Stops the workload on the last destination and waits for a clean end.
-fn finish(vm: &mut MigVm, run: &mut Run, scale: &dyn Fn(u64) -> Duration) -> Result<(), String> {
-    let last = verify_integrity(vm, true, scale(300)).map_err(|e| e.to_string())?;
+fn finish(vm: &mut Vm, run: &mut Run, scale: &dyn Fn(u64) -> Duration) -> Result<(), String> {
+    let last = verify_integrity(vm, Then::Stop, scale(300)).map_err(|e| e.to_string())?;
     if !crate::guest::result_ok(&last) {
         run.problems
             .push(format!("final verdict failed: {}", Value::Object(last)));
@@ -1077,7 +1111,7 @@ pub(crate) fn abort_check(
     let mut problems = Vec::new();
     let mut summary = Value::Null;
     let result = (|| -> Result<(), String> {
-        let e = |e: MigrateError| e.to_string();
+        let e = |e: VmError| e.to_string();
         let label = "abort";
         let mut src = start_own(
             &ctx.manifest,
@@ -1108,7 +1142,7 @@ pub(crate) fn abort_check(
             balloon,
             ..RunOpts::default()
         };
-        let (hop, _) = migrate_ours(tools, &src, &mut dst, &ctx.log_dir, label, opts, scale(600))?;
+        let hop = migrate_ours(tools, &src, &mut dst, &ctx.log_dir, label, opts, scale(600))?.hop;
         summary = hop.detail.get("send").cloned().unwrap_or(Value::Null);
         if summary["status"] != "failed" || summary["source"] != "running" {
             problems.push(format!(
@@ -1117,7 +1151,7 @@ pub(crate) fn abort_check(
         }
         let status = src
             .vm
-            .qmp
+            .qmp()
             .execute("query-status", None)
             .map_err(|e| e.to_string())?;
         if status["status"] != "running" {
