@@ -1,0 +1,403 @@
+//! One cell (ours or QEMU's migrator × workload × memory) run end to end:
+//! boot, migrations, verdicts, the result line ([`hop_json`]).
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+use super::program::{migrate_ours, Hop, Migrated};
+use super::tools::{qemu_ram_args, start_own, Tools};
+use crate::migrate::{migrate, verify_integrity, wait_ready, Cell, Then};
+use crate::runner::{object, Ctx};
+use crate::scenarios::num;
+use crate::vm::{free_port, splat_problems, Incoming, Vm, VmError, VmOptions};
+
+/// Which migrator a cell uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migrator {
+    /// `freehint-migrate`.
+    Ours,
+    /// QEMU's pre-copy.
+    Qemu,
+}
+
+impl Migrator {
+    /// Short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Migrator::Ours => "ours",
+            Migrator::Qemu => "qemu",
+        }
+    }
+}
+
+/// The integrity verdict at `from` on `vm`.
+pub(super) fn verdict_at(
+    vm: &mut Vm,
+    from: usize,
+    timeout: Duration,
+) -> Result<Map<String, Value>, String> {
+    let crate::vm::ResultLine { line, obj, .. } = vm
+        .wait_result(from, "integrity", "the destination's verdict", timeout)
+        .map_err(|e| e.to_string())?;
+    Ok(obj.unwrap_or_else(|| object(json!({"name": "integrity", "ok": false, "error": line}))))
+}
+
+/// The guest's churn steps (`ops`) at a moment of host time.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct OpsSample {
+    /// `ops` of the verdict.
+    pub(super) ops: f64,
+    /// When the verdict came.
+    pub(super) at: Instant,
+}
+
+/// The workload's churn rate before a migration ([`start_rate`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RateBefore {
+    /// Steps per second over the window.
+    pub(super) rate: f64,
+    /// The last sample of the window.
+    pub(super) last: OpsSample,
+}
+
+/// `ops` and the host time of a fresh verdict (the guest's churn steps).
+pub(super) fn ops_now(vm: &mut Vm, timeout: Duration) -> Result<OpsSample, String> {
+    let v = verify_integrity(vm, Then::Continue, timeout).map_err(|e| e.to_string())?;
+    let ops = v
+        .get("ops")
+        .and_then(Value::as_f64)
+        .ok_or("verdict without ops")?;
+    if !crate::guest::result_ok(&v) {
+        return Err(format!(
+            "verdict before migrating failed: {}",
+            Value::Object(v)
+        ));
+    }
+    Ok(OpsSample {
+        ops,
+        at: Instant::now(),
+    })
+}
+
+/// How a run measures.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOpts {
+    /// Measure the guest's churn rate for this long before migrating.
+    pub rate_window: Option<Duration>,
+    /// Negative control: drop our final pass.
+    pub negative_control: bool,
+    /// Our live passes at most (`--max-passes`).
+    pub max_passes: Option<u32>,
+    /// Refuse to resume the destination (the gate answers `abort`): the
+    /// migration must fail with the source running.
+    pub abort_at_resume: bool,
+    /// Our balloon device (`freehint-vhost-user`) instead of QEMU's: the
+    /// sender takes its hints and unplugs it, the receiver plugs a fresh
+    /// one into the destination (see `own_hint`).
+    pub balloon: bool,
+}
+
+/// The outcome of one cell: every hop, problems, the verdicts.
+#[derive(Debug, Default)]
+pub struct Run {
+    /// One per migration.
+    pub hops: Vec<Hop>,
+    /// What went wrong.
+    pub problems: Vec<String>,
+    /// A migration failed and its destination's console showed a kernel
+    /// splat (a damaged guest that died at resume, before any verdict).
+    pub destination_splat: bool,
+}
+
+impl Run {
+    /// Verdicts that failed, or hops that have none.
+    pub fn integrity_failures(&self) -> usize {
+        self.hops
+            .iter()
+            .filter(|h| !h.verdict.as_ref().is_some_and(crate::guest::result_ok))
+            .count()
+    }
+
+    /// Everything went right.
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty() && self.integrity_failures() == 0
+    }
+}
+
+/// Boots `cell`, migrates it `cell.migrations` times with `migrator`,
+/// verifies each destination at resume, stops the workload at the end.
+pub fn run_cell(ctx: &Ctx, tools: &Tools, cell: &Cell, migrator: Migrator, opts: RunOpts) -> Run {
+    let mut run = Run::default();
+    let scale = |s: u64| Duration::from_secs(s).mul_f64(ctx.timeout_scale.max(0.1));
+    let label = format!("{}-{}", migrator.name(), cell.label().replace('/', "-"));
+    let result = match migrator {
+        Migrator::Ours => run_ours(ctx, tools, cell, &label, opts, &mut run, &scale),
+        Migrator::Qemu => run_qemu(ctx, cell, &label, opts, &mut run, &scale),
+    };
+    if let Err(e) = result {
+        run.problems.push(e);
+    }
+    run
+}
+
+pub(super) fn start_rate(
+    vm: &mut Vm,
+    opts: RunOpts,
+    unit: Duration,
+) -> Result<Option<RateBefore>, String> {
+    let Some(window) = opts.rate_window else {
+        return Ok(None);
+    };
+    let first = ops_now(vm, unit * 60)?;
+    std::thread::sleep(window);
+    let last = ops_now(vm, unit * 60)?;
+    Ok(Some(RateBefore {
+        rate: (last.ops - first.ops) / (last.at - first.at).as_secs_f64(),
+        last,
+    }))
+}
+
+pub(super) fn end_rate(hop: &mut Hop, before: Option<RateBefore>, at: Instant) {
+    let (Some(RateBefore { rate, last }), Some(v)) = (before, &hop.verdict) else {
+        return;
+    };
+    if let Some(ops2) = v.get("ops").and_then(Value::as_f64) {
+        hop.ops_rate = Some((rate, (ops2 - last.ops) / (at - last.at).as_secs_f64()));
+    }
+}
+
+pub(super) fn run_ours(
+    ctx: &Ctx,
+    tools: &Tools,
+    cell: &Cell,
+    label: &str,
+    opts: RunOpts,
+    run: &mut Run,
+    scale: &dyn Fn(u64) -> Duration,
+) -> Result<(), String> {
+    let e = |e: VmError| e.to_string();
+    let mut src = start_own(
+        &ctx.manifest,
+        tools,
+        cell,
+        &ctx.log_dir,
+        &format!("{label}-0"),
+        false,
+        opts.balloon,
+    )
+    .map_err(e)?;
+    wait_ready(&mut src.vm, scale(300)).map_err(e)?;
+    if opts.balloon {
+        crate::scenarios::own_hint::inflate(&src, cell.driver, scale(120))?;
+    }
+    for i in 0..cell.migrations {
+        let before = start_rate(&mut src.vm, opts, scale(1))?;
+        let mut dst = start_own(
+            &ctx.manifest,
+            tools,
+            cell,
+            &ctx.log_dir,
+            &format!("{label}-{}", i + 1),
+            true,
+            opts.balloon,
+        )
+        .map_err(e)?;
+        let hop_label = format!("{label}-{}", i + 1);
+        let migrated = migrate_ours(
+            tools,
+            &src,
+            &mut dst,
+            &ctx.log_dir,
+            &hop_label,
+            opts,
+            scale(600),
+        );
+        splat_problems(&src.vm, &mut run.problems);
+        if migrated.is_err() {
+            // A destination that died at resume says why on its console.
+            dst.vm.wait_exit(scale(10));
+            let before = run.problems.len();
+            splat_problems(&dst.vm, &mut run.problems);
+            run.destination_splat |= run.problems.len() > before;
+        }
+        let Migrated {
+            mut hop,
+            verdict_from: from,
+        } = migrated?;
+        src.vm.kill();
+        let verdict = verdict_at(&mut dst.vm, from, scale(300));
+        let at = Instant::now();
+        hop.verdict = Some(
+            verdict
+                .unwrap_or_else(|e| object(json!({"name": "integrity", "ok": false, "error": e}))),
+        );
+        end_rate(&mut hop, before, at);
+        if opts.balloon {
+            let check =
+                crate::scenarios::own_hint::destination_balloon(&mut dst, cell.driver, scale(120));
+            if check.get("ok") != Some(&json!(true)) {
+                run.problems.push(format!(
+                    "migration {}: destination balloon: {}",
+                    i + 1,
+                    Value::Object(check.clone())
+                ));
+            }
+            hop.detail
+                .insert("destination_balloon".into(), Value::Object(check));
+        }
+        eprintln!(
+            "[own]   {label}: migration {}/{}: {:.1} MB, {:?} ms total, {:?} ms downtime, integrity {}",
+            i + 1,
+            cell.migrations,
+            hop.bytes.unwrap_or(0.0) / 1e6,
+            hop.total_ms,
+            hop.downtime_ms,
+            hop.verdict.as_ref().is_some_and(crate::guest::result_ok)
+        );
+        run.hops.push(hop);
+        src = dst;
+    }
+    finish(&mut src.vm, run, scale)
+}
+
+pub(super) fn run_qemu(
+    ctx: &Ctx,
+    cell: &Cell,
+    label: &str,
+    opts: RunOpts,
+    run: &mut Run,
+    scale: &dyn Fn(u64) -> Duration,
+) -> Result<(), String> {
+    let e = |e: VmError| e.to_string();
+    let spec = cell.boot_spec();
+    let ram = qemu_ram_args(cell);
+    let with = |incoming| VmOptions {
+        incoming,
+        extra_args: ram.clone(),
+        ..VmOptions::default()
+    };
+    let mut src = Vm::start_with(
+        &ctx.manifest,
+        &spec,
+        &ctx.log_dir,
+        &format!("{label}-0"),
+        &with(None),
+    )
+    .map_err(e)?;
+    wait_ready(&mut src, scale(300)).map_err(e)?;
+    for i in 0..cell.migrations {
+        let before = start_rate(&mut src, opts, scale(1))?;
+        let port = free_port().map_err(e)?;
+        let mut dst = Vm::start_with(
+            &ctx.manifest,
+            &spec,
+            &ctx.log_dir,
+            &format!("{label}-{}", i + 1),
+            &with(Some(Incoming::Tcp(port))),
+        )
+        .map_err(e)?;
+        let stats = migrate(&mut src, port, scale(600));
+        splat_problems(&src, &mut run.problems);
+        let stats = stats.map_err(e)?;
+        src.kill();
+        let verdict = verify_integrity(&mut dst, Then::Continue, scale(300));
+        let at = Instant::now();
+        let mut hop = Hop {
+            bytes: Some(stats.transferred as f64),
+            total_ms: Some(stats.total_ms as f64),
+            downtime_ms: Some(stats.downtime_ms as f64),
+            verdict: Some(verdict.unwrap_or_else(|err| {
+                object(json!({"name": "integrity", "ok": false, "error": err.to_string()}))
+            })),
+            detail: stats.to_json(),
+            ops_rate: None,
+        };
+        end_rate(&mut hop, before, at);
+        run.hops.push(hop);
+        src = dst;
+    }
+    finish(&mut src, run, scale)
+}
+
+/// Whether `FREEHINT_OWN_ONLY` (comma-separated substrings of
+/// `migrator/workload/SIZEg`, e.g. `qemu/idle/32g`) selects a cell; unset:
+/// all, and the slowdown runs too.
+pub(super) fn selected(name: &str) -> bool {
+    match std::env::var("FREEHINT_OWN_ONLY") {
+        Ok(v) if !v.trim().is_empty() => v.split(',').any(|p| name.contains(p.trim())),
+        _ => true,
+    }
+}
+
+/// Stops the workload on the last destination and waits for a clean end.
+pub(super) fn finish(
+    vm: &mut Vm,
+    run: &mut Run,
+    scale: &dyn Fn(u64) -> Duration,
+) -> Result<(), String> {
+    let last = verify_integrity(vm, Then::Stop, scale(300)).map_err(|e| e.to_string())?;
+    if !crate::guest::result_ok(&last) {
+        run.problems
+            .push(format!("final verdict failed: {}", Value::Object(last)));
+    }
+    if !vm.wait_exit(scale(180)) {
+        run.problems.push(format!(
+            "guest did not power off ({})",
+            vm.serial_log.display()
+        ));
+    }
+    match vm.output().done_rc {
+        Some(0) => {}
+        rc => run.problems.push(format!(
+            "guest script rc {rc:?} ({})",
+            vm.serial_log.display()
+        )),
+    }
+    splat_problems(vm, &mut run.problems);
+    Ok(())
+}
+
+/// The JSON line of hop `i` of a run.
+pub fn hop_json(
+    name: &str,
+    cell: &Cell,
+    migrator: Migrator,
+    run: &Run,
+    i: usize,
+) -> Map<String, Value> {
+    let hop = run.hops.get(i);
+    let verdict = hop.and_then(|h| h.verdict.as_ref());
+    let mut m = object(json!({
+        "name": name,
+        "migrator": migrator.name(),
+        "workload": cell.workload.name(),
+        "mem_mib": cell.mem_mib,
+        "init_on_alloc": u8::from(cell.init_on_alloc),
+        "migration": i + 1,
+        "bytes": hop.and_then(|h| h.bytes).map(num),
+        "mb_sent": hop.and_then(|h| h.bytes).map(|b| num((b / 1e5).round() / 10.0)),
+        "total_ms": hop.and_then(|h| h.total_ms).map(num),
+        "downtime_ms": hop.and_then(|h| h.downtime_ms).map(num),
+        "integrity": verdict.map(|v| if crate::guest::result_ok(v) { "ok" } else { "CORRUPT" }),
+    }));
+    for k in ["pages_checked", "corrupt_pages", "first_corrupt"] {
+        if let Some(v) = verdict.and_then(|v| v.get(k)) {
+            m.insert(k.into(), v.clone());
+        }
+    }
+    if let Some((before, during)) = hop.and_then(|h| h.ops_rate) {
+        m.insert("guest_ops_per_s_before".into(), num(before));
+        m.insert("guest_ops_per_s_during".into(), num(during));
+    }
+    if let Some(h) = hop {
+        m.insert("detail".into(), Value::Object(h.detail.clone()));
+    }
+    let last = i + 1 == run.hops.len();
+    let ok = verdict.is_some_and(crate::guest::result_ok) && (!last || run.problems.is_empty());
+    m.insert("ok".into(), json!(ok));
+    if !run.problems.is_empty() && last {
+        m.insert("problems".into(), json!(run.problems));
+    }
+    m
+}

@@ -1,0 +1,263 @@
+//! The benchmark matrix of `bench-own-migrate`: cells, the table of
+//! figures and the slowdown runs.
+
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+
+use super::cell::{hop_json, run_cell, selected, Migrator, Run, RunOpts};
+use super::tools::{build_tools, sweep_stale_ram_files};
+use crate::migrate::{median, qemu_version, Cell, Driver, Workload};
+use crate::runner::{object, Ctx, HarnessError};
+use crate::scenarios::num;
+
+/// The workloads of the 4 GiB matrix.
+pub const WORKLOADS: [Workload; 3] = [Workload::Idle, Workload::DirtyKeep, Workload::DirtyFree];
+
+/// Figures per (mem, workload, migrator).
+#[derive(Debug, Default)]
+pub struct Table {
+    rows: std::collections::BTreeMap<(u64, &'static str, &'static str), Figures>,
+    /// Verdicts that failed.
+    pub integrity_failures: usize,
+    /// Runs that failed for any reason.
+    pub failures: usize,
+    /// Runs.
+    pub runs: usize,
+}
+
+/// One cell's runs.
+#[derive(Debug, Default, Clone)]
+pub struct Figures {
+    bytes: Vec<f64>,
+    total_ms: Vec<f64>,
+    downtime_ms: Vec<f64>,
+    rate_before: Vec<f64>,
+    rate_during: Vec<f64>,
+}
+
+pub(super) fn cell_for(mem: u64, w: Workload) -> Cell {
+    Cell::new(mem, Driver::None, w, true)
+}
+
+/// Runs `sizes` × `workloads` × both migrators, `reps` times.
+pub fn matrix(
+    ctx: &mut Ctx,
+    sizes: &[u64],
+    workloads: &[Workload],
+    reps: usize,
+) -> Result<Table, HarnessError> {
+    sweep_stale_ram_files();
+    let tools = build_tools(&ctx.repo)?;
+    let mut t = Table::default();
+    for rep in 0..reps {
+        for &mem in sizes {
+            for &w in workloads {
+                for m in [Migrator::Ours, Migrator::Qemu] {
+                    let cell = cell_for(mem, w);
+                    if !selected(&format!("{}/{}/{}g", m.name(), w.name(), mem / 1024)) {
+                        continue;
+                    }
+                    eprintln!(
+                        "[own] run {}/{reps}: {} {}",
+                        rep + 1,
+                        m.name(),
+                        cell.label()
+                    );
+                    let r = run_cell(ctx, &tools, &cell, m, RunOpts::default());
+                    let mut line = hop_json(
+                        &format!("own-migrate/{}/{}/{}g", m.name(), w.name(), mem / 1024),
+                        &cell,
+                        m,
+                        &r,
+                        0,
+                    );
+                    line.insert("rep".into(), json!(rep + 1));
+                    if r.hops.is_empty() {
+                        line.insert("ok".into(), json!(false));
+                        line.insert("problems".into(), json!(r.problems));
+                    }
+                    ctx.record(line);
+                    t.add(mem, w, m, &r);
+                }
+            }
+        }
+    }
+    Ok(t)
+}
+
+impl Table {
+    fn add(&mut self, mem: u64, w: Workload, m: Migrator, r: &Run) {
+        self.runs += 1;
+        self.integrity_failures += r.integrity_failures().max(usize::from(r.hops.is_empty()));
+        if !r.ok() || r.hops.is_empty() {
+            self.failures += 1;
+            return;
+        }
+        let f = self.rows.entry((mem, w.name(), m.name())).or_default();
+        let h = &r.hops[0];
+        f.bytes.extend(h.bytes);
+        f.total_ms.extend(h.total_ms);
+        f.downtime_ms.extend(h.downtime_ms);
+        if let Some((b, d)) = h.ops_rate {
+            f.rate_before.push(b);
+            f.rate_during.push(d);
+        }
+    }
+
+    fn med(&self, mem: u64, w: &str, m: &str, pick: fn(&Figures) -> &Vec<f64>) -> Option<f64> {
+        self.rows.get(&(mem, w, m)).and_then(|f| median(pick(f)))
+    }
+
+    /// Largest ours/QEMU ratio of the medians over the workloads at `mem`.
+    fn ratio_max(&self, mem: u64, pick: fn(&Figures) -> &Vec<f64>) -> Option<f64> {
+        WORKLOADS
+            .iter()
+            .filter_map(|w| {
+                Some(
+                    self.med(mem, w.name(), "ours", pick)?
+                        / self.med(mem, w.name(), "qemu", pick)?,
+                )
+            })
+            .reduce(f64::max)
+    }
+
+    /// The summary fields at `mem`.
+    pub fn summary(&self, ctx: &Ctx, mem: u64) -> Map<String, Value> {
+        let round = |v: Option<f64>| v.map(|x| num((x * 1000.0).round() / 1000.0));
+        let downtime_max = self
+            .rows
+            .iter()
+            .filter(|((m, _, g), _)| *m == mem && *g == "ours")
+            .flat_map(|(_, f)| f.downtime_ms.iter().copied())
+            .reduce(f64::max);
+        object(json!({
+            "integrity_failures": self.integrity_failures,
+            "downtime_ms_max": round(downtime_max),
+            "bytes_ours_over_qemu_max": round(self.ratio_max(mem, |f| &f.bytes)),
+            "time_ours_over_qemu_max": round(self.ratio_max(mem, |f| &f.total_ms)),
+            "runs": self.runs,
+            "failed_runs": self.failures,
+            "qemu": qemu_version(&ctx.manifest),
+            "ok": self.failures == 0 && self.integrity_failures == 0 && self.runs > 0,
+        }))
+    }
+
+    /// Per-cell medians, for the benchmark file.
+    pub fn rows(&self) -> Vec<Value> {
+        self.rows
+            .iter()
+            .map(|((mem, w, m), f)| {
+                json!({
+                    "mem_mib": mem, "workload": w, "migrator": m, "runs": f.bytes.len(),
+                    "bytes_median": median(&f.bytes), "total_ms_median": median(&f.total_ms),
+                    "downtime_ms_median": median(&f.downtime_ms),
+                    "guest_ops_per_s_before_median": median(&f.rate_before),
+                    "guest_ops_per_s_during_median": median(&f.rate_during),
+                    "bytes": f.bytes, "total_ms": f.total_ms, "downtime_ms": f.downtime_ms,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The numbers of the comma-separated variable `name`, or `default`.
+pub(crate) fn env_list(name: &str, default: &[u64]) -> Vec<u64> {
+    std::env::var(name)
+        .ok()
+        .map(|v| {
+            v.split(',')
+                .filter_map(|x| x.trim().parse().ok())
+                .collect::<Vec<u64>>()
+        })
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_vec())
+}
+
+/// Benchmark: the 4 GiB matrix, 16 and 32 GiB (idle, dirty-free) and the
+/// guest's slowdown, `FREEHINT_BENCH_REPS` (default 3) runs per cell, to
+/// `target/bench/own-migrate.json`.
+pub fn bench(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
+    let reps = env_list("FREEHINT_BENCH_REPS", &[3])[0].max(1) as usize;
+    let big = env_list("FREEHINT_BENCH_SIZES", &[16384, 32768]);
+    let small = matrix(ctx, &[4096], &WORKLOADS, reps)?;
+    let large = matrix(ctx, &big, &[Workload::Idle, Workload::DirtyFree], reps)?;
+    let slow = slowdown(ctx, reps)?;
+    let mut s = small.summary(ctx, 4096);
+    for &mem in &big {
+        let l = large.summary(ctx, mem);
+        for k in [
+            "bytes_ours_over_qemu_max",
+            "time_ours_over_qemu_max",
+            "downtime_ms_max",
+        ] {
+            s.insert(
+                format!("{k}_{}g", mem / 1024),
+                l.get(k).cloned().unwrap_or(Value::Null),
+            );
+        }
+    }
+    s.insert("slowdown".into(), slow.clone());
+    let ok = small.failures + large.failures == 0
+        && small.integrity_failures + large.integrity_failures == 0;
+    s.insert("ok".into(), json!(ok));
+    let doc = json!({
+        "benchmark": "own-migrate",
+        "command": "tests/vm/run bench-own-migrate",
+        "reps": reps,
+        "summary": s,
+        "cells": small.rows().into_iter().chain(large.rows()).collect::<Vec<_>>(),
+    });
+    let dir = ctx.repo.join("target/bench");
+    let path = dir.join("own-migrate.json");
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&path, format!("{doc:#}\n")))
+        .map_err(crate::errors::io_error("cannot write", &path))?;
+    eprintln!("[own] wrote {}", path.display());
+    Ok(s)
+}
+
+/// The guest's churn rate (64 MiB, no pause) before and during a
+/// migration, per migrator.
+pub(super) fn slowdown(ctx: &mut Ctx, reps: usize) -> Result<Value, HarnessError> {
+    let tools = build_tools(&ctx.repo)?;
+    let mut out = Map::new();
+    for m in [Migrator::Ours, Migrator::Qemu] {
+        if !selected(&format!("{}/slowdown", m.name())) {
+            continue;
+        }
+        let (mut before, mut during) = (Vec::new(), Vec::new());
+        for rep in 0..reps {
+            let mut cell = cell_for(4096, Workload::Idle);
+            cell.churn_mib = 64;
+            cell.pace_us = 0;
+            let opts = RunOpts {
+                rate_window: Some(Duration::from_secs(3)),
+                ..RunOpts::default()
+            };
+            let r = run_cell(ctx, &tools, &cell, m, opts);
+            let mut line = hop_json(
+                &format!("own-migrate/slowdown/{}", m.name()),
+                &cell,
+                m,
+                &r,
+                0,
+            );
+            line.insert("rep".into(), json!(rep + 1));
+            ctx.record(line);
+            if let Some((b, d)) = r.hops.first().and_then(|h| h.ops_rate) {
+                before.push(b);
+                during.push(d);
+            }
+        }
+        let (b, d) = (median(&before), median(&during));
+        out.insert(
+            m.name().into(),
+            json!({
+                "guest_ops_per_s_before": b.map(num), "guest_ops_per_s_during": d.map(num),
+                "slowdown": b.zip(d).map(|(b, d)| num(((1.0 - d / b) * 1000.0).round() / 1000.0)),
+            }),
+        );
+    }
+    Ok(Value::Object(out))
+}
