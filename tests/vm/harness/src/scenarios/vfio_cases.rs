@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use freehint_migrate::qmp::Qmp;
 use serde_json::{json, Map, Value};
 
-use super::vfio_stock::{boot_round, host_round};
+use super::vfio_stock::{boot_round, host_round, Round};
 use crate::errors::io_error;
 use crate::qemu::{BootSpec, Machine};
 use crate::runner::{object, Ctx, HarnessError};
@@ -407,30 +407,22 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     if wanted("q35-6g") {
         let r = boot_round(
             ctx,
-            &bin,
-            &initramfs,
-            "vfio-stock",
-            "q35-6g",
-            Machine::Q35,
-            6144,
-            &["--no-reporting"],
-            &["hold=32"],
-            true,
+            &Round {
+                machine: Machine::Q35,
+                mem_mib: 6144,
+                balloon: true,
+                ..Round::new(&bin, &initramfs, "vfio-stock", "q35-6g")
+            },
         )?;
         keep("q35-6g", &r, r["ok"] == true);
     }
     if wanted("freehint-no-stats") {
         let r = boot_round(
             ctx,
-            &bin,
-            &initramfs,
-            "vfio-freehint",
-            "freehint-no-stats",
-            Machine::Pc,
-            1024,
-            &["--no-reporting", "--no-stats"],
-            &["hold=32"],
-            false,
+            &Round {
+                server_args: &["--no-reporting", "--no-stats"],
+                ..Round::new(&bin, &initramfs, "vfio-freehint", "freehint-no-stats")
+            },
         )?;
         let n = |k: &str| r.get(k).and_then(Value::as_u64);
         // As in vfio-freehint: the host's set and the guest's bitmap a

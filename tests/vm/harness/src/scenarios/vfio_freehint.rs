@@ -14,7 +14,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::vfio_stock::boot_round;
+use super::vfio_stock::{boot_round, Round};
 use crate::qemu::Machine;
 use crate::runner::{object, Ctx, HarnessError};
 use crate::vfio::{overlay_initramfs, server_binary};
@@ -45,17 +45,15 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let (mut mismatch, mut false_free, mut boots) = (0u64, 0u64, 0u64);
     let mut per = Map::new();
     for (proto, machine, mem, args) in cells {
+        let tag = format!("freehint-{proto}");
         let r = boot_round(
             ctx,
-            &bin,
-            &initramfs,
-            "vfio-freehint",
-            &format!("freehint-{proto}"),
-            machine,
-            mem,
-            args,
-            &["hold=32"],
-            false,
+            &Round {
+                machine,
+                mem_mib: mem,
+                server_args: args,
+                ..Round::new(&bin, &initramfs, "vfio-freehint", &tag)
+            },
         )?;
         boots += 1;
         let n = |k: &str| r.get(k).and_then(Value::as_u64);

@@ -12,8 +12,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::vfio_stock::boot_round;
-use crate::qemu::Machine;
+use super::vfio_stock::{boot_round, Round};
 use crate::runner::{Ctx, HarnessError};
 use crate::vfio::{overlay_initramfs, server_binary};
 
@@ -26,15 +25,10 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let initramfs = overlay_initramfs(ctx)?;
     let r = boot_round(
         ctx,
-        &bin,
-        &initramfs,
-        "vfio-hostile",
-        "hostile",
-        Machine::Pc,
-        1024,
-        &["--no-reporting"],
-        &["hold=32"],
-        true,
+        &Round {
+            balloon: true,
+            ..Round::new(&bin, &initramfs, "vfio-hostile", "hostile")
+        },
     )?;
     let n = |k: &str| r.get(k).and_then(Value::as_u64);
     // The server exits when QEMU goes: its memory is taken while the guest

@@ -120,22 +120,61 @@ pub fn host_round(
     Ok(())
 }
 
-/// One boot against a fresh server; records the `round` result and returns
-/// it (with `ok`). `server_args`: feature switches; `guest_args`: words for
-/// the guest script; `balloon`: run the inflate/stats part of the host step.
-#[allow(clippy::too_many_arguments)]
-pub fn boot_round(
-    ctx: &mut Ctx,
-    bin: &Path,
-    initramfs: &Path,
-    script: &str,
-    tag: &str,
-    machine: Machine,
-    mem_mib: u64,
-    server_args: &[&str],
-    guest_args: &[&str],
-    balloon: bool,
-) -> Result<Map<String, Value>, HarnessError> {
+/// One boot of a guest script against a fresh device server.
+#[derive(Debug, Clone, Copy)]
+pub struct Round<'a> {
+    /// The device server binary.
+    pub bin: &'a Path,
+    /// The guest's overlay initramfs.
+    pub initramfs: &'a Path,
+    /// Guest scenario script.
+    pub script: &'a str,
+    /// Tag of the round (result name, log directory).
+    pub tag: &'a str,
+    /// Machine type.
+    pub machine: Machine,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// Server feature switches.
+    pub server_args: &'a [&'a str],
+    /// Words for the guest script.
+    pub guest_args: &'a [&'a str],
+    /// Run the inflate/stats part of the host step.
+    pub balloon: bool,
+}
+
+impl<'a> Round<'a> {
+    /// A round of `script` (tag `tag`) on a 1 GiB pc guest: server with
+    /// `--no-reporting`, guest `hold=32`, no balloon step.
+    pub fn new(bin: &'a Path, initramfs: &'a Path, script: &'a str, tag: &'a str) -> Self {
+        Round {
+            bin,
+            initramfs,
+            script,
+            tag,
+            machine: Machine::Pc,
+            mem_mib: 1024,
+            server_args: &["--no-reporting"],
+            guest_args: &["hold=32"],
+            balloon: false,
+        }
+    }
+}
+
+/// One boot against a fresh server ([`Round`]); records the `round` result
+/// and returns it (with `ok`).
+pub fn boot_round(ctx: &mut Ctx, round: &Round) -> Result<Map<String, Value>, HarnessError> {
+    let Round {
+        bin,
+        initramfs,
+        script,
+        tag,
+        machine,
+        mem_mib,
+        server_args,
+        guest_args,
+        balloon,
+    } = *round;
     let layout = RamLayout::for_machine(mem_mib, machine);
     let dir = ctx.log_dir.join(tag);
     std::fs::create_dir_all(&dir).map_err(io_error("cannot create log dir", &dir))?;
@@ -225,15 +264,10 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let initramfs = overlay_initramfs(ctx)?;
     let r = boot_round(
         ctx,
-        &bin,
-        &initramfs,
-        "vfio-stock",
-        "stock",
-        Machine::Pc,
-        1024,
-        &["--no-reporting"],
-        &["hold=32"],
-        true,
+        &Round {
+            balloon: true,
+            ..Round::new(&bin, &initramfs, "vfio-stock", "stock")
+        },
     )?;
     let mut s = Map::new();
     let ok = r.get("ok") == Some(&Value::Bool(true));
