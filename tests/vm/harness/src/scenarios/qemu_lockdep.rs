@@ -22,7 +22,7 @@
 //! validator on the source console, `/proc/lockdep` in the guest, and
 //! `debug_locks` still 1 in `/proc/lockdep_stats` at boot and after the
 //! unload: lockdep switches itself off after its first report), no console
-//! line of any VM is a kernel complaint ([`is_splat_line`]), every integrity
+//! line of any VM is a kernel complaint ([`crate::guest::is_splat`]), every integrity
 //! verdict is clean, the unload succeeded and kmemleak (in the debug flavour,
 //! scanning on demand) suspects no object allocated between the guest's
 //! baseline, taken before the driver first loads, and the end of the unload
