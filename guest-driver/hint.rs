@@ -556,7 +556,7 @@ pub(crate) fn run_bitmap_round(
             if let Some(e) = ctl.should_stop() {
                 return Err(e);
             }
-            let start = (first_bit / 8) as usize;
+            let start = (first_bit.raw() / 8) as usize;
             let len = (nr_bits as usize).div_ceil(64) * 8;
             let Some(payload) = bytes.get(start..start + len) else {
                 return Err(End::Error(EINVAL.to_errno()));

@@ -44,6 +44,7 @@ use freehint_device::balloon::{
 use freehint_device::test_utils::{BalloonDriver, HINT_BLOCK_SIZE};
 use freehint_protocol::bitmap::words_for_bits;
 use freehint_protocol::bitmap_hint::{ChunkHeader, Message, MAX_CHUNK_BITS, MSG_HEADER_SIZE};
+use freehint_protocol::layout::Bit;
 use vm_memory::{Bytes, GuestAddress};
 
 const GIB: u64 = 1 << 30;
@@ -226,7 +227,7 @@ fn send_bitmap(d: &mut BalloonDriver, id: u32, words: &[u64], total_bits: u64) -
             let nr = (total_bits - first).min(u64::from(MAX_CHUNK_BITS)) as u32;
             let hdr = Message::Chunk(ChunkHeader {
                 cmd_id: id,
-                first_bit: first,
+                first_bit: Bit(first),
                 nr_bits: nr,
             })
             .header();

@@ -51,7 +51,7 @@ use freehint_protocol::balloon::{
 use freehint_protocol::bitmap_hint::{
     ChunkHeader, LayoutReply, Message, MsgHeader, LAYOUT_REPLY_MAX, MSG_HEADER_SIZE,
 };
-use freehint_protocol::layout::{Layout, Pfn, PAGE_SHIFT};
+use freehint_protocol::layout::{Bit, Layout, Pfn, PAGE_SHIFT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 pub use virtio_queue::desc::split::Descriptor;
@@ -703,7 +703,7 @@ impl BalloonDriver {
     pub fn send_chunk(&mut self, cmd_id: u32, words: &[u64], first_bit: u64, nr_bits: u32) {
         let h = ChunkHeader {
             cmd_id,
-            first_bit,
+            first_bit: Bit(first_bit),
             nr_bits,
         };
         let w0 = (first_bit / 64) as usize;

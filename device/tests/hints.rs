@@ -9,7 +9,7 @@ use freehint_device::balloon::*;
 use freehint_device::test_utils::*;
 use freehint_device::VirtioDevice;
 use freehint_protocol::bitmap_hint::Message;
-use freehint_protocol::layout::Pfn;
+use freehint_protocol::layout::{Bit, Pfn};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -336,7 +336,7 @@ fn chunk_payload_split_over_many_descriptors_and_masked() {
     // nr_bits must be ignored. Payload in 3-byte descriptors.
     let hdr = Message::Chunk(freehint_protocol::ChunkHeader {
         cmd_id: id,
-        first_bit: 64,
+        first_bit: Bit(64),
         nr_bits: 100,
     })
     .header();

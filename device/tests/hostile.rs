@@ -10,6 +10,7 @@ use freehint_protocol::balloon::{encode_stat, VIRTIO_BALLOON_S_MEMFREE};
 use freehint_protocol::bitmap_hint::{
     ChunkHeader, Message, MsgHeader, KIND_CHUNK, LAYOUT_REPLY_MAX, MAX_CHUNK_BITS, MSG_MAGIC,
 };
+use freehint_protocol::layout::Bit;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
@@ -410,7 +411,7 @@ fn wrong_direction_descriptors() {
     let id = started_round(&mut d);
     let hdr = Message::Chunk(ChunkHeader {
         cmd_id: id,
-        first_bit: 0,
+        first_bit: Bit(0),
         nr_bits: 64,
     })
     .header();
@@ -464,7 +465,7 @@ fn bitmap_chunk_beyond_ram() {
     d.send_chunk(id, &words, total - 64, 128);
     let hdr = Message::Chunk(ChunkHeader {
         cmd_id: id,
-        first_bit: 1 << 40,
+        first_bit: Bit(1 << 40),
         nr_bits: 64,
     })
     .header();
@@ -479,7 +480,7 @@ fn bitmap_chunk_misaligned() {
     let id = started_round(&mut d);
     let mut h = Message::Chunk(ChunkHeader {
         cmd_id: id,
-        first_bit: 64,
+        first_bit: Bit(64),
         nr_bits: 64,
     })
     .header();
@@ -495,7 +496,7 @@ fn bitmap_chunk_oversize() {
     let id = started_round(&mut d);
     let mut h = Message::Chunk(ChunkHeader {
         cmd_id: id,
-        first_bit: 0,
+        first_bit: Bit(0),
         nr_bits: 64,
     })
     .header();
@@ -512,7 +513,7 @@ fn bitmap_chunk_short_payload() {
     let id = started_round(&mut d);
     let hdr = Message::Chunk(ChunkHeader {
         cmd_id: id,
-        first_bit: 0,
+        first_bit: Bit(0),
         nr_bits: 256,
     })
     .header();
@@ -527,7 +528,7 @@ fn bitmap_bad_headers() {
     let id = started_round(&mut d);
     let good = Message::Chunk(ChunkHeader {
         cmd_id: id,
-        first_bit: 0,
+        first_bit: Bit(0),
         nr_bits: 64,
     })
     .header();

@@ -31,7 +31,8 @@
 //! use freehint_protocol::bitmap_hint::*;
 //! use freehint_protocol::layout::Layout;
 //! let mut buf = [0u8; MSG_HEADER_SIZE];
-//! let m = Message::Chunk(ChunkHeader { cmd_id: 0x8000_0000, first_bit: 128, nr_bits: 100 });
+//! use freehint_protocol::layout::Bit;
+//! let m = Message::Chunk(ChunkHeader { cmd_id: 0x8000_0000, first_bit: Bit(128), nr_bits: 100 });
 //! assert_eq!(m.encode(&mut buf), Ok(MSG_HEADER_SIZE));
 //! assert_eq!(Message::parse(&buf), Ok(m));
 //!
@@ -291,7 +292,7 @@ pub struct ChunkHeader {
     /// Round being answered.
     pub cmd_id: u32,
     /// First bit covered (multiple of 64).
-    pub first_bit: u64,
+    pub first_bit: Bit,
     /// Bits covered, `1..=MAX_CHUNK_BITS`.
     pub nr_bits: u32,
 }
@@ -305,13 +306,13 @@ impl ChunkHeader {
 
     /// One past the last bit covered.
     #[inline]
-    pub fn end_bit(&self) -> u64 {
-        self.first_bit.saturating_add(u64::from(self.nr_bits))
+    pub fn end_bit(&self) -> Bit {
+        Bit(self.first_bit.raw().saturating_add(u64::from(self.nr_bits)))
     }
 
     /// Checks the chunk fits in a bitmap of `total_bits` bits.
     pub fn check_bounds(&self, total_bits: u64) -> Result<(), WireError> {
-        let end_bit = self.end_bit();
+        let end_bit = self.end_bit().raw();
         if end_bit > total_bits {
             Err(WireError::BeyondLayout {
                 end_bit,
@@ -370,7 +371,7 @@ impl ChunkHeader {
     fn merge_piece(&self, words: &mut [u64], offset: usize, piece: &[u8]) {
         let end = offset + piece.len();
         let full = (self.nr_bits / 8) as usize; // payload bytes fully inside nr_bits
-        let base = self.first_bit / 8;
+        let base = self.first_bit.raw() / 8;
         if offset < full {
             let n = piece.len().min(full - offset);
             or_le_bytes(words, base + offset as u64, &piece[..n]);
@@ -384,8 +385,8 @@ impl ChunkHeader {
 
     fn validate(&self) -> Result<(), WireError> {
         check_cmd_id(self.cmd_id)?;
-        if self.first_bit % 64 != 0 {
-            return Err(WireError::MisalignedFirstBit(self.first_bit));
+        if self.first_bit.bit_in_word() != 0 {
+            return Err(WireError::MisalignedFirstBit(self.first_bit.raw()));
         }
         if self.nr_bits == 0 {
             return Err(WireError::EmptyChunk);
@@ -432,10 +433,11 @@ impl BoundChunk {
 ///
 /// ```
 /// use freehint_protocol::bitmap_hint::{chunk_spans, MAX_CHUNK_BITS};
-/// assert!(chunk_spans(200, 128).eq([(0, 128), (128, 72)]));
+/// use freehint_protocol::layout::Bit;
+/// assert!(chunk_spans(200, 128).eq([(Bit(0), 128), (Bit(128), 72)]));
 /// assert_eq!(chunk_spans(1 << 32, u32::MAX).count(), (1 << 32) / MAX_CHUNK_BITS as usize);
 /// ```
-pub fn chunk_spans(total_bits: u64, max_bits: u32) -> impl Iterator<Item = (u64, u32)> {
+pub fn chunk_spans(total_bits: u64, max_bits: u32) -> impl Iterator<Item = (Bit, u32)> {
     let step = u64::from(max_bits.clamp(64, MAX_CHUNK_BITS) & !63);
     let mut first = 0u64;
     core::iter::from_fn(move || {
@@ -443,7 +445,7 @@ pub fn chunk_spans(total_bits: u64, max_bits: u32) -> impl Iterator<Item = (u64,
             return None;
         }
         let nr = (total_bits - first).min(step);
-        let span = (first, nr as u32);
+        let span = (Bit(first), nr as u32);
         first += nr;
         Some(span)
     })
@@ -510,7 +512,7 @@ impl Message {
             KIND_CHUNK => {
                 let c = ChunkHeader {
                     cmd_id: h.cmd_id,
-                    first_bit: h.first_bit,
+                    first_bit: Bit(h.first_bit),
                     nr_bits: h.nr_bits,
                 };
                 c.validate()?;
@@ -532,7 +534,7 @@ impl Message {
     pub fn header(&self) -> MsgHeader {
         let (kind, cmd_id, nr_bits, first_bit) = match *self {
             Self::LayoutQuery { cmd_id } => (KIND_LAYOUT_QUERY, cmd_id, 0, 0),
-            Self::Chunk(c) => (KIND_CHUNK, c.cmd_id, c.nr_bits, c.first_bit),
+            Self::Chunk(c) => (KIND_CHUNK, c.cmd_id, c.nr_bits, c.first_bit.raw()),
             Self::RoundEnd { cmd_id, free_pages } => (KIND_ROUND_END, cmd_id, free_pages, 0),
         };
         MsgHeader {

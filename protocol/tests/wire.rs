@@ -47,7 +47,7 @@ fn bytes_of(h: &MsgHeader) -> [u8; MSG_HEADER_SIZE] {
 fn chunk(first_bit: u64, nr_bits: u32) -> ChunkHeader {
     ChunkHeader {
         cmd_id: ID,
-        first_bit,
+        first_bit: Bit(first_bit),
         nr_bits,
     }
 }
@@ -174,7 +174,7 @@ fn malformed_headers_rejected_with_right_error() {
 fn chunk_bounds_against_layout() {
     let c = chunk(128, 100);
     assert_eq!(c.payload_len(), 16);
-    assert_eq!(c.end_bit(), 228);
+    assert_eq!(c.end_bit(), Bit(228));
     assert_eq!(c.check_bounds(228), Ok(()));
     assert_eq!(
         c.check_bounds(227),
@@ -235,12 +235,12 @@ fn or_payload_masks_bits_beyond_nr_bits() {
 #[test]
 fn chunk_spans_cover_the_bitmap() {
     assert!(chunk_spans(0, 64).eq([]));
-    assert!(chunk_spans(64, 0).eq([(0, 64)]));
-    assert!(chunk_spans(130, 100).eq([(0, 64), (64, 64), (128, 2)]));
+    assert!(chunk_spans(64, 0).eq([(Bit(0), 64)]));
+    assert!(chunk_spans(130, 100).eq([(Bit(0), 64), (Bit(64), 64), (Bit(128), 2)]));
     let total = 3 * u64::from(MAX_CHUNK_BITS) + 5;
     let spans: Vec<_> = chunk_spans(total, u32::MAX).collect();
     assert_eq!(spans.len(), 4);
-    assert_eq!(spans[3], (3 * u64::from(MAX_CHUNK_BITS), 5));
+    assert_eq!(spans[3], (Bit(3 * u64::from(MAX_CHUNK_BITS)), 5));
     for (first, nr) in spans {
         let m = Message::Chunk(ChunkHeader {
             cmd_id: ID,
@@ -500,7 +500,7 @@ proptest! {
     ) {
         let m = match kind {
             0 => Message::LayoutQuery { cmd_id },
-            1 => Message::Chunk(ChunkHeader { cmd_id, first_bit: first_word * 64, nr_bits }),
+            1 => Message::Chunk(ChunkHeader { cmd_id, first_bit: Bit(first_word * 64), nr_bits }),
             _ => Message::RoundEnd { cmd_id, free_pages: free },
         };
         let mut b = [0u8; MSG_HEADER_SIZE];
@@ -564,7 +564,7 @@ proptest! {
         payload in prop::collection::vec(any::<u8>(), 40),
         split in 0usize..40,
     ) {
-        let c = ChunkHeader { cmd_id: ID, first_bit: first_word * 64, nr_bits };
+        let c = ChunkHeader { cmd_id: ID, first_bit: Bit(first_word * 64), nr_bits };
         let len = c.payload_len();
         let payload = &payload[..len.min(40)];
         if payload.len() < len {
@@ -577,7 +577,7 @@ proptest! {
         let mut want = vec![0u64; 10];
         for i in 0..u64::from(nr_bits) {
             if payload[(i / 8) as usize] >> (i % 8) & 1 == 1 {
-                let bit = c.first_bit + i;
+                let bit = c.first_bit.raw() + i;
                 want[(bit / 64) as usize] |= 1 << (bit % 64);
             }
         }

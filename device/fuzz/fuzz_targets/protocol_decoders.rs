@@ -53,7 +53,7 @@ fn message(bytes: &[u8]) {
         for bit in 0..4096u64 {
             if words[(bit / 64) as usize] & (1 << (bit % 64)) != 0 {
                 assert!(
-                    bit >= chunk.first_bit && bit < chunk.end_bit(),
+                    bit >= chunk.first_bit.raw() && bit < chunk.end_bit().raw(),
                     "bit {bit} set outside the chunk {chunk:?}"
                 );
             }

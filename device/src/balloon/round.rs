@@ -420,6 +420,7 @@ impl HintCore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use freehint_protocol::layout::Bit;
 
     fn core() -> HintCore {
         let mut c = HintCore::new(Layout::from_ram_pfn_ranges(&[(0, 128)]).unwrap());
@@ -449,7 +450,7 @@ mod tests {
         let id = c.begin_round();
         let h = ChunkHeader {
             cmd_id: id,
-            first_bit: 0,
+            first_bit: Bit(0),
             nr_bits: 64,
         };
         assert_eq!(c.chunk_accepted(&h), Err(HintDrop::Stale));

@@ -284,6 +284,7 @@ mod tests {
         feature, RoundState, VIRTIO_BALLOON_F_FREE_PAGE_BITMAP, VIRTIO_BALLOON_F_FREE_PAGE_HINT,
     };
     use freehint_protocol::bitmap_hint::MsgHeader;
+    use freehint_protocol::layout::Bit;
     use vm_memory::Bytes;
 
     fn d(write: bool) -> Desc {
@@ -396,7 +397,7 @@ mod tests {
         // A chunk: the header in one descriptor, the payload in two.
         let h = ChunkHeader {
             cmd_id: id,
-            first_bit: 64,
+            first_bit: Bit(64),
             nr_bits: 70,
         };
         let descs = [
@@ -433,7 +434,7 @@ mod tests {
         let chunk = |first_bit, nr_bits| {
             message(Message::Chunk(ChunkHeader {
                 cmd_id: id,
-                first_bit,
+                first_bit: Bit(first_bit),
                 nr_bits,
             }))
         };
