@@ -73,13 +73,13 @@ pub enum VmError {
     /// Waiting for the process failed.
     #[error("waiting for QEMU failed: {0}")]
     Wait(#[source] std::io::Error),
-    /// The VM was booted without a QMP session or a console socket
-    /// ([`Vm::boot`]) and a caller asked for one.
+    /// The VM was booted without a console socket ([`Vm::boot`]) and a
+    /// caller asked to read or type console lines.
     #[error("{role} VM has no {what} (booted with Vm::boot)")]
     NoSession {
         /// The VM's role.
         role: String,
-        /// `QMP session` or `console socket`.
+        /// What was asked for (`console socket`).
         what: &'static str,
     },
     /// A file or socket failed.
