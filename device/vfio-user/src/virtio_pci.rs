@@ -13,8 +13,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use freehint_device::{GuestMemoryHandle, VirtioDevice};
 use log::{debug, error, info, warn};
-use virtio_queue::{Queue, QueueT};
 use virtio_bindings::{virtio_config, virtio_ring::VIRTIO_RING_F_EVENT_IDX};
+use virtio_queue::{Queue, QueueT};
 
 use crate::interrupt::{InterruptRouter, VIRTIO_MSI_NO_VECTOR};
 use crate::pci::{
@@ -855,10 +855,7 @@ pub(crate) mod tests {
         assert!(seen.lock().unwrap().acked.is_none());
         // Good set → accepted and passed to the device.
         assert_eq!(negotiate(&mut t, VERSION_1 | 0b1001), 0xb);
-        assert_eq!(
-            seen.lock().unwrap().acked,
-            Some(VERSION_1 | 0b1001)
-        );
+        assert_eq!(seen.lock().unwrap().acked, Some(VERSION_1 | 0b1001));
         // Driver features frozen after FEATURES_OK.
         w(&mut t, DRIVER_FEATURE_SELECT, 4, 0);
         w(&mut t, DRIVER_FEATURE, 4, 0);
