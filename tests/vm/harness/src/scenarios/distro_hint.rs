@@ -29,7 +29,7 @@ use serde_json::{json, Map, Value};
 
 use super::qemu_balloon::{
     boot_spec, check_bind, check_inflate, check_stream, check_unload, with_guest, BalloonBoot,
-    Check, Guest,
+    Check, Checked, Guest,
 };
 use crate::migrate::qemu_version;
 use crate::runner::{object, Ctx, HarnessError};
@@ -79,7 +79,7 @@ fn check_stock(g: &mut Guest, release: &str) -> Check {
     m.remove("name");
     m.remove("ok");
     m.insert("expected_kernel".into(), json!(release));
-    Ok((ok, m))
+    Ok(Checked { ok, fields: m })
 }
 
 /// Records one check as `distro-hint/<name>` (an error becomes a failed
@@ -87,7 +87,7 @@ fn check_stock(g: &mut Guest, release: &str) -> Check {
 fn record(ctx: &mut Ctx, name: &str, r: Check) -> bool {
     let mut m = object(json!({"name": format!("distro-hint/{name}")}));
     let ok = match r {
-        Ok((ok, fields)) => {
+        Ok(Checked { ok, fields }) => {
             m.extend(fields);
             ok
         }
@@ -113,8 +113,8 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let boot_ok = with_guest(ctx, "distro", spec, &mut |g, ctx| {
         eprintln!("[distro-hint]   stock, bind, inflate, hint, unload ({release})");
         oks[0] = record(ctx, "stock", check_stock(g, &release));
-        oks[1] = record(ctx, "bind", check_bind(g, false, true));
-        oks[2] = record(ctx, "inflate", check_inflate(g, true));
+        oks[1] = record(ctx, "bind", check_bind(g, BalloonBoot::PLAIN));
+        oks[2] = record(ctx, "inflate", check_inflate(g, BalloonBoot::PLAIN));
         oks[3] = record(ctx, "hint", check_stream(g, &stream_file));
         oks[4] = record(ctx, "unload", check_unload(g));
     })?;

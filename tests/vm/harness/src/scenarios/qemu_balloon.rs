@@ -102,6 +102,15 @@ const F_PAGE_POISON: usize = 4;
 const STAT_UNSET: u64 = u64::MAX;
 const MIB: u64 = 1 << 20;
 
+/// The balloon's `actual` once it settled ([`Guest::wait_actual`]).
+#[derive(Debug, Clone, Copy)]
+struct Settled {
+    /// `actual`, bytes.
+    actual: u64,
+    /// How long it took, ms.
+    ms: u64,
+}
+
 /// What differs between the boots of the scenario.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BalloonBoot {
@@ -118,6 +127,18 @@ impl BalloonBoot {
         deflate_on_oom: true,
     };
 }
+
+/// The boot without DEFLATE_ON_OOM.
+const NO_DOOM: BalloonBoot = BalloonBoot {
+    deflate_on_oom: false,
+    ..BalloonBoot::PLAIN
+};
+
+/// The poison boot (`init_on_free=1`).
+const POISON: BalloonBoot = BalloonBoot {
+    init_on_free: true,
+    ..BalloonBoot::PLAIN
+};
 
 /// The boot: 1 GiB, QEMU's balloon with hints (on an iothread) and
 /// DEFLATE_ON_OOM if asked; `init_on_free=1` for the poison boot.
@@ -198,13 +219,16 @@ impl Guest {
         what: &str,
         secs: u64,
         pred: impl Fn(u64) -> bool,
-    ) -> Result<(u64, u64), String> {
+    ) -> Result<Settled, String> {
         let start = Instant::now();
         let limit = self.unit * secs as u32;
         loop {
             let a = self.actual().map_err(|e| e.to_string())?;
             if pred(a) {
-                return Ok((a, start.elapsed().as_millis() as u64));
+                return Ok(Settled {
+                    actual: a,
+                    ms: start.elapsed().as_millis() as u64,
+                });
             }
             if start.elapsed() >= limit {
                 return Err(format!(
@@ -258,11 +282,11 @@ fn abs_diff_mib(a_bytes: u64, b_bytes: u64) -> u64 {
 
 /// A result line `balloon/<name>` from `fields` (an error becomes a failed
 /// line carrying it).
-fn result(name: &str, r: Result<(bool, Map<String, Value>), String>) -> Map<String, Value> {
+fn result(name: &str, r: Check) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert("name".into(), json!(format!("balloon/{name}")));
     match r {
-        Ok((ok, fields)) => {
+        Ok(Checked { ok, fields }) => {
             m.insert("ok".into(), json!(ok));
             m.extend(fields);
         }
@@ -274,14 +298,29 @@ fn result(name: &str, r: Result<(bool, Map<String, Value>), String>) -> Map<Stri
     m
 }
 
-pub(crate) type Check = Result<(bool, Map<String, Value>), String>;
+/// What a check found: whether it passed and the fields of its line.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Checked {
+    /// Whether it passed.
+    pub(crate) ok: bool,
+    /// The fields of its result line.
+    pub(crate) fields: Map<String, Value>,
+}
+
+/// A check's outcome (an error becomes a failed line carrying it).
+pub(crate) type Check = Result<Checked, String>;
 
 fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
-/// Check 1 (and the poison boot's first half): load and bind.
-pub(crate) fn check_bind(g: &mut Guest, poison: bool, deflate_on_oom: bool) -> Check {
+/// Check 1 (and the poison boot's first half): load and bind; the features
+/// must be those of `boot` (PAGE_POISON with `init_on_free`).
+pub(crate) fn check_bind(g: &mut Guest, boot: BalloonBoot) -> Check {
+    let BalloonBoot {
+        init_on_free: poison,
+        deflate_on_oom,
+    } = boot;
     let r = g.cmd("bind", "bind", 120).map_err(err)?;
     let feats = r.get("features").and_then(Value::as_str).unwrap_or("");
     let driver = r.get("driver").and_then(Value::as_str).unwrap_or("");
@@ -311,21 +350,28 @@ pub(crate) fn check_bind(g: &mut Guest, poison: bool, deflate_on_oom: bool) -> C
     if !ok {
         m.insert("guest".into(), Value::Object(r));
     }
-    Ok((ok, m))
+    Ok(Checked { ok, fields: m })
 }
 
 /// Check 2: inflate to 3/4 of RAM and back. With DEFLATE_ON_OOM the
 /// inflated pages stay in the managed count (`MemTotal` unchanged), without
 /// it they leave it (`MemTotal` falls by exactly the balloon), as Linux's
 /// driver does.
-pub(crate) fn check_inflate(g: &mut Guest, deflate_on_oom: bool) -> Check {
+pub(crate) fn check_inflate(g: &mut Guest, boot: BalloonBoot) -> Check {
+    let deflate_on_oom = boot.deflate_on_oom;
     let full = MEM_MIB * MIB;
     let before = g.meminfo("before").map_err(err)?;
     g.balloon(INFLATE_TARGET_MIB).map_err(err)?;
-    let (a_in, ms_in) = g.wait_actual("inflate", 120, |a| a == INFLATE_TARGET_MIB * MIB)?;
+    let Settled {
+        actual: a_in,
+        ms: ms_in,
+    } = g.wait_actual("inflate", 120, |a| a == INFLATE_TARGET_MIB * MIB)?;
     let inflated = g.meminfo("inflated").map_err(err)?;
     g.balloon(MEM_MIB).map_err(err)?;
-    let (a_out, ms_out) = g.wait_actual("deflate", 120, |a| a == full)?;
+    let Settled {
+        actual: a_out,
+        ms: ms_out,
+    } = g.wait_actual("deflate", 120, |a| a == full)?;
     let after = g.meminfo("deflated").map_err(err)?;
     let balloon_bytes = full - INFLATE_TARGET_MIB * MIB;
     let total_drop = before.total_kb.saturating_sub(inflated.total_kb) * 1024;
@@ -351,7 +397,7 @@ pub(crate) fn check_inflate(g: &mut Guest, deflate_on_oom: bool) -> Check {
         "inflated": inflated.to_json(),
         "after": after.to_json(),
     }));
-    Ok((ok, m))
+    Ok(Checked { ok, fields: m })
 }
 
 /// The balloon's `guest-stats` (bytes; [`STAT_UNSET`] when not reported).
@@ -439,13 +485,14 @@ fn check_stats(g: &mut Guest) -> Check {
         "guest": mi.to_json(),
         "free_diff_mib": abs_diff_mib(free, mi.free_kb * 1024),
     }));
-    Ok((ok, m))
+    Ok(Checked { ok, fields: m })
 }
 
 /// Check 4: deflate on OOM.
 fn check_oom(g: &mut Guest) -> Check {
     g.balloon(OOM_TARGET_MIB).map_err(err)?;
-    let (a0, ms) = g.wait_actual("inflate before OOM", 180, |a| a == OOM_TARGET_MIB * MIB)?;
+    let Settled { actual: a0, ms } =
+        g.wait_actual("inflate before OOM", 180, |a| a == OOM_TARGET_MIB * MIB)?;
     let mi = g.meminfo("oom").map_err(err)?;
     let alloc_mib = mi.free_kb / 1024 + OOM_EXTRA_MIB;
     let r = g
@@ -476,7 +523,10 @@ fn check_oom(g: &mut Guest) -> Check {
     if !ok {
         m.insert("guest".into(), Value::Object(r));
     }
-    Ok((ok && back.is_ok(), m))
+    Ok(Checked {
+        ok: ok && back.is_ok(),
+        fields: m,
+    })
 }
 
 /// Check 5: unload while inflating, load again, sysfs unbind/bind.
@@ -531,7 +581,7 @@ pub(crate) fn check_unload(g: &mut Guest) -> Check {
         "balloon_target_pages": balloon_pages,
         "busy": busy,
         "rmmod_ok": rm_ok,
-        "actual_after_rmmod_mib": a_after.as_ref().map(|a| a.0 / MIB).ok(),
+        "actual_after_rmmod_mib": a_after.as_ref().map(|a| a.actual / MIB).ok(),
         "insmod_ok": ins_ok,
         "rebind_ok": rb_ok,
         "rebound_inflate_ok": re_in.is_ok() && re_out.is_ok(),
@@ -548,7 +598,7 @@ pub(crate) fn check_unload(g: &mut Guest) -> Check {
             m.insert("wait_error".into(), json!(e));
         }
     }
-    Ok((ok, m))
+    Ok(Checked { ok, fields: m })
 }
 
 /// Name of the migration stream subsection QEMU writes for the balloon
@@ -662,7 +712,7 @@ pub(crate) fn check_stream(g: &mut Guest, file: &std::path::Path) -> Check {
         "migration_mb": stats.transferred / 1_000_000,
         "migration_ms": stats.total_ms,
     }));
-    Ok((ok, m))
+    Ok(Checked { ok, fields: m })
 }
 
 /// Boots one guest, waits for the script, runs `body`, ends the guest and
@@ -721,11 +771,11 @@ pub(crate) fn with_guest(
 }
 
 /// Runs one named check, records its line, returns whether it passed.
-fn step(ctx: &mut Ctx, name: &str, r: Check) -> (bool, Map<String, Value>) {
+fn step(ctx: &mut Ctx, name: &str, r: Check) -> bool {
     let line = result(name, r);
     let ok = crate::guest::result_ok(&line);
-    ctx.record(line.clone());
-    (ok, line)
+    ctx.record(line);
+    ok
 }
 
 /// Runs the scenario: three boots (DEFLATE_ON_OOM; without it; with
@@ -738,67 +788,51 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let mut normal_stream: Check = Err("not run".into());
     let b1 = with_guest(ctx, "bal", boot_spec(BalloonBoot::PLAIN), &mut |g, ctx| {
         eprintln!("[balloon]   bind, inflate, stats, oom_deflate, unload");
-        bind_ok = step(ctx, "bind", check_bind(g, false, true)).0;
-        inflate_ok = step(ctx, "inflate", check_inflate(g, true)).0;
-        stats_ok = step(ctx, "stats", check_stats(g)).0;
-        oom_ok = step(ctx, "oom_deflate", check_oom(g)).0;
-        unload_ok = step(ctx, "unload", check_unload(g)).0;
+        bind_ok = step(ctx, "bind", check_bind(g, BalloonBoot::PLAIN));
+        inflate_ok = step(ctx, "inflate", check_inflate(g, BalloonBoot::PLAIN));
+        stats_ok = step(ctx, "stats", check_stats(g));
+        oom_ok = step(ctx, "oom_deflate", check_oom(g));
+        unload_ok = step(ctx, "unload", check_unload(g));
         // The reference for the poison check: no PAGE_POISON, no subsection.
         normal_stream = check_stream(g, &stream_file);
     })?;
-    let b2 = with_guest(
-        ctx,
-        "nodoom",
-        boot_spec(BalloonBoot {
-            deflate_on_oom: false,
-            ..BalloonBoot::PLAIN
-        }),
-        &mut |g, ctx| {
-            eprintln!("[balloon]   bind and inflate without DEFLATE_ON_OOM");
-            let b = step(ctx, "bind_no_deflate_on_oom", check_bind(g, false, false)).0;
-            let i = step(ctx, "inflate_no_deflate_on_oom", check_inflate(g, false)).0;
-            bind_ok &= b;
-            inflate_ok &= i;
-        },
-    )?;
+    let b2 = with_guest(ctx, "nodoom", boot_spec(NO_DOOM), &mut |g, ctx| {
+        eprintln!("[balloon]   bind and inflate without DEFLATE_ON_OOM");
+        let b = step(ctx, "bind_no_deflate_on_oom", check_bind(g, NO_DOOM));
+        let i = step(ctx, "inflate_no_deflate_on_oom", check_inflate(g, NO_DOOM));
+        bind_ok &= b;
+        inflate_ok &= i;
+    })?;
     let mut poison_ok = false;
-    let b3 = with_guest(
-        ctx,
-        "poison",
-        boot_spec(BalloonBoot {
-            init_on_free: true,
-            ..BalloonBoot::PLAIN
-        }),
-        &mut |g, ctx| {
-            eprintln!("[balloon]   poison");
-            let bind = check_bind(g, true, true);
-            let stream = if bind.as_ref().is_ok_and(|b| b.0) {
-                check_stream(g, &stream_file)
-            } else {
-                Err("not bound with PAGE_POISON".into())
-            };
-            let normal = std::mem::replace(&mut normal_stream, Err("taken".into()));
-            // QEMU holds poison_val 0 only where PAGE_POISON was negotiated.
-            let normal_ok = normal
-                .as_ref()
-                .is_ok_and(|(ok, m)| *ok && m.get("poison_subsection") == Some(&json!(false)));
-            let poison_stream_ok = stream
-                .as_ref()
-                .is_ok_and(|(ok, m)| *ok && m.get("qemu_poison_val") == Some(&json!(0)));
-            let mut f = Map::new();
-            let mut ok = normal_ok && poison_stream_ok;
-            for (k, r) in [
-                ("bind", bind),
-                ("stream", stream),
-                ("normal_boot_stream", normal),
-            ] {
-                let r = result(k, r);
-                ok &= crate::guest::result_ok(&r);
-                f.insert(k.into(), Value::Object(r));
-            }
-            poison_ok = step(ctx, "poison", Ok((ok, f))).0;
-        },
-    )?;
+    let b3 = with_guest(ctx, "poison", boot_spec(POISON), &mut |g, ctx| {
+        eprintln!("[balloon]   poison");
+        let bind = check_bind(g, POISON);
+        let stream = if bind.as_ref().is_ok_and(|b| b.ok) {
+            check_stream(g, &stream_file)
+        } else {
+            Err("not bound with PAGE_POISON".into())
+        };
+        let normal = std::mem::replace(&mut normal_stream, Err("taken".into()));
+        // QEMU holds poison_val 0 only where PAGE_POISON was negotiated.
+        let normal_ok = normal
+            .as_ref()
+            .is_ok_and(|c| c.ok && c.fields.get("poison_subsection") == Some(&json!(false)));
+        let poison_stream_ok = stream
+            .as_ref()
+            .is_ok_and(|c| c.ok && c.fields.get("qemu_poison_val") == Some(&json!(0)));
+        let mut f = Map::new();
+        let mut ok = normal_ok && poison_stream_ok;
+        for (k, r) in [
+            ("bind", bind),
+            ("stream", stream),
+            ("normal_boot_stream", normal),
+        ] {
+            let r = result(k, r);
+            ok &= crate::guest::result_ok(&r);
+            f.insert(k.into(), Value::Object(r));
+        }
+        poison_ok = step(ctx, "poison", Ok(Checked { ok, fields: f }));
+    })?;
     let boots_clean = b1 && b2 && b3;
     let ok = bind_ok && inflate_ok && stats_ok && oom_ok && unload_ok && poison_ok && boots_clean;
     Ok(object(json!({
@@ -879,7 +913,13 @@ mod tests {
         assert_eq!(r["error"], "no stats");
         let mut f = Map::new();
         f.insert("x".into(), json!(1));
-        let r = result("bind", Ok((true, f)));
+        let r = result(
+            "bind",
+            Ok(Checked {
+                ok: true,
+                fields: f,
+            }),
+        );
         assert_eq!((r["ok"].clone(), r["x"].clone()), (json!(true), json!(1)));
     }
 }
