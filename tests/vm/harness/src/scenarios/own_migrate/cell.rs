@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 
 use super::program::{migrate_ours, Hop, Migrated};
-use super::tools::{qemu_ram_args, start_own, Tools};
+use super::tools::{qemu_ram_args, start_own, Side, Tools};
 use crate::migrate::{migrate, verify_integrity, wait_ready, Cell, Then};
 use crate::runner::{object, Ctx};
 use crate::scenarios::num;
@@ -183,7 +183,7 @@ pub(super) fn run_ours(
         cell,
         &ctx.log_dir,
         &format!("{label}-0"),
-        false,
+        Side::Source,
         opts.balloon,
     )
     .map_err(e)?;
@@ -199,7 +199,7 @@ pub(super) fn run_ours(
             cell,
             &ctx.log_dir,
             &format!("{label}-{}", i + 1),
-            true,
+            Side::Destination,
             opts.balloon,
         )
         .map_err(e)?;

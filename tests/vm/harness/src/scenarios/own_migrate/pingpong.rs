@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 use super::cell::{finish, hop_json, run_cell, Migrator, Run, RunOpts};
 use super::program::migrate_ours;
 use super::table::cell_for;
-use super::tools::{build_tools, start_own, sweep_stale_ram_files, Tools};
+use super::tools::{build_tools, start_own, sweep_stale_ram_files, Side, Tools};
 use crate::migrate::{median, qemu_version, wait_ready, Cell, Workload};
 use crate::runner::{object, Ctx, HarnessError};
 use crate::scenarios::num;
@@ -125,7 +125,7 @@ pub(crate) fn abort_check(
             cell,
             &ctx.log_dir,
             "abort-0",
-            false,
+            Side::Source,
             balloon,
         )
         .map_err(e)?;
@@ -139,7 +139,7 @@ pub(crate) fn abort_check(
             cell,
             &ctx.log_dir,
             "abort-1",
-            true,
+            Side::Destination,
             balloon,
         )
         .map_err(e)?;

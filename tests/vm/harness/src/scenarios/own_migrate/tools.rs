@@ -95,13 +95,24 @@ pub(crate) struct OwnVm {
 /// The balloon's QOM id in every QEMU of an own-hint run.
 pub(crate) const BALLOON_ID: &str = "balloon0";
 
+/// Which end of a migration a QEMU of ours is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Side {
+    /// Runs the guest from boot.
+    Source,
+    /// Waits for the receiver (`-incoming defer`).
+    Destination,
+}
+
+/// Starts a QEMU of ours for `cell` (`balloon`: with the vhost-user
+/// balloon device server).
 pub(super) fn start_own(
     manifest: &Manifest,
     tools: &Tools,
     cell: &Cell,
     log_dir: &Path,
     role: &str,
-    incoming: bool,
+    side: Side,
     balloon: bool,
 ) -> Result<OwnVm, VmError> {
     let tag = format!("{}-{role}", cell.label().replace('/', "-"));
@@ -116,7 +127,7 @@ pub(super) fn start_own(
     let uffd = crate::sockets::socket_path(&format!("{tag}.uffd"))?;
     let program_qmp = crate::sockets::socket_path(&format!("{tag}.pqmp"))?;
     let mut opts = VmOptions {
-        incoming: incoming.then_some(Incoming::Defer),
+        incoming: (side == Side::Destination).then_some(Incoming::Defer),
         extra_args: vec![
             "-object".into(),
             format!(
@@ -135,7 +146,7 @@ pub(super) fn start_own(
         ],
         owned_files: vec![ram, uffd, program_qmp.clone()],
     };
-    if incoming {
+    if side == Side::Destination {
         // The receiver resumes the destination itself (`-S`, as libvirt
         // starts a destination): QEMU started it on its own otherwise,
         // since the source ran when QEMU's migration began.
@@ -146,7 +157,7 @@ pub(super) fn start_own(
         // Our device is the guest's only balloon; a destination gets it
         // from the receiver once it runs.
         spec.extra_qemu_args.clear();
-        if !incoming {
+        if side == Side::Source {
             opts.extra_args.extend([
                 "-chardev".into(),
                 format!(
