@@ -94,14 +94,14 @@ pub struct Cell {
 
 impl Cell {
     /// A one-migration cell with the workload of the project's reference
-    /// runs of the stock driver (300 MiB dirtied) and a slow 32 MiB
-    /// integrity working set.
-    pub fn new(mem_mib: u64, driver: Driver, workload: Workload, init_on_alloc: bool) -> Cell {
+    /// runs of the stock driver (300 MiB dirtied), a slow 32 MiB integrity
+    /// working set and `init_on_alloc=1` (set the field for 0).
+    pub fn new(mem_mib: u64, driver: Driver, workload: Workload) -> Cell {
         Cell {
             mem_mib,
             driver,
             workload,
-            init_on_alloc,
+            init_on_alloc: true,
             pre_mib: 300,
             churn_mib: 32,
             // ~4 chunk operations a second: the working set keeps changing
@@ -384,8 +384,8 @@ mod tests {
 
     #[test]
     fn cell_boot_spec_is_identical_hardware_for_every_driver() {
-        let a = Cell::new(4096, Driver::None, Workload::DirtyFree, true).boot_spec();
-        let b = Cell::new(4096, Driver::Stock, Workload::DirtyFree, true).boot_spec();
+        let a = Cell::new(4096, Driver::None, Workload::DirtyFree).boot_spec();
+        let b = Cell::new(4096, Driver::Stock, Workload::DirtyFree).boot_spec();
         assert_eq!(a.extra_qemu_args, b.extra_qemu_args);
         assert!(a
             .extra_qemu_args
@@ -397,7 +397,11 @@ mod tests {
         assert!(a.cmdline().ends_with("init_on_alloc=1"));
         assert!(check_migratable(&a).is_ok());
         assert_eq!(
-            Cell::new(8192, Driver::Stock, Workload::Idle, false).label(),
+            Cell {
+                init_on_alloc: false,
+                ..Cell::new(8192, Driver::Stock, Workload::Idle)
+            }
+            .label(),
             "stock/idle/ioa0/8g"
         );
     }

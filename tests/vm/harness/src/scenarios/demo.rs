@@ -99,7 +99,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         let (mut b, mut tt, mut dn) = (Vec::new(), Vec::new(), Vec::new());
         let mut verdicts = Vec::new();
         for rep in 0..reps {
-            let cell = Cell::new(4096, d, Workload::DirtyFree, true);
+            let cell = Cell::new(4096, d, Workload::DirtyFree);
             eprintln!("[demo] {label}: run {}/{reps}", rep + 1);
             let out = run_cell(
                 &ctx.manifest,
@@ -199,7 +199,7 @@ fn ours(
     }
     own_migrate::sweep_stale_ram_files();
     let tools = build_tools(&ctx.repo)?;
-    let cell = Cell::new(4096, Driver::Freehint, Workload::DirtyFree, true);
+    let cell = Cell::new(4096, Driver::Freehint, Workload::DirtyFree);
     let (mut b, mut tt, mut dn, mut verdicts) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut ok = true;
     for rep in 0..reps {

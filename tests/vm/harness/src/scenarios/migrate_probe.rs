@@ -74,7 +74,7 @@ fn probe(
     churn: Churn,
     setup: Setup,
 ) -> Result<Map<String, Value>, HarnessError> {
-    let mut cell = Cell::new(MEM_MIB, driver, Workload::DirtyFree, true);
+    let mut cell = Cell::new(MEM_MIB, driver, Workload::DirtyFree);
     cell.churn_mib = churn.mib;
     cell.pace_us = churn.pace_us;
     let spec = cell.boot_spec();

@@ -349,7 +349,7 @@ impl Table {
 
 /// The cell of `setup` on `workload` at `mem` MiB.
 fn cell(mem: u64, driver: Driver, workload: Workload) -> Cell {
-    Cell::new(mem, driver, workload, true)
+    Cell::new(mem, driver, workload)
 }
 
 /// Runs every setup on `workloads` at each of `sizes`, `reps` times.

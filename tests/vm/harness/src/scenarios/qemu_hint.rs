@@ -23,7 +23,8 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
             );
             continue;
         }
-        let mut cell = Cell::new(2048, d, Workload::DirtyFree, false);
+        let mut cell = Cell::new(2048, d, Workload::DirtyFree);
+        cell.init_on_alloc = false;
         cell.pre_mib = 512;
         cell.churn_mib = 8;
         eprintln!("[hint] {}", cell.label());

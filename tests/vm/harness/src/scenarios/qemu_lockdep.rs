@@ -260,7 +260,7 @@ fn cycle_rounds(text: &str) -> Vec<CycleRounds> {
 
 /// Runs the scenario.
 pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
-    let mut cell = Cell::new(MEM_MIB, Driver::Freehint, Workload::DirtyFree, true);
+    let mut cell = Cell::new(MEM_MIB, Driver::Freehint, Workload::DirtyFree);
     cell.flavour = "debug".into();
     cell.migrations = MIGRATIONS;
     cell.churn_mib = 64;

@@ -263,7 +263,8 @@ pub fn run_matrix(ctx: &mut Ctx, sizes: &[u64], reps: usize, ioas: &[bool]) -> T
             for &ioa in ioas {
                 for w in WORKLOADS {
                     for d in DRIVERS.into_iter().filter(|d| d.enabled()) {
-                        let mut cell = Cell::new(mem, d, w, ioa);
+                        let mut cell = Cell::new(mem, d, w);
+                        cell.init_on_alloc = ioa;
                         if let Some(f) = &ctx.flavour_override {
                             cell.flavour = f.clone();
                         }
@@ -548,7 +549,7 @@ mod tests {
 
     #[test]
     fn a_failed_attempt_is_counted_without_figures() {
-        let cell = Cell::new(4096, Driver::Freehint, Workload::DirtyFree, true);
+        let cell = Cell::new(4096, Driver::Freehint, Workload::DirtyFree);
         let mut t = Table::default();
         let hung = migrated(vec![], &["destination 1 did not verify"]);
         t.add(&cell, &hung, AttemptEnd::of(&Ok(hung.clone())));

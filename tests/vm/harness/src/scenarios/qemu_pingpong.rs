@@ -15,7 +15,7 @@ fn pingpong(ctx: &mut Ctx, migrations: usize) -> Result<Map<String, Value>, Harn
     } else {
         Driver::Stock
     };
-    let mut cell = Cell::new(4096, driver, Workload::DirtyFree, true);
+    let mut cell = Cell::new(4096, driver, Workload::DirtyFree);
     cell.migrations = migrations;
     cell.churn_mib = 64;
     cell.pace_us = 50;

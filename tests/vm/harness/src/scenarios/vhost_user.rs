@@ -72,7 +72,7 @@ fn drive(
     r: &mut Map<String, Value>,
     problems: &mut Vec<String>,
 ) -> Result<(), HarnessError> {
-    let mut cell = Cell::new(MEM_MIB, driver, Workload::Idle, true);
+    let mut cell = Cell::new(MEM_MIB, driver, Workload::Idle);
     cell.pre_mib = 16;
     cell.churn_mib = 8;
     let mut spec = cell.boot_spec();

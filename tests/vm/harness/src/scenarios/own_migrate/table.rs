@@ -37,7 +37,7 @@ pub struct Figures {
 }
 
 pub(super) fn cell_for(mem: u64, w: Workload) -> Cell {
-    Cell::new(mem, Driver::None, w, true)
+    Cell::new(mem, Driver::None, w)
 }
 
 /// Runs `sizes` × `workloads` × both migrators, `reps` times.
