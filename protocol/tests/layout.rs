@@ -6,30 +6,10 @@ use std::collections::BTreeMap;
 use freehint_protocol::layout::*;
 use proptest::prelude::*;
 
+mod common;
+use common::Raw;
+
 const GIB: u64 = 1 << 30;
-
-/// The layout's mapping in raw numbers, for the naive models below.
-trait Raw {
-    fn p2b(&self, pfn: u64) -> Option<u64>;
-    fn b2p(&self, bit: u64) -> Option<u64>;
-    fn bit_runs(&self, pfn: u64, nr: u64, f: impl FnMut(u64, u64));
-    fn pfn_runs(&self, bit: u64, nr: u64, f: impl FnMut(u64, u64));
-}
-
-impl Raw for Layout {
-    fn p2b(&self, pfn: u64) -> Option<u64> {
-        self.pfn_to_bit(Pfn(pfn)).map(Bit::raw)
-    }
-    fn b2p(&self, bit: u64) -> Option<u64> {
-        self.bit_to_pfn(Bit(bit)).map(Pfn::raw)
-    }
-    fn bit_runs(&self, pfn: u64, nr: u64, mut f: impl FnMut(u64, u64)) {
-        self.for_each_bit_run(Pfn(pfn), nr, |b, n| f(b.raw(), n));
-    }
-    fn pfn_runs(&self, bit: u64, nr: u64, mut f: impl FnMut(u64, u64)) {
-        self.for_each_pfn_run(Bit(bit), nr, |p, n| f(p.raw(), n));
-    }
-}
 
 fn r(first_pfn: u64, nr_pages: u64, first_bit: u64) -> LayoutRange {
     LayoutRange {

@@ -6,26 +6,10 @@ use freehint_protocol::bitmap_hint::*;
 use freehint_protocol::layout::{Bit, Layout, LayoutError, LayoutRange, Pfn, MAX_LAYOUT_RANGES};
 use proptest::prelude::*;
 
+mod common;
+use common::Raw;
+
 const ID: u32 = 0x8000_0000;
-
-/// The layout's mapping in raw numbers, for the naive models below.
-trait Raw {
-    fn p2b(&self, pfn: u64) -> Option<u64>;
-    fn b2p(&self, bit: u64) -> Option<u64>;
-    fn bit_runs(&self, pfn: u64, nr: u64, f: impl FnMut(u64, u64));
-}
-
-impl Raw for Layout {
-    fn p2b(&self, pfn: u64) -> Option<u64> {
-        self.pfn_to_bit(Pfn(pfn)).map(Bit::raw)
-    }
-    fn b2p(&self, bit: u64) -> Option<u64> {
-        self.bit_to_pfn(Bit(bit)).map(Pfn::raw)
-    }
-    fn bit_runs(&self, pfn: u64, nr: u64, mut f: impl FnMut(u64, u64)) {
-        self.for_each_bit_run(Pfn(pfn), nr, |b, n| f(b.raw(), n));
-    }
-}
 
 fn hdr(kind: u16, cmd_id: u32, nr_bits: u32, first_bit: u64) -> MsgHeader {
     MsgHeader {

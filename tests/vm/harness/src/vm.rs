@@ -279,6 +279,28 @@ fn connect_retry(path: &Path, timeout: Duration, child: &mut Child) -> Result<Un
     }
 }
 
+/// Starts QEMU with `args` and `env`, its stdout and stderr to `log`.
+fn spawn_qemu(
+    manifest: &Manifest,
+    args: &[String],
+    env: &[(String, String)],
+    log: &Path,
+) -> Result<Child, VmError> {
+    let out = File::create(log).map_err(io_error("cannot create", log))?;
+    let err = out.try_clone().map_err(io_error("cannot clone", log))?;
+    Command::new(&manifest.qemu)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|source| VmError::Spawn {
+            qemu: manifest.qemu.clone(),
+            source,
+        })
+}
+
 impl Vm {
     /// Boots `spec` with its serial console (and QEMU's own output) written
     /// to `log_dir/<label>.log`; a QMP socket next to it if `spec.qmp`, for
@@ -291,23 +313,9 @@ impl Vm {
         } else {
             None
         };
-        let out =
-            File::create(&serial_log).map_err(io_error("cannot create serial log", &serial_log))?;
-        let err = out
-            .try_clone()
-            .map_err(io_error("cannot clone serial log", &serial_log))?;
         let args = spec.qemu_args(&image, qmp_socket.as_deref());
         log::debug!("{} {}", manifest.qemu.display(), args.join(" "));
-        let child = Command::new(&manifest.qemu)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(|source| VmError::Spawn {
-                qemu: manifest.qemu.clone(),
-                source,
-            })?;
+        let child = spawn_qemu(manifest, &args, &[], &serial_log)?;
         Ok(Vm {
             role: "boot".to_string(),
             child: Some(child),
@@ -367,22 +375,8 @@ impl Vm {
             }
             None => {}
         }
-        let out = File::create(&qemu_log).map_err(io_error("cannot create", &qemu_log))?;
-        let err = out
-            .try_clone()
-            .map_err(io_error("cannot clone", &qemu_log))?;
         log::debug!("{role}: {} {}", manifest.qemu.display(), args.join(" "));
-        let mut child = Command::new(&manifest.qemu)
-            .args(&args)
-            .envs(opts.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(|source| VmError::Spawn {
-                qemu: manifest.qemu.clone(),
-                source,
-            })?;
+        let mut child = spawn_qemu(manifest, &args, &opts.env, &qemu_log)?;
         let serial = match connect_retry(&serial_sock, Duration::from_secs(60), &mut child) {
             Ok(s) => s,
             Err(e) => {

@@ -29,8 +29,8 @@ use serde_json::{json, Map, Value};
 
 use super::num;
 use super::own_migrate::{
-    abort_check, build_tools, env_list, hop_json, run_cell, sweep_stale_ram_files, Migrator, OwnVm,
-    Run, RunOpts,
+    abort_check, build_tools, env_list, hop_json, run_cell, sweep_stale_ram_files, HopSeries,
+    Migrator, OwnVm, Run, RunOpts,
 };
 use crate::migrate::{median, qemu_version, Cell, Driver, Workload};
 use crate::runner::{object, Ctx, HarnessError};
@@ -223,9 +223,7 @@ struct Table {
 
 #[derive(Debug, Default)]
 struct Figures {
-    bytes: Vec<f64>,
-    total_ms: Vec<f64>,
-    downtime_ms: Vec<f64>,
+    hops: HopSeries,
     hint_round_ms: Vec<f64>,
     hinted_pages: Vec<f64>,
 }
@@ -251,9 +249,7 @@ impl Table {
             .entry((setup.name(), cell.workload.name(), cell.mem_mib))
             .or_default();
         let h = &run.hops[0];
-        f.bytes.extend(h.bytes);
-        f.total_ms.extend(h.total_ms);
-        f.downtime_ms.extend(h.downtime_ms);
+        f.hops.push(h);
         let send = h.detail.get("send");
         if let Some(p) = send
             .and_then(|s| s.pointer("/ram/hinted_pages"))
@@ -299,13 +295,13 @@ impl Table {
 
     fn summary(&self, ctx: &Ctx, mem: u64) -> Map<String, Value> {
         let free = Workload::DirtyFree;
-        let bytes: fn(&Figures) -> &Vec<f64> = |f| &f.bytes;
-        let time: fn(&Figures) -> &Vec<f64> = |f| &f.total_ms;
+        let bytes: fn(&Figures) -> &Vec<f64> = |f| &f.hops.bytes;
+        let time: fn(&Figures) -> &Vec<f64> = |f| &f.hops.total_ms;
         let downtime_max = self
             .cells
             .iter()
             .filter(|((s, _, m), _)| *m == mem && s.starts_with("ours"))
-            .flat_map(|(_, f)| f.downtime_ms.iter().copied())
+            .flat_map(|(_, f)| f.hops.downtime_ms.iter().copied())
             .reduce(f64::max);
         let round_per_gib = self
             .med("ours-freehint", free, mem, |f| &f.hint_round_ms)
@@ -334,14 +330,13 @@ impl Table {
         self.cells
             .iter()
             .map(|((setup, w, mem), f)| {
-                json!({
-                    "setup": setup, "workload": w, "mem_mib": mem, "runs": f.bytes.len(),
-                    "bytes_median": median(&f.bytes), "total_ms_median": median(&f.total_ms),
-                    "downtime_ms_median": median(&f.downtime_ms),
+                let mut row = f.hops.fields();
+                row.extend(object(json!({
+                    "setup": setup, "workload": w, "mem_mib": mem,
                     "hinted_pages_median": median(&f.hinted_pages),
                     "destination_hint_round_ms_median": median(&f.hint_round_ms),
-                    "bytes": f.bytes, "total_ms": f.total_ms, "downtime_ms": f.downtime_ms,
-                })
+                })));
+                Value::Object(row)
             })
             .collect()
     }

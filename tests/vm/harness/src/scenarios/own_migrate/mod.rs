@@ -38,7 +38,7 @@ pub(crate) use pingpong::abort_check;
 pub use pingpong::{bench_pingpong, run_pingpong};
 pub use program::Hop;
 pub(crate) use table::env_list;
-pub use table::{bench, matrix, Figures, Table, WORKLOADS};
+pub use table::{bench, matrix, Figures, HopSeries, Table, WORKLOADS};
 pub(crate) use tools::OwnVm;
 pub use tools::{build_tools, sweep_stale_ram_files, Tools};
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 
 use super::cell::{hop_json, run_cell, selected, Migrator, Run, RunOpts};
+use super::program::Hop;
 use super::tools::{build_tools, sweep_stale_ram_files};
 use crate::migrate::{median, qemu_version, Cell, Driver, Workload};
 use crate::runner::{object, Ctx, HarnessError};
@@ -27,13 +28,42 @@ pub struct Table {
 }
 
 /// One cell's runs.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct Figures {
-    bytes: Vec<f64>,
-    total_ms: Vec<f64>,
-    downtime_ms: Vec<f64>,
+    hops: HopSeries,
     rate_before: Vec<f64>,
     rate_during: Vec<f64>,
+}
+
+/// Bytes, total time and downtime of a cell's runs, the figures every
+/// migration benchmark keeps.
+#[derive(Debug, Default)]
+pub struct HopSeries {
+    /// Bytes sent, per run.
+    pub bytes: Vec<f64>,
+    /// Total time, ms, per run.
+    pub total_ms: Vec<f64>,
+    /// Downtime, ms, per run.
+    pub downtime_ms: Vec<f64>,
+}
+
+impl HopSeries {
+    /// Adds one run's hop.
+    pub fn push(&mut self, hop: &Hop) {
+        self.bytes.extend(hop.bytes);
+        self.total_ms.extend(hop.total_ms);
+        self.downtime_ms.extend(hop.downtime_ms);
+    }
+
+    /// The runs, their medians and every value, as fields of a cell's row.
+    pub fn fields(&self) -> Map<String, Value> {
+        object(json!({
+            "runs": self.bytes.len(),
+            "bytes_median": median(&self.bytes), "total_ms_median": median(&self.total_ms),
+            "downtime_ms_median": median(&self.downtime_ms),
+            "bytes": self.bytes, "total_ms": self.total_ms, "downtime_ms": self.downtime_ms,
+        }))
+    }
 }
 
 pub(super) fn cell_for(mem: u64, w: Workload) -> Cell {
@@ -96,9 +126,7 @@ impl Table {
         }
         let f = self.rows.entry((mem, w.name(), m.name())).or_default();
         let h = &r.hops[0];
-        f.bytes.extend(h.bytes);
-        f.total_ms.extend(h.total_ms);
-        f.downtime_ms.extend(h.downtime_ms);
+        f.hops.push(h);
         if let Some((b, d)) = h.ops_rate {
             f.rate_before.push(b);
             f.rate_during.push(d);
@@ -129,13 +157,13 @@ impl Table {
             .rows
             .iter()
             .filter(|((m, _, g), _)| *m == mem && *g == "ours")
-            .flat_map(|(_, f)| f.downtime_ms.iter().copied())
+            .flat_map(|(_, f)| f.hops.downtime_ms.iter().copied())
             .reduce(f64::max);
         object(json!({
             "integrity_failures": self.integrity_failures,
             "downtime_ms_max": round(downtime_max),
-            "bytes_ours_over_qemu_max": round(self.ratio_max(mem, |f| &f.bytes)),
-            "time_ours_over_qemu_max": round(self.ratio_max(mem, |f| &f.total_ms)),
+            "bytes_ours_over_qemu_max": round(self.ratio_max(mem, |f| &f.hops.bytes)),
+            "time_ours_over_qemu_max": round(self.ratio_max(mem, |f| &f.hops.total_ms)),
             "runs": self.runs,
             "failed_runs": self.failures,
             "qemu": qemu_version(&ctx.manifest),
@@ -148,14 +176,13 @@ impl Table {
         self.rows
             .iter()
             .map(|((mem, w, m), f)| {
-                json!({
-                    "mem_mib": mem, "workload": w, "migrator": m, "runs": f.bytes.len(),
-                    "bytes_median": median(&f.bytes), "total_ms_median": median(&f.total_ms),
-                    "downtime_ms_median": median(&f.downtime_ms),
+                let mut row = f.hops.fields();
+                row.extend(object(json!({
+                    "mem_mib": mem, "workload": w, "migrator": m,
                     "guest_ops_per_s_before_median": median(&f.rate_before),
                     "guest_ops_per_s_during_median": median(&f.rate_during),
-                    "bytes": f.bytes, "total_ms": f.total_ms, "downtime_ms": f.downtime_ms,
-                })
+                })));
+                Value::Object(row)
             })
             .collect()
     }
