@@ -330,13 +330,11 @@ impl Table {
         self.cells
             .iter()
             .map(|((setup, w, mem), f)| {
-                let mut row = f.hops.fields();
-                row.extend(object(json!({
+                f.hops.row(json!({
                     "setup": setup, "workload": w, "mem_mib": mem,
                     "hinted_pages_median": median(&f.hinted_pages),
                     "destination_hint_round_ms_median": median(&f.hint_round_ms),
-                })));
-                Value::Object(row)
+                }))
             })
             .collect()
     }

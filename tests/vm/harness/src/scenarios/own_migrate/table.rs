@@ -55,14 +55,17 @@ impl HopSeries {
         self.downtime_ms.extend(hop.downtime_ms);
     }
 
-    /// The runs, their medians and every value, as fields of a cell's row.
-    pub fn fields(&self) -> Map<String, Value> {
-        object(json!({
+    /// A cell's row: the fields of `cell` (what the cell is, its own
+    /// figures), then the runs, their medians and every value.
+    pub fn row(&self, cell: Value) -> Value {
+        let mut row = object(cell);
+        row.extend(object(json!({
             "runs": self.bytes.len(),
             "bytes_median": median(&self.bytes), "total_ms_median": median(&self.total_ms),
             "downtime_ms_median": median(&self.downtime_ms),
             "bytes": self.bytes, "total_ms": self.total_ms, "downtime_ms": self.downtime_ms,
-        }))
+        })));
+        Value::Object(row)
     }
 }
 
@@ -176,13 +179,11 @@ impl Table {
         self.rows
             .iter()
             .map(|((mem, w, m), f)| {
-                let mut row = f.hops.fields();
-                row.extend(object(json!({
+                f.hops.row(json!({
                     "mem_mib": mem, "workload": w, "migrator": m,
                     "guest_ops_per_s_before_median": median(&f.rate_before),
                     "guest_ops_per_s_during_median": median(&f.rate_during),
-                })));
-                Value::Object(row)
+                }))
             })
             .collect()
     }
@@ -287,4 +288,38 @@ pub(super) fn slowdown(ctx: &mut Ctx, reps: usize) -> Result<Value, HarnessError
         );
     }
     Ok(Value::Object(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hop(bytes: f64, total_ms: f64, downtime_ms: Option<f64>) -> Hop {
+        Hop {
+            bytes: Some(bytes),
+            total_ms: Some(total_ms),
+            downtime_ms,
+            verdict: None,
+            detail: Map::new(),
+            ops_rate: None,
+        }
+    }
+
+    #[test]
+    fn a_row_holds_the_cell_then_every_run_and_the_medians() {
+        let mut series = HopSeries::default();
+        series.push(&hop(300.0, 30.0, Some(3.0)));
+        series.push(&hop(100.0, 10.0, Some(1.0)));
+        series.push(&hop(200.0, 20.0, None));
+        let row = series.row(json!({"setup": "ours-freehint", "mem_mib": 4096}));
+        assert_eq!(row["setup"], "ours-freehint");
+        assert_eq!(row["mem_mib"], 4096);
+        assert_eq!(row["runs"], 3);
+        assert_eq!(row["bytes"], json!([300.0, 100.0, 200.0]));
+        assert_eq!(row["bytes_median"], 200.0);
+        assert_eq!(row["total_ms_median"], 20.0);
+        // A run without a downtime figure adds none.
+        assert_eq!(row["downtime_ms"], json!([3.0, 1.0]));
+        assert_eq!(row["downtime_ms_median"], 2.0);
+    }
 }
