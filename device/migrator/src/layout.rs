@@ -169,6 +169,25 @@ pub struct RamLayout {
 }
 
 impl RamLayout {
+    /// Test fixture: `low` pages at guest address 0 and `high` pages at
+    /// `high_gpa`, back to back in the RAM file (RAM split around a hole,
+    /// as a PC's is around the PCI hole).
+    #[cfg(test)]
+    pub(crate) fn split_for_tests(low: u64, high_gpa: u64, high: u64) -> Self {
+        Self::new(vec![
+            RamRange {
+                gpa: GuestAddress(0),
+                pages: low,
+                file_offset: 0,
+            },
+            RamRange {
+                gpa: GuestAddress(high_gpa),
+                pages: high,
+                file_offset: low * PAGE_SIZE as u64,
+            },
+        ])
+        .expect("a valid split layout")
+    }
     /// Validates `ranges` with the default RAM cap.
     pub fn new(ranges: Vec<RamRange>) -> Result<Self, LayoutError> {
         Self::with_max_bytes(ranges, DEFAULT_MAX_RAM_BYTES)

@@ -228,26 +228,12 @@ fn write_zeros(file: &File, offset: u64, len: u64) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::RamRange;
     use crate::receiver::Receiver;
     use crate::wire::{Encoder, PassKind};
     use std::io::Read;
-    use vm_memory::GuestAddress;
 
     fn layout() -> RamLayout {
-        RamLayout::new(vec![
-            RamRange {
-                gpa: GuestAddress(0),
-                pages: 8,
-                file_offset: 0,
-            },
-            RamRange {
-                gpa: GuestAddress(1 << 20),
-                pages: 8,
-                file_offset: 8 * 4096,
-            },
-        ])
-        .unwrap()
+        RamLayout::split_for_tests(8, 1 << 20, 8)
     }
 
     /// Bulk: data on pages 2..4 and 9; final: zero on 0..8 and 8..16.

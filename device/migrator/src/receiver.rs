@@ -249,23 +249,10 @@ fn buffer_range(buf: &mut [u8], offset: u64, len: u64) -> io::Result<&mut [u8]> 
 mod tests {
     use super::*;
     use crate::wire::{Encoder, PassKind};
-    use crate::RamRange;
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
     fn layout() -> RamLayout {
-        RamLayout::new(vec![
-            RamRange {
-                gpa: GuestAddress(0),
-                pages: 4,
-                file_offset: 0,
-            },
-            RamRange {
-                gpa: GuestAddress(0x10000),
-                pages: 2,
-                file_offset: 4 * 4096,
-            },
-        ])
-        .unwrap()
+        RamLayout::split_for_tests(4, 0x10000, 2)
     }
 
     /// Bulk: pages 0 and 5 with data, 1..3 zero; final: page 0 again.

@@ -751,19 +751,7 @@ mod tests {
     use super::*;
 
     fn layout() -> RamLayout {
-        RamLayout::new(vec![
-            RamRange {
-                gpa: GuestAddress(0),
-                pages: 16,
-                file_offset: 0,
-            },
-            RamRange {
-                gpa: GuestAddress(1 << 20),
-                pages: 8,
-                file_offset: 16 * 4096,
-            },
-        ])
-        .unwrap()
+        RamLayout::split_for_tests(16, 1 << 20, 8)
     }
 
     fn encoded(records: &[Record<'_>]) -> Vec<u8> {
