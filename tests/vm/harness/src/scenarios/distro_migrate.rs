@@ -24,7 +24,7 @@ use serde_json::{json, Map, Value};
 
 use super::distro_hint::{distro_kernel, DistroKernel, FLAVOUR};
 use super::qemu_migrate::{rows, run_matrix, summary, Key, Table};
-use crate::errors::io_error;
+use super::{bench_reps, write_bench};
 use crate::runner::{Ctx, HarnessError};
 
 /// Guest RAM (MiB).
@@ -102,14 +102,8 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
 /// Benchmark: `FREEHINT_BENCH_REPS` (default 3) runs per cell, medians, in
 /// `target/bench/distro-migrate.json`.
 pub fn bench(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
-    let reps = std::env::var("FREEHINT_BENCH_REPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3usize)
-        .max(1);
+    let reps = bench_reps(3);
     let (t, s) = matrix(ctx, reps)?;
-    let dir = ctx.repo.join("target/bench");
-    let path = dir.join("distro-migrate.json");
     let doc = json!({
         "benchmark": "distro-migrate",
         "command": "tests/vm/run bench-distro-migrate",
@@ -118,10 +112,7 @@ pub fn bench(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         "summary": s,
         "cells": rows(&t),
     });
-    std::fs::create_dir_all(&dir)
-        .and_then(|()| std::fs::write(&path, format!("{doc:#}\n")))
-        .map_err(io_error("cannot write", &path))?;
-    eprintln!("[distro-migrate] wrote {}", path.display());
+    write_bench(ctx, "distro-migrate.json", "distro-migrate", &doc)?;
     Ok(s)
 }
 

@@ -165,11 +165,7 @@ pub fn run_floor(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
 
 /// `probe-downtime`.
 pub fn run_downtime(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
-    let reps = std::env::var("FREEHINT_BENCH_REPS")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(2)
-        .max(1);
+    let reps = super::bench_reps(2);
     let mut ok = true;
     let mut per = Map::new();
     for limit in [300u64, 30] {

@@ -233,6 +233,28 @@ pub const SCENARIOS: &[Scenario] = &[
     },
 ];
 
+/// Runs per cell of a benchmark: `FREEHINT_BENCH_REPS`, else `default`;
+/// at least one.
+pub fn bench_reps(default: usize) -> usize {
+    std::env::var("FREEHINT_BENCH_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+        .max(1)
+}
+
+/// Writes a benchmark's `doc` to `target/bench/FILE` and says where on
+/// stderr under `[tag]`.
+pub fn write_bench(ctx: &Ctx, file: &str, tag: &str, doc: &Value) -> Result<(), HarnessError> {
+    let dir = ctx.repo.join("target/bench");
+    let path = dir.join(file);
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&path, format!("{doc:#}\n")))
+        .map_err(crate::errors::io_error("cannot write", &path))?;
+    eprintln!("[{tag}] wrote {}", path.display());
+    Ok(())
+}
+
 /// Looks a scenario up by name.
 pub fn find(name: &str) -> Option<&'static Scenario> {
     SCENARIOS.iter().find(|s| s.name == name)

@@ -500,11 +500,6 @@ pub fn bench(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         "summary": s,
         "cells": t.rows(),
     });
-    let dir = ctx.repo.join("target/bench");
-    let path = dir.join("own-hint.json");
-    std::fs::create_dir_all(&dir)
-        .and_then(|()| std::fs::write(&path, format!("{doc:#}\n")))
-        .map_err(crate::errors::io_error("cannot write", &path))?;
-    eprintln!("[own-hint] wrote {}", path.display());
+    crate::scenarios::write_bench(ctx, "own-hint.json", "own-hint", &doc)?;
     Ok(s)
 }

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Map, Value};
 
-use crate::errors::io_error;
+use super::{bench_reps, write_bench};
 use crate::migrate::{
     cell_json, median, qemu_version, run_cell, Cell, CellOutcome, Driver, Workload,
 };
@@ -375,11 +375,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
 /// `FREEHINT_BENCH_REPS` (default 3) runs per cell, written to
 /// `target/bench/migrate.json`.
 pub fn bench(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
-    let reps = std::env::var("FREEHINT_BENCH_REPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3usize)
-        .max(1);
+    let reps = bench_reps(3);
     let sizes: Vec<u64> = std::env::var("FREEHINT_BENCH_SIZES")
         .ok()
         .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
@@ -388,8 +384,6 @@ pub fn bench(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let ioas = [true, false];
     let t = run_matrix(ctx, &sizes, reps, &ioas);
     let s = summary(ctx, &t, &sizes, &ioas);
-    let dir = ctx.repo.join("target/bench");
-    let path = dir.join("migrate.json");
     let doc = json!({
         "benchmark": "migrate",
         "command": "tests/vm/run bench-migrate",
@@ -399,10 +393,7 @@ pub fn bench(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         "summary": s,
         "cells": rows(&t),
     });
-    std::fs::create_dir_all(&dir)
-        .and_then(|()| std::fs::write(&path, format!("{doc:#}\n")))
-        .map_err(io_error("cannot write", &path))?;
-    eprintln!("[migrate] wrote {}", path.display());
+    write_bench(ctx, "migrate.json", "migrate", &doc)?;
     Ok(s)
 }
 

@@ -236,12 +236,7 @@ pub fn bench(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         "summary": s,
         "cells": small.rows().into_iter().chain(large.rows()).collect::<Vec<_>>(),
     });
-    let dir = ctx.repo.join("target/bench");
-    let path = dir.join("own-migrate.json");
-    std::fs::create_dir_all(&dir)
-        .and_then(|()| std::fs::write(&path, format!("{doc:#}\n")))
-        .map_err(crate::errors::io_error("cannot write", &path))?;
-    eprintln!("[own] wrote {}", path.display());
+    crate::scenarios::write_bench(ctx, "own-migrate.json", "own", &doc)?;
     Ok(s)
 }
 
