@@ -403,6 +403,22 @@ pub struct VfioOutcome {
     pub elapsed_s: f64,
 }
 
+/// The QEMU arguments that give the guest `mem_mib` MiB of shared memfd RAM
+/// (the server maps it) and attach `server` as a vfio-user PCI device.
+pub fn attach_args(mem_mib: u64, server: &Server) -> Vec<String> {
+    vec![
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem,size={mem_mib}M,share=on"),
+        "-machine".into(),
+        "memory-backend=mem".into(),
+        "-device".into(),
+        format!(
+            "{{\"driver\":\"vfio-user-pci\",\"socket\":{{\"path\":\"{}\",\"type\":\"unix\"}}}}",
+            server.socket.display()
+        ),
+    ]
+}
+
 impl VfioBoot {
     /// Boots, waits for `@@VFIO ready`, runs `host(vm_pid)` (its error fails
     /// the boot), sends `go LAYOUT` on the host channel, waits for the guest
@@ -418,19 +434,9 @@ impl VfioBoot {
         spec.timeout = ctx.scaled(spec.timeout);
         let label = format!("{}-{}", spec.label(), self.tag);
         let chan = crate::sockets::socket_path(&format!("{label}.tty"))?;
+        let attach = attach_args(spec.mem_mib, server);
+        spec.extra_qemu_args.extend(attach);
         spec.extra_qemu_args.extend([
-            "-object".into(),
-            format!(
-                "memory-backend-memfd,id=mem,size={}M,share=on",
-                spec.mem_mib
-            ),
-            "-machine".into(),
-            "memory-backend=mem".into(),
-            "-device".into(),
-            format!(
-                "{{\"driver\":\"vfio-user-pci\",\"socket\":{{\"path\":\"{}\",\"type\":\"unix\"}}}}",
-                server.socket.display()
-            ),
             "-serial".into(),
             format!("unix:{},server=on,wait=off", chan.display()),
             // A second -initrd replaces the image's (the last one wins).

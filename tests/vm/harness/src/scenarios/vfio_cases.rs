@@ -34,12 +34,14 @@ use std::time::{Duration, Instant};
 use freehint_migrate::qmp::Qmp;
 use serde_json::{json, Map, Value};
 
-use super::vfio_stock::{boot_round, host_round, Round};
+use super::vfio_stock::{
+    boot_round, boot_with_step, fresh_dump, host_round, BalloonStep, HostStep, Round,
+};
 use crate::errors::io_error;
 use crate::qemu::{BootSpec, Machine};
 use crate::runner::{object, Ctx, HarnessError};
 use crate::vfio::{
-    compare, overlay_initramfs, read_dump, server_binary, RamLayout, Server, VfioBoot,
+    attach_args, compare, overlay_initramfs, read_dump, server_binary, RamLayout, Server, VfioBoot,
 };
 use crate::vm::Vm;
 
@@ -114,22 +116,9 @@ fn wanted(name: &str) -> bool {
 /// The QEMU arguments that attach `server` with memfd RAM (as
 /// [`VfioBoot::run`] adds them), for a boot that [`VfioBoot`] does not run.
 fn vfio_qemu_args(spec: &BootSpec, server: &Server, initramfs: &Path) -> Vec<String> {
-    vec![
-        "-object".into(),
-        format!(
-            "memory-backend-memfd,id=mem,size={}M,share=on",
-            spec.mem_mib
-        ),
-        "-machine".into(),
-        "memory-backend=mem".into(),
-        "-device".into(),
-        format!(
-            "{{\"driver\":\"vfio-user-pci\",\"socket\":{{\"path\":\"{}\",\"type\":\"unix\"}}}}",
-            server.socket.display()
-        ),
-        "-initrd".into(),
-        initramfs.display().to_string(),
-    ]
+    let mut args = attach_args(spec.mem_mib, server);
+    args.extend(["-initrd".into(), initramfs.display().to_string()]);
+    args
 }
 
 /// Polls `text()` until `done` accepts it or `timeout` passes.
@@ -289,26 +278,22 @@ fn stock_case(
         initramfs: initramfs.to_path_buf(),
         tag: case.tag.to_string(),
     };
-    let dump_name = format!("{label}.hint-set.bin");
-    let dump = server.dump_path(&dump_name);
-    let _ = std::fs::remove_file(&dump);
-    let mut figures = Map::new();
-    let mut host_err = None;
-    let out = boot.run(ctx, &server, &layout, &mut |pid| {
-        let r = (|| {
-            if case.system_reset {
-                system_reset(pid, &serial_log, reset_timeout)?;
-            }
-            if case.reporting {
-                let bytes = wait_reported(&server, Duration::from_secs(30))?;
-                figures.insert("reported_bytes".into(), json!(bytes));
-            }
-            host_round(&server, pid, true, &dump_name, &mut figures)
-        })();
-        if let Err(e) = &r {
-            host_err = Some(e.to_string());
+    let (dump_name, dump) = fresh_dump(&server, &label);
+    let (
+        out,
+        HostStep {
+            figures,
+            error: host_err,
+        },
+    ) = boot_with_step(ctx, &boot, &server, &layout, |pid, figures| {
+        if case.system_reset {
+            system_reset(pid, &serial_log, reset_timeout)?;
         }
-        r
+        if case.reporting {
+            let bytes = wait_reported(&server, Duration::from_secs(30))?;
+            figures.insert("reported_bytes".into(), json!(bytes));
+        }
+        host_round(&server, pid, BalloonStep::Inflate, &dump_name, figures)
     })?;
     let log = server.log_text();
     if case.reconnect {
@@ -410,7 +395,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
             &Round {
                 machine: Machine::Q35,
                 mem_mib: 6144,
-                balloon: true,
+                balloon: BalloonStep::Inflate,
                 ..Round::new(&bin, &initramfs, "vfio-stock", "q35-6g")
             },
         )?;

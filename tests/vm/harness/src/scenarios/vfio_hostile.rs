@@ -12,24 +12,15 @@
 
 use serde_json::{json, Map, Value};
 
-use super::vfio_stock::{boot_round, Round};
+use super::vfio_stock::balloon_round;
 use crate::runner::{Ctx, HarnessError};
-use crate::vfio::{overlay_initramfs, server_binary};
 
 /// Bound on the server's anonymous memory after the hostile run, kB.
 const MAX_ANON_KB: u64 = 64 * 1024;
 
 /// Runs the scenario.
 pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
-    let bin = server_binary(&ctx.repo)?;
-    let initramfs = overlay_initramfs(ctx)?;
-    let r = boot_round(
-        ctx,
-        &Round {
-            balloon: true,
-            ..Round::new(&bin, &initramfs, "vfio-hostile", "hostile")
-        },
-    )?;
+    let r = balloon_round(ctx, "vfio-hostile", "hostile")?;
     let n = |k: &str| r.get(k).and_then(Value::as_u64);
     // The server exits when QEMU goes: its memory is taken while the guest
     // waits after the hostile run (and the stock driver's rebind).

@@ -10,7 +10,7 @@
 //! (`false_free`), host-free pages not free in the guest afterwards
 //! (`not_buddy`) under 1 %, the set covers part of the ground truth.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
@@ -20,6 +20,7 @@ use crate::qemu::{BootSpec, Machine};
 use crate::runner::{object, Ctx, HarnessError};
 use crate::vfio::{
     compare, memfd_kb, overlay_initramfs, read_dump, server_binary, RamLayout, Server, VfioBoot,
+    VfioOutcome,
 };
 
 /// Inflate target of the host step, 4 KiB pages (64 MiB).
@@ -51,6 +52,16 @@ fn wait_actual(server: &Server, want: u64) -> Result<(), HarnessError> {
     }
 }
 
+/// Whether the host step inflates and deflates the balloon (with the memfd
+/// check and the statistics) before its hint round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BalloonStep {
+    /// Inflate to [`INFLATE_PAGES`], deflate, wait for statistics.
+    Inflate,
+    /// The hint round only.
+    Skip,
+}
+
 /// The host step while the guest waits: DRIVER_OK, optionally inflate/
 /// deflate with the memfd check and stats, then one hint round, its dump
 /// to the server's dump file `dump_name`, and DONE. Returns the figures; an
@@ -58,7 +69,7 @@ fn wait_actual(server: &Server, want: u64) -> Result<(), HarnessError> {
 pub fn host_round(
     server: &Server,
     qemu_pid: u32,
-    balloon: bool,
+    balloon: BalloonStep,
     dump_name: &str,
     figures: &mut Map<String, Value>,
 ) -> Result<(), HarnessError> {
@@ -73,7 +84,7 @@ pub fn host_round(
     if field(&st, "virtio_status") != 15 {
         return Err(other(format!("server-side virtio status {st:?}, want 15")));
     }
-    if balloon {
+    if balloon == BalloonStep::Inflate {
         let before = memfd_kb(qemu_pid).unwrap_or(0);
         server.ctl(&format!("target {INFLATE_PAGES}"))?;
         wait_actual(server, INFLATE_PAGES)?;
@@ -120,6 +131,45 @@ pub fn host_round(
     Ok(())
 }
 
+/// The name and path of the hint dump of the boot `label`, with any dump
+/// an earlier run left there removed.
+pub fn fresh_dump(server: &Server, label: &str) -> (String, PathBuf) {
+    let name = format!("{label}.hint-set.bin");
+    let path = server.dump_path(&name);
+    let _ = std::fs::remove_file(&path);
+    (name, path)
+}
+
+/// What a boot's host step left behind.
+#[derive(Debug, Default)]
+pub struct HostStep {
+    /// The figures it gathered.
+    pub figures: Map<String, Value>,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
+}
+
+/// Runs `boot` against `server` with `step(qemu_pid, figures)` as its host
+/// step (an error also fails the boot); returns the boot's outcome and
+/// what the step left.
+pub fn boot_with_step(
+    ctx: &mut Ctx,
+    boot: &VfioBoot,
+    server: &Server,
+    layout: &RamLayout,
+    mut step: impl FnMut(u32, &mut Map<String, Value>) -> Result<(), HarnessError>,
+) -> Result<(VfioOutcome, HostStep), HarnessError> {
+    let mut left = HostStep::default();
+    let out = boot.run(ctx, server, layout, &mut |pid| {
+        let r = step(pid, &mut left.figures);
+        if let Err(e) = &r {
+            left.error = Some(e.to_string());
+        }
+        r
+    })?;
+    Ok((out, left))
+}
+
 /// One boot of a guest script against a fresh device server.
 #[derive(Debug, Clone, Copy)]
 pub struct Round<'a> {
@@ -139,8 +189,8 @@ pub struct Round<'a> {
     pub server_args: &'a [&'a str],
     /// Words for the guest script.
     pub guest_args: &'a [&'a str],
-    /// Run the inflate/stats part of the host step.
-    pub balloon: bool,
+    /// Whether the host step runs the balloon part.
+    pub balloon: BalloonStep,
 }
 
 impl<'a> Round<'a> {
@@ -156,7 +206,7 @@ impl<'a> Round<'a> {
             mem_mib: 1024,
             server_args: &["--no-reporting"],
             guest_args: &["hold=32"],
-            balloon: false,
+            balloon: BalloonStep::Skip,
         }
     }
 }
@@ -192,17 +242,15 @@ pub fn boot_round(ctx: &mut Ctx, round: &Round) -> Result<Map<String, Value>, Ha
         initramfs: initramfs.to_path_buf(),
         tag: tag.to_string(),
     };
-    let dump_name = format!("{label}.hint-set.bin");
-    let dump = server.dump_path(&dump_name);
-    let _ = std::fs::remove_file(&dump);
-    let mut figures = Map::new();
-    let mut host_err = None;
-    let out = boot.run(ctx, &server, &layout, &mut |pid| {
-        let r = host_round(&server, pid, balloon, &dump_name, &mut figures);
-        if let Err(e) = &r {
-            host_err = Some(e.to_string());
-        }
-        r
+    let (dump_name, dump) = fresh_dump(&server, &label);
+    let (
+        out,
+        HostStep {
+            figures,
+            error: host_err,
+        },
+    ) = boot_with_step(ctx, &boot, &server, &layout, |pid, figures| {
+        host_round(&server, pid, balloon, &dump_name, figures)
     })?;
     let anon_after = server.status_kb("RssAnon");
     let server_alive = server.running();
@@ -234,7 +282,7 @@ pub fn boot_round(ctx: &mut Ctx, round: &Round) -> Result<Map<String, Value>, Ha
     ok &= n("false_free") == 0 && n("held_pages") > 0;
     ok &= host_free > 0 && host_free != u64::MAX && n("dump_free_pages") == host_free;
     ok &= r.get("dump_complete") == Some(&Value::Bool(true));
-    if balloon {
+    if balloon == BalloonStep::Inflate {
         // The balloon takes freshly freed pages first: the host must drop
         // at least 75 % of the target.
         ok &= n("inflate_freed_kb") * 4 >= INFLATE_PAGES * 4 * 3;
@@ -258,17 +306,27 @@ pub fn boot_round(ctx: &mut Ctx, round: &Round) -> Result<Map<String, Value>, Ha
     Ok(r)
 }
 
-/// Runs the scenario.
-pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
+/// One [`boot_round`] of `script` (tag `tag`) with the balloon step, on
+/// the built device server and the overlay initramfs.
+pub fn balloon_round(
+    ctx: &mut Ctx,
+    script: &str,
+    tag: &str,
+) -> Result<Map<String, Value>, HarnessError> {
     let bin = server_binary(&ctx.repo)?;
     let initramfs = overlay_initramfs(ctx)?;
-    let r = boot_round(
+    boot_round(
         ctx,
         &Round {
-            balloon: true,
-            ..Round::new(&bin, &initramfs, "vfio-stock", "stock")
+            balloon: BalloonStep::Inflate,
+            ..Round::new(&bin, &initramfs, script, tag)
         },
-    )?;
+    )
+}
+
+/// Runs the scenario.
+pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
+    let r = balloon_round(ctx, "vfio-stock", "stock")?;
     let mut s = Map::new();
     let ok = r.get("ok") == Some(&Value::Bool(true));
     // Host-free pages that are not free in the guest after DONE: pages
