@@ -80,6 +80,17 @@ pub(super) fn ops_now(vm: &mut Vm, timeout: Duration) -> Result<OpsSample, Strin
     })
 }
 
+/// What the receiver's gate answers when the destination is ready to
+/// resume.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AtResume {
+    /// `resume`, after typing `verify` on the destination's console.
+    #[default]
+    Resume,
+    /// `abort`: the migration must fail with the source running.
+    Abort,
+}
+
 /// How a run measures.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunOpts {
@@ -89,9 +100,8 @@ pub struct RunOpts {
     pub negative_control: bool,
     /// Our live passes at most (`--max-passes`).
     pub max_passes: Option<u32>,
-    /// Refuse to resume the destination (the gate answers `abort`): the
-    /// migration must fail with the source running.
-    pub abort_at_resume: bool,
+    /// What the gate answers when the destination is ready to resume.
+    pub at_resume: AtResume,
     /// Our balloon device (`freehint-vhost-user`) instead of QEMU's: the
     /// sender takes its hints and unplugs it, the receiver plugs a fresh
     /// one into the destination (see `own_hint`).

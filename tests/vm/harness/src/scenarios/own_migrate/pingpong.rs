@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use super::cell::{finish, hop_json, run_cell, Migrator, Run, RunOpts};
+use super::cell::{finish, hop_json, run_cell, AtResume, Migrator, Run, RunOpts};
 use super::program::migrate_ours;
 use super::table::cell_for;
 use super::tools::{build_tools, start_own, sweep_stale_ram_files, Side, Tools};
@@ -144,7 +144,7 @@ pub(crate) fn abort_check(
         )
         .map_err(e)?;
         let opts = RunOpts {
-            abort_at_resume: true,
+            at_resume: AtResume::Abort,
             balloon,
             ..RunOpts::default()
         };

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
-use super::cell::RunOpts;
+use super::cell::{AtResume, RunOpts};
 use super::tools::{OwnVm, Tools, BALLOON_ID};
 use crate::vm::free_port;
 
@@ -148,13 +148,7 @@ pub(super) fn migrate_ours(
             return Err(e);
         }
     };
-    let result = drive(
-        &mut receiver,
-        &mut sender,
-        dst,
-        opts.abort_at_resume,
-        timeout,
-    );
+    let result = drive(&mut receiver, &mut sender, dst, opts.at_resume, timeout);
     for child in [&mut receiver, &mut sender] {
         if !matches!(child.try_wait(), Ok(Some(_))) {
             let _ = child.kill();
@@ -170,7 +164,7 @@ pub(super) fn drive(
     receiver: &mut Child,
     sender: &mut Child,
     dst: &mut OwnVm,
-    abort: bool,
+    at_resume: AtResume,
     timeout: Duration,
 ) -> Result<Migrated, String> {
     let deadline = Instant::now() + timeout;
@@ -201,7 +195,7 @@ pub(super) fn drive(
             };
             let Some(m) = json_line(&line) else { continue };
             match m.get("event").and_then(Value::as_str) {
-                Some("ready_to_resume") if abort => {
+                Some("ready_to_resume") if at_resume == AtResume::Abort => {
                     verdict_from = Some(0);
                     if let Some(mut g) = gate.take() {
                         g.write_all(b"abort\n").map_err(|e| format!("gate: {e}"))?;
@@ -251,7 +245,7 @@ pub(super) fn drive(
             .and_then(Value::as_str)
             .map(str::to_string)
     };
-    if abort {
+    if at_resume == AtResume::Abort {
         let from = verdict_from.ok_or("the receiver never held the destination")?;
         return Ok(Migrated {
             hop,
