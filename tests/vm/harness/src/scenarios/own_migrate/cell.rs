@@ -141,9 +141,16 @@ pub fn run_cell(ctx: &Ctx, tools: &Tools, cell: &Cell, migrator: Migrator, opts:
     let mut run = Run::default();
     let scale = |s: u64| Duration::from_secs(s).mul_f64(ctx.timeout_scale.max(0.1));
     let label = format!("{}-{}", migrator.name(), cell.label().replace('/', "-"));
+    let job = CellJob {
+        ctx,
+        cell,
+        label: &label,
+        opts,
+        scale: &scale,
+    };
     let result = match migrator {
-        Migrator::Ours => run_ours(ctx, tools, cell, &label, opts, &mut run, &scale),
-        Migrator::Qemu => run_qemu(ctx, cell, &label, opts, &mut run, &scale),
+        Migrator::Ours => run_ours(job, tools, &mut run),
+        Migrator::Qemu => run_qemu(job, &mut run),
     };
     if let Err(e) = result {
         run.problems.push(e);
@@ -177,15 +184,31 @@ pub(super) fn end_rate(hop: &mut Hop, before: Option<RateBefore>, at: Instant) {
     }
 }
 
-pub(super) fn run_ours(
-    ctx: &Ctx,
-    tools: &Tools,
-    cell: &Cell,
-    label: &str,
-    opts: RunOpts,
-    run: &mut Run,
-    scale: &dyn Fn(u64) -> Duration,
-) -> Result<(), String> {
+/// What both migrators' runs of one cell take.
+#[derive(Clone, Copy)]
+pub(super) struct CellJob<'a> {
+    /// The scenario's context (manifest, log directory).
+    pub ctx: &'a Ctx,
+    /// The cell to boot and migrate.
+    pub cell: &'a Cell,
+    /// Prefix of the VMs' log names (`LABEL-0` is the first source).
+    pub label: &'a str,
+    /// How the run measures.
+    pub opts: RunOpts,
+    /// A timeout in seconds, scaled to this machine.
+    pub scale: &'a dyn Fn(u64) -> Duration,
+}
+
+/// Runs `job` with our migration programs, recording hops and problems in
+/// `run`.
+pub(super) fn run_ours(job: CellJob, tools: &Tools, run: &mut Run) -> Result<(), String> {
+    let CellJob {
+        ctx,
+        cell,
+        label,
+        opts,
+        scale,
+    } = job;
     let e = |e: VmError| e.to_string();
     let mut src = start_own(
         &ctx.manifest,
@@ -271,14 +294,16 @@ pub(super) fn run_ours(
     finish(&mut src.vm, run, scale)
 }
 
-pub(super) fn run_qemu(
-    ctx: &Ctx,
-    cell: &Cell,
-    label: &str,
-    opts: RunOpts,
-    run: &mut Run,
-    scale: &dyn Fn(u64) -> Duration,
-) -> Result<(), String> {
+/// Runs `job` with QEMU's own migration, recording hops and problems in
+/// `run`.
+pub(super) fn run_qemu(job: CellJob, run: &mut Run) -> Result<(), String> {
+    let CellJob {
+        ctx,
+        cell,
+        label,
+        opts,
+        scale,
+    } = job;
     let e = |e: VmError| e.to_string();
     let spec = cell.boot_spec();
     let ram = qemu_ram_args(cell);
