@@ -28,10 +28,9 @@ use std::path::PathBuf;
 use serde_json::{json, Map, Value};
 
 use super::qemu_balloon::{
-    boot_spec, check_bind, check_inflate, check_stream, check_unload, with_guest, BalloonBoot,
-    Check, Checked, Guest,
+    boot_spec, check_bind, check_inflate, check_stream, check_unload, checks_summary, with_guest,
+    BalloonBoot, Check, Checked, Guest,
 };
-use crate::migrate::qemu_version;
 use crate::runner::{object, Ctx, HarnessError};
 
 /// The flavour of Debian's kernel in the (merged) manifest.
@@ -119,17 +118,19 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         oks[4] = record(ctx, "unload", check_unload(g));
     })?;
     let [stock_ok, bind_ok, inflate_ok, hint_ok, unload_ok] = oks;
-    Ok(object(json!({
-        "kernel": release,
-        "package": package,
-        "stock_ok": stock_ok,
-        "bind_ok": bind_ok,
-        "inflate_ok": inflate_ok,
-        "hint_ok": hint_ok,
-        "unload_ok": unload_ok,
-        "boot_clean": boot_ok,
-        "elapsed_s": started.elapsed().as_secs(),
-        "qemu": qemu_version(&ctx.manifest),
-        "ok": boot_ok && oks.iter().all(|o| *o),
-    })))
+    let mut s = checks_summary(
+        ctx,
+        started,
+        &[
+            ("stock_ok", stock_ok),
+            ("bind_ok", bind_ok),
+            ("inflate_ok", inflate_ok),
+            ("hint_ok", hint_ok),
+            ("unload_ok", unload_ok),
+            ("boot_clean", boot_ok),
+        ],
+    );
+    s.insert("kernel".into(), json!(release));
+    s.insert("package".into(), json!(package));
+    Ok(s)
 }

@@ -833,20 +833,32 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         }
         poison_ok = step(ctx, "poison", Ok(Checked { ok, fields: f }));
     })?;
-    let boots_clean = b1 && b2 && b3;
-    let ok = bind_ok && inflate_ok && stats_ok && oom_ok && unload_ok && poison_ok && boots_clean;
-    Ok(object(json!({
-        "bind_ok": bind_ok,
-        "inflate_ok": inflate_ok,
-        "stats_ok": stats_ok,
-        "oom_deflate_ok": oom_ok,
-        "unload_ok": unload_ok,
-        "poison_ok": poison_ok,
-        "boots_clean": boots_clean,
-        "elapsed_s": started.elapsed().as_secs(),
-        "qemu": qemu_version(&ctx.manifest),
-        "ok": ok,
-    })))
+    Ok(checks_summary(
+        ctx,
+        started,
+        &[
+            ("bind_ok", bind_ok),
+            ("inflate_ok", inflate_ok),
+            ("stats_ok", stats_ok),
+            ("oom_deflate_ok", oom_ok),
+            ("unload_ok", unload_ok),
+            ("poison_ok", poison_ok),
+            ("boots_clean", b1 && b2 && b3),
+        ],
+    ))
+}
+
+/// A balloon scenario's summary: each named check's outcome, `elapsed_s`
+/// since `started`, the QEMU version and `ok` when every check passed.
+pub fn checks_summary(ctx: &Ctx, started: Instant, checks: &[(&str, bool)]) -> Map<String, Value> {
+    let mut s: Map<String, Value> = checks
+        .iter()
+        .map(|&(k, ok)| (k.into(), json!(ok)))
+        .collect();
+    s.insert("elapsed_s".into(), json!(started.elapsed().as_secs()));
+    s.insert("qemu".into(), json!(qemu_version(&ctx.manifest)));
+    s.insert("ok".into(), json!(checks.iter().all(|&(_, ok)| ok)));
+    s
 }
 
 #[cfg(test)]
