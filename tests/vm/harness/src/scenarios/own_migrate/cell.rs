@@ -202,38 +202,32 @@ pub(super) struct CellJob<'a> {
 /// Runs `job` with our migration programs, recording hops and problems in
 /// `run`.
 pub(super) fn run_ours(job: CellJob, tools: &Tools, run: &mut Run) -> Result<(), String> {
-    let CellJob {
-        ctx,
-        cell,
-        label,
-        opts,
-        scale,
-    } = job;
+    let (label, scale) = (job.label, job.scale);
     let e = |e: VmError| e.to_string();
     let mut src = start_own(
-        &ctx.manifest,
+        &job.ctx.manifest,
         tools,
-        cell,
-        &ctx.log_dir,
+        job.cell,
+        &job.ctx.log_dir,
         &format!("{label}-0"),
         Side::Source,
-        opts.balloon,
+        job.opts.balloon,
     )
     .map_err(e)?;
     wait_ready(&mut src.vm, scale(300)).map_err(e)?;
-    if opts.balloon {
-        crate::scenarios::own_hint::inflate(&src, cell.driver, scale(120))?;
+    if job.opts.balloon {
+        crate::scenarios::own_hint::inflate(&src, job.cell.driver, scale(120))?;
     }
-    for i in 0..cell.migrations {
-        let before = start_rate(&mut src.vm, opts, scale(1))?;
+    for i in 0..job.cell.migrations {
+        let before = start_rate(&mut src.vm, job.opts, scale(1))?;
         let mut dst = start_own(
-            &ctx.manifest,
+            &job.ctx.manifest,
             tools,
-            cell,
-            &ctx.log_dir,
+            job.cell,
+            &job.ctx.log_dir,
             &format!("{label}-{}", i + 1),
             Side::Destination,
-            opts.balloon,
+            job.opts.balloon,
         )
         .map_err(e)?;
         let hop_label = format!("{label}-{}", i + 1);
@@ -241,9 +235,9 @@ pub(super) fn run_ours(job: CellJob, tools: &Tools, run: &mut Run) -> Result<(),
             tools,
             &src,
             &mut dst,
-            &ctx.log_dir,
+            &job.ctx.log_dir,
             &hop_label,
-            opts,
+            job.opts,
             scale(600),
         );
         splat_problems(&src.vm, &mut run.problems);
@@ -266,9 +260,12 @@ pub(super) fn run_ours(job: CellJob, tools: &Tools, run: &mut Run) -> Result<(),
                 .unwrap_or_else(|e| object(json!({"name": "integrity", "ok": false, "error": e}))),
         );
         end_rate(&mut hop, before, at);
-        if opts.balloon {
-            let check =
-                crate::scenarios::own_hint::destination_balloon(&mut dst, cell.driver, scale(120));
+        if job.opts.balloon {
+            let check = crate::scenarios::own_hint::destination_balloon(
+                &mut dst,
+                job.cell.driver,
+                scale(120),
+            );
             if check.get("ok") != Some(&json!(true)) {
                 run.problems.push(format!(
                     "migration {}: destination balloon: {}",
@@ -282,7 +279,7 @@ pub(super) fn run_ours(job: CellJob, tools: &Tools, run: &mut Run) -> Result<(),
         eprintln!(
             "[own]   {label}: migration {}/{}: {:.1} MB, {:?} ms total, {:?} ms downtime, integrity {}",
             i + 1,
-            cell.migrations,
+            job.cell.migrations,
             hop.bytes.unwrap_or(0.0) / 1e6,
             hop.total_ms,
             hop.downtime_ms,
@@ -297,37 +294,31 @@ pub(super) fn run_ours(job: CellJob, tools: &Tools, run: &mut Run) -> Result<(),
 /// Runs `job` with QEMU's own migration, recording hops and problems in
 /// `run`.
 pub(super) fn run_qemu(job: CellJob, run: &mut Run) -> Result<(), String> {
-    let CellJob {
-        ctx,
-        cell,
-        label,
-        opts,
-        scale,
-    } = job;
+    let (label, scale) = (job.label, job.scale);
     let e = |e: VmError| e.to_string();
-    let spec = cell.boot_spec();
-    let ram = qemu_ram_args(cell);
+    let spec = job.cell.boot_spec();
+    let ram = qemu_ram_args(job.cell);
     let with = |incoming| VmOptions {
         incoming,
         extra_args: ram.clone(),
         ..VmOptions::default()
     };
     let mut src = Vm::start_with(
-        &ctx.manifest,
+        &job.ctx.manifest,
         &spec,
-        &ctx.log_dir,
+        &job.ctx.log_dir,
         &format!("{label}-0"),
         &with(None),
     )
     .map_err(e)?;
     wait_ready(&mut src, scale(300)).map_err(e)?;
-    for i in 0..cell.migrations {
-        let before = start_rate(&mut src, opts, scale(1))?;
+    for i in 0..job.cell.migrations {
+        let before = start_rate(&mut src, job.opts, scale(1))?;
         let port = free_port().map_err(e)?;
         let mut dst = Vm::start_with(
-            &ctx.manifest,
+            &job.ctx.manifest,
             &spec,
-            &ctx.log_dir,
+            &job.ctx.log_dir,
             &format!("{label}-{}", i + 1),
             &with(Some(Incoming::Tcp(port))),
         )
