@@ -420,6 +420,15 @@ pub fn attach_args(mem_mib: u64, server: &Server) -> Vec<String> {
 }
 
 impl VfioBoot {
+    /// A boot of `spec` with `initramfs`, its files named with `tag`.
+    pub fn new(spec: BootSpec, initramfs: &Path, tag: &str) -> Self {
+        VfioBoot {
+            spec,
+            initramfs: initramfs.to_path_buf(),
+            tag: tag.to_string(),
+        }
+    }
+
     /// Boots, waits for `@@VFIO ready`, runs `host(vm_pid)` (its error fails
     /// the boot), sends `go LAYOUT` on the host channel, waits for the guest
     /// to power off, records the guest results and a `boot` result.

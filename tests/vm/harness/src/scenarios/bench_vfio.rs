@@ -58,11 +58,7 @@ fn ours(
     spec.smp = 1;
     spec.guest_args = vec![format!("driver={driver}"), "chan=ttyS1".into()];
     spec.timeout = Duration::from_secs(400);
-    let boot = VfioBoot {
-        spec,
-        initramfs: initramfs.to_path_buf(),
-        tag: name.to_string(),
-    };
+    let boot = VfioBoot::new(spec, initramfs, name);
     let mut ms = Vec::new();
     let mut free = Vec::new();
     let mut acked = 0;

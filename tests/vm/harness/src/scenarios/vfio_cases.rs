@@ -34,9 +34,7 @@ use std::time::{Duration, Instant};
 use freehint_migrate::qmp::Qmp;
 use serde_json::{json, Map, Value};
 
-use super::vfio_stock::{
-    boot_round, boot_with_step, fresh_dump, host_round, BalloonStep, HostStep, Round,
-};
+use super::vfio_stock::{boot_round, boot_with_step, fresh_dump, host_round, BalloonStep, Round};
 use crate::errors::io_error;
 use crate::qemu::{BootSpec, Machine};
 use crate::runner::{object, Ctx, HarnessError};
@@ -273,19 +271,9 @@ fn stock_case(
         .join(case.tag)
         .join(format!("{}.log", spec.label()));
     let reset_timeout = ctx.scaled(spec.timeout);
-    let boot = VfioBoot {
-        spec,
-        initramfs: initramfs.to_path_buf(),
-        tag: case.tag.to_string(),
-    };
+    let boot = VfioBoot::new(spec, initramfs, case.tag);
     let (dump_name, dump) = fresh_dump(&server, &label);
-    let (
-        out,
-        HostStep {
-            figures,
-            error: host_err,
-        },
-    ) = boot_with_step(ctx, &boot, &server, &layout, |pid, figures| {
+    let (out, step) = boot_with_step(ctx, &boot, &server, &layout, |pid, figures| {
         if case.system_reset {
             system_reset(pid, &serial_log, reset_timeout)?;
         }
@@ -322,7 +310,7 @@ fn stock_case(
     if case.system_reset && !log.contains("device reset") {
         problems.push("server saw no DEVICE_RESET".into());
     }
-    if let Some(e) = host_err {
+    if let Some(e) = step.error {
         problems.push(format!("host step: {e}"));
     }
     let mut r = object(json!({
@@ -336,7 +324,7 @@ fn stock_case(
     } else {
         problems.push("no hint dump".into());
     }
-    r.extend(figures);
+    r.extend(step.figures);
     let n = |k: &str| r.get(k).and_then(Value::as_u64);
     if n("false_free") != Some(0) {
         problems.push(format!("false_free {:?}, want 0", n("false_free")));

@@ -237,19 +237,9 @@ pub fn boot_round(ctx: &mut Ctx, round: &Round) -> Result<Map<String, Value>, Ha
     spec.smp = 1;
     spec.guest_args = guest_args.iter().map(|s| s.to_string()).collect();
     spec.timeout = Duration::from_secs(if mem_mib > 4096 { 400 } else { 240 });
-    let boot = VfioBoot {
-        spec,
-        initramfs: initramfs.to_path_buf(),
-        tag: tag.to_string(),
-    };
+    let boot = VfioBoot::new(spec, initramfs, tag);
     let (dump_name, dump) = fresh_dump(&server, &label);
-    let (
-        out,
-        HostStep {
-            figures,
-            error: host_err,
-        },
-    ) = boot_with_step(ctx, &boot, &server, &layout, |pid, figures| {
+    let (out, step) = boot_with_step(ctx, &boot, &server, &layout, |pid, figures| {
         host_round(&server, pid, balloon, &dump_name, figures)
     })?;
     let anon_after = server.status_kb("RssAnon");
@@ -261,8 +251,8 @@ pub fn boot_round(ctx: &mut Ctx, round: &Round) -> Result<Map<String, Value>, Ha
     r.insert("name".into(), json!(format!("round/{tag}/{label}")));
     r.insert("machine".into(), json!(machine.name()));
     r.insert("mem_mib".into(), json!(mem_mib));
-    let mut ok = out.ok && host_err.is_none();
-    if let Some(e) = host_err {
+    let mut ok = out.ok && step.error.is_none();
+    if let Some(e) = step.error {
         r.insert("error".into(), json!(e));
     }
     if dump.is_file() {
@@ -274,7 +264,7 @@ pub fn boot_round(ctx: &mut Ctx, round: &Round) -> Result<Map<String, Value>, Ha
         ok = false;
         r.insert("error_dump".into(), json!("no hint dump"));
     }
-    for (k, v) in figures {
+    for (k, v) in step.figures {
         r.insert(k, v);
     }
     let n = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(u64::MAX);
