@@ -34,6 +34,54 @@ fn metrics(d: &BalloonDriver) -> MetricsSnapshot {
 }
 
 /// The device still works: an inflate of one page is processed.
+/// A guest vCPU rewriting one descriptor's flags, between `F_INDIRECT` and
+/// another value, while the device reads the chain.
+struct Flipper {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Flipper {
+    /// Starts flipping the flags at `flags_at` in `d`'s guest memory.
+    fn start(d: &BalloonDriver, flags_at: GuestAddress, other: u16) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (mem, flag) = (d.mem.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let m = mem.memory();
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                m.write_obj(F_INDIRECT, flags_at).unwrap();
+                m.write_obj(other, flags_at).unwrap();
+            }
+        });
+        Self { stop, thread }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap();
+    }
+}
+
+/// Kicks `kind`'s queue, whose descriptor 0 is in the available ring, then
+/// republishes it and kicks again until `done(d, chains)`; returns the
+/// chains kicked.
+fn kick_until(
+    d: &mut BalloonDriver,
+    kind: QueueKind,
+    mut done: impl FnMut(&BalloonDriver, u32) -> bool,
+) -> u32 {
+    let mut chains = 1;
+    d.kick(kind);
+    while !done(d, chains) {
+        let mem = d.m();
+        d.queue(kind).publish(&mem, 0);
+        drop(mem);
+        d.kick(kind);
+        chains += 1;
+    }
+    chains
+}
+
 fn still_works(d: &mut BalloonDriver) {
     let before = metrics(d).inflate_pages;
     let used = d.inflate(&[3]);
@@ -191,33 +239,13 @@ fn head_flags_rewritten_during_processing_are_read_once() {
     let mem = d.m();
     d.queue(QueueKind::Inflate).add_raw(&mem, &[head], 0);
     drop(mem);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flipper = {
-        let (mem, stop) = (d.mem.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let m = mem.memory();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                m.write_obj(F_INDIRECT, flags_at).unwrap();
-                m.write_obj(F_NEXT, flags_at).unwrap();
-            }
-        })
-    };
-    let mut chains = 1;
-    d.kick(QueueKind::Inflate);
-    loop {
-        let m = metrics(&d);
+    let flipper = Flipper::start(&d, flags_at, F_NEXT);
+    let chains = kick_until(&mut d, QueueKind::Inflate, |d, chains| {
+        let m = metrics(d);
         let both_seen = m.indirect_not_negotiated > 0 && m.chain_too_long > 0;
-        if m.inflate_pages > 0 || chains >= MAX_CHAINS || (both_seen && chains >= MIN_CHAINS) {
-            break;
-        }
-        let mem = d.m();
-        d.queue(QueueKind::Inflate).publish(&mem, 0);
-        drop(mem);
-        d.kick(QueueKind::Inflate);
-        chains += 1;
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    flipper.join().unwrap();
+        m.inflate_pages > 0 || chains >= MAX_CHAINS || (both_seen && chains >= MIN_CHAINS)
+    });
+    flipper.stop();
     let m = metrics(&d);
     assert_eq!(
         m.inflate_pages, 0,
@@ -257,34 +285,14 @@ fn free_page_chain_bytes_come_from_the_checked_descriptors() {
     let mem = d.m();
     d.queue(QueueKind::FreePage).add_raw(&mem, &[head], 0);
     drop(mem);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flipper = {
-        let (mem, stop) = (d.mem.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let m = mem.memory();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                m.write_obj(F_INDIRECT, flags_at).unwrap();
-                m.write_obj(0u16, flags_at).unwrap();
-            }
-        })
-    };
-    let mut chains = 1;
-    d.kick(QueueKind::FreePage);
-    loop {
-        let m = metrics(&d);
+    let flipper = Flipper::start(&d, flags_at, 0);
+    let chains = kick_until(&mut d, QueueKind::FreePage, |d, chains| {
+        let m = metrics(d);
         let both_seen = m.indirect_not_negotiated > 0 && m.hint_bad_cmd_buffer > 0;
         let started = d.hints().status().state != RoundState::Requested;
-        if started || chains >= MAX_CHAINS || (both_seen && chains >= MIN_CHAINS) {
-            break;
-        }
-        let mem = d.m();
-        d.queue(QueueKind::FreePage).publish(&mem, 0);
-        drop(mem);
-        d.kick(QueueKind::FreePage);
-        chains += 1;
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    flipper.join().unwrap();
+        started || chains >= MAX_CHAINS || (both_seen && chains >= MIN_CHAINS)
+    });
+    flipper.stop();
     assert_eq!(
         d.hints().status().state,
         RoundState::Requested,
