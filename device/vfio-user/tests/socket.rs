@@ -20,28 +20,19 @@ use freehint_device::{Balloon, BalloonConfig};
 use freehint_vfio_user::pci::{
     CAP_MSIX_CONTROL, DEVICE_CFG_OFFSET, MSIX_CONTROL_ENABLE, NOTIFY_CFG_OFFSET,
 };
-use freehint_vfio_user::virtio_pci::common;
+use freehint_vfio_user::virtio_pci::common as regs;
 use freehint_vfio_user::{serve, VfioUserDevice};
 use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_CONFIG_REGION_INDEX,
     VFIO_PCI_MSIX_IRQ_INDEX,
 };
 use vfio_user::Client;
-use vm_memory::mmap::MmapRegion;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-const RAM: u64 = 16 << 20;
+mod common;
+use common::{guest_memory, memfd, RAM};
+
 const CFG: u32 = VFIO_PCI_CONFIG_REGION_INDEX;
-
-fn memfd(size: u64) -> File {
-    // SAFETY: memfd_create with a valid C string; the fd is owned here.
-    let fd = unsafe { libc::memfd_create(c"socket-test".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: fresh fd owned by nobody else.
-    let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(size).unwrap();
-    f
-}
 
 fn eventfd() -> File {
     // SAFETY: no preconditions.
@@ -57,19 +48,6 @@ fn count(f: &mut File) -> u64 {
         Ok(8) => u64::from_ne_bytes(b),
         _ => 0,
     }
-}
-
-/// The "guest" view of the memfd, as the driver model's memory.
-fn guest_memory(f: &File) -> GuestMemoryMmap {
-    let region = MmapRegion::build(
-        Some(FileOffset::new(f.try_clone().unwrap(), 0)),
-        RAM as usize,
-        libc::PROT_READ | libc::PROT_WRITE,
-        libc::MAP_SHARED,
-    )
-    .unwrap();
-    let r = GuestRegionMmap::new(region, GuestAddress(0)).unwrap();
-    GuestMemoryMmap::from_regions(vec![r]).unwrap()
 }
 
 struct Vmm {
@@ -132,46 +110,46 @@ fn bring_up(vmm: &mut Vmm, mem: &GuestMemoryMmap, vectors: &mut [File]) -> Vec<D
         u64::from(MSIX_CONTROL_ENABLE),
     );
 
-    vmm.wr(0, common::DEVICE_STATUS, 1, 0);
-    vmm.wr(0, common::DEVICE_STATUS, 1, 1);
-    vmm.wr(0, common::DEVICE_STATUS, 1, 3);
-    vmm.wr(0, common::DEVICE_FEATURE_SELECT, 4, 1);
-    assert_eq!(vmm.rd(0, common::DEVICE_FEATURE, 4), 1, "VERSION_1 offered");
-    vmm.wr(0, common::DEVICE_FEATURE_SELECT, 4, 0);
+    vmm.wr(0, regs::DEVICE_STATUS, 1, 0);
+    vmm.wr(0, regs::DEVICE_STATUS, 1, 1);
+    vmm.wr(0, regs::DEVICE_STATUS, 1, 3);
+    vmm.wr(0, regs::DEVICE_FEATURE_SELECT, 4, 1);
+    assert_eq!(vmm.rd(0, regs::DEVICE_FEATURE, 4), 1, "VERSION_1 offered");
+    vmm.wr(0, regs::DEVICE_FEATURE_SELECT, 4, 0);
     assert_ne!(
-        vmm.rd(0, common::DEVICE_FEATURE, 4) & 2,
+        vmm.rd(0, regs::DEVICE_FEATURE, 4) & 2,
         0,
         "STATS_VQ offered"
     );
-    vmm.wr(0, common::DRIVER_FEATURE_SELECT, 4, 0);
-    vmm.wr(0, common::DRIVER_FEATURE, 4, 2);
-    vmm.wr(0, common::DRIVER_FEATURE_SELECT, 4, 1);
-    vmm.wr(0, common::DRIVER_FEATURE, 4, 1);
-    vmm.wr(0, common::DEVICE_STATUS, 1, 0xb);
+    vmm.wr(0, regs::DRIVER_FEATURE_SELECT, 4, 0);
+    vmm.wr(0, regs::DRIVER_FEATURE, 4, 2);
+    vmm.wr(0, regs::DRIVER_FEATURE_SELECT, 4, 1);
+    vmm.wr(0, regs::DRIVER_FEATURE, 4, 1);
+    vmm.wr(0, regs::DEVICE_STATUS, 1, 0xb);
     assert_eq!(
-        vmm.rd(0, common::DEVICE_STATUS, 1),
+        vmm.rd(0, regs::DEVICE_STATUS, 1),
         0xb,
         "FEATURES_OK accepted"
     );
-    vmm.wr(0, common::CONFIG_MSIX_VECTOR, 2, 0);
-    assert_eq!(vmm.rd(0, common::CONFIG_MSIX_VECTOR, 2), 0);
+    vmm.wr(0, regs::CONFIG_MSIX_VECTOR, 2, 0);
+    assert_eq!(vmm.rd(0, regs::CONFIG_MSIX_VECTOR, 2), 0);
 
     let mut queues = Vec::new();
     for q in 0..3u16 {
         let dq = DriverQueue::new(mem, 0x80_0000 + u64::from(q) * 0x10_0000, 64);
-        vmm.wr(0, common::QUEUE_SELECT, 2, u64::from(q));
-        vmm.wr(0, common::QUEUE_SIZE, 2, 64);
-        vmm.wr(0, common::QUEUE_DESC, 4, dq.desc_table & 0xffff_ffff);
-        vmm.wr(0, common::QUEUE_DESC + 4, 4, dq.desc_table >> 32);
-        vmm.wr(0, common::QUEUE_DRIVER, 8, dq.avail);
-        vmm.wr(0, common::QUEUE_DEVICE, 8, dq.used);
-        vmm.wr(0, common::QUEUE_MSIX_VECTOR, 2, u64::from(q) + 1);
-        assert_eq!(vmm.rd(0, common::QUEUE_MSIX_VECTOR, 2), u64::from(q) + 1);
-        vmm.wr(0, common::QUEUE_ENABLE, 2, 1);
+        vmm.wr(0, regs::QUEUE_SELECT, 2, u64::from(q));
+        vmm.wr(0, regs::QUEUE_SIZE, 2, 64);
+        vmm.wr(0, regs::QUEUE_DESC, 4, dq.desc_table & 0xffff_ffff);
+        vmm.wr(0, regs::QUEUE_DESC + 4, 4, dq.desc_table >> 32);
+        vmm.wr(0, regs::QUEUE_DRIVER, 8, dq.avail);
+        vmm.wr(0, regs::QUEUE_DEVICE, 8, dq.used);
+        vmm.wr(0, regs::QUEUE_MSIX_VECTOR, 2, u64::from(q) + 1);
+        assert_eq!(vmm.rd(0, regs::QUEUE_MSIX_VECTOR, 2), u64::from(q) + 1);
+        vmm.wr(0, regs::QUEUE_ENABLE, 2, 1);
         queues.push(dq);
     }
-    vmm.wr(0, common::DEVICE_STATUS, 1, 0xf);
-    assert_eq!(vmm.rd(0, common::DEVICE_STATUS, 1), 0xf, "DRIVER_OK");
+    vmm.wr(0, regs::DEVICE_STATUS, 1, 0xf);
+    assert_eq!(vmm.rd(0, regs::DEVICE_STATUS, 1), 0xf, "DRIVER_OK");
     queues
 }
 
@@ -213,7 +191,7 @@ fn balloon_over_a_real_vfio_user_socket() {
     handle.set_target_pages(2);
     assert!(count(&mut vectors[0]) >= 1, "config interrupt on vector 0");
     assert_eq!(vmm.rd(0, DEVICE_CFG_OFFSET, 4), 2);
-    assert_eq!(vmm.rd(0, common::CONFIG_GENERATION, 1), 1);
+    assert_eq!(vmm.rd(0, regs::CONFIG_GENERATION, 1), 1);
 
     // The guest dirties pfn 100 and 101, then gives them to the balloon.
     mem.write_slice(&[0xaa; 8192], GuestAddress(100 << 12))
@@ -265,7 +243,7 @@ fn balloon_over_a_real_vfio_user_socket() {
     let mem2 = guest_memory(&ram2);
     let mut vmm = Vmm::connect(&path);
     assert_eq!(
-        vmm.rd(0, common::DEVICE_STATUS, 1),
+        vmm.rd(0, regs::DEVICE_STATUS, 1),
         0,
         "reset after disconnect"
     );
@@ -274,7 +252,7 @@ fn balloon_over_a_real_vfio_user_socket() {
     let _queues = bring_up(&mut vmm, &mem2, &mut vectors);
     // vfio-user DEVICE_RESET brings status back to 0, keeps the mapping.
     vmm.c.reset().unwrap();
-    assert_eq!(vmm.rd(0, common::DEVICE_STATUS, 1), 0);
+    assert_eq!(vmm.rd(0, regs::DEVICE_STATUS, 1), 0);
     vmm.c.shutdown().unwrap();
     drop(vmm);
 

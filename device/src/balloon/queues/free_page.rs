@@ -304,6 +304,16 @@ mod tests {
         receive_hints(shared, &mut shared.lock(), &chain)
     }
 
+    /// A LAYOUT_QUERY for round `id`, as the driver's out-buffer.
+    fn layout_query(mem: &vm_memory::GuestMemoryMmap, id: u32) -> Desc {
+        buffer(
+            mem,
+            0x100,
+            &message(Message::LayoutQuery { cmd_id: id }),
+            false,
+        )
+    }
+
     /// A device with hinting (and the bitmap extension if `bitmap`) in a
     /// requested round; returns its command id.
     fn requested(bitmap: bool) -> (Shared, vm_memory::GuestMemoryMmap, u32) {
@@ -375,12 +385,7 @@ mod tests {
     #[test]
     fn bitmap_protocol_round() {
         let (shared, mem, id) = requested(true);
-        let query = buffer(
-            &mem,
-            0x100,
-            &message(Message::LayoutQuery { cmd_id: id }),
-            false,
-        );
+        let query = layout_query(&mem, id);
         let reply = Desc {
             addr: 0x2000,
             len: LAYOUT_REPLY_MAX as u32,
@@ -419,12 +424,7 @@ mod tests {
     #[test]
     fn bad_bitmap_messages_are_counted() {
         let (shared, mem, id) = requested(true);
-        let query = buffer(
-            &mem,
-            0x100,
-            &message(Message::LayoutQuery { cmd_id: id }),
-            false,
-        );
+        let query = layout_query(&mem, id);
         let small = Desc {
             addr: 0x2000,
             len: 8,

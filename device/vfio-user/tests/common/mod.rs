@@ -47,7 +47,7 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 /// A memfd of `size` bytes.
 pub fn memfd(size: u64) -> File {
     // SAFETY: memfd_create with a valid C string; the fd is owned here.
-    let fd = unsafe { libc::memfd_create(c"hardening".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(c"vfio-user-test".as_ptr(), libc::MFD_CLOEXEC) };
     assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
     // SAFETY: fresh fd owned by nobody else.
     let f = unsafe { File::from_raw_fd(fd) };
