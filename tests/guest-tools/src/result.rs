@@ -1,85 +1,51 @@
 //! `@@RESULT {json}` lines: the only output the VM runner parses.
 
-use std::fmt::Write as _;
+use serde_json::{Map, Value};
 
-/// One result object, built field by field in insertion order.
+/// One result object, built field by field (serialized by serde_json).
 #[derive(Debug, Default)]
 pub struct Report {
-    fields: Vec<(String, String)>,
-}
-
-/// Escapes `s` as a JSON string (with quotes).
-pub fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    fields: Map<String, Value>,
 }
 
 impl Report {
     /// A report named `name` (`ok` is added by [`Report::emit`]).
     pub fn new(name: &str) -> Self {
         let mut r = Self::default();
-        r.raw("name", json_str(name));
+        r.fields.insert("name".into(), name.into());
         r
-    }
-
-    /// Adds a field whose value is already JSON.
-    pub fn raw(&mut self, key: &str, json: String) -> &mut Self {
-        self.fields.push((key.to_owned(), json));
-        self
     }
 
     /// Adds an unsigned number.
     pub fn num(&mut self, key: &str, v: u64) -> &mut Self {
-        self.raw(key, v.to_string())
+        self.fields.insert(key.into(), v.into());
+        self
     }
 
-    /// Adds a float with 3 decimals.
+    /// Adds a float, rounded to 3 decimals (`null` if not finite).
     pub fn float(&mut self, key: &str, v: f64) -> &mut Self {
-        let s = if v.is_finite() {
-            format!("{v:.3}")
-        } else {
-            "null".into()
-        };
-        self.raw(key, s)
+        self.fields
+            .insert(key.into(), ((v * 1e3).round() / 1e3).into());
+        self
     }
 
     /// Adds a string.
     pub fn text(&mut self, key: &str, v: &str) -> &mut Self {
-        self.raw(key, json_str(v))
+        self.fields.insert(key.into(), v.into());
+        self
     }
 
     /// Adds a boolean.
     pub fn flag(&mut self, key: &str, v: bool) -> &mut Self {
-        self.raw(key, v.to_string())
+        self.fields.insert(key.into(), v.into());
+        self
     }
 
-    /// The JSON object with `ok` right after `name`.
+    /// The JSON object, with `ok`.
     pub fn to_json(&self, ok: bool) -> String {
-        let mut s = String::from("{");
-        for (i, (k, v)) in self.fields.iter().enumerate() {
-            if i > 0 {
-                s.push(',');
-            }
-            let _ = write!(s, "{}:{}", json_str(k), v);
-            if i == 0 {
-                let _ = write!(s, ",\"ok\":{ok}");
-            }
-        }
-        s.push('}');
-        s
+        let mut fields = self.fields.clone();
+        fields.insert("ok".into(), ok.into());
+        Value::Object(fields).to_string()
     }
 
     /// Prints the `@@RESULT` line and returns `ok`.
@@ -89,24 +55,16 @@ impl Report {
     }
 }
 
-/// Extracts an unsigned number field from a flat JSON object (as written by
-/// freehint.ko's `stats` file).
+/// An unsigned number field of a JSON object (as freehint.ko's `stats`
+/// file writes it).
 pub fn json_u64(json: &str, key: &str) -> Option<u64> {
-    let pat = format!("\"{key}\":");
-    let start = json.find(&pat)? + pat.len();
-    let digits: String = json[start..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    digits.parse().ok()
+    serde_json::from_str::<Value>(json).ok()?.get(key)?.as_u64()
 }
 
-/// Extracts a string field from a flat JSON object (no escapes expected).
+/// A string field of a JSON object.
 pub fn json_text(json: &str, key: &str) -> Option<String> {
-    let pat = format!("\"{key}\":\"");
-    let start = json.find(&pat)? + pat.len();
-    let end = json[start..].find('"')?;
-    Some(json[start..start + end].to_owned())
+    let v = serde_json::from_str::<Value>(json).ok()?;
+    v.get(key)?.as_str().map(str::to_owned)
 }
 
 #[cfg(test)]
@@ -114,24 +72,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn report_puts_ok_after_name() {
+    fn report_is_one_json_object_with_ok() {
         let mut r = Report::new("x");
         r.num("n", 3)
-            .text("s", "a\"b")
-            .float("f", 1.5)
+            .text("s", "a\"b\n")
+            .float("f", 1.23456)
+            .float("inf", f64::INFINITY)
             .flag("b", false);
+        let v: Value = serde_json::from_str(&r.to_json(true)).unwrap();
         assert_eq!(
-            r.to_json(true),
-            r#"{"name":"x","ok":true,"n":3,"s":"a\"b","f":1.500,"b":false}"#
+            v,
+            serde_json::json!({"name": "x", "ok": true, "n": 3, "s": "a\"b\n",
+                               "f": 1.235, "inf": null, "b": false})
         );
     }
 
     #[test]
     fn json_fields_are_extracted() {
-        let j = r#"{"builds":2,"layout_source":"iomem","walk_ns":12345}"#;
+        let j = "{\"builds\":2,\"layout_source\":\"iomem\",\"walk_ns\":12345}\n";
         assert_eq!(json_u64(j, "builds"), Some(2));
         assert_eq!(json_u64(j, "walk_ns"), Some(12345));
         assert_eq!(json_u64(j, "missing"), None);
+        assert_eq!(json_u64(j, "layout_source"), None);
         assert_eq!(json_text(j, "layout_source").as_deref(), Some("iomem"));
     }
 }

@@ -35,6 +35,7 @@ use std::sync::mpsc::{self, TryRecvError};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use serde_json::{json, Value};
 
 use cli::{Cli, Mode, RunArgs};
 use region::Region;
@@ -58,27 +59,30 @@ fn used_mib() -> u64 {
 }
 
 fn result_line(t: &Tally, round: u64, ops: u64, live_pages: usize) -> String {
-    let bad: Vec<String> = t
+    let bad: Vec<Value> = t
         .first_bad
         .iter()
         .map(|b| {
-            let pfn = region::pfn_of(b.addr).map_or("null".to_string(), |p| format!("\"0x{p:x}\""));
-            format!(
-                "{{\"addr\":\"0x{:x}\",\"pfn\":{pfn},\"expected\":\"0x{:016x}\",\"found\":\"0x{:016x}\",\"bad_words\":{}}}",
-                b.addr, b.mismatch.expected, b.mismatch.found, b.bad_words
-            )
+            json!({
+                "addr": format!("0x{:x}", b.addr),
+                "pfn": region::pfn_of(b.addr).map(|p| format!("0x{p:x}")),
+                "expected": format!("0x{:016x}", b.mismatch.expected),
+                "found": format!("0x{:016x}", b.mismatch.found),
+                "bad_words": b.bad_words,
+            })
         })
         .collect();
-    format!(
-        "@@RESULT {{\"name\":\"integrity\",\"ok\":{},\"pages_checked\":{},\"corrupt_pages\":{},\"round\":{},\"ops\":{},\"live_pages\":{},\"first_corrupt\":[{}]}}",
-        t.corrupt_pages == 0,
-        t.pages_checked,
-        t.corrupt_pages,
-        round,
-        ops,
-        live_pages,
-        bad.join(",")
-    )
+    let result = json!({
+        "name": "integrity",
+        "ok": t.corrupt_pages == 0,
+        "pages_checked": t.pages_checked,
+        "corrupt_pages": t.corrupt_pages,
+        "round": round,
+        "ops": ops,
+        "live_pages": live_pages,
+        "first_corrupt": bad,
+    });
+    format!("@@RESULT {result}")
 }
 
 fn emit(line: &str) {
@@ -94,10 +98,11 @@ fn dirty_free(mib: usize) -> std::io::Result<()> {
     r.scribble(0xf4ee);
     let peak = used_mib();
     drop(r);
-    emit(&format!(
-        "@@RESULT {{\"name\":\"dirty-free\",\"ok\":true,\"mib\":{mib},\"used_mib_before\":{before},\"used_mib_peak\":{peak},\"used_mib\":{}}}",
-        used_mib()
-    ));
+    let result = json!({
+        "name": "dirty-free", "ok": true, "mib": mib,
+        "used_mib_before": before, "used_mib_peak": peak, "used_mib": used_mib(),
+    });
+    emit(&format!("@@RESULT {result}"));
     Ok(())
 }
 
@@ -128,16 +133,17 @@ fn run(o: &RunArgs) -> std::io::Result<bool> {
         }
         let _ = tx.send(None);
     });
-    emit(&format!(
-        "@@FHWORK ready {{\"live_pages\":{},\"slots\":{slots},\"keep_mib\":{},\"pre_free_mib\":{},\"used_mib\":{},\"mem_total_mib\":{},\"mem_free_mib\":{},\"setup_ms\":{}}}",
-        ws.live_pages(),
-        o.keep_mib,
-        o.pre_free_mib,
-        used_mib(),
-        meminfo_kib("MemTotal") / 1024,
-        meminfo_kib("MemFree") / 1024,
-        t0.elapsed().as_millis()
-    ));
+    let ready = json!({
+        "live_pages": ws.live_pages(),
+        "slots": slots,
+        "keep_mib": o.keep_mib,
+        "pre_free_mib": o.pre_free_mib,
+        "used_mib": used_mib(),
+        "mem_total_mib": meminfo_kib("MemTotal") / 1024,
+        "mem_free_mib": meminfo_kib("MemFree") / 1024,
+        "setup_ms": t0.elapsed().as_millis() as u64,
+    });
+    emit(&format!("@@FHWORK ready {ready}"));
     let mut round = 0u64;
     let mut ever_bad = false;
     loop {
@@ -197,10 +203,8 @@ fn main() {
         Ok(false) => std::process::exit(2),
         Err(e) => {
             eprintln!("fhwork: {e}");
-            emit(&format!(
-                "@@RESULT {{\"name\":\"integrity\",\"ok\":false,\"error\":\"{}\"}}",
-                e.to_string().replace(['"', '\\'], "'")
-            ));
+            let result = json!({"name": "integrity", "ok": false, "error": e.to_string()});
+            emit(&format!("@@RESULT {result}"));
             std::process::exit(1);
         }
     }
@@ -211,16 +215,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn result_line_is_json_shaped() {
+    fn result_line_is_one_json_object() {
         let t = Tally {
             pages_checked: 10,
             corrupt_pages: 0,
             first_bad: Vec::new(),
         };
         let l = result_line(&t, 1, 5, 10);
-        assert!(l.starts_with(
-            "@@RESULT {\"name\":\"integrity\",\"ok\":true,\"pages_checked\":10,\"corrupt_pages\":0"
-        ));
-        assert!(l.ends_with("\"first_corrupt\":[]}"));
+        let json = l.strip_prefix("@@RESULT ").expect("a result line");
+        let v: Value = serde_json::from_str(json).unwrap();
+        assert_eq!(
+            v,
+            json!({"name": "integrity", "ok": true, "pages_checked": 10, "corrupt_pages": 0,
+                   "round": 1, "ops": 5, "live_pages": 10, "first_corrupt": []})
+        );
     }
 }
