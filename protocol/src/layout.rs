@@ -196,6 +196,64 @@ pub enum QemuX86Machine {
     Q35,
 }
 
+impl QemuX86Machine {
+    /// QEMU's `-machine` name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Pc => "pc",
+            Self::Q35 => "q35",
+        }
+    }
+
+    /// Where low RAM ends once the guest has more than fits below the PCI
+    /// hole.
+    pub const fn low_ram_end(self) -> u64 {
+        match self {
+            Self::Pc => 0xc000_0000,
+            Self::Q35 => 0x8000_0000,
+        }
+    }
+
+    /// Guest RAM from which QEMU splits it at [`Self::low_ram_end`].
+    const fn split_threshold(self) -> u64 {
+        match self {
+            Self::Pc => 0xe000_0000,
+            Self::Q35 => 0xb000_0000,
+        }
+    }
+}
+
+/// A machine name that is neither `pc` nor `q35`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownMachine;
+
+impl fmt::Display for UnknownMachine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("unknown machine (known: pc, q35)")
+    }
+}
+
+impl core::error::Error for UnknownMachine {}
+
+/// Parses QEMU's machine name (`pc`, `q35`).
+///
+/// ```
+/// use freehint_protocol::layout::QemuX86Machine;
+/// assert_eq!("q35".parse(), Ok(QemuX86Machine::Q35));
+/// assert!("virt".parse::<QemuX86Machine>().is_err());
+/// ```
+impl core::str::FromStr for QemuX86Machine {
+    type Err = UnknownMachine;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "pc" => Ok(Self::Pc),
+            "q35" => Ok(Self::Q35),
+            _ => Err(UnknownMachine),
+        }
+    }
+}
+
 /// Where QEMU puts `ram_bytes` of RAM in an x86 guest of `machine`:
 /// `(start, len)` byte ranges, below the PCI hole and from 4 GiB on. The
 /// one description of the split that the device servers, the test harness
@@ -214,11 +272,8 @@ pub fn qemu_x86_ram_ranges(
     machine: QemuX86Machine,
 ) -> impl Iterator<Item = (u64, u64)> {
     const GIB4: u64 = 4 << 30;
-    let (threshold, low) = match machine {
-        QemuX86Machine::Pc => (0xe000_0000, 0xc000_0000),
-        QemuX86Machine::Q35 => (0xb000_0000, 0x8000_0000),
-    };
-    let split = ram_bytes >= threshold;
+    let low = machine.low_ram_end();
+    let split = ram_bytes >= machine.split_threshold();
     let below = if split { (0, low) } else { (0, ram_bytes) };
     let above = split.then(|| (GIB4, ram_bytes - low));
     core::iter::once(below).chain(above)

@@ -3,19 +3,14 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use freehint_device::balloon::Layout;
 use freehint_device::BalloonConfig;
-use freehint_protocol::layout::{qemu_x86_ram_ranges, QemuX86Machine};
+use freehint_protocol::layout::qemu_x86_ram_ranges;
 
-/// Machine type whose RAM split below/above 4 GiB is derived.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Machine {
-    /// QEMU `pc` (i440fx): ≥ 3.5 GiB RAM puts 3 GiB below 4 GiB.
-    Pc,
-    /// QEMU `q35`: ≥ 2.75 GiB RAM puts 2 GiB below 4 GiB.
-    Q35,
-}
+/// Machine type whose RAM split below/above 4 GiB is derived (`pc`,
+/// `q35`).
+pub use freehint_protocol::layout::QemuX86Machine as Machine;
 
 /// Where a server listens, and how it lives.
 #[derive(Args, Clone, Debug)]
@@ -71,7 +66,7 @@ pub struct DeviceOptions {
     #[arg(long, value_parser = parse_size)]
     pub ram_size: Option<u64>,
     /// Machine type for --ram-size.
-    #[arg(long, value_enum, default_value = "pc")]
+    #[arg(long, default_value = "pc")]
     pub machine: Machine,
     /// Explicit guest RAM layout: comma-separated START+LEN byte ranges
     /// (K/M/G suffixes), e.g. `0+3G,4G+1G`. Overrides --ram-size.
@@ -172,10 +167,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// RAM byte ranges of a QEMU x86 machine with `size` bytes of RAM
 /// ([`qemu_x86_ram_ranges`]).
 pub fn derive_ranges(size: u64, machine: Machine) -> Vec<(u64, u64)> {
-    let machine = match machine {
-        Machine::Pc => QemuX86Machine::Pc,
-        Machine::Q35 => QemuX86Machine::Q35,
-    };
     qemu_x86_ram_ranges(size, machine).collect()
 }
 

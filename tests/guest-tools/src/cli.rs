@@ -32,7 +32,7 @@ pub enum Cmd {
     /// One bitmap bit per RAM page, the PCI hole folded out.
     Bits {
         /// The QEMU machine, to check where low RAM ends.
-        #[arg(long, value_enum)]
+        #[arg(long)]
         machine: Option<Machine>,
     },
     /// A layout given from outside is validated, used and dropped again.
@@ -85,33 +85,8 @@ impl Cmd {
     }
 }
 
-/// A QEMU x86 machine type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Machine {
-    /// i440FX: low RAM ends at 3 GiB.
-    Pc,
-    /// Q35: low RAM ends at 2 GiB.
-    Q35,
-}
-
-impl Machine {
-    /// QEMU's name of the machine.
-    pub fn name(self) -> &'static str {
-        match self {
-            Machine::Pc => "pc",
-            Machine::Q35 => "q35",
-        }
-    }
-
-    /// Where QEMU ends low RAM when the guest has more than fits below the
-    /// PCI hole.
-    pub fn low_ram_end(self) -> u64 {
-        match self {
-            Machine::Pc => 3 << 30,
-            Machine::Q35 => 2 << 30,
-        }
-    }
-}
+/// A QEMU x86 machine type (`pc`, `q35`) and where it ends low RAM.
+pub use freehint_protocol::layout::QemuX86Machine as Machine;
 
 /// Options of `fhtool churn`.
 #[derive(Debug, Clone, PartialEq, Eq, Args)]

@@ -37,24 +37,8 @@ pub fn host_tsc_cmdline() -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// x86 machine type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Machine {
-    /// i440FX: RAM above 3 GiB is moved above 4 GiB (gap 3–4 GiB).
-    Pc,
-    /// Q35: RAM above 2 GiB is moved above 4 GiB (gap 2–4 GiB).
-    Q35,
-}
-
-impl Machine {
-    /// The `-machine` name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Machine::Pc => "pc",
-            Machine::Q35 => "q35",
-        }
-    }
-}
+/// x86 machine type (`pc` or `q35`), with its `-machine` name.
+pub use freehint_protocol::layout::QemuX86Machine as Machine;
 
 /// Everything one boot needs.
 #[derive(Debug, Clone)]

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-use freehint_protocol::layout::{qemu_x86_ram_ranges, QemuX86Machine};
+use freehint_protocol::layout::qemu_x86_ram_ranges;
 
 use crate::errors::io_error;
 use crate::guest::{result_ok, GuestOutput};
@@ -84,10 +84,6 @@ impl RamLayout {
     /// QEMU's split of `mem_mib` at the PCI hole
     /// ([`qemu_x86_ram_ranges`], the function the device servers use).
     pub fn for_machine(mem_mib: u64, machine: Machine) -> Self {
-        let machine = match machine {
-            Machine::Pc => QemuX86Machine::Pc,
-            Machine::Q35 => QemuX86Machine::Q35,
-        };
         let ranges = qemu_x86_ram_ranges(mem_mib << 20, machine)
             .map(|(start, len)| (start >> 12, len >> 12))
             .collect();
