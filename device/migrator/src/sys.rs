@@ -161,6 +161,16 @@ pub enum SocketBuffer {
     Receive,
 }
 
+impl SocketBuffer {
+    /// The `SOL_SOCKET` option that sizes this buffer.
+    fn option(self) -> libc::c_int {
+        match self {
+            Self::Send => libc::SO_SNDBUF,
+            Self::Receive => libc::SO_RCVBUF,
+        }
+    }
+}
+
 /// Sets a socket's send or receive buffer to `bytes` (Linux doubles it for
 /// its bookkeeping and caps it at `net.core.[wr]mem_max`); this also turns
 /// the kernel's automatic growth of that buffer off.
@@ -169,10 +179,6 @@ pub fn set_socket_buffer(
     which: SocketBuffer,
     bytes: usize,
 ) -> io::Result<()> {
-    let option = match which {
-        SocketBuffer::Send => libc::SO_SNDBUF,
-        SocketBuffer::Receive => libc::SO_RCVBUF,
-    };
     let value = libc::c_int::try_from(bytes).map_err(io::Error::other)?;
     // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from `&value`,
     // which lives across the call; the descriptor is borrowed from `socket`.
@@ -180,7 +186,7 @@ pub fn set_socket_buffer(
         libc::setsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            option,
+            which.option(),
             (&value as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
@@ -195,10 +201,6 @@ pub fn set_socket_buffer(
 /// set, see [`set_socket_buffer`]).
 #[cfg(test)]
 pub fn socket_buffer(socket: &impl AsRawFd, which: SocketBuffer) -> io::Result<usize> {
-    let option = match which {
-        SocketBuffer::Send => libc::SO_SNDBUF,
-        SocketBuffer::Receive => libc::SO_RCVBUF,
-    };
     let mut value: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes to `&mut value`, which
@@ -207,7 +209,7 @@ pub fn socket_buffer(socket: &impl AsRawFd, which: SocketBuffer) -> io::Result<u
         libc::getsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            option,
+            which.option(),
             (&mut value as *mut libc::c_int).cast(),
             &mut len,
         )
