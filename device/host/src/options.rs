@@ -12,6 +12,19 @@ use freehint_protocol::layout::qemu_x86_ram_ranges;
 /// `q35`).
 pub use freehint_protocol::layout::QemuX86Machine as Machine;
 
+/// A server binary's command line: where it listens and the device it
+/// serves (`#[command(flatten)]` it into the binary's `Parser`, whose doc
+/// comment is the help text).
+#[derive(Args, Clone, Debug)]
+pub struct CommandLine {
+    /// Sockets and lifetime.
+    #[command(flatten)]
+    pub server: ServerOptions,
+    /// The device: RAM layout and features.
+    #[command(flatten)]
+    pub device: DeviceOptions,
+}
+
 /// Where a server listens, and how it lives.
 #[derive(Args, Clone, Debug)]
 pub struct ServerOptions {

@@ -9,8 +9,8 @@
 //! config, ISR, device config, notify), [`msix`] (table and PBA),
 //! [`interrupt`] (MSI-X/INTx routing), [`memory`] (DMA_MAP → guest memory),
 //! [`server`] (the `ServerBackend` and the serve loop). The device options,
-//! the control socket and socket hygiene come from `freehint-host`, shared
-//! with the vhost-user server.
+//! the start-up, the control socket and socket hygiene come from
+//! `freehint-host`, shared with the vhost-user server.
 #![warn(missing_docs)]
 
 pub mod interrupt;

@@ -6,13 +6,14 @@
 //! migration destination the device is dead.
 
 use std::process::ExitCode;
+use std::sync::atomic::AtomicU8;
+use std::sync::Arc;
 
 use clap::Parser;
-use freehint_device::balloon::Layout;
 use freehint_device::Balloon;
-use freehint_host::{control, DeviceOptions, ServerOptions};
+use freehint_host::{server, CommandLine, ServerOptions, Transport};
 use freehint_vfio_user::{serve, VfioUserDevice, MIGRATION_WARNING};
-use log::{error, info, warn};
+use log::warn;
 
 /// Serve the freehint virtio-balloon over vfio-user.
 ///
@@ -22,66 +23,36 @@ use log::{error, info, warn};
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
-    /// Sockets and lifetime.
     #[command(flatten)]
-    server: ServerOptions,
-    /// The device: RAM layout and features.
-    #[command(flatten)]
-    device: DeviceOptions,
+    command_line: CommandLine,
 }
 
-fn run(args: Args) -> Result<(), String> {
-    let configured = args.device.configure()?;
-    let layout: Layout = configured.config.layout;
-    let features = configured.config.features();
-    let ranges = configured.ranges;
-    let balloon = Balloon::new(configured.config)
-        .map_err(|e| format!("invalid device configuration: {e}"))?;
-    let handle = balloon.handle();
-    handle.set_target_pages(args.device.target_pages);
-    let hint_handle = balloon.hint_handle();
+/// The balloon as a virtio-pci function, checked against the guest RAM the
+/// client maps.
+struct VfioUser(VfioUserDevice);
 
-    warn!("{MIGRATION_WARNING}");
-    info!("freehint virtio-balloon over vfio-user: features {features:#x}, RAM layout {ranges:x?}");
+impl Transport for VfioUser {
+    const NAME: &'static str = "vfio-user";
 
-    let mut device = VfioUserDevice::new(Box::new(balloon));
-    if !ranges.is_empty() {
-        device.set_expected_ram(ranges);
+    fn new(balloon: Balloon, ranges: Vec<(u64, u64)>) -> Self {
+        warn!("{MIGRATION_WARNING}");
+        let mut device = VfioUserDevice::new(Box::new(balloon));
+        if !ranges.is_empty() {
+            device.set_expected_ram(ranges);
+        }
+        VfioUser(device)
     }
-    if let Some(path) = &args.server.control {
-        let dump_dir = args.server.checked_dump_dir()?;
-        let c = control::Control::new(
-            handle,
-            hint_handle,
-            layout,
-            device.status_handle(),
-            dump_dir,
-        );
-        control::spawn(path, c, args.server.force)
-            .map_err(|e| format!("control socket {}: {e}", path.display()))?;
+
+    fn status(&self) -> Arc<AtomicU8> {
+        self.0.status_handle()
     }
-    serve(
-        &args.server.socket,
-        &mut device,
-        args.server.persist,
-        args.server.force,
-    )
-    .map_err(|e| e.to_string())?;
-    if let Some(path) = &args.server.control {
-        let _ = std::fs::remove_file(path);
+
+    fn serve(mut self, options: &ServerOptions) -> Result<(), String> {
+        serve(&options.socket, &mut self.0, options.persist, options.force)
+            .map_err(|e| e.to_string())
     }
-    Ok(())
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let args = Args::parse();
-    freehint_host::signals::remove_on_signal(args.server.socket_files());
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e}");
-            ExitCode::FAILURE
-        }
-    }
+    server::run::<VfioUser>(&Args::parse().command_line)
 }

@@ -364,76 +364,6 @@ impl VfioUserDevice {
         self.irq.drop_eventfds();
         self.memory.unmap_all();
     }
-
-    fn set_irqs_inner(
-        &mut self,
-        index: u32,
-        flags: u32,
-        start: u32,
-        count: u32,
-        fds: Vec<File>,
-    ) -> io::Result<()> {
-        let action = flags & VFIO_IRQ_SET_ACTION_TYPE_MASK;
-        let data = flags & VFIO_IRQ_SET_DATA_TYPE_MASK;
-        let nfds = fds.len();
-        if let Some(e) = fds.iter().find_map(|f| prepare_eventfd(f).err()) {
-            self.stats.bad_irq_fds += 1;
-            return Err(invalid(format!("SET_IRQS index {index} refused: {e}")));
-        }
-        let bad = |what: &str| {
-            invalid(format!(
-                "SET_IRQS {what}: index {index} flags {flags:#x} start {start} count {count} fds {nfds}"
-            ))
-        };
-        match (index, action) {
-            (VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER) => {
-                if start != 0 || count > 1 || fds.len() > 1 {
-                    return Err(bad("INTx range"));
-                }
-                if data == VFIO_IRQ_SET_DATA_EVENTFD || count == 0 {
-                    let fd = fds.into_iter().next();
-                    info!(
-                        "INTx eventfd {}",
-                        if fd.is_some() { "set" } else { "cleared" }
-                    );
-                    self.irq.set_intx_eventfd(fd);
-                }
-                Ok(())
-            }
-            (VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_MASK) => {
-                self.irq.set_intx_masked(true);
-                Ok(())
-            }
-            (VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_UNMASK) => {
-                self.irq.set_intx_masked(false);
-                Ok(())
-            }
-            (VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER) => {
-                if data == VFIO_IRQ_SET_DATA_NONE && count == 0 {
-                    let all = u32::from(self.msix_vectors);
-                    self.irq.set_msix_eventfds(0, all, Vec::new());
-                    debug!("MSI-X eventfds cleared");
-                    return Ok(());
-                }
-                if data != VFIO_IRQ_SET_DATA_EVENTFD {
-                    return Err(bad("MSI-X trigger without eventfd data"));
-                }
-                let n = fds.len();
-                if !self.irq.set_msix_eventfds(start, count, fds) {
-                    return Err(bad("MSI-X range"));
-                }
-                debug!("MSI-X vectors {start}..{}: {n} eventfds", start + count);
-                Ok(())
-            }
-            (VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_MASK | VFIO_IRQ_SET_ACTION_UNMASK) => {
-                // The client masks MSI-X vectors itself (QEMU re-routes the
-                // eventfd); nothing to do here.
-                Ok(())
-            }
-            (_, _) if count == 0 => Ok(()),
-            _ => Err(bad("unsupported")),
-        }
-    }
 }
 
 impl ServerBackend for VfioUserDevice {
@@ -512,7 +442,66 @@ impl ServerBackend for VfioUserDevice {
         count: u32,
         fds: Vec<File>,
     ) -> io::Result<()> {
-        self.set_irqs_inner(index, flags, start, count, fds)
+        let action = flags & VFIO_IRQ_SET_ACTION_TYPE_MASK;
+        let data = flags & VFIO_IRQ_SET_DATA_TYPE_MASK;
+        let nfds = fds.len();
+        if let Some(e) = fds.iter().find_map(|f| prepare_eventfd(f).err()) {
+            self.stats.bad_irq_fds += 1;
+            return Err(invalid(format!("SET_IRQS index {index} refused: {e}")));
+        }
+        let bad = |what: &str| {
+            invalid(format!(
+                "SET_IRQS {what}: index {index} flags {flags:#x} start {start} count {count} fds {nfds}"
+            ))
+        };
+        match (index, action) {
+            (VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER) => {
+                if start != 0 || count > 1 || fds.len() > 1 {
+                    return Err(bad("INTx range"));
+                }
+                if data == VFIO_IRQ_SET_DATA_EVENTFD || count == 0 {
+                    let fd = fds.into_iter().next();
+                    info!(
+                        "INTx eventfd {}",
+                        if fd.is_some() { "set" } else { "cleared" }
+                    );
+                    self.irq.set_intx_eventfd(fd);
+                }
+                Ok(())
+            }
+            (VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_MASK) => {
+                self.irq.set_intx_masked(true);
+                Ok(())
+            }
+            (VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_UNMASK) => {
+                self.irq.set_intx_masked(false);
+                Ok(())
+            }
+            (VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_TRIGGER) => {
+                if data == VFIO_IRQ_SET_DATA_NONE && count == 0 {
+                    let all = u32::from(self.msix_vectors);
+                    self.irq.set_msix_eventfds(0, all, Vec::new());
+                    debug!("MSI-X eventfds cleared");
+                    return Ok(());
+                }
+                if data != VFIO_IRQ_SET_DATA_EVENTFD {
+                    return Err(bad("MSI-X trigger without eventfd data"));
+                }
+                let n = fds.len();
+                if !self.irq.set_msix_eventfds(start, count, fds) {
+                    return Err(bad("MSI-X range"));
+                }
+                debug!("MSI-X vectors {start}..{}: {n} eventfds", start + count);
+                Ok(())
+            }
+            (VFIO_PCI_MSIX_IRQ_INDEX, VFIO_IRQ_SET_ACTION_MASK | VFIO_IRQ_SET_ACTION_UNMASK) => {
+                // The client masks MSI-X vectors itself (QEMU re-routes the
+                // eventfd); nothing to do here.
+                Ok(())
+            }
+            (_, _) if count == 0 => Ok(()),
+            _ => Err(bad("unsupported")),
+        }
     }
 }
 
