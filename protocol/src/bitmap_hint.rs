@@ -259,6 +259,18 @@ pub struct MsgHeader {
 }
 
 impl MsgHeader {
+    /// A header with the magic set and the reserved field 0.
+    pub const fn new(kind: u16, cmd_id: u32, nr_bits: u32, first_bit: u64) -> Self {
+        Self {
+            magic: MSG_MAGIC,
+            kind,
+            reserved: 0,
+            cmd_id,
+            nr_bits,
+            first_bit,
+        }
+    }
+
     /// Reads the 24 header bytes at the front of `bytes`.
     pub fn read(bytes: &[u8]) -> Result<Self, WireError> {
         need(bytes.len(), MSG_HEADER_SIZE)?;
@@ -537,14 +549,7 @@ impl Message {
             Self::Chunk(c) => (KIND_CHUNK, c.cmd_id, c.nr_bits, c.first_bit.raw()),
             Self::RoundEnd { cmd_id, free_pages } => (KIND_ROUND_END, cmd_id, free_pages, 0),
         };
-        MsgHeader {
-            magic: MSG_MAGIC,
-            kind,
-            reserved: 0,
-            cmd_id,
-            nr_bits,
-            first_bit,
-        }
+        MsgHeader::new(kind, cmd_id, nr_bits, first_bit)
     }
 
     /// Validates the message and writes its header to the front of `out`;

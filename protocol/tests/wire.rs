@@ -11,17 +11,6 @@ use common::Raw;
 
 const ID: u32 = 0x8000_0000;
 
-fn hdr(kind: u16, cmd_id: u32, nr_bits: u32, first_bit: u64) -> MsgHeader {
-    MsgHeader {
-        magic: MSG_MAGIC,
-        kind,
-        reserved: 0,
-        cmd_id,
-        nr_bits,
-        first_bit,
-    }
-}
-
 fn bytes_of(h: &MsgHeader) -> [u8; MSG_HEADER_SIZE] {
     let mut b = [0u8; MSG_HEADER_SIZE];
     assert_eq!(h.write(&mut b), Ok(MSG_HEADER_SIZE));
@@ -75,7 +64,7 @@ fn each_message_kind_round_trips() {
 
 #[test]
 fn truncated_header_every_length() {
-    let b = bytes_of(&hdr(KIND_LAYOUT_QUERY, ID, 0, 0));
+    let b = bytes_of(&MsgHeader::new(KIND_LAYOUT_QUERY, ID, 0, 0));
     for len in 0..MSG_HEADER_SIZE {
         assert_eq!(
             Message::parse(&b[..len]),
@@ -98,9 +87,9 @@ fn truncated_header_every_length() {
 /// Every malformed header shape, each with its own error.
 #[test]
 fn malformed_headers_rejected_with_right_error() {
-    let mut bad_magic = hdr(KIND_CHUNK, ID, 64, 0);
+    let mut bad_magic = MsgHeader::new(KIND_CHUNK, ID, 64, 0);
     bad_magic.magic = u32::from_le_bytes(*b"FHBN");
-    let mut reserved = hdr(KIND_CHUNK, ID, 64, 0);
+    let mut reserved = MsgHeader::new(KIND_CHUNK, ID, 64, 0);
     reserved.reserved = 1;
     let cases = [
         (bad_magic, WireError::BadMagic(u32::from_le_bytes(*b"FHBN"))),
@@ -108,31 +97,55 @@ fn malformed_headers_rejected_with_right_error() {
             MsgHeader::default(),
             WireError::BadMagic(0), // an all-zero buffer
         ),
-        (hdr(KIND_INVALID, ID, 0, 0), WireError::InvalidKind),
-        (hdr(4, ID, 0, 0), WireError::UnknownKind(4)),
-        (hdr(u16::MAX, ID, 0, 0), WireError::UnknownKind(u16::MAX)),
-        (reserved, WireError::ReservedNonZero),
-        (hdr(KIND_CHUNK, 0, 64, 0), WireError::ReservedCmdId(0)),
-        (hdr(KIND_ROUND_END, 1, 0, 0), WireError::ReservedCmdId(1)),
-        (hdr(KIND_LAYOUT_QUERY, 0, 0, 0), WireError::ReservedCmdId(0)),
-        (hdr(KIND_LAYOUT_QUERY, ID, 1, 0), WireError::UnexpectedField),
         (
-            hdr(KIND_LAYOUT_QUERY, ID, 0, 64),
+            MsgHeader::new(KIND_INVALID, ID, 0, 0),
+            WireError::InvalidKind,
+        ),
+        (MsgHeader::new(4, ID, 0, 0), WireError::UnknownKind(4)),
+        (
+            MsgHeader::new(u16::MAX, ID, 0, 0),
+            WireError::UnknownKind(u16::MAX),
+        ),
+        (reserved, WireError::ReservedNonZero),
+        (
+            MsgHeader::new(KIND_CHUNK, 0, 64, 0),
+            WireError::ReservedCmdId(0),
+        ),
+        (
+            MsgHeader::new(KIND_ROUND_END, 1, 0, 0),
+            WireError::ReservedCmdId(1),
+        ),
+        (
+            MsgHeader::new(KIND_LAYOUT_QUERY, 0, 0, 0),
+            WireError::ReservedCmdId(0),
+        ),
+        (
+            MsgHeader::new(KIND_LAYOUT_QUERY, ID, 1, 0),
             WireError::UnexpectedField,
         ),
-        (hdr(KIND_ROUND_END, ID, 5, 64), WireError::UnexpectedField),
-        (hdr(KIND_CHUNK, ID, 64, 1), WireError::MisalignedFirstBit(1)),
         (
-            hdr(KIND_CHUNK, ID, 64, 63),
+            MsgHeader::new(KIND_LAYOUT_QUERY, ID, 0, 64),
+            WireError::UnexpectedField,
+        ),
+        (
+            MsgHeader::new(KIND_ROUND_END, ID, 5, 64),
+            WireError::UnexpectedField,
+        ),
+        (
+            MsgHeader::new(KIND_CHUNK, ID, 64, 1),
+            WireError::MisalignedFirstBit(1),
+        ),
+        (
+            MsgHeader::new(KIND_CHUNK, ID, 64, 63),
             WireError::MisalignedFirstBit(63),
         ),
-        (hdr(KIND_CHUNK, ID, 0, 64), WireError::EmptyChunk),
+        (MsgHeader::new(KIND_CHUNK, ID, 0, 64), WireError::EmptyChunk),
         (
-            hdr(KIND_CHUNK, ID, MAX_CHUNK_BITS + 1, 0),
+            MsgHeader::new(KIND_CHUNK, ID, MAX_CHUNK_BITS + 1, 0),
             WireError::ChunkTooLarge(MAX_CHUNK_BITS + 1),
         ),
         (
-            hdr(KIND_CHUNK, ID, u32::MAX, 0),
+            MsgHeader::new(KIND_CHUNK, ID, u32::MAX, 0),
             WireError::ChunkTooLarge(u32::MAX),
         ),
     ];

@@ -76,6 +76,12 @@ fn chain(queue: u8, start: u16, descs: Vec<FuzzDesc>) -> Op {
     }
 }
 
+fn notify(queue: u8) -> Op {
+    Op::Notify {
+        queue: queue.into(),
+    }
+}
+
 fn input(ack: u64, ops: Vec<Op>) -> BalloonInput {
     BalloonInput {
         offer: offer_all(),
@@ -101,14 +107,10 @@ pub fn standard_round() -> BalloonInput {
                 id: CmdId::Current,
             },
             chain(FREEQ, 0, vec![d(id, 4, 0)]),
-            Op::Notify {
-                queue: FREEQ as u16,
-            },
+            notify(FREEQ),
             chain(FREEQ, 1, vec![d(0x40000, 0x40000, WRITE)]),
             chain(FREEQ, 2, vec![d(HIGH_BASE, 0x10000, WRITE)]),
-            Op::Notify {
-                queue: FREEQ as u16,
-            },
+            notify(FREEQ),
             Op::Apply,
             Op::Snapshot,
             Op::WriteCmdId {
@@ -116,18 +118,14 @@ pub fn standard_round() -> BalloonInput {
                 id: CmdId::Raw(0),
             },
             chain(FREEQ, 3, vec![d(stop, 4, 0)]),
-            Op::Notify {
-                queue: FREEQ as u16,
-            },
+            notify(FREEQ),
             Op::ApplySnapshot,
             Op::Snapshot,
             Op::NewEpoch,
             Op::ApplySnapshot,
             // A block for the old round after the epoch moved: dropped.
             chain(FREEQ, 4, vec![d(0x80000, 0x1000, WRITE)]),
-            Op::Notify {
-                queue: FREEQ as u16,
-            },
+            notify(FREEQ),
             Op::Apply,
             Op::Finish,
         ],
@@ -161,9 +159,7 @@ pub fn bitmap_round() -> BalloonInput {
                 0,
                 vec![d(q, 24, 0), d(reply, LAYOUT_REPLY_MAX as u32, WRITE)],
             ),
-            Op::Notify {
-                queue: FREEQ as u16,
-            },
+            notify(FREEQ),
             Op::WriteMsg {
                 addr: chunk,
                 kind: KIND_CHUNK,
@@ -175,9 +171,7 @@ pub fn bitmap_round() -> BalloonInput {
             },
             // Header and payload split over two descriptors.
             chain(FREEQ, 2, vec![d(chunk, 24, 0), d(chunk + 24, 32, 0)]),
-            Op::Notify {
-                queue: FREEQ as u16,
-            },
+            notify(FREEQ),
             Op::Apply,
             Op::WriteMsg {
                 addr: end,
@@ -189,9 +183,7 @@ pub fn bitmap_round() -> BalloonInput {
                 payload: Vec::new(),
             },
             chain(FREEQ, 4, vec![d(end, 24, 0)]),
-            Op::Notify {
-                queue: FREEQ as u16,
-            },
+            notify(FREEQ),
             Op::Snapshot,
             Op::ApplySnapshot,
             Op::NewEpoch,
@@ -212,9 +204,7 @@ pub fn inflate_deflate() -> BalloonInput {
             Op::SetTarget(16),
             Op::WritePfns { addr: a, pfns },
             chain(INFLATEQ, 0, vec![d(a, 17 * 4, 0)]),
-            Op::Notify {
-                queue: INFLATEQ as u16,
-            },
+            notify(INFLATEQ),
             Op::WriteConfig {
                 offset: 4,
                 data: 16u32.to_le_bytes().to_vec(),
@@ -224,9 +214,7 @@ pub fn inflate_deflate() -> BalloonInput {
                 pfns: (0x30..0x38).collect(),
             },
             chain(DEFLATEQ, 0, vec![d(b, 8 * 4, 0)]),
-            Op::Notify {
-                queue: DEFLATEQ as u16,
-            },
+            notify(DEFLATEQ),
             Op::WriteConfig {
                 offset: 4,
                 data: 8u32.to_le_bytes().to_vec(),
@@ -251,14 +239,10 @@ pub fn stats() -> BalloonInput {
                 data: bytes,
             },
             chain(STATSQ, 0, vec![d(s, 40, 0)]),
-            Op::Notify {
-                queue: STATSQ as u16,
-            },
+            notify(STATSQ),
             Op::RequestStats,
             chain(STATSQ, 1, vec![d(s, 40, 0)]),
-            Op::Notify {
-                queue: STATSQ as u16,
-            },
+            notify(STATSQ),
         ],
     )
 }
@@ -276,17 +260,13 @@ pub fn reporting() -> BalloonInput {
                     d(HIGH_BASE + 0x1000, 0x3000, WRITE),
                 ],
             ),
-            Op::Notify {
-                queue: REPORTQ as u16,
-            },
+            notify(REPORTQ),
             Op::WriteConfig {
                 offset: 12,
                 data: 0xaau32.to_le_bytes().to_vec(),
             },
             chain(REPORTQ, 2, vec![d(0x70000, 0x4000, WRITE)]),
-            Op::Notify {
-                queue: REPORTQ as u16,
-            },
+            notify(REPORTQ),
             Op::StartRound { stale_epoch: false },
         ],
     )
@@ -312,30 +292,20 @@ pub fn hostile() -> BalloonInput {
                     next: 5,
                 }],
             },
-            Op::Notify {
-                queue: FREEQ as u16,
-            },
+            notify(FREEQ),
             chain(INFLATEQ, 0, vec![d(0x7_0000_0000, 64, 0)]),
-            Op::Notify {
-                queue: INFLATEQ as u16,
-            },
+            notify(INFLATEQ),
             chain(INFLATEQ, 1, vec![d(a, 64, WRITE)]),
-            Op::Notify {
-                queue: INFLATEQ as u16,
-            },
+            notify(INFLATEQ),
             Op::BumpAvailIdx {
                 queue: DEFLATEQ,
                 delta: 1000,
             },
-            Op::Notify {
-                queue: DEFLATEQ as u16,
-            },
+            notify(DEFLATEQ),
             Op::Notify { queue: 17 },
             Op::StartRound { stale_epoch: true },
             Op::Reset,
-            Op::Notify {
-                queue: FREEQ as u16,
-            },
+            notify(FREEQ),
             Op::Reactivate,
             Op::Apply,
         ],
@@ -363,9 +333,7 @@ fn indirect_ops() -> Vec<Op> {
             id: CmdId::Current,
         },
         chain(FREEQ, 0, vec![d(id, 4, 0)]),
-        Op::Notify {
-            queue: FREEQ as u16,
-        },
+        notify(FREEQ),
         Op::AddIndirect {
             queue: FREEQ,
             slot: 1,
@@ -378,9 +346,7 @@ fn indirect_ops() -> Vec<Op> {
                 d(HIGH_BASE, 0x8000, WRITE),
             ],
         },
-        Op::Notify {
-            queue: FREEQ as u16,
-        },
+        notify(FREEQ),
         Op::AddIndirect {
             queue: FREEQ,
             slot: 2,
@@ -389,9 +355,7 @@ fn indirect_ops() -> Vec<Op> {
             raw: false,
             descs: vec![d(0x60000, 0x1000, WRITE); 600],
         },
-        Op::Notify {
-            queue: FREEQ as u16,
-        },
+        notify(FREEQ),
         Op::Apply,
     ]
 }
