@@ -9,10 +9,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use freehint_vmtest::manifest::Manifest;
-use freehint_vmtest::runner::{emit, set_versions, Ctx};
+use freehint_vmtest::runner::{emit, fields, set_versions, Ctx};
 use freehint_vmtest::scenarios::{self, SCENARIOS};
 
 /// Runs a freehint VM test scenario under QEMU (TCG).
@@ -40,6 +41,16 @@ struct Cli {
     /// Repository root (default: $FREEHINT_REPO or the source checkout).
     #[arg(long)]
     repo: Option<PathBuf>,
+}
+
+/// The `harness` result line of a scenario that aborted (with `name`) and
+/// its summary (without).
+#[derive(Serialize)]
+struct Aborted<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'static str>,
+    ok: bool,
+    error: &'a str,
 }
 
 fn repo_root(cli: &Cli) -> PathBuf {
@@ -119,17 +130,17 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("tests/vm/run: scenario {name} aborted: {e}");
-            let mut m = serde_json::Map::new();
-            m.insert("ok".into(), json!(false));
-            m.insert("error".into(), json!(e.to_string()));
-            ctx.record({
-                let mut r = serde_json::Map::new();
-                r.insert("name".into(), json!("harness"));
-                r.insert("ok".into(), json!(false));
-                r.insert("error".into(), json!(e.to_string()));
-                r
+            let error = e.to_string();
+            ctx.record(Aborted {
+                name: Some("harness"),
+                ok: false,
+                error: &error,
             });
-            m
+            fields(&Aborted {
+                name: None,
+                ok: false,
+                error: &error,
+            })
         }
     };
     let ok = ctx.failed() == 0 && summary.get("ok").and_then(Value::as_bool) == Some(true);

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 use thiserror::Error;
 
@@ -120,9 +121,11 @@ pub fn set_versions(versions: &BTreeMap<String, String>) {
     let _ = VERSIONS.set(json!(versions));
 }
 
-/// Emits one JSON line on stdout; an object gets the run's `versions`.
-pub fn emit(obj: &Value) {
-    let line = stamped(obj, VERSIONS.get());
+/// Emits one JSON line on stdout (`record` serialized, keys sorted); an
+/// object gets the run's `versions`.
+pub fn emit<T: Serialize + ?Sized>(record: &T) {
+    let obj = serde_json::to_value(record).unwrap_or(Value::Null);
+    let line = stamped(&obj, VERSIONS.get());
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
@@ -140,37 +143,85 @@ fn stamped(obj: &Value, versions: Option<&Value>) -> Value {
     }
 }
 
+/// The fields of a result record: `record` serialized to a JSON object
+/// (a record that is not an object: none). Keys come out sorted, as every
+/// emitted line has them.
+pub fn fields<T: Serialize + ?Sized>(record: &T) -> Map<String, Value> {
+    match serde_json::to_value(record) {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    }
+}
+
+/// The `boot` result line of one boot.
+#[derive(Debug, Clone, Serialize)]
+pub struct BootRecord<'a> {
+    /// Always `"boot"`.
+    pub name: &'static str,
+    /// Whether the boot was clean (no problems).
+    pub ok: bool,
+    /// The guest script.
+    pub scenario: &'a str,
+    /// Kernel flavour.
+    pub flavour: &'a str,
+    /// Machine type.
+    pub machine: &'static str,
+    /// Guest RAM.
+    pub mem_mib: u64,
+    /// The guest's `@@DONE` rc.
+    pub rc: Option<i32>,
+    /// Wall time, to a tenth of a second.
+    pub elapsed_s: f64,
+    /// What went wrong, on a failed boot only.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<BootFailure<'a>>,
+    /// The device server's log (VFIO boots), on a failed boot only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_log: Option<String>,
+}
+
+/// The fields a failed boot's `boot` line adds.
+#[derive(Debug, Clone, Serialize)]
+pub struct BootFailure<'a> {
+    /// Why the boot failed.
+    pub problems: &'a [String],
+    /// Kernel complaints on the serial console.
+    pub splats: &'a [String],
+    /// `@@RESULT` lines that did not parse.
+    pub malformed: &'a [String],
+    /// Serial log path.
+    pub log: String,
+}
+
 /// The `boot` result line of one boot: ok (no `problems`), scenario,
 /// flavour, machine and memory, the guest's rc and the wall time; when it
 /// failed also the problems, the splat and malformed lines and the serial
 /// log.
-pub fn boot_result(
-    spec: &BootSpec,
-    out: &GuestOutput,
+pub fn boot_result<'a>(
+    spec: &'a BootSpec,
+    out: &'a GuestOutput,
     elapsed: std::time::Duration,
-    problems: &[String],
+    problems: &'a [String],
     serial_log: &Path,
-) -> Map<String, Value> {
+) -> BootRecord<'a> {
     let ok = problems.is_empty();
-    let mut b = Map::new();
-    b.insert("name".into(), json!("boot"));
-    b.insert("ok".into(), json!(ok));
-    b.insert("scenario".into(), json!(spec.guest_scenario));
-    for (k, v) in Ctx::boot_fields(spec) {
-        b.insert(k.into(), v);
+    BootRecord {
+        name: "boot",
+        ok,
+        scenario: &spec.guest_scenario,
+        flavour: &spec.flavour,
+        machine: spec.machine.name(),
+        mem_mib: spec.mem_mib,
+        rc: out.done_rc,
+        elapsed_s: (elapsed.as_secs_f64() * 10.0).round() / 10.0,
+        failure: (!ok).then(|| BootFailure {
+            problems,
+            splats: &out.splats,
+            malformed: &out.malformed,
+            log: serial_log.display().to_string(),
+        }),
+        server_log: None,
     }
-    b.insert("rc".into(), json!(out.done_rc));
-    b.insert(
-        "elapsed_s".into(),
-        json!((elapsed.as_secs_f64() * 10.0).round() / 10.0),
-    );
-    if !ok {
-        b.insert("problems".into(), json!(problems));
-        b.insert("splats".into(), json!(out.splats));
-        b.insert("malformed".into(), json!(out.malformed));
-        b.insert("log".into(), json!(serial_log.display().to_string()));
-    }
-    b
 }
 
 impl Ctx {
@@ -216,8 +267,10 @@ impl Ctx {
         &self.failed_logs
     }
 
-    /// Prints and counts one result (must have `"name"` and `"ok"`).
-    pub fn record(&mut self, result: Map<String, Value>) {
+    /// Prints and counts one result record (its fields must include
+    /// `"name"` and `"ok"`).
+    pub fn record(&mut self, result: impl Serialize) {
+        let result = fields(&result);
         if result_ok(&result) {
             self.passed += 1;
         } else {

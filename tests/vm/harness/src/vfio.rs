@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use freehint_protocol::layout::qemu_x86_ram_ranges;
@@ -522,7 +523,7 @@ impl VfioBoot {
         let boot_ok = problems.is_empty();
         let mut b = boot_result(&spec, &out, exit.elapsed, &problems, &serial_log);
         if !boot_ok {
-            b.insert("server_log".into(), json!(server.log.display().to_string()));
+            b.server_log = Some(server.log.display().to_string());
         }
         ctx.record(b);
         eprintln!(
@@ -654,32 +655,63 @@ pub fn ones(a: &[u64]) -> u64 {
 /// (held pages in the host's set), `not_buddy` (host-free pages that are not
 /// in a free buddy block per /proc/kpageflags after the round), coverage of
 /// the ground truth, and with a guest bitmap (`gbitmap`) the mismatch.
-pub fn compare(host: &[u64], runs: &Runs, layout: &RamLayout) -> Map<String, Value> {
+pub fn compare(host: &[u64], runs: &Runs, layout: &RamLayout) -> Comparison {
     let total = layout.total_bits();
     let truth = runs.bitmap("truth", Some(layout), total);
     let held = runs.bitmap("held", Some(layout), total);
-    let mut m = Map::new();
-    let host_free = ones(host);
-    m.insert("host_free_pages".into(), json!(host_free));
-    m.insert("truth_free_pages".into(), json!(ones(&truth)));
-    m.insert("held_pages".into(), json!(ones(&held)));
-    m.insert("false_free".into(), json!(and_count(host, &held)));
-    m.insert("not_buddy".into(), json!(andnot_count(host, &truth)));
     let covered = and_count(host, &truth);
-    m.insert(
-        "truth_covered".into(),
-        json!((covered as f64 / ones(&truth).max(1) as f64 * 1000.0).round() / 1000.0),
-    );
-    if runs.by_tag.contains_key("gbitmap") {
-        let g = runs.bitmap("gbitmap", None, total);
-        let extra = andnot_count(host, &g);
-        let missing = andnot_count(&g, host);
-        m.insert("guest_bitmap_pages".into(), json!(ones(&g)));
-        m.insert("bitmap_mismatch_bits".into(), json!(extra + missing));
-        m.insert("host_not_in_guest".into(), json!(extra));
-        m.insert("guest_not_in_host".into(), json!(missing));
+    Comparison {
+        host_free_pages: ones(host),
+        truth_free_pages: ones(&truth),
+        held_pages: ones(&held),
+        false_free: and_count(host, &held),
+        not_buddy: andnot_count(host, &truth),
+        truth_covered: (covered as f64 / ones(&truth).max(1) as f64 * 1000.0).round() / 1000.0,
+        guest_bitmap: runs.by_tag.contains_key("gbitmap").then(|| {
+            let g = runs.bitmap("gbitmap", None, total);
+            let extra = andnot_count(host, &g);
+            let missing = andnot_count(&g, host);
+            BitmapComparison {
+                guest_bitmap_pages: ones(&g),
+                bitmap_mismatch_bits: extra + missing,
+                host_not_in_guest: extra,
+                guest_not_in_host: missing,
+            }
+        }),
     }
-    m
+}
+
+/// The host's free set against the guest's dumps ([`compare`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    /// Pages in the host's free set.
+    pub host_free_pages: u64,
+    /// Pages free in the guest's ground truth.
+    pub truth_free_pages: u64,
+    /// Pages the guest held.
+    pub held_pages: u64,
+    /// Held pages in the host's free set.
+    pub false_free: u64,
+    /// Host-free pages not in a free buddy block.
+    pub not_buddy: u64,
+    /// Share of the ground truth the host's set covers, to a thousandth.
+    pub truth_covered: f64,
+    /// Against the guest's own bitmap, when it dumped one.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub guest_bitmap: Option<BitmapComparison>,
+}
+
+/// The host's free set against the guest's bitmap.
+#[derive(Debug, Clone, Serialize)]
+pub struct BitmapComparison {
+    /// Pages in the guest's bitmap.
+    pub guest_bitmap_pages: u64,
+    /// Bits that differ.
+    pub bitmap_mismatch_bits: u64,
+    /// Host-free pages not in the guest's bitmap.
+    pub host_not_in_guest: u64,
+    /// Pages of the guest's bitmap not in the host's set.
+    pub guest_not_in_host: u64,
 }
 
 #[cfg(test)]
@@ -715,7 +747,7 @@ mod tests {
         };
         // Host: pages 0..4 and 5 (a held page).
         let host = vec![0b10_1111u64];
-        let m = compare(&host, &r, &layout);
+        let m = crate::runner::fields(&compare(&host, &r, &layout));
         assert_eq!(m["false_free"], 1);
         assert_eq!(m["not_buddy"], 1);
         assert_eq!(m["bitmap_mismatch_bits"], 1);

@@ -27,6 +27,7 @@ pub mod report;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::manifest::Manifest;
@@ -34,7 +35,7 @@ use crate::vm::{Vm, VmError};
 
 pub use integrity::{verify_integrity, wait_ready, Then, READY_MARKER};
 pub use matrix::{run_cell, run_cell_with, Cell, CellOutcome, Driver, Workload};
-pub use report::{cell_json, median};
+pub use report::{cell_json, median, CellRecord};
 
 /// Bandwidth cap set before every migration (bytes/s): 10 GB/s, i.e. never
 /// the bottleneck on 127.0.0.1.
@@ -80,24 +81,48 @@ impl MigrationStats {
         }
     }
 
-    /// The figures as JSON fields.
-    pub fn to_json(&self) -> Map<String, Value> {
-        let v = json!({
-            "bytes": self.transferred,
-            "mb_sent": (self.transferred as f64 / 1e5).round() / 10.0,
-            "normal_pages": self.normal,
-            "zero_pages": self.duplicate,
-            "dirty_syncs": self.dirty_sync_count,
-            "total_ms": self.total_ms,
-            "downtime_ms": self.downtime_ms,
-            "setup_ms": self.setup_ms,
-            "wall_ms": self.wall_ms,
-        });
-        match v {
-            Value::Object(m) => m,
-            _ => Map::new(),
+    /// The figures as a result line carries them.
+    pub fn record(&self) -> StatsRecord {
+        StatsRecord {
+            bytes: self.transferred,
+            mb_sent: (self.transferred as f64 / 1e5).round() / 10.0,
+            normal_pages: self.normal,
+            zero_pages: self.duplicate,
+            dirty_syncs: self.dirty_sync_count,
+            total_ms: self.total_ms,
+            downtime_ms: self.downtime_ms,
+            setup_ms: self.setup_ms,
+            wall_ms: self.wall_ms,
         }
     }
+
+    /// The figures as JSON fields ([`MigrationStats::record`]).
+    pub fn to_json(&self) -> Map<String, Value> {
+        crate::runner::fields(&self.record())
+    }
+}
+
+/// The figures of one migration in a result line.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StatsRecord {
+    /// Bytes sent for RAM.
+    pub bytes: u64,
+    /// The same in MB, to a tenth.
+    pub mb_sent: f64,
+    /// Pages sent whole.
+    pub normal_pages: u64,
+    /// Zero pages sent as markers.
+    pub zero_pages: u64,
+    /// Dirty bitmap syncs.
+    pub dirty_syncs: u64,
+    /// Total time, ms.
+    pub total_ms: u64,
+    /// Downtime, ms.
+    pub downtime_ms: u64,
+    /// Setup time, ms.
+    pub setup_ms: u64,
+    /// Host wall clock, ms.
+    pub wall_ms: u64,
 }
 
 /// Migrates `src` to the destination listening on `port` and waits for the

@@ -1,56 +1,117 @@
 //! JSON output of the migration matrix and its summary statistics.
 
-use serde_json::{json, Map, Value};
-
-use crate::runner::object;
+use serde::Serialize;
+use serde_json::Value;
 
 use super::matrix::{Cell, CellOutcome};
+use super::StatsRecord;
 
-/// The JSON line of one migration of a cell.
-pub fn cell_json(cell: &Cell, out: &CellOutcome, index: usize) -> Map<String, Value> {
-    let mut m = object(json!({
-        "name": format!("migrate/{}", cell.label()),
-        "driver": cell.driver.name(),
-        "workload": cell.workload.name(),
-        "init_on_alloc": u8::from(cell.init_on_alloc),
-        "mem_mib": cell.mem_mib,
-        "migration": index + 1,
-    }));
-    if let Some(s) = out.migrations.get(index) {
-        m.extend(s.to_json());
-    }
-    if let Some(u) = out.ready.get("used_mib") {
-        m.insert("guest_used_mib".into(), u.clone());
-    }
-    if let Some(f) = out.ready.get("mem_free_mib").and_then(Value::as_u64) {
-        m.insert(
-            "guest_nonfree_mib".into(),
-            json!(cell.mem_mib.saturating_sub(f)),
-        );
-    }
+/// The result line of one migration of a cell ([`cell_json`]); scenarios
+/// fill in the optional fields they report.
+#[derive(Debug, Clone, Serialize)]
+pub struct CellRecord {
+    /// Result name.
+    pub name: String,
+    /// The guest's balloon driver.
+    pub driver: &'static str,
+    /// The guest workload.
+    pub workload: &'static str,
+    /// 1 when the guest ran with `init_on_alloc=1`.
+    pub init_on_alloc: u8,
+    /// Guest RAM.
+    pub mem_mib: u64,
+    /// Which migration of the cell (from 1).
+    pub migration: usize,
+    /// The migration's figures, when it ran.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub figures: Option<StatsRecord>,
+    /// The guest's `used_mib` when it was ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_used_mib: Option<Value>,
+    /// Guest RAM less its free memory when it was ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_nonfree_mib: Option<u64>,
+    /// `ok` or `CORRUPT` (none without a verdict).
+    pub integrity: Option<&'static str>,
+    /// The verdict's page count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pages_checked: Option<Value>,
+    /// The verdict's corrupt page count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrupt_pages: Option<Value>,
+    /// The verdict's first corrupt pages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_corrupt: Option<Value>,
+    /// Migrated, intact, and (on the last migration) no problem.
+    pub ok: bool,
+    /// What went wrong in the cell.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problems: Option<Vec<String>>,
+    /// The cell's serial logs, with its problems.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub logs: Option<Vec<String>>,
+    /// Which repetition (from 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rep: Option<usize>,
+    /// Which attempt of the cell (from 1), when not the first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<usize>,
+    /// The harness error that ended the cell.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The free page virtqueue's state after the migration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub free_page_vq: Option<Value>,
+    /// The reference driver failed without damage; the cell runs again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference_flake: Option<bool>,
+    /// Why the line does not count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<&'static str>,
+}
+
+/// The result line of one migration of a cell.
+pub fn cell_json(cell: &Cell, out: &CellOutcome, index: usize) -> CellRecord {
     let verdict = out.integrity.get(index);
-    m.insert(
-        "integrity".into(),
-        json!(verdict.map(|v| if crate::guest::result_ok(v) {
-            "ok"
-        } else {
-            "CORRUPT"
-        })),
-    );
-    for k in ["pages_checked", "corrupt_pages", "first_corrupt"] {
-        if let Some(v) = verdict.and_then(|v| v.get(k)) {
-            m.insert(k.into(), v.clone());
-        }
-    }
+    let from_verdict = |k: &str| verdict.and_then(|v| v.get(k)).cloned();
     let ok = out.migrations.get(index).is_some()
         && verdict.is_some_and(crate::guest::result_ok)
         && (index + 1 < out.migrations.len() || out.problems.is_empty());
-    m.insert("ok".into(), json!(ok));
-    if !out.problems.is_empty() {
-        m.insert("problems".into(), json!(out.problems));
-        m.insert("logs".into(), json!(out.logs));
+    let failed = !out.problems.is_empty();
+    CellRecord {
+        name: format!("migrate/{}", cell.label()),
+        driver: cell.driver.name(),
+        workload: cell.workload.name(),
+        init_on_alloc: u8::from(cell.init_on_alloc),
+        mem_mib: cell.mem_mib,
+        migration: index + 1,
+        figures: out.migrations.get(index).map(|s| s.record()),
+        guest_used_mib: out.ready.get("used_mib").cloned(),
+        guest_nonfree_mib: out
+            .ready
+            .get("mem_free_mib")
+            .and_then(Value::as_u64)
+            .map(|f| cell.mem_mib.saturating_sub(f)),
+        integrity: verdict.map(|v| {
+            if crate::guest::result_ok(v) {
+                "ok"
+            } else {
+                "CORRUPT"
+            }
+        }),
+        pages_checked: from_verdict("pages_checked"),
+        corrupt_pages: from_verdict("corrupt_pages"),
+        first_corrupt: from_verdict("first_corrupt"),
+        ok,
+        problems: failed.then(|| out.problems.clone()),
+        logs: failed.then(|| out.logs.clone()),
+        rep: None,
+        attempt: None,
+        error: None,
+        free_page_vq: None,
+        reference_flake: None,
+        note: None,
     }
-    m
 }
 
 /// Median of `v` (None when empty).

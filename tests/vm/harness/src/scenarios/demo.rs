@@ -130,7 +130,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
                 used.push(u);
             }
             let mut r = crate::migrate::cell_json(&cell, &out, 0);
-            r.insert("name".into(), json!(format!("demo/{}", d.name())));
+            r.name = format!("demo/{}", d.name());
             ctx.record(r);
         }
         s.insert(format!("bytes_{}", d.name()), json!(median(&b)));
@@ -224,7 +224,7 @@ fn ours(
         tt.extend(hop.and_then(|h| h.total_ms));
         dn.extend(hop.and_then(|h| h.downtime_ms));
         let mut line = own_migrate::hop_json("demo/ours-freehint", &cell, Migrator::Ours, &run, 0);
-        line.insert("driver".into(), json!("freehint"));
+        line.driver = Some("freehint");
         ctx.record(line);
     }
     s.insert("bytes_ours_freehint".into(), json!(median(&b)));

@@ -20,12 +20,13 @@
 //! (default 3) per cell, takes medians and writes
 //! `target/bench/distro-migrate.json`.
 
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{Map, Value};
 
 use super::distro_hint::{distro_kernel, DistroKernel, FLAVOUR};
-use super::qemu_migrate::{rows, run_matrix, summary, Key, Table};
-use super::{bench_reps, write_bench};
-use crate::runner::{Ctx, HarnessError};
+use super::qemu_migrate::{rows, run_matrix, summary, Key, Summary, Table};
+use super::{bench_reps, write_bench, BenchDoc};
+use crate::runner::{fields, Ctx, HarnessError};
 
 /// Guest RAM (MiB).
 pub const MEM_MIB: u64 = 4096;
@@ -45,12 +46,36 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
 }
 
 /// Whether a measured ratio meets its target (`null` when not measured).
-fn meets(v: Option<f64>, target: f64) -> Value {
-    v.map_or(Value::Null, |v| json!(v <= target))
+fn meets(v: Option<f64>, target: f64) -> Option<bool> {
+    v.map(|v| v <= target)
+}
+
+/// The summary of the distro matrix: the migration matrix's, on Debian's
+/// kernel, with its targets.
+#[derive(Serialize)]
+struct DistroSummary {
+    /// The matrix summary (`bytes_freehint_over_stock` at this size).
+    #[serde(flatten)]
+    matrix: Summary,
+    kernel: String,
+    package: String,
+    flavour: Option<String>,
+    bytes_freehint_freed_over_idle: Option<f64>,
+    init_on_alloc: &'static str,
+    reps: usize,
+    targets: Targets,
+}
+
+/// The distro matrix's targets (none without the figure).
+#[derive(Serialize)]
+struct Targets {
+    bytes_freehint_over_stock_le_0_75: Option<bool>,
+    bytes_freehint_freed_over_idle_le_1_05: Option<bool>,
+    time_hints_over_nohints_max_le_1: Option<bool>,
 }
 
 /// The matrix on the distro kernel, `reps` runs per cell, and its summary.
-fn matrix(ctx: &mut Ctx, reps: usize) -> Result<(Table, Map<String, Value>), HarnessError> {
+fn matrix(ctx: &mut Ctx, reps: usize) -> Result<(Table, DistroSummary), HarnessError> {
     let DistroKernel { release, package } = distro_kernel(ctx)?;
     if ctx.flavour_override.is_none() {
         ctx.flavour_override = Some(FLAVOUR.into());
@@ -58,7 +83,7 @@ fn matrix(ctx: &mut Ctx, reps: usize) -> Result<(Table, Map<String, Value>), Har
     let sizes = [MEM_MIB];
     let ioas = [true];
     let t = run_matrix(ctx, &sizes, reps, &ioas);
-    let mut s = summary(ctx, &t, &sizes, &ioas);
+    let mut matrix = summary(ctx, &t, &sizes, &ioas);
     let k = |d: &'static str, w: &'static str| -> Key { (MEM_MIB, d, w, true) };
     let over_stock = ratio(
         t.bytes_med(&k("freehint", "dirty-free")),
@@ -68,35 +93,29 @@ fn matrix(ctx: &mut Ctx, reps: usize) -> Result<(Table, Map<String, Value>), Har
         t.bytes_med(&k("freehint", "dirty-free")),
         t.bytes_med(&k("freehint", "idle")),
     );
-    let time_max = s.get("time_hints_over_nohints_max").and_then(Value::as_f64);
-    s.insert("kernel".into(), json!(release));
-    s.insert("package".into(), json!(package));
-    s.insert("flavour".into(), json!(ctx.flavour_override));
-    s.insert("bytes_freehint_over_stock".into(), json!(over_stock));
-    s.insert(
-        "bytes_freehint_freed_over_idle".into(),
-        json!(freed_over_idle),
-    );
-    s.insert(
-        "init_on_alloc".into(),
-        json!("1, Debian's default (CONFIG_INIT_ON_ALLOC_DEFAULT_ON=y)"),
-    );
-    s.insert("reps".into(), json!(reps));
-    s.insert(
-        "targets".into(),
-        json!({
-            "bytes_freehint_over_stock_le_0_75": meets(over_stock, TARGET_OVER_STOCK),
-            "bytes_freehint_freed_over_idle_le_1_05": meets(freed_over_idle, TARGET_FREED_OVER_IDLE),
-            "time_hints_over_nohints_max_le_1": meets(time_max, TARGET_TIME),
-        }),
-    );
+    let time_max = matrix.time_hints_over_nohints_max;
+    matrix.bytes_freehint_over_stock = over_stock;
+    let s = DistroSummary {
+        matrix,
+        kernel: release,
+        package,
+        flavour: ctx.flavour_override.clone(),
+        bytes_freehint_freed_over_idle: freed_over_idle,
+        init_on_alloc: "1, Debian's default (CONFIG_INIT_ON_ALLOC_DEFAULT_ON=y)",
+        reps,
+        targets: Targets {
+            bytes_freehint_over_stock_le_0_75: meets(over_stock, TARGET_OVER_STOCK),
+            bytes_freehint_freed_over_idle_le_1_05: meets(freed_over_idle, TARGET_FREED_OVER_IDLE),
+            time_hints_over_nohints_max_le_1: meets(time_max, TARGET_TIME),
+        },
+    };
     Ok((t, s))
 }
 
 /// CI: one run per cell.
 pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let (_, s) = matrix(ctx, 1)?;
-    Ok(s)
+    Ok(fields(&s))
 }
 
 /// Benchmark: `FREEHINT_BENCH_REPS` (default 3) runs per cell, medians, in
@@ -104,16 +123,17 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
 pub fn bench(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let reps = bench_reps(3);
     let (t, s) = matrix(ctx, reps)?;
-    let doc = json!({
-        "benchmark": "distro-migrate",
-        "command": "tests/vm/run bench-distro-migrate",
-        "reps": reps,
-        "sizes_mib": [MEM_MIB],
-        "summary": s,
-        "cells": rows(&t),
-    });
+    let doc = BenchDoc {
+        benchmark: "distro-migrate",
+        command: "tests/vm/run bench-distro-migrate",
+        reps,
+        sizes_mib: Some(vec![MEM_MIB]),
+        drivers_measured: None,
+        summary: &s,
+        cells: rows(&t),
+    };
     write_bench(ctx, "distro-migrate.json", "distro-migrate", &doc)?;
-    Ok(s)
+    Ok(fields(&s))
 }
 
 #[cfg(test)]
@@ -125,8 +145,8 @@ mod tests {
         assert_eq!(ratio(Some(1.0), Some(4.0)), Some(0.25));
         assert_eq!(ratio(Some(1.0), Some(0.0)), None);
         assert_eq!(ratio(None, Some(1.0)), None);
-        assert_eq!(meets(Some(0.75), TARGET_OVER_STOCK), json!(true));
-        assert_eq!(meets(Some(0.751), TARGET_OVER_STOCK), json!(false));
-        assert_eq!(meets(None, TARGET_TIME), Value::Null);
+        assert_eq!(meets(Some(0.75), TARGET_OVER_STOCK), Some(true));
+        assert_eq!(meets(Some(0.751), TARGET_OVER_STOCK), Some(false));
+        assert_eq!(meets(None, TARGET_TIME), None);
     }
 }

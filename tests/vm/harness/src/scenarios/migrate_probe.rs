@@ -19,15 +19,17 @@
 //! `FREEHINT_MIGRATE_DRIVERS` (comma-separated `none,stock,freehint`)
 //! chooses the drivers (default all three).
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::migrate::{
-    start_migration, wait_migration, wait_ready, Cell, Driver, MigrationStats, Workload,
-    MAX_BANDWIDTH,
+    start_migration, wait_migration, wait_ready, Cell, Driver, MigrationStats, StatsRecord,
+    Workload, MAX_BANDWIDTH,
 };
-use crate::runner::{object, Ctx, HarnessError};
+use crate::runner::{fields, Ctx, HarnessError};
 use crate::scenarios::qemu_migrate::DRIVERS;
 use crate::vm::Vm;
 
@@ -65,6 +67,24 @@ struct Setup {
     downtime_limit_ms: Option<u64>,
 }
 
+/// The result line of one probe.
+#[derive(Debug, Serialize)]
+struct ProbeRecord {
+    name: String,
+    driver: &'static str,
+    mem_mib: u64,
+    held: bool,
+    downtime_limit_ms: Option<u64>,
+    /// The guest's `used_mib` when it was ready.
+    used_mib: Option<Value>,
+    /// The migration's figures, when it completed.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    figures: Option<StatsRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    ok: bool,
+}
+
 /// Boots a guest for `driver` and migrates it once to [`SINK`]; returns
 /// the result line (`ok`: the migration completed).
 fn probe(
@@ -73,7 +93,7 @@ fn probe(
     driver: Driver,
     churn: Churn,
     setup: Setup,
-) -> Result<Map<String, Value>, HarnessError> {
+) -> Result<ProbeRecord, HarnessError> {
     let mut cell = Cell::new(MEM_MIB, driver, Workload::DirtyFree);
     cell.churn_mib = churn.mib;
     cell.pace_us = churn.pace_us;
@@ -104,28 +124,30 @@ fn probe(
         "migration",
         ctx.scaled(Duration::from_secs(600)),
     );
-    let mut r = object(json!({
-        "name": name,
-        "driver": driver.name(),
-        "mem_mib": MEM_MIB,
-        "held": setup.held,
-        "downtime_limit_ms": setup.downtime_limit_ms,
-        "used_mib": ready.get("used_mib"),
-    }));
+    let mut r = ProbeRecord {
+        name: name.to_string(),
+        driver: driver.name(),
+        mem_mib: MEM_MIB,
+        held: setup.held,
+        downtime_limit_ms: setup.downtime_limit_ms,
+        used_mib: ready.get("used_mib").cloned(),
+        figures: None,
+        error: None,
+        ok: false,
+    };
     match end {
         Ok(q) => {
             let stats = MigrationStats::from_query(&q, t0.elapsed().as_millis() as u64);
-            r.extend(stats.to_json());
-            r.insert("ok".into(), json!(true));
+            r.figures = Some(stats.record());
+            r.ok = true;
         }
         Err(e) => {
             let _ = vm.qmp().execute("migrate_cancel", None);
-            r.insert("error".into(), json!(e.to_string()));
-            r.insert("ok".into(), json!(false));
+            r.error = Some(e.to_string());
         }
     }
     vm.kill();
-    ctx.record(r.clone());
+    ctx.record(&r);
     Ok(r)
 }
 
@@ -133,16 +155,28 @@ fn drivers() -> Vec<Driver> {
     DRIVERS.into_iter().filter(|d| d.enabled()).collect()
 }
 
-fn num(r: &Map<String, Value>, k: &str) -> Value {
-    r.get(k).cloned().unwrap_or(Value::Null)
+/// The summary of `probe-floor`: MB sent per driver and mode.
+#[derive(Serialize)]
+struct FloorSummary {
+    ok: bool,
+    mb_sent: BTreeMap<&'static str, BTreeMap<&'static str, Option<f64>>>,
+}
+
+/// The summary of `probe-downtime`: each run's downtime per limit and
+/// driver.
+#[derive(Serialize)]
+struct DowntimeSummary {
+    ok: bool,
+    runs_per_cell: usize,
+    downtime_ms: BTreeMap<String, BTreeMap<&'static str, Vec<Option<u64>>>>,
 }
 
 /// `probe-floor`.
 pub fn run_floor(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let mut ok = true;
-    let mut per = Map::new();
+    let mut per = BTreeMap::new();
     for d in drivers() {
-        let mut mb = Map::new();
+        let mut mb = BTreeMap::new();
         for (mode, held) in [("prompt", false), ("held", true)] {
             let setup = Setup {
                 held,
@@ -155,21 +189,21 @@ pub fn run_floor(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
                 FLOOR_CHURN,
                 setup,
             )?;
-            ok &= r["ok"] == true;
-            mb.insert(mode.into(), num(&r, "mb_sent"));
+            ok &= r.ok;
+            mb.insert(mode, r.figures.map(|f| f.mb_sent));
         }
-        per.insert(d.name().into(), Value::Object(mb));
+        per.insert(d.name(), mb);
     }
-    Ok(object(json!({"ok": ok, "mb_sent": per})))
+    Ok(fields(&FloorSummary { ok, mb_sent: per }))
 }
 
 /// `probe-downtime`.
 pub fn run_downtime(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let reps = super::bench_reps(2);
     let mut ok = true;
-    let mut per = Map::new();
+    let mut per = BTreeMap::new();
     for limit in [300u64, 30] {
-        let mut row = Map::new();
+        let mut row = BTreeMap::new();
         for d in drivers() {
             let mut ms = Vec::new();
             for i in 0..reps {
@@ -179,14 +213,16 @@ pub fn run_downtime(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
                 };
                 let name = format!("downtime/{}/{limit}ms/{i}", d.name());
                 let r = probe(ctx, &name, d, DOWNTIME_CHURN, setup)?;
-                ok &= r["ok"] == true;
-                ms.push(num(&r, "downtime_ms"));
+                ok &= r.ok;
+                ms.push(r.figures.map(|f| f.downtime_ms));
             }
-            row.insert(d.name().into(), json!(ms));
+            row.insert(d.name(), ms);
         }
-        per.insert(format!("{limit}ms"), Value::Object(row));
+        per.insert(format!("{limit}ms"), row);
     }
-    Ok(object(
-        json!({"ok": ok, "runs_per_cell": reps, "downtime_ms": per}),
-    ))
+    Ok(fields(&DowntimeSummary {
+        ok,
+        runs_per_cell: reps,
+        downtime_ms: per,
+    }))
 }

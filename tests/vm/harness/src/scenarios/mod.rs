@@ -243,9 +243,39 @@ pub fn bench_reps(default: usize) -> usize {
         .max(1)
 }
 
+/// A benchmark file: what ran, its summary and one row per cell.
+#[derive(Debug, serde::Serialize)]
+pub struct BenchDoc<'a, S, R> {
+    /// The benchmark's name.
+    pub benchmark: &'static str,
+    /// The command that writes the file.
+    pub command: &'static str,
+    /// Runs per cell.
+    pub reps: usize,
+    /// Guest sizes measured, where the benchmark lists them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sizes_mib: Option<Vec<u64>>,
+    /// Drivers measured, where the benchmark lists them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drivers_measured: Option<Vec<&'static str>>,
+    /// The scenario's summary.
+    pub summary: &'a S,
+    /// One row per cell.
+    pub cells: Vec<R>,
+}
+
 /// Writes a benchmark's `doc` to `target/bench/FILE` and says where on
 /// stderr under `[tag]`.
-pub fn write_bench(ctx: &Ctx, file: &str, tag: &str, doc: &Value) -> Result<(), HarnessError> {
+pub fn write_bench(
+    ctx: &Ctx,
+    file: &str,
+    tag: &str,
+    doc: &impl serde::Serialize,
+) -> Result<(), HarnessError> {
+    // Through a `Value`: its keys come out sorted, as the committed files
+    // have them.
+    let doc = serde_json::to_value(doc)
+        .map_err(|e| HarnessError::Other(format!("cannot serialize {file}: {e}")))?;
     let dir = ctx.repo.join("target/bench");
     let path = dir.join(file);
     std::fs::create_dir_all(&dir)

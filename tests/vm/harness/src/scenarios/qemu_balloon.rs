@@ -56,11 +56,12 @@
 
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::migrate::{free_page_vq, migrate_to, qemu_version};
 use crate::qemu::BootSpec;
-use crate::runner::{object, Ctx, HarnessError};
+use crate::runner::{fields, object, Ctx, HarnessError};
 use crate::vm::{splat_problems, Vm, VmError};
 
 /// Guest RAM (MiB).
@@ -263,10 +264,23 @@ struct MemInfo {
     pcp_kb: u64,
 }
 
+/// [`MemInfo`] in MiB, as result lines carry it.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct MemInfoMib {
+    mem_total_mib: u64,
+    mem_free_mib: u64,
+    mem_available_mib: u64,
+    pcp_mib: u64,
+}
+
 impl MemInfo {
-    fn to_json(self) -> Value {
-        json!({"mem_total_mib": self.total_kb / 1024, "mem_free_mib": self.free_kb / 1024,
-            "mem_available_mib": self.available_kb / 1024, "pcp_mib": self.pcp_kb / 1024})
+    fn mib(self) -> MemInfoMib {
+        MemInfoMib {
+            mem_total_mib: self.total_kb / 1024,
+            mem_free_mib: self.free_kb / 1024,
+            mem_available_mib: self.available_kb / 1024,
+            pcp_mib: self.pcp_kb / 1024,
+        }
     }
 
     /// Free bytes: `MemFree` plus the per-CPU lists (pages a deflate frees
@@ -280,22 +294,36 @@ fn abs_diff_mib(a_bytes: u64, b_bytes: u64) -> u64 {
     a_bytes.abs_diff(b_bytes) / MIB
 }
 
+/// A check's result line `balloon/<name>`: its outcome and fields, or a
+/// failed line carrying the error.
+#[derive(Debug, Clone, Serialize)]
+struct CheckLine {
+    name: String,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(flatten)]
+    fields: Map<String, Value>,
+}
+
 /// A result line `balloon/<name>` from `fields` (an error becomes a failed
 /// line carrying it).
-fn result(name: &str, r: Check) -> Map<String, Value> {
-    let mut m = Map::new();
-    m.insert("name".into(), json!(format!("balloon/{name}")));
+fn result(name: &str, r: Check) -> CheckLine {
+    let name = format!("balloon/{name}");
     match r {
-        Ok(Checked { ok, fields }) => {
-            m.insert("ok".into(), json!(ok));
-            m.extend(fields);
-        }
-        Err(e) => {
-            m.insert("ok".into(), json!(false));
-            m.insert("error".into(), json!(e));
-        }
+        Ok(Checked { ok, fields }) => CheckLine {
+            name,
+            ok,
+            error: None,
+            fields,
+        },
+        Err(e) => CheckLine {
+            name,
+            ok: false,
+            error: Some(e),
+            fields: Map::new(),
+        },
     }
-    m
 }
 
 /// What a check found: whether it passed and the fields of its line.
@@ -303,7 +331,7 @@ fn result(name: &str, r: Check) -> Map<String, Value> {
 pub(crate) struct Checked {
     /// Whether it passed.
     pub(crate) ok: bool,
-    /// The fields of its result line.
+    /// The fields of its result line (each check's record, serialized).
     pub(crate) fields: Map<String, Value>,
 }
 
@@ -338,19 +366,36 @@ pub(crate) fn check_bind(g: &mut Guest, boot: BalloonBoot) -> Check {
         && has(F_FREE_PAGE_HINT)
         && has(F_PAGE_POISON) == poison
         && log.contains(want_poison_log);
-    let mut m = object(json!({
-        "driver": driver,
-        "features": feats.get(..8).unwrap_or(feats),
-        "stats_vq": has(F_STATS_VQ),
-        "deflate_on_oom": has(F_DEFLATE_ON_OOM),
-        "free_page_hint": has(F_FREE_PAGE_HINT),
-        "page_poison": has(F_PAGE_POISON),
-        "driver_log": log,
-    }));
-    if !ok {
-        m.insert("guest".into(), Value::Object(r));
-    }
-    Ok(Checked { ok, fields: m })
+    let m = BindRecord {
+        driver,
+        features: feats.get(..8).unwrap_or(feats),
+        stats_vq: has(F_STATS_VQ),
+        deflate_on_oom: has(F_DEFLATE_ON_OOM),
+        free_page_hint: has(F_FREE_PAGE_HINT),
+        page_poison: has(F_PAGE_POISON),
+        driver_log: log,
+        guest: (!ok).then_some(&r),
+    };
+    Ok(Checked {
+        ok,
+        fields: fields(&m),
+    })
+}
+
+/// The fields of the `bind` check's line.
+#[derive(Serialize)]
+struct BindRecord<'a> {
+    driver: &'a str,
+    /// The first eight feature bits.
+    features: &'a str,
+    stats_vq: bool,
+    deflate_on_oom: bool,
+    free_page_hint: bool,
+    page_poison: bool,
+    driver_log: &'a str,
+    /// The guest's answer, on failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    guest: Option<&'a Map<String, Value>>,
 }
 
 /// Check 2: inflate to 3/4 of RAM and back. With DEFLATE_ON_OOM the
@@ -381,23 +426,45 @@ pub(crate) fn check_inflate(g: &mut Guest, boot: BalloonBoot) -> Check {
     let drop_ok = abs_diff_mib(free_drop, balloon_bytes) <= FREE_TOLERANCE_MIB;
     let back_ok = abs_diff_mib(after.free_bytes(), before.free_bytes()) <= FREE_TOLERANCE_MIB;
     let ok = total_ok && drop_ok && back_ok;
-    let m = object(json!({
-        "target_mib": INFLATE_TARGET_MIB,
-        "actual_mib": a_in / MIB,
-        "inflate_ms": ms_in,
-        "deflated_actual_mib": a_out / MIB,
-        "deflate_ms": ms_out,
-        "balloon_mib": balloon_bytes / MIB,
-        "free_drop_mib": free_drop / MIB,
-        "free_returned_diff_mib": abs_diff_mib(after.free_bytes(), before.free_bytes()),
-        "deflate_on_oom": deflate_on_oom,
-        "mem_total_drop_mib": total_drop / MIB,
-        "mem_total_ok": total_ok,
-        "before": before.to_json(),
-        "inflated": inflated.to_json(),
-        "after": after.to_json(),
-    }));
-    Ok(Checked { ok, fields: m })
+    let m = InflateRecord {
+        target_mib: INFLATE_TARGET_MIB,
+        actual_mib: a_in / MIB,
+        inflate_ms: ms_in,
+        deflated_actual_mib: a_out / MIB,
+        deflate_ms: ms_out,
+        balloon_mib: balloon_bytes / MIB,
+        free_drop_mib: free_drop / MIB,
+        free_returned_diff_mib: abs_diff_mib(after.free_bytes(), before.free_bytes()),
+        deflate_on_oom,
+        mem_total_drop_mib: total_drop / MIB,
+        mem_total_ok: total_ok,
+        before: before.mib(),
+        inflated: inflated.mib(),
+        after: after.mib(),
+    };
+    Ok(Checked {
+        ok,
+        fields: fields(&m),
+    })
+}
+
+/// The fields of the `inflate` check's line.
+#[derive(Serialize)]
+struct InflateRecord {
+    target_mib: u64,
+    actual_mib: u64,
+    inflate_ms: u64,
+    deflated_actual_mib: u64,
+    deflate_ms: u64,
+    balloon_mib: u64,
+    free_drop_mib: u64,
+    free_returned_diff_mib: u64,
+    deflate_on_oom: bool,
+    mem_total_drop_mib: u64,
+    mem_total_ok: bool,
+    before: MemInfoMib,
+    inflated: MemInfoMib,
+    after: MemInfoMib,
 }
 
 /// The balloon's `guest-stats` (bytes; [`STAT_UNSET`] when not reported).
@@ -477,15 +544,30 @@ fn check_stats(g: &mut Guest) -> Check {
     let free_ok = real(free) && abs_diff_mib(free, mi.free_kb * 1024) <= FREE_TOLERANCE_MIB;
     let avail_ok = real(avail) && abs_diff_mib(avail, mi.available_kb * 1024) <= FREE_TOLERANCE_MIB;
     let ok = total_ok && free_ok && avail_ok && second.last_update > first.last_update;
-    let m = object(json!({
-        "last_update": [first.last_update, second.last_update],
-        "stat_free_mib": free / MIB,
-        "stat_total_mib": total / MIB,
-        "stat_available_mib": avail / MIB,
-        "guest": mi.to_json(),
-        "free_diff_mib": abs_diff_mib(free, mi.free_kb * 1024),
-    }));
-    Ok(Checked { ok, fields: m })
+    let m = StatsRecord {
+        last_update: [first.last_update, second.last_update],
+        stat_free_mib: free / MIB,
+        stat_total_mib: total / MIB,
+        stat_available_mib: avail / MIB,
+        guest: mi.mib(),
+        free_diff_mib: abs_diff_mib(free, mi.free_kb * 1024),
+    };
+    Ok(Checked {
+        ok,
+        fields: fields(&m),
+    })
+}
+
+/// The fields of the `stats` check's line.
+#[derive(Serialize)]
+struct StatsRecord {
+    /// `last-update` of the two readings.
+    last_update: [u64; 2],
+    stat_free_mib: u64,
+    stat_total_mib: u64,
+    stat_available_mib: u64,
+    guest: MemInfoMib,
+    free_diff_mib: u64,
 }
 
 /// Check 4: deflate on OOM.
@@ -507,26 +589,43 @@ fn check_oom(g: &mut Guest) -> Check {
     // Back to full size for the next check.
     g.balloon(MEM_MIB).map_err(err)?;
     let back = g.wait_actual("deflate after OOM", 120, |a| a == MEM_MIB * MIB);
-    let mut m = object(json!({
-        "balloon_target_mib": OOM_TARGET_MIB,
-        "inflate_ms": ms,
-        "mem_free_mib": mi.free_kb / 1024,
-        "alloc_mib": alloc_mib,
-        "actual_before_mib": a0 / MIB,
-        "actual_after_mib": a1 / MIB,
-        "deflated_on_oom_mib": grown,
-        "killed": killed,
-        "fhwork_rc": rc,
-        "kept_pages_ok": verdict_ok,
-        "back_to_full": back.is_ok(),
-    }));
-    if !ok {
-        m.insert("guest".into(), Value::Object(r));
-    }
+    let m = OomRecord {
+        balloon_target_mib: OOM_TARGET_MIB,
+        inflate_ms: ms,
+        mem_free_mib: mi.free_kb / 1024,
+        alloc_mib,
+        actual_before_mib: a0 / MIB,
+        actual_after_mib: a1 / MIB,
+        deflated_on_oom_mib: grown,
+        killed,
+        fhwork_rc: rc,
+        kept_pages_ok: verdict_ok,
+        back_to_full: back.is_ok(),
+        guest: (!ok).then_some(&r),
+    };
     Ok(Checked {
         ok: ok && back.is_ok(),
-        fields: m,
+        fields: fields(&m),
     })
+}
+
+/// The fields of the `oom_deflate` check's line.
+#[derive(Serialize)]
+struct OomRecord<'a> {
+    balloon_target_mib: u64,
+    inflate_ms: u64,
+    mem_free_mib: u64,
+    alloc_mib: u64,
+    actual_before_mib: u64,
+    actual_after_mib: u64,
+    deflated_on_oom_mib: u64,
+    killed: Option<u64>,
+    fhwork_rc: Option<i64>,
+    kept_pages_ok: bool,
+    back_to_full: bool,
+    /// The guest's answer, on failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    guest: Option<&'a Map<String, Value>>,
 }
 
 /// Check 5: unload while inflating, load again, sysfs unbind/bind.
@@ -574,31 +673,64 @@ pub(crate) fn check_unload(g: &mut Guest) -> Check {
     g.balloon(MEM_MIB).map_err(err)?;
     let re_out = g.wait_actual("deflate after rebind", 120, |a| a == full);
     let ok = busy && rm_ok && ins_ok && rb_ok && re_in.is_ok() && re_out.is_ok();
-    let mut m = object(json!({
-        "target_mib": UNLOAD_TARGET_MIB,
-        "free_fell_at_rmmod_mib": fell,
-        "pages_returned": returned,
-        "balloon_target_pages": balloon_pages,
-        "busy": busy,
-        "rmmod_ok": rm_ok,
-        "actual_after_rmmod_mib": a_after.as_ref().map(|a| a.actual / MIB).ok(),
-        "insmod_ok": ins_ok,
-        "rebind_ok": rb_ok,
-        "rebound_inflate_ok": re_in.is_ok() && re_out.is_ok(),
-    }));
+    let mut m = UnloadRecord {
+        target_mib: UNLOAD_TARGET_MIB,
+        free_fell_at_rmmod_mib: fell,
+        pages_returned: returned,
+        balloon_target_pages: balloon_pages,
+        busy,
+        rmmod_ok: rm_ok,
+        actual_after_rmmod_mib: a_after.as_ref().map(|a| a.actual / MIB).ok(),
+        insmod_ok: ins_ok,
+        rebind_ok: rb_ok,
+        rebound_inflate_ok: re_in.is_ok() && re_out.is_ok(),
+        guest: None,
+        wait_error: None,
+    };
     if !ok {
-        m.insert(
-            "guest".into(),
-            json!({"rmmod": rm, "insmod": ins, "rebind": rb}),
-        );
-        for e in [a_after.err(), re_in.err(), re_out.err()]
+        m.guest = Some(UnloadGuest {
+            rmmod: &rm,
+            insmod: &ins,
+            rebind: &rb,
+        });
+        // The last wait that failed.
+        m.wait_error = [a_after.err(), re_in.err(), re_out.err()]
             .into_iter()
             .flatten()
-        {
-            m.insert("wait_error".into(), json!(e));
-        }
+            .last();
     }
-    Ok(Checked { ok, fields: m })
+    Ok(Checked {
+        ok,
+        fields: fields(&m),
+    })
+}
+
+/// The fields of the `unload` check's line.
+#[derive(Serialize)]
+struct UnloadRecord<'a> {
+    target_mib: u64,
+    free_fell_at_rmmod_mib: Option<u64>,
+    pages_returned: Option<u64>,
+    balloon_target_pages: u64,
+    busy: bool,
+    rmmod_ok: bool,
+    actual_after_rmmod_mib: Option<u64>,
+    insmod_ok: bool,
+    rebind_ok: bool,
+    rebound_inflate_ok: bool,
+    /// The guest's answers, on failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    guest: Option<UnloadGuest<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wait_error: Option<String>,
+}
+
+/// The guest's answers to the `unload` check's commands.
+#[derive(Serialize)]
+struct UnloadGuest<'a> {
+    rmmod: &'a Map<String, Value>,
+    insmod: &'a Map<String, Value>,
+    rebind: &'a Map<String, Value>,
 }
 
 /// Name of the migration stream subsection QEMU writes for the balloon
@@ -702,17 +834,33 @@ pub(crate) fn check_stream(g: &mut Guest, file: &std::path::Path) -> Check {
     };
     let completed = ends.iter().any(|e| e == "complete" || e == "done");
     let ok = delta.is_some_and(|d| d > 0) && completed;
-    let m = object(json!({
-        "poison_subsection": poison_val.is_some(),
-        "qemu_poison_val": poison_val,
-        "stream_bytes": stream_bytes,
-        "free_page_vq_used_delta": delta,
-        "round_ends": ends,
-        "last_round_log": log,
-        "migration_mb": stats.transferred / 1_000_000,
-        "migration_ms": stats.total_ms,
-    }));
-    Ok(Checked { ok, fields: m })
+    let m = StreamRecord {
+        poison_subsection: poison_val.is_some(),
+        qemu_poison_val: poison_val,
+        stream_bytes,
+        free_page_vq_used_delta: delta,
+        round_ends: ends,
+        last_round_log: log,
+        migration_mb: stats.transferred / 1_000_000,
+        migration_ms: stats.total_ms,
+    };
+    Ok(Checked {
+        ok,
+        fields: fields(&m),
+    })
+}
+
+/// The fields of a migration-stream check's line.
+#[derive(Serialize)]
+struct StreamRecord {
+    poison_subsection: bool,
+    qemu_poison_val: Option<u32>,
+    stream_bytes: usize,
+    free_page_vq_used_delta: Option<u64>,
+    round_ends: Vec<String>,
+    last_round_log: String,
+    migration_mb: u64,
+    migration_ms: u64,
 }
 
 /// Boots one guest, waits for the script, runs `body`, ends the guest and
@@ -754,26 +902,39 @@ pub(crate) fn with_guest(
     }
     splat_problems(&g.vm, &mut problems);
     let ok = problems.is_empty();
-    let mut r = object(json!({
-        "name": format!("balloon/boot/{role}"),
-        "ok": ok,
-        "flavour": spec.flavour,
-        "cmdline": spec.extra_cmdline,
-        "device": spec.extra_qemu_args.get(3),
-        "elapsed_s": started.elapsed().as_secs(),
-    }));
-    if !ok {
-        r.insert("problems".into(), json!(problems));
-        r.insert("log".into(), json!(g.vm.serial_log.display().to_string()));
-    }
-    ctx.record(r);
+    ctx.record(GuestBootRecord {
+        name: format!("balloon/boot/{role}"),
+        ok,
+        flavour: &spec.flavour,
+        cmdline: &spec.extra_cmdline,
+        device: spec.extra_qemu_args.get(3),
+        elapsed_s: started.elapsed().as_secs(),
+        problems: (!ok).then_some(&problems),
+        log: (!ok).then(|| g.vm.serial_log.display().to_string()),
+    });
     Ok(ok)
+}
+
+/// The `balloon/boot/<role>` line of a guest [`with_guest`] ran.
+#[derive(Serialize)]
+struct GuestBootRecord<'a> {
+    name: String,
+    ok: bool,
+    flavour: &'a str,
+    cmdline: &'a [String],
+    /// The balloon device's `-device` argument.
+    device: Option<&'a String>,
+    elapsed_s: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problems: Option<&'a Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log: Option<String>,
 }
 
 /// Runs one named check, records its line, returns whether it passed.
 fn step(ctx: &mut Ctx, name: &str, r: Check) -> bool {
     let line = result(name, r);
-    let ok = crate::guest::result_ok(&line);
+    let ok = line.ok;
     ctx.record(line);
     ok
 }
@@ -820,18 +981,21 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         let poison_stream_ok = stream
             .as_ref()
             .is_ok_and(|c| c.ok && c.fields.get("qemu_poison_val") == Some(&json!(0)));
-        let mut f = Map::new();
-        let mut ok = normal_ok && poison_stream_ok;
-        for (k, r) in [
-            ("bind", bind),
-            ("stream", stream),
-            ("normal_boot_stream", normal),
-        ] {
-            let r = result(k, r);
-            ok &= crate::guest::result_ok(&r);
-            f.insert(k.into(), Value::Object(r));
-        }
-        poison_ok = step(ctx, "poison", Ok(Checked { ok, fields: f }));
+        let f = PoisonRecord {
+            bind: result("bind", bind),
+            stream: result("stream", stream),
+            normal_boot_stream: result("normal_boot_stream", normal),
+        };
+        let ok =
+            normal_ok && poison_stream_ok && f.bind.ok && f.stream.ok && f.normal_boot_stream.ok;
+        poison_ok = step(
+            ctx,
+            "poison",
+            Ok(Checked {
+                ok,
+                fields: fields(&f),
+            }),
+        );
     })?;
     Ok(checks_summary(
         ctx,
@@ -848,17 +1012,35 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     ))
 }
 
+/// The fields of the `poison` check's line: the poison boot's bind and
+/// stream checks and the normal boot's stream check, each as its own line.
+#[derive(Serialize)]
+struct PoisonRecord {
+    bind: CheckLine,
+    stream: CheckLine,
+    normal_boot_stream: CheckLine,
+}
+
+/// A balloon scenario's summary (see [`checks_summary`]).
+#[derive(Serialize)]
+struct ChecksSummary<'a> {
+    /// Each named check's outcome, one key per check.
+    #[serde(flatten)]
+    checks: std::collections::BTreeMap<&'a str, bool>,
+    elapsed_s: u64,
+    qemu: String,
+    ok: bool,
+}
+
 /// A balloon scenario's summary: each named check's outcome, `elapsed_s`
 /// since `started`, the QEMU version and `ok` when every check passed.
 pub fn checks_summary(ctx: &Ctx, started: Instant, checks: &[(&str, bool)]) -> Map<String, Value> {
-    let mut s: Map<String, Value> = checks
-        .iter()
-        .map(|&(k, ok)| (k.into(), json!(ok)))
-        .collect();
-    s.insert("elapsed_s".into(), json!(started.elapsed().as_secs()));
-    s.insert("qemu".into(), json!(qemu_version(&ctx.manifest)));
-    s.insert("ok".into(), json!(checks.iter().all(|&(_, ok)| ok)));
-    s
+    fields(&ChecksSummary {
+        checks: checks.iter().copied().collect(),
+        elapsed_s: started.elapsed().as_secs(),
+        qemu: qemu_version(&ctx.manifest),
+        ok: checks.iter().all(|&(_, ok)| ok),
+    })
 }
 
 #[cfg(test)]
@@ -919,19 +1101,19 @@ mod tests {
 
     #[test]
     fn failed_check_lines_carry_the_error() {
-        let r = result("stats", Err("no stats".into()));
+        let r = fields(&result("stats", Err("no stats".into())));
         assert_eq!(r["name"], "balloon/stats");
         assert_eq!(r["ok"], false);
         assert_eq!(r["error"], "no stats");
         let mut f = Map::new();
         f.insert("x".into(), json!(1));
-        let r = result(
+        let r = fields(&result(
             "bind",
             Ok(Checked {
                 ok: true,
                 fields: f,
             }),
-        );
+        ));
         assert_eq!((r["ok"].clone(), r["x"].clone()), (json!(true), json!(1)));
     }
 }

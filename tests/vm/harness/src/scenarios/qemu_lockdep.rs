@@ -35,7 +35,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{Map, Value};
 
 use crate::errors::io_error;
 use crate::guest::splat_lines;
@@ -43,7 +44,7 @@ use crate::guest::{result_ok, GuestOutput};
 use crate::migrate::{
     cell_json, qemu_version, run_cell_with, start_migration, wait_migration, Cell, Driver, Workload,
 };
-use crate::runner::{object, Ctx, HarnessError};
+use crate::runner::{fields, Ctx, HarnessError};
 use crate::vm::{Vm, VmError};
 
 /// Migrations under the workload (2 round trips).
@@ -64,21 +65,83 @@ pub const RMMOD_MARKER: &str = "@@RMMOD waiting";
 pub const UNLOAD_CYCLES: usize = 3;
 
 /// What one unload cycle of the final step saw.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Serialize)]
 struct CycleReport {
     /// `query-migrate` status when the guest reported the unload.
+    #[serde(rename = "migration_status")]
     status_at_rmmod: Option<String>,
     /// Bytes the sink received before the cancel.
     sink_bytes: u64,
 }
 
-impl CycleReport {
-    fn to_json(&self) -> Value {
-        json!({
-            "migration_status": self.status_at_rmmod,
-            "sink_bytes": self.sink_bytes,
-        })
-    }
+/// The `lockdep_active` line.
+#[derive(Serialize)]
+struct LockdepActive {
+    name: &'static str,
+    ok: bool,
+    /// The lockdep banner on the console.
+    banner: bool,
+    /// The guest's `lockdep` result.
+    boot: Option<Map<String, Value>>,
+    debug_locks_end: Option<u64>,
+}
+
+/// The `no_splat` line.
+#[derive(Serialize)]
+struct NoSplat<'a> {
+    name: &'static str,
+    ok: bool,
+    /// How many splat lines.
+    splats: usize,
+    /// How many serial logs were read.
+    logs: usize,
+    /// The first ten splat lines.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first: Option<&'a [String]>,
+}
+
+/// The `rmmod_during_round` line.
+#[derive(Serialize)]
+struct RmmodDuringRound<'a> {
+    name: &'static str,
+    ok: bool,
+    /// The guest's `rmmod` result.
+    guest: Option<Map<String, Value>>,
+    /// The guest's `rmmod_cycle` results.
+    cycles: &'a [&'a Map<String, Value>],
+    /// What the host saw of each cycle.
+    host: &'a [CycleReport],
+    /// How each of the driver's rounds ended.
+    round_ends: Vec<Vec<String>>,
+    rounds_during_unload: usize,
+}
+
+/// The `kmemleak` line.
+#[derive(Serialize)]
+struct Kmemleak {
+    name: &'static str,
+    ok: bool,
+    /// The guest's `kmemleak` result.
+    guest: Option<Map<String, Value>>,
+}
+
+/// The scenario's summary.
+#[derive(Serialize)]
+struct LockdepSummary<'a> {
+    migrations: usize,
+    integrity_failures: usize,
+    splats: usize,
+    lockdep_active: bool,
+    rmmod_ok: bool,
+    kmemleak_leaks: Option<u64>,
+    unload_cycles: usize,
+    rounds_during_unload: usize,
+    mem_mib: u64,
+    elapsed_s: f64,
+    qemu: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problems: Option<&'a [String]>,
+    ok: bool,
 }
 
 /// A TCP server on 127.0.0.1 that accepts one connection and discards what
@@ -296,7 +359,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let elapsed_s = started.elapsed().as_secs_f64();
     for i in 0..out.migrations.len().max(1) {
         let mut line = cell_json(&cell, &out, i);
-        line.insert("name".into(), json!(format!("lockdep/{}", i + 1)));
+        line.name = format!("lockdep/{}", i + 1);
         ctx.record(line);
     }
 
@@ -353,79 +416,57 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         .unwrap_or_default();
     let during_unload = rounds.iter().filter(|c| c.during_unload).count();
 
-    let r = object(json!({
-        "name": "lockdep_active",
-        "ok": lockdep_active,
-        "banner": banner,
-        "boot": boot,
-        "debug_locks_end": debug_locks_end,
-    }));
-    ctx.record(r);
-    let mut r = object(json!({
-        "name": "no_splat",
-        "ok": splats.is_empty(),
-        "splats": splats.len(),
-        "logs": logs.len(),
-    }));
-    if !splats.is_empty() {
-        r.insert(
-            "first".into(),
-            json!(splats.iter().take(10).collect::<Vec<_>>()),
-        );
-    }
-    ctx.record(r);
-    let mut r = Map::new();
-    r.insert("name".into(), json!("rmmod_during_round"));
-    r.insert("ok".into(), json!(rmmod_ok));
-    r.insert("guest".into(), json!(rmmod));
-    r.insert("cycles".into(), json!(guest_cycles));
-    r.insert(
-        "host".into(),
-        json!(cycles.iter().map(CycleReport::to_json).collect::<Vec<_>>()),
-    );
-    r.insert(
-        "round_ends".into(),
-        json!(rounds.iter().map(|c| c.ends.clone()).collect::<Vec<_>>()),
-    );
-    r.insert("rounds_during_unload".into(), json!(during_unload));
-    ctx.record(r);
-
-    let mut r = Map::new();
-    r.insert("name".into(), json!("kmemleak"));
-    r.insert("ok".into(), json!(kmemleak_ok));
-    r.insert("guest".into(), json!(kmemleak));
-    ctx.record(r);
+    ctx.record(LockdepActive {
+        name: "lockdep_active",
+        ok: lockdep_active,
+        banner,
+        boot,
+        debug_locks_end,
+    });
+    ctx.record(NoSplat {
+        name: "no_splat",
+        ok: splats.is_empty(),
+        splats: splats.len(),
+        logs: logs.len(),
+        first: (!splats.is_empty()).then(|| &splats[..splats.len().min(10)]),
+    });
+    ctx.record(RmmodDuringRound {
+        name: "rmmod_during_round",
+        ok: rmmod_ok,
+        guest: rmmod,
+        cycles: &guest_cycles,
+        host: &cycles,
+        round_ends: rounds.iter().map(|c| c.ends.clone()).collect(),
+        rounds_during_unload: during_unload,
+    });
+    ctx.record(Kmemleak {
+        name: "kmemleak",
+        ok: kmemleak_ok,
+        guest: kmemleak,
+    });
 
     let migrations_ok = out.migrations.len() == MIGRATIONS;
-    let mut s = object(json!({
-        "migrations": out.migrations.len(),
-        "integrity_failures": out.integrity_failures(),
-        "splats": splats.len(),
-        "lockdep_active": lockdep_active,
-        "rmmod_ok": rmmod_ok,
-        "kmemleak_leaks": leaks,
-        "unload_cycles": guest_cycles.len(),
-        "rounds_during_unload": during_unload,
-        "mem_mib": MEM_MIB,
-        "elapsed_s": (elapsed_s * 10.0).round() / 10.0,
-        "qemu": qemu_version(&ctx.manifest),
-    }));
-    if !out.problems.is_empty() {
-        s.insert("problems".into(), json!(out.problems));
-    }
-    s.insert(
-        "ok".into(),
-        json!(
-            out.ok()
-                && migrations_ok
-                && out.integrity.len() == MIGRATIONS
-                && splats.is_empty()
-                && lockdep_active
-                && rmmod_ok
-                && kmemleak_ok
-        ),
-    );
-    Ok(s)
+    Ok(fields(&LockdepSummary {
+        migrations: out.migrations.len(),
+        integrity_failures: out.integrity_failures(),
+        splats: splats.len(),
+        lockdep_active,
+        rmmod_ok,
+        kmemleak_leaks: leaks,
+        unload_cycles: guest_cycles.len(),
+        rounds_during_unload: during_unload,
+        mem_mib: MEM_MIB,
+        elapsed_s: (elapsed_s * 10.0).round() / 10.0,
+        qemu: qemu_version(&ctx.manifest),
+        problems: (!out.problems.is_empty()).then_some(&out.problems[..]),
+        ok: out.ok()
+            && migrations_ok
+            && out.integrity.len() == MIGRATIONS
+            && splats.is_empty()
+            && lockdep_active
+            && rmmod_ok
+            && kmemleak_ok,
+    }))
 }
 
 #[cfg(test)]

@@ -18,13 +18,14 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{Map, Value};
 
-use super::{bench_reps, write_bench};
+use super::{bench_reps, write_bench, BenchDoc};
 use crate::migrate::{
     cell_json, median, qemu_version, run_cell, Cell, CellOutcome, Driver, Workload,
 };
-use crate::runner::{emit, object, Ctx, HarnessError};
+use crate::runner::{emit, fields, Ctx, HarnessError};
 use crate::vm::VmError;
 
 /// All drivers, in column order.
@@ -125,10 +126,10 @@ impl Table {
     }
 }
 
-fn ratio(a: Option<f64>, b: Option<f64>) -> Value {
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
     match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => json!((a / b * 1000.0).round() / 1000.0),
-        _ => Value::Null,
+        (Some(a), Some(b)) if b > 0.0 => Some((a / b * 1000.0).round() / 1000.0),
+        _ => None,
     }
 }
 
@@ -209,16 +210,10 @@ fn run_counted(ctx: &mut Ctx, t: &mut Table, cell: &Cell, rep: usize) {
             }
         };
         let mut line = cell_json(cell, &out, 0);
-        line.insert("rep".into(), json!(rep + 1));
-        if attempt > 0 {
-            line.insert("attempt".into(), json!(attempt + 1));
-        }
-        if let Some(msg) = error {
-            line.insert("error".into(), json!(msg));
-        }
-        if let Some(v) = out.hint_vq.first() {
-            line.insert("free_page_vq".into(), v.clone());
-        }
+        line.rep = Some(rep + 1);
+        line.attempt = (attempt > 0).then_some(attempt + 1);
+        line.error = error;
+        line.free_page_vq = out.hint_vq.first().cloned();
         if retry_as_reference_flake(cell.driver, end, attempt) {
             eprintln!(
                 "[migrate] {}: reference driver failed without damaged pages \
@@ -226,15 +221,12 @@ fn run_counted(ctx: &mut Ctx, t: &mut Table, cell: &Cell, rep: usize) {
                 cell.label(),
                 out.problems.join("; ")
             );
-            line.insert("reference_flake".into(), json!(true));
-            line.insert(
-                "note".into(),
-                json!(
-                    "stock virtio_balloon (reference peer) failed with no damaged page; \
-                       not counted, the cell is run once more"
-                ),
+            line.reference_flake = Some(true);
+            line.note = Some(
+                "stock virtio_balloon (reference peer) failed with no damaged page; \
+                 not counted, the cell is run once more",
             );
-            emit(&Value::Object(line));
+            emit(&line);
             t.reference_flakes.push(cell.label());
             attempt += 1;
             continue;
@@ -254,8 +246,12 @@ pub fn run_matrix(ctx: &mut Ctx, sizes: &[u64], reps: usize, ioas: &[bool]) -> T
         if !d.enabled() {
             let note = "pending: left out by FREEHINT_MIGRATE_DRIVERS (not measured)";
             eprintln!("[migrate] driver {}: {note}", d.name());
-            emit(&json!({"name": format!("migrate/{}", d.name()), "ok": null,
-                         "pending": true, "note": note}));
+            emit(&Pending {
+                name: format!("migrate/{}", d.name()),
+                ok: None,
+                pending: true,
+                note,
+            });
         }
     }
     for rep in 0..reps {
@@ -281,14 +277,80 @@ pub fn run_matrix(ctx: &mut Ctx, sizes: &[u64], reps: usize, ioas: &[bool]) -> T
     t
 }
 
+/// The line of a driver left out of the matrix.
+#[derive(Serialize)]
+struct Pending {
+    name: String,
+    /// Neither passed nor failed: `null`.
+    ok: Option<bool>,
+    pending: bool,
+    note: &'static str,
+}
+
+/// The summary of a migration matrix ([`summary`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// freehint.ko's bytes over the stock driver's, 4 GiB dirty-free guest.
+    pub bytes_freehint_over_stock: Option<f64>,
+    /// freehint.ko's bytes over the guest's used memory.
+    pub bytes_freehint_over_used: Option<f64>,
+    /// freehint.ko's bytes over the guest's non-free memory.
+    pub bytes_freehint_over_nonfree: Option<f64>,
+    /// Worst total time with freehint.ko over without hints.
+    pub time_hints_over_nohints_max: Option<f64>,
+    /// Verdicts that failed.
+    pub integrity_failures: usize,
+    /// Runs that failed.
+    pub failed_runs: usize,
+    /// Reference-driver flakes run again.
+    pub reference_flakes: usize,
+    /// The cells that flaked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference_flake_cells: Option<Vec<String>>,
+    /// The stock driver's bytes over no driver's.
+    pub bytes_stock_over_nohints: Option<f64>,
+    /// The stock driver's bytes over the guest's used memory.
+    pub bytes_stock_over_used: Option<f64>,
+    /// The stock driver's bytes over the guest's non-free memory.
+    pub bytes_stock_over_nonfree: Option<f64>,
+    /// Worst total time with the stock driver over without hints.
+    pub time_stock_over_nohints_max: Option<f64>,
+    /// `measured`, or `pending` when freehint.ko was left out.
+    pub freehint: &'static str,
+    /// Runs.
+    pub runs: usize,
+    /// `qemu --version`.
+    pub qemu: String,
+    /// No run failed.
+    pub ok: bool,
+}
+
+/// A benchmark file's row: one cell's medians and runs.
+#[derive(Serialize)]
+pub struct Row<'a> {
+    mem_mib: u64,
+    driver: &'static str,
+    workload: &'static str,
+    init_on_alloc: u8,
+    runs: usize,
+    bytes_median: Option<f64>,
+    mb_sent_median: Option<f64>,
+    total_ms_median: Option<f64>,
+    downtime_ms_median: Option<f64>,
+    guest_used_mib_median: Option<f64>,
+    guest_nonfree_mib_median: Option<f64>,
+    bytes: Option<&'a Vec<f64>>,
+    total_ms: Option<&'a Vec<f64>>,
+}
+
 /// The summary fields, the ratios docs/benchmarks.md holds to targets, from
 /// a table (4 GiB, `init_on_alloc=1` for the byte ratios; the worst workload
 /// and both `init_on_alloc` for time).
-pub fn summary(ctx: &Ctx, t: &Table, sizes: &[u64], ioas: &[bool]) -> Map<String, Value> {
+pub fn summary(ctx: &Ctx, t: &Table, sizes: &[u64], ioas: &[bool]) -> Summary {
     let df = |d: &'static str| -> Key { (4096, d, "dirty-free", true) };
     let used_bytes = |k: &Key| t.used_med(k).map(|u| u * 1048576.0);
     let nonfree_bytes = |k: &Key| t.nonfree_med(k).map(|u| u * 1048576.0);
-    let time_max = |d: &'static str| -> Value {
+    let time_max = |d: &'static str| -> Option<f64> {
         let mut worst: Option<f64> = None;
         for &mem in sizes {
             for &ioa in ioas {
@@ -303,62 +365,52 @@ pub fn summary(ctx: &Ctx, t: &Table, sizes: &[u64], ioas: &[bool]) -> Map<String
                 }
             }
         }
-        worst.map_or(Value::Null, |x| json!((x * 1000.0).round() / 1000.0))
+        worst.map(|x| (x * 1000.0).round() / 1000.0)
     };
-    let mut s = object(json!({
-        "bytes_freehint_over_stock": ratio(t.bytes_med(&df("freehint")), t.bytes_med(&df("stock"))),
-        "bytes_freehint_over_used": ratio(t.bytes_med(&df("freehint")), used_bytes(&df("freehint"))),
-        "bytes_freehint_over_nonfree": ratio(t.bytes_med(&df("freehint")), nonfree_bytes(&df("freehint"))),
-        "time_hints_over_nohints_max": time_max("freehint"),
-        "integrity_failures": t.integrity_failures,
-        "failed_runs": t.failures,
-        "reference_flakes": t.reference_flakes.len(),
-    }));
-    if !t.reference_flakes.is_empty() {
-        s.insert("reference_flake_cells".into(), json!(t.reference_flakes));
-    }
-    s.insert(
-        "bytes_stock_over_nohints".into(),
-        ratio(t.bytes_med(&df("stock")), t.bytes_med(&df("none"))),
-    );
-    s.insert(
-        "bytes_stock_over_used".into(),
-        ratio(t.bytes_med(&df("stock")), used_bytes(&df("stock"))),
-    );
-    s.insert(
-        "bytes_stock_over_nonfree".into(),
-        ratio(t.bytes_med(&df("stock")), nonfree_bytes(&df("stock"))),
-    );
-    s.insert("time_stock_over_nohints_max".into(), time_max("stock"));
-    s.insert(
-        "freehint".into(),
-        json!(if Driver::Freehint.enabled() {
+    let free = t.bytes_med(&df("freehint"));
+    let stock = t.bytes_med(&df("stock"));
+    Summary {
+        bytes_freehint_over_stock: ratio(free, stock),
+        bytes_freehint_over_used: ratio(free, used_bytes(&df("freehint"))),
+        bytes_freehint_over_nonfree: ratio(free, nonfree_bytes(&df("freehint"))),
+        time_hints_over_nohints_max: time_max("freehint"),
+        integrity_failures: t.integrity_failures,
+        failed_runs: t.failures,
+        reference_flakes: t.reference_flakes.len(),
+        reference_flake_cells: (!t.reference_flakes.is_empty()).then(|| t.reference_flakes.clone()),
+        bytes_stock_over_nohints: ratio(stock, t.bytes_med(&df("none"))),
+        bytes_stock_over_used: ratio(stock, used_bytes(&df("stock"))),
+        bytes_stock_over_nonfree: ratio(stock, nonfree_bytes(&df("stock"))),
+        time_stock_over_nohints_max: time_max("stock"),
+        freehint: if Driver::Freehint.enabled() {
             "measured"
         } else {
             "pending"
-        }),
-    );
-    s.insert("runs".into(), json!(t.runs));
-    s.insert("qemu".into(), json!(qemu_version(&ctx.manifest)));
-    s.insert("ok".into(), json!(t.failures == 0 && t.runs > 0));
-    s
+        },
+        runs: t.runs,
+        qemu: qemu_version(&ctx.manifest),
+        ok: t.failures == 0 && t.runs > 0,
+    }
 }
 
-/// The per-cell medians as JSON rows (for the benchmark file).
-pub fn rows(t: &Table) -> Vec<Value> {
+/// The per-cell medians as rows (for the benchmark file).
+pub fn rows(t: &Table) -> Vec<Row<'_>> {
     t.bytes
         .keys()
-        .map(|k| {
-            let n = t.bytes.get(k).map_or(0, Vec::len);
-            json!({
-                "mem_mib": k.0, "driver": k.1, "workload": k.2,
-                "init_on_alloc": u8::from(k.3), "runs": n,
-                "bytes_median": t.bytes_med(k), "mb_sent_median": t.bytes_med(k).map(|b| (b / 1e5).round() / 10.0),
-                "total_ms_median": t.total_med(k), "downtime_ms_median": t.downtime_med(k),
-                "guest_used_mib_median": t.used_med(k),
-                "guest_nonfree_mib_median": t.nonfree_med(k),
-                "bytes": t.bytes.get(k), "total_ms": t.total_ms.get(k),
-            })
+        .map(|k| Row {
+            mem_mib: k.0,
+            driver: k.1,
+            workload: k.2,
+            init_on_alloc: u8::from(k.3),
+            runs: t.bytes.get(k).map_or(0, Vec::len),
+            bytes_median: t.bytes_med(k),
+            mb_sent_median: t.bytes_med(k).map(|b| (b / 1e5).round() / 10.0),
+            total_ms_median: t.total_med(k),
+            downtime_ms_median: t.downtime_med(k),
+            guest_used_mib_median: t.used_med(k),
+            guest_nonfree_mib_median: t.nonfree_med(k),
+            bytes: t.bytes.get(k),
+            total_ms: t.total_ms.get(k),
         })
         .collect()
 }
@@ -368,7 +420,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let sizes = [4096];
     let ioas = [true, false];
     let t = run_matrix(ctx, &sizes, 1, &ioas);
-    Ok(summary(ctx, &t, &sizes, &ioas))
+    Ok(fields(&summary(ctx, &t, &sizes, &ioas)))
 }
 
 /// Benchmark: 4 and 8 GiB (`FREEHINT_BENCH_SIZES`, MiB, comma-separated),
@@ -384,23 +436,30 @@ pub fn bench(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let ioas = [true, false];
     let t = run_matrix(ctx, &sizes, reps, &ioas);
     let s = summary(ctx, &t, &sizes, &ioas);
-    let doc = json!({
-        "benchmark": "migrate",
-        "command": "tests/vm/run bench-migrate",
-        "reps": reps,
-        "sizes_mib": sizes,
-        "drivers_measured": DRIVERS.iter().filter(|d| d.enabled()).map(|d| d.name()).collect::<Vec<_>>(),
-        "summary": s,
-        "cells": rows(&t),
-    });
+    let doc = BenchDoc {
+        benchmark: "migrate",
+        command: "tests/vm/run bench-migrate",
+        reps,
+        sizes_mib: Some(sizes),
+        drivers_measured: Some(
+            DRIVERS
+                .iter()
+                .filter(|d| d.enabled())
+                .map(|d| d.name())
+                .collect(),
+        ),
+        summary: &s,
+        cells: rows(&t),
+    };
     write_bench(ctx, "migrate.json", "migrate", &doc)?;
-    Ok(s)
+    Ok(fields(&s))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::migrate::MigrationStats;
+    use serde_json::json;
 
     fn verdict(ok: bool, corrupt: u64) -> Map<String, Value> {
         let v = json!({"name": "integrity", "ok": ok, "corrupt_pages": corrupt});

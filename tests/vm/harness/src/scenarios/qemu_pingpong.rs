@@ -33,10 +33,8 @@ fn pingpong(ctx: &mut Ctx, migrations: usize) -> Result<Map<String, Value>, Harn
     )?;
     for i in 0..migrations {
         let mut line = cell_json(&cell, &out, i);
-        line.insert("name".into(), json!(format!("pingpong/{}", i + 1)));
-        if let Some(v) = out.hint_vq.get(i) {
-            line.insert("free_page_vq".into(), v.clone());
-        }
+        line.name = format!("pingpong/{}", i + 1);
+        line.free_page_vq = out.hint_vq.get(i).cloned();
         ctx.record(line);
     }
     let mut s = object(json!({

@@ -28,18 +28,23 @@
 //! `FREEHINT_VFIO_CASES` (comma-separated names) runs only those cases.
 //! The hostile driver is `vfio-hostile`; hint round latency is `bench-vfio`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use freehint_migrate::qmp::Qmp;
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use super::vfio_stock::{boot_round, boot_with_step, fresh_dump, host_round, BalloonStep, Round};
+use super::vfio_stock::{
+    boot_round, boot_with_step, fresh_dump, host_round, BalloonStep, HostFigures, Round,
+};
 use crate::errors::io_error;
 use crate::qemu::{BootSpec, Machine};
-use crate::runner::{object, Ctx, HarnessError};
+use crate::runner::{fields, Ctx, HarnessError};
 use crate::vfio::{
-    attach_args, compare, overlay_initramfs, read_dump, server_binary, RamLayout, Server, VfioBoot,
+    attach_args, compare, overlay_initramfs, read_dump, server_binary, Comparison, RamLayout,
+    Server, VfioBoot,
 };
 use crate::vm::Vm;
 
@@ -279,7 +284,7 @@ fn stock_case(
         }
         if case.reporting {
             let bytes = wait_reported(&server, Duration::from_secs(30))?;
-            figures.insert("reported_bytes".into(), json!(bytes));
+            figures.reported_bytes = Some(bytes);
         }
         host_round(&server, pid, BalloonStep::Inflate, &dump_name, figures)
     })?;
@@ -313,45 +318,81 @@ fn stock_case(
     if let Some(e) = step.error {
         problems.push(format!("host step: {e}"));
     }
-    let mut r = object(json!({
-        "name": format!("case/{}", case.tag),
-        "machine": machine.name(),
-        "mem_mib": case.mem_mib,
-        "boot_s": (out.elapsed_s * 10.0).round() / 10.0,
-    }));
-    if dump.is_file() {
-        r.extend(compare(&read_dump(&dump)?, &out.runs, &layout));
+    let comparison = if dump.is_file() {
+        Some(compare(&read_dump(&dump)?, &out.runs, &layout))
     } else {
         problems.push("no hint dump".into());
+        None
+    };
+    let f = &step.figures;
+    let false_free = comparison.as_ref().map(|c| c.false_free);
+    if false_free != Some(0) {
+        problems.push(format!("false_free {false_free:?}, want 0"));
     }
-    r.extend(step.figures);
-    let n = |k: &str| r.get(k).and_then(Value::as_u64);
-    if n("false_free") != Some(0) {
-        problems.push(format!("false_free {:?}, want 0", n("false_free")));
-    }
-    if n("round_free_pages").unwrap_or(0) == 0 {
+    if f.round_free_pages.unwrap_or(0) == 0 {
         problems.push("hint round reported no free pages".into());
     }
-    if r.get("stats").is_none_or(Value::is_null) {
+    if f.stats.as_ref().is_none_or(Value::is_null) {
         problems.push("no statistics from the guest".into());
     }
     if case.reporting {
-        if n("reported_bytes").unwrap_or(0) == 0 {
+        if f.reported_bytes.unwrap_or(0) == 0 {
             problems.push("no free page reporting".into());
         }
-    } else if n("inflate_freed_kb").unwrap_or(0) < INFLATE_FREED_MIN_KB {
+    } else if f.inflate_freed_kb.unwrap_or(0) < INFLATE_FREED_MIN_KB {
         problems.push(format!(
             "inflating 64 MiB freed {:?} kB of host RAM, want >= {INFLATE_FREED_MIN_KB}",
-            n("inflate_freed_kb")
+            f.inflate_freed_kb
         ));
     }
     let ok = out.ok && problems.is_empty();
-    if !problems.is_empty() {
-        r.insert("problems".into(), json!(problems));
-    }
-    r.insert("ok".into(), json!(ok));
-    ctx.record(r.clone());
+    let r = fields(&CaseRecord {
+        name: format!("case/{}", case.tag),
+        machine: machine.name(),
+        mem_mib: case.mem_mib,
+        boot_s: (out.elapsed_s * 10.0).round() / 10.0,
+        comparison,
+        figures: step.figures,
+        problems: (!problems.is_empty()).then_some(problems),
+        ok,
+    });
+    ctx.record(&r);
     Ok(r)
+}
+
+/// The `case/<tag>` line of one stock case.
+#[derive(Serialize)]
+struct CaseRecord {
+    name: String,
+    machine: &'static str,
+    mem_mib: u64,
+    boot_s: f64,
+    /// The host's free set against the guest's dumps, when there was a
+    /// hint dump.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    comparison: Option<Comparison>,
+    #[serde(flatten)]
+    figures: HostFigures,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problems: Option<Vec<String>>,
+    ok: bool,
+}
+
+/// A case's entry in the scenario's summary.
+#[derive(Serialize)]
+struct CaseSummary {
+    ok: bool,
+    false_free: Value,
+    round_free_pages: Value,
+    inflate_freed_kb: Value,
+    reported_bytes: Value,
+}
+
+/// The scenario's summary: every case's entry by tag.
+#[derive(Serialize)]
+struct Summary {
+    ok: bool,
+    cases: BTreeMap<String, CaseSummary>,
 }
 
 /// Runs the scenario.
@@ -359,16 +400,19 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let bin = server_binary(&ctx.repo)?;
     let initramfs = overlay_initramfs(ctx)?;
     let mut ok = true;
-    let mut per = Map::new();
+    let mut per = BTreeMap::new();
     let mut keep = |name: &str, r: &Map<String, Value>, cell_ok: bool| {
         ok &= cell_ok;
         let pick = |k: &str| r.get(k).cloned().unwrap_or(Value::Null);
         per.insert(
-            name.into(),
-            json!({"ok": cell_ok, "false_free": pick("false_free"),
-                   "round_free_pages": pick("round_free_pages"),
-                   "inflate_freed_kb": pick("inflate_freed_kb"),
-                   "reported_bytes": pick("reported_bytes")}),
+            name.to_string(),
+            CaseSummary {
+                ok: cell_ok,
+                false_free: pick("false_free"),
+                round_free_pages: pick("round_free_pages"),
+                inflate_freed_kb: pick("inflate_freed_kb"),
+                reported_bytes: pick("reported_bytes"),
+            },
         );
     };
     for case in &CASES {
@@ -405,5 +449,5 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         let cell_ok = r["ok"] == true && drift_ok && n("false_free") == Some(0);
         keep("freehint-no-stats", &r, cell_ok);
     }
-    Ok(object(json!({"ok": ok, "cases": Value::Object(per)})))
+    Ok(fields(&Summary { ok, cases: per }))
 }

@@ -13,14 +13,15 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::errors::io_error;
 use crate::qemu::{BootSpec, Machine};
-use crate::runner::{object, Ctx, HarnessError};
+use crate::runner::{fields, Ctx, HarnessError};
 use crate::vfio::{
-    compare, memfd_kb, overlay_initramfs, read_dump, server_binary, RamLayout, Server, VfioBoot,
-    VfioOutcome,
+    compare, memfd_kb, overlay_initramfs, read_dump, server_binary, Comparison, RamLayout, Server,
+    VfioBoot, VfioOutcome,
 };
 
 /// Inflate target of the host step, 4 KiB pages (64 MiB).
@@ -71,16 +72,13 @@ pub fn host_round(
     qemu_pid: u32,
     balloon: BalloonStep,
     dump_name: &str,
-    figures: &mut Map<String, Value>,
+    figures: &mut HostFigures,
 ) -> Result<(), HarnessError> {
     // Here the guest has run whatever it ran before (the hostile driver).
-    figures.insert(
-        "server_anon_kb_guest_ready".into(),
-        json!(server.status_kb("RssAnon")),
-    );
+    figures.server_anon_kb_guest_ready = Some(server.status_kb("RssAnon"));
     let st = server.ctl("status")?;
-    figures.insert("virtio_status".into(), json!(field(&st, "virtio_status")));
-    figures.insert("acked_features".into(), json!(field(&st, "acked_features")));
+    figures.virtio_status = Some(field(&st, "virtio_status"));
+    figures.acked_features = Some(field(&st, "acked_features"));
     if field(&st, "virtio_status") != 15 {
         return Err(other(format!("server-side virtio status {st:?}, want 15")));
     }
@@ -91,12 +89,9 @@ pub fn host_round(
         let inflated = memfd_kb(qemu_pid).unwrap_or(0);
         server.ctl("target 0")?;
         wait_actual(server, 0)?;
-        figures.insert("host_ram_kb_before".into(), json!(before));
-        figures.insert("host_ram_kb_inflated".into(), json!(inflated));
-        figures.insert(
-            "inflate_freed_kb".into(),
-            json!(before.saturating_sub(inflated)),
-        );
+        figures.host_ram_kb_before = Some(before);
+        figures.host_ram_kb_inflated = Some(inflated);
+        figures.inflate_freed_kb = Some(before.saturating_sub(inflated));
         let mut stats = Value::Null;
         for _ in 0..50 {
             let s = server.ctl("stats")?;
@@ -110,25 +105,59 @@ pub fn host_round(
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        figures.insert("stats".into(), stats);
+        figures.stats = Some(stats);
     }
     let round = server.ctl("hint-round 120000")?;
-    figures.insert(
-        "round_ms".into(),
-        round.get("ms").cloned().unwrap_or(Value::Null),
-    );
-    figures.insert(
-        "round_free_pages".into(),
-        json!(field(&round, "free_pages")),
-    );
+    figures.round_ms = Some(round.get("ms").cloned().unwrap_or(Value::Null));
+    figures.round_free_pages = Some(field(&round, "free_pages"));
     let d = server.ctl(&format!("hint-dump {dump_name}"))?;
-    figures.insert(
-        "dump_complete".into(),
-        d.get("complete").cloned().unwrap_or(Value::Null),
-    );
-    figures.insert("dump_free_pages".into(), json!(field(&d, "free_pages")));
+    figures.dump_complete = Some(d.get("complete").cloned().unwrap_or(Value::Null));
+    figures.dump_free_pages = Some(field(&d, "free_pages"));
     server.ctl("hint-finish")?;
     Ok(())
+}
+
+/// What a boot's host step measured ([`host_round`]); a figure is there
+/// once the step got that far.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HostFigures {
+    /// Bytes the free page reporting queue reported (reporting cases).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reported_bytes: Option<u64>,
+    /// The server's anonymous RSS once the guest was ready, KiB (`null`
+    /// when unreadable).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_anon_kb_guest_ready: Option<Option<u64>>,
+    /// The server's virtio status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub virtio_status: Option<u64>,
+    /// The features the driver acked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acked_features: Option<u64>,
+    /// QEMU's guest RAM resident before the inflate, KiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_ram_kb_before: Option<u64>,
+    /// The same once inflated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_ram_kb_inflated: Option<u64>,
+    /// What the inflate gave back to the host, KiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inflate_freed_kb: Option<u64>,
+    /// The statistics the driver sent (`null` when none came).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<Value>,
+    /// The hint round's time, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub round_ms: Option<Value>,
+    /// Free pages the hint round reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub round_free_pages: Option<u64>,
+    /// Whether the dump is of a complete round.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dump_complete: Option<Value>,
+    /// Free pages in the dump.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dump_free_pages: Option<u64>,
 }
 
 /// The name and path of the hint dump of the boot `label`, with any dump
@@ -144,7 +173,7 @@ pub fn fresh_dump(server: &Server, label: &str) -> (String, PathBuf) {
 #[derive(Debug, Default)]
 pub struct HostStep {
     /// The figures it gathered.
-    pub figures: Map<String, Value>,
+    pub figures: HostFigures,
     /// Why it failed, if it did.
     pub error: Option<String>,
 }
@@ -157,7 +186,7 @@ pub fn boot_with_step(
     boot: &VfioBoot,
     server: &Server,
     layout: &RamLayout,
-    mut step: impl FnMut(u32, &mut Map<String, Value>) -> Result<(), HarnessError>,
+    mut step: impl FnMut(u32, &mut HostFigures) -> Result<(), HarnessError>,
 ) -> Result<(VfioOutcome, HostStep), HarnessError> {
     let mut left = HostStep::default();
     let out = boot.run(ctx, server, layout, &mut |pid| {
@@ -247,53 +276,77 @@ pub fn boot_round(ctx: &mut Ctx, round: &Round) -> Result<Map<String, Value>, Ha
     let exited = server.wait_exit(Duration::from_secs(5));
     let log = server.log_text();
 
-    let mut r = Map::new();
-    r.insert("name".into(), json!(format!("round/{tag}/{label}")));
-    r.insert("machine".into(), json!(machine.name()));
-    r.insert("mem_mib".into(), json!(mem_mib));
     let mut ok = out.ok && step.error.is_none();
-    if let Some(e) = step.error {
-        r.insert("error".into(), json!(e));
-    }
-    if dump.is_file() {
-        let host = read_dump(&dump)?;
-        for (k, v) in compare(&host, &out.runs, &layout) {
-            r.insert(k, v);
-        }
+    let comparison = if dump.is_file() {
+        Some(compare(&read_dump(&dump)?, &out.runs, &layout))
     } else {
         ok = false;
-        r.insert("error_dump".into(), json!("no hint dump"));
-    }
-    for (k, v) in step.figures {
-        r.insert(k, v);
-    }
-    let n = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(u64::MAX);
-    let host_free = n("host_free_pages");
-    ok &= n("false_free") == 0 && n("held_pages") > 0;
-    ok &= host_free > 0 && host_free != u64::MAX && n("dump_free_pages") == host_free;
-    ok &= r.get("dump_complete") == Some(&Value::Bool(true));
+        None
+    };
+    let f = &step.figures;
+    let n = |v: Option<u64>| v.unwrap_or(u64::MAX);
+    let c = comparison.as_ref();
+    let host_free = n(c.map(|c| c.host_free_pages));
+    ok &= n(c.map(|c| c.false_free)) == 0 && n(c.map(|c| c.held_pages)) > 0;
+    ok &= host_free > 0 && host_free != u64::MAX && n(f.dump_free_pages) == host_free;
+    ok &= f.dump_complete == Some(Value::Bool(true));
     if balloon == BalloonStep::Inflate {
         // The balloon takes freshly freed pages first: the host must drop
         // at least 75 % of the target.
-        ok &= n("inflate_freed_kb") * 4 >= INFLATE_PAGES * 4 * 3;
-        ok &= r.get("stats").is_some_and(|s| !s.is_null());
+        ok &= n(f.inflate_freed_kb) * 4 >= INFLATE_PAGES * 4 * 3;
+        ok &= f.stats.as_ref().is_some_and(|s| !s.is_null());
     }
     let warnings = log
         .lines()
         .filter(|l| l.contains("WARN") || l.contains("ERROR"))
         .count();
     ok &= log.contains("migrates NO state");
-    r.extend(object(json!({
-        "server_anon_kb_before": anon_before,
-        "server_anon_kb_after": anon_after,
-        "server_alive_at_end": server_alive,
-        "server_exited_after_client": exited,
-        "server_warnings": warnings,
-        "boot_s": (out.elapsed_s * 10.0).round() / 10.0,
-        "ok": ok,
-    })));
-    ctx.record(r.clone());
+    let error_dump = comparison.is_none().then_some("no hint dump");
+    let r = RoundRecord {
+        name: format!("round/{tag}/{label}"),
+        machine: machine.name(),
+        mem_mib,
+        error: step.error,
+        comparison,
+        error_dump,
+        figures: step.figures,
+        server_anon_kb_before: anon_before,
+        server_anon_kb_after: anon_after,
+        server_alive_at_end: server_alive,
+        server_exited_after_client: exited,
+        server_warnings: warnings,
+        boot_s: (out.elapsed_s * 10.0).round() / 10.0,
+        ok,
+    };
+    let r = fields(&r);
+    ctx.record(&r);
     Ok(r)
+}
+
+/// The `round/<tag>/<machine>-<mem>m` line of one [`boot_round`].
+#[derive(Serialize)]
+struct RoundRecord {
+    name: String,
+    machine: &'static str,
+    mem_mib: u64,
+    /// Why the host step failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    /// The host's free set against the guest's dumps, when there was a
+    /// hint dump.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    comparison: Option<Comparison>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_dump: Option<&'static str>,
+    #[serde(flatten)]
+    figures: HostFigures,
+    server_anon_kb_before: Option<u64>,
+    server_anon_kb_after: Option<u64>,
+    server_alive_at_end: bool,
+    server_exited_after_client: bool,
+    server_warnings: usize,
+    boot_s: f64,
+    ok: bool,
 }
 
 /// One [`boot_round`] of `script` (tag `tag`) with the balloon step, on

@@ -14,11 +14,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::migrate::{verify_integrity, wait_ready, Cell, Driver, Then, Workload};
 use crate::qemu::Machine;
-use crate::runner::{object, Ctx, HarnessError};
+use crate::runner::{fields, Ctx, HarnessError};
 use crate::vfio::{package_binary, RamLayout, Server};
 use crate::vm::{splat_problems, Vm, VmOptions};
 
@@ -36,23 +37,61 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let mut ok = true;
     for driver in [Driver::Stock, Driver::Freehint] {
         let r = one(ctx, &bin, driver);
-        ok &= r.get("ok") == Some(&Value::Bool(true));
-        ctx.record(r.clone());
-        cells.push(Value::Object(r));
+        ok &= r.ok;
+        ctx.record(&r);
+        cells.push(r);
     }
-    Ok(object(json!({"ok": ok, "cells": cells})))
+    Ok(fields(&Summary { ok, cells }))
 }
 
-fn one(ctx: &mut Ctx, bin: &Path, driver: Driver) -> Map<String, Value> {
-    let mut r = object(json!({"name": format!("vhost-user/{}", driver.name())}));
+/// The scenario's summary: every driver's line again.
+#[derive(Serialize)]
+struct Summary {
+    ok: bool,
+    cells: Vec<DriverRecord>,
+}
+
+/// The line of one driver; a figure is there once the run got that far.
+#[derive(Debug, Default, Serialize)]
+struct DriverRecord {
+    name: String,
+    /// The driver the guest reported bound.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bound: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    virtio_status: Option<Value>,
+    /// Hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    acked_features: Option<String>,
+    /// Whether the bitmap protocol was negotiated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bitmap: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inflate_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deflate_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hint_free_pages: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    round_ms: Option<Value>,
+    /// The guest's verdict.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    integrity: Option<Map<String, Value>>,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problems: Option<Vec<String>>,
+}
+
+fn one(ctx: &mut Ctx, bin: &Path, driver: Driver) -> DriverRecord {
+    let mut r = DriverRecord {
+        name: format!("vhost-user/{}", driver.name()),
+        ..DriverRecord::default()
+    };
     let mut problems = Vec::new();
     if let Err(e) = drive(ctx, bin, driver, &mut r, &mut problems) {
         problems.push(e.to_string());
     }
-    r.insert("ok".into(), json!(problems.is_empty()));
-    if !problems.is_empty() {
-        r.insert("problems".into(), json!(problems));
-    }
+    r.ok = problems.is_empty();
     eprintln!(
         "[vmtest]   vhost-user/{}: {}",
         driver.name(),
@@ -62,6 +101,7 @@ fn one(ctx: &mut Ctx, bin: &Path, driver: Driver) -> Map<String, Value> {
             format!("FAILED ({})", problems.join("; "))
         }
     );
+    r.problems = (!problems.is_empty()).then_some(problems);
     r
 }
 
@@ -69,7 +109,7 @@ fn drive(
     ctx: &mut Ctx,
     bin: &Path,
     driver: Driver,
-    r: &mut Map<String, Value>,
+    r: &mut DriverRecord,
     problems: &mut Vec<String>,
 ) -> Result<(), HarnessError> {
     let mut cell = Cell::new(MEM_MIB, driver, Workload::Idle);
@@ -110,7 +150,7 @@ fn drive(
         .iter()
         .find(|m| m.get("name") == Some(&json!("driver")))
         .and_then(|m| m.get("bound").cloned());
-    r.insert("bound".into(), bound.clone().unwrap_or(Value::Null));
+    r.bound = Some(bound.clone().unwrap_or(Value::Null));
     let want = match driver {
         Driver::Freehint => "freehint",
         _ => "virtio_balloon",
@@ -123,36 +163,35 @@ fn drive(
         .get("acked_features")
         .and_then(Value::as_u64)
         .unwrap_or(0);
-    r.insert(
-        "virtio_status".into(),
-        status.get("virtio_status").cloned().unwrap_or(Value::Null),
-    );
-    r.insert("acked_features".into(), json!(format!("{acked:#x}")));
+    r.virtio_status = Some(status.get("virtio_status").cloned().unwrap_or(Value::Null));
+    r.acked_features = Some(format!("{acked:#x}"));
     if status.get("virtio_status") != Some(&json!(15)) {
         problems.push(format!("device not active: {status:?}"));
     }
     let bitmap = acked & BITMAP_FEATURE != 0;
-    r.insert("bitmap".into(), json!(bitmap));
+    r.bitmap = Some(bitmap);
     if bitmap != (driver == Driver::Freehint) {
         problems.push(format!("bitmap protocol negotiated: {bitmap}"));
     }
-    for (target, key) in [(TARGET, "inflate_ms"), (0, "deflate_ms")] {
+    for target in [TARGET, 0] {
         let t0 = Instant::now();
         server.ctl(&format!("target {target}"))?;
         match wait_actual(&server, target, timeout) {
             Ok(()) => {
-                r.insert(key.into(), json!(t0.elapsed().as_millis() as u64));
+                let ms = Some(t0.elapsed().as_millis() as u64);
+                if target == TARGET {
+                    r.inflate_ms = ms;
+                } else {
+                    r.deflate_ms = ms;
+                }
             }
             Err(e) => problems.push(e),
         }
         if target == TARGET {
             let round = server.ctl("hint-round 120000")?;
             let free = round.get("free_pages").and_then(Value::as_u64).unwrap_or(0);
-            r.insert("hint_free_pages".into(), json!(free));
-            r.insert(
-                "round_ms".into(),
-                round.get("ms").cloned().unwrap_or(Value::Null),
-            );
+            r.hint_free_pages = Some(free);
+            r.round_ms = Some(round.get("ms").cloned().unwrap_or(Value::Null));
             if free == 0 {
                 problems.push("the hint round reported no free page".into());
             }
@@ -162,7 +201,7 @@ fn drive(
     if verdict.get("ok") != Some(&json!(true)) {
         problems.push(format!("integrity: {verdict:?}"));
     }
-    r.insert("integrity".into(), Value::Object(verdict));
+    r.integrity = Some(verdict);
     if !vm.wait_exit(timeout) {
         problems.push("the guest did not power off".into());
     }

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use super::program::{migrate_ours, Hop, Migrated};
@@ -384,46 +385,111 @@ pub(super) fn finish(
     Ok(())
 }
 
-/// The JSON line of hop `i` of a run.
-pub fn hop_json(
-    name: &str,
-    cell: &Cell,
-    migrator: Migrator,
-    run: &Run,
-    i: usize,
-) -> Map<String, Value> {
+/// The result line of one hop of a run ([`hop_json`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct HopRecord {
+    /// Result name.
+    pub name: String,
+    /// `ours` or `qemu`.
+    pub migrator: &'static str,
+    /// The guest's balloon driver, where the scenario varies it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub driver: Option<&'static str>,
+    /// The guest workload.
+    pub workload: &'static str,
+    /// Guest RAM.
+    pub mem_mib: u64,
+    /// 1 when the guest ran with `init_on_alloc=1`.
+    pub init_on_alloc: u8,
+    /// Which migration of the run (from 1).
+    pub migration: usize,
+    /// Bytes on the wire.
+    pub bytes: Option<Value>,
+    /// Megabytes on the wire, to a tenth.
+    pub mb_sent: Option<Value>,
+    /// Total time, ms.
+    pub total_ms: Option<Value>,
+    /// Downtime, ms.
+    pub downtime_ms: Option<Value>,
+    /// `ok` or `CORRUPT` (none without a verdict).
+    pub integrity: Option<&'static str>,
+    /// The verdict's page count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pages_checked: Option<Value>,
+    /// The verdict's corrupt page count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrupt_pages: Option<Value>,
+    /// The verdict's first corrupt pages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_corrupt: Option<Value>,
+    /// Guest churn steps per second before the migration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_ops_per_s_before: Option<Value>,
+    /// Guest churn steps per second during the migration.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_ops_per_s_during: Option<Value>,
+    /// Everything the migrator said.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Map<String, Value>>,
+    /// Which repetition of a benchmark matrix (from 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rep: Option<usize>,
+    /// The verdict passed (and, on the last hop, the run had no problem).
+    pub ok: bool,
+    /// What went wrong in the run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problems: Option<Vec<String>>,
+}
+
+/// The result line of hop `i` of a run.
+pub fn hop_json(name: &str, cell: &Cell, migrator: Migrator, run: &Run, i: usize) -> HopRecord {
     let hop = run.hops.get(i);
     let verdict = hop.and_then(|h| h.verdict.as_ref());
-    let mut m = object(json!({
-        "name": name,
-        "migrator": migrator.name(),
-        "workload": cell.workload.name(),
-        "mem_mib": cell.mem_mib,
-        "init_on_alloc": u8::from(cell.init_on_alloc),
-        "migration": i + 1,
-        "bytes": hop.and_then(|h| h.bytes).map(num),
-        "mb_sent": hop.and_then(|h| h.bytes).map(|b| num((b / 1e5).round() / 10.0)),
-        "total_ms": hop.and_then(|h| h.total_ms).map(num),
-        "downtime_ms": hop.and_then(|h| h.downtime_ms).map(num),
-        "integrity": verdict.map(|v| if crate::guest::result_ok(v) { "ok" } else { "CORRUPT" }),
-    }));
-    for k in ["pages_checked", "corrupt_pages", "first_corrupt"] {
-        if let Some(v) = verdict.and_then(|v| v.get(k)) {
-            m.insert(k.into(), v.clone());
-        }
-    }
-    if let Some((before, during)) = hop.and_then(|h| h.ops_rate) {
-        m.insert("guest_ops_per_s_before".into(), num(before));
-        m.insert("guest_ops_per_s_during".into(), num(during));
-    }
-    if let Some(h) = hop {
-        m.insert("detail".into(), Value::Object(h.detail.clone()));
-    }
+    let from_verdict = |k: &str| verdict.and_then(|v| v.get(k)).cloned();
     let last = i + 1 == run.hops.len();
     let ok = verdict.is_some_and(crate::guest::result_ok) && (!last || run.problems.is_empty());
-    m.insert("ok".into(), json!(ok));
-    if !run.problems.is_empty() && last {
-        m.insert("problems".into(), json!(run.problems));
+    HopRecord {
+        name: name.to_string(),
+        migrator: migrator.name(),
+        driver: None,
+        workload: cell.workload.name(),
+        mem_mib: cell.mem_mib,
+        init_on_alloc: u8::from(cell.init_on_alloc),
+        migration: i + 1,
+        bytes: hop.and_then(|h| h.bytes).map(num),
+        mb_sent: hop
+            .and_then(|h| h.bytes)
+            .map(|b| num((b / 1e5).round() / 10.0)),
+        total_ms: hop.and_then(|h| h.total_ms).map(num),
+        downtime_ms: hop.and_then(|h| h.downtime_ms).map(num),
+        integrity: verdict.map(|v| {
+            if crate::guest::result_ok(v) {
+                "ok"
+            } else {
+                "CORRUPT"
+            }
+        }),
+        pages_checked: from_verdict("pages_checked"),
+        corrupt_pages: from_verdict("corrupt_pages"),
+        first_corrupt: from_verdict("first_corrupt"),
+        guest_ops_per_s_before: hop.and_then(|h| h.ops_rate).map(|(b, _)| num(b)),
+        guest_ops_per_s_during: hop.and_then(|h| h.ops_rate).map(|(_, d)| num(d)),
+        detail: hop.map(|h| h.detail.clone()),
+        rep: None,
+        ok,
+        problems: (!run.problems.is_empty() && last).then(|| run.problems.clone()),
     }
-    m
+}
+
+impl HopRecord {
+    /// The line of repetition `rep` (from 0) of a benchmark matrix: a run
+    /// that migrated nothing fails with its problems.
+    pub fn of_rep(mut self, rep: usize, run: &Run) -> HopRecord {
+        self.rep = Some(rep + 1);
+        if run.hops.is_empty() {
+            self.ok = false;
+            self.problems = Some(run.problems.clone());
+        }
+        self
+    }
 }

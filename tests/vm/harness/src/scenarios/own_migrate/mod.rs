@@ -33,17 +33,19 @@ use serde_json::{Map, Value};
 
 use crate::runner::{Ctx, HarnessError};
 
-pub use cell::{hop_json, run_cell, Migrator, Run, RunOpts};
+pub use cell::{hop_json, run_cell, HopRecord, Migrator, Run, RunOpts};
 pub(crate) use pingpong::abort_check;
 pub use pingpong::{bench_pingpong, run_pingpong};
 pub use program::Hop;
 pub(crate) use table::env_list;
-pub use table::{bench, matrix, Figures, HopSeries, Table, WORKLOADS};
+pub use table::{
+    bench, each_matrix_cell, matrix, CellRow, Figures, HopSeries, Row, Summary, Table, WORKLOADS,
+};
 pub(crate) use tools::OwnVm;
 pub use tools::{build_tools, sweep_stale_ram_files, Tools};
 
 /// The CI matrix: 4 GiB, {idle, dirty-keep, dirty-free} × {ours, QEMU's}.
 pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let t = matrix(ctx, &[4096], &WORKLOADS, 1)?;
-    Ok(t.summary(ctx, 4096))
+    Ok(crate::runner::fields(&t.summary(ctx, 4096)))
 }

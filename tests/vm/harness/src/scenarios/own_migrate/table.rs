@@ -3,14 +3,15 @@
 
 use std::time::Duration;
 
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{Map, Value};
 
 use super::cell::{hop_json, run_cell, selected, Migrator, Run, RunOpts};
 use super::program::Hop;
-use super::tools::{build_tools, sweep_stale_ram_files};
+use super::tools::{build_tools, sweep_stale_ram_files, Tools};
 use crate::migrate::{median, qemu_version, Cell, Driver, Workload};
-use crate::runner::{object, Ctx, HarnessError};
-use crate::scenarios::num;
+use crate::runner::{fields, Ctx, HarnessError};
+use crate::scenarios::{num, BenchDoc};
 
 /// The workloads of the 4 GiB matrix.
 pub const WORKLOADS: [Workload; 3] = [Workload::Idle, Workload::DirtyKeep, Workload::DirtyFree];
@@ -57,20 +58,66 @@ impl HopSeries {
 
     /// A cell's row: the fields of `cell` (what the cell is, its own
     /// figures), then the runs, their medians and every value.
-    pub fn row(&self, cell: Value) -> Value {
-        let mut row = object(cell);
-        row.extend(object(json!({
-            "runs": self.bytes.len(),
-            "bytes_median": median(&self.bytes), "total_ms_median": median(&self.total_ms),
-            "downtime_ms_median": median(&self.downtime_ms),
-            "bytes": self.bytes, "total_ms": self.total_ms, "downtime_ms": self.downtime_ms,
-        })));
-        Value::Object(row)
+    pub fn row<C: Serialize>(&self, cell: C) -> Row<'_, C> {
+        Row {
+            cell,
+            runs: self.bytes.len(),
+            bytes_median: median(&self.bytes),
+            total_ms_median: median(&self.total_ms),
+            downtime_ms_median: median(&self.downtime_ms),
+            bytes: &self.bytes,
+            total_ms: &self.total_ms,
+            downtime_ms: &self.downtime_ms,
+        }
     }
+}
+
+/// A benchmark file's row of one cell ([`HopSeries::row`]).
+#[derive(Debug, Serialize)]
+pub struct Row<'a, C> {
+    /// What the cell is, and its own figures.
+    #[serde(flatten)]
+    pub cell: C,
+    /// How many runs.
+    pub runs: usize,
+    /// Median bytes sent.
+    pub bytes_median: Option<f64>,
+    /// Median total time, ms.
+    pub total_ms_median: Option<f64>,
+    /// Median downtime, ms.
+    pub downtime_ms_median: Option<f64>,
+    /// Bytes sent, per run.
+    pub bytes: &'a [f64],
+    /// Total time, ms, per run.
+    pub total_ms: &'a [f64],
+    /// Downtime, ms, per run.
+    pub downtime_ms: &'a [f64],
 }
 
 pub(super) fn cell_for(mem: u64, w: Workload) -> Cell {
     Cell::new(mem, Driver::None, w)
+}
+
+/// Runs `each` on every memory size and workload of a benchmark matrix,
+/// `reps` times over, with stale RAM files swept and the tools built first;
+/// `each` gets the repetition (from 0), the size (MiB) and the workload.
+pub fn each_matrix_cell(
+    ctx: &mut Ctx,
+    sizes: &[u64],
+    workloads: &[Workload],
+    reps: usize,
+    mut each: impl FnMut(&mut Ctx, &Tools, usize, u64, Workload),
+) -> Result<(), HarnessError> {
+    sweep_stale_ram_files();
+    let tools = build_tools(&ctx.repo)?;
+    for rep in 0..reps {
+        for &mem in sizes {
+            for &w in workloads {
+                each(ctx, &tools, rep, mem, w);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Runs `sizes` × `workloads` × both migrators, `reps` times.
@@ -80,42 +127,25 @@ pub fn matrix(
     workloads: &[Workload],
     reps: usize,
 ) -> Result<Table, HarnessError> {
-    sweep_stale_ram_files();
-    let tools = build_tools(&ctx.repo)?;
     let mut t = Table::default();
-    for rep in 0..reps {
-        for &mem in sizes {
-            for &w in workloads {
-                for m in [Migrator::Ours, Migrator::Qemu] {
-                    let cell = cell_for(mem, w);
-                    if !selected(&format!("{}/{}/{}g", m.name(), w.name(), mem / 1024)) {
-                        continue;
-                    }
-                    eprintln!(
-                        "[own] run {}/{reps}: {} {}",
-                        rep + 1,
-                        m.name(),
-                        cell.label()
-                    );
-                    let r = run_cell(ctx, &tools, &cell, m, RunOpts::default());
-                    let mut line = hop_json(
-                        &format!("own-migrate/{}/{}/{}g", m.name(), w.name(), mem / 1024),
-                        &cell,
-                        m,
-                        &r,
-                        0,
-                    );
-                    line.insert("rep".into(), json!(rep + 1));
-                    if r.hops.is_empty() {
-                        line.insert("ok".into(), json!(false));
-                        line.insert("problems".into(), json!(r.problems));
-                    }
-                    ctx.record(line);
-                    t.add(mem, w, m, &r);
-                }
+    each_matrix_cell(ctx, sizes, workloads, reps, |ctx, tools, rep, mem, w| {
+        for m in [Migrator::Ours, Migrator::Qemu] {
+            let cell = cell_for(mem, w);
+            let id = format!("{}/{}/{}g", m.name(), w.name(), mem / 1024);
+            if !selected(&id) {
+                continue;
             }
+            eprintln!(
+                "[own] run {}/{reps}: {} {}",
+                rep + 1,
+                m.name(),
+                cell.label()
+            );
+            let r = run_cell(ctx, tools, &cell, m, RunOpts::default());
+            ctx.record(hop_json(&format!("own-migrate/{id}"), &cell, m, &r, 0).of_rep(rep, &r));
+            t.add(mem, w, m, &r);
         }
-    }
+    })?;
     Ok(t)
 }
 
@@ -154,7 +184,7 @@ impl Table {
     }
 
     /// The summary fields at `mem`.
-    pub fn summary(&self, ctx: &Ctx, mem: u64) -> Map<String, Value> {
+    pub fn summary(&self, ctx: &Ctx, mem: u64) -> Summary {
         let round = |v: Option<f64>| v.map(|x| num((x * 1000.0).round() / 1000.0));
         let downtime_max = self
             .rows
@@ -162,31 +192,69 @@ impl Table {
             .filter(|((m, _, g), _)| *m == mem && *g == "ours")
             .flat_map(|(_, f)| f.hops.downtime_ms.iter().copied())
             .reduce(f64::max);
-        object(json!({
-            "integrity_failures": self.integrity_failures,
-            "downtime_ms_max": round(downtime_max),
-            "bytes_ours_over_qemu_max": round(self.ratio_max(mem, |f| &f.hops.bytes)),
-            "time_ours_over_qemu_max": round(self.ratio_max(mem, |f| &f.hops.total_ms)),
-            "runs": self.runs,
-            "failed_runs": self.failures,
-            "qemu": qemu_version(&ctx.manifest),
-            "ok": self.failures == 0 && self.integrity_failures == 0 && self.runs > 0,
-        }))
+        Summary {
+            integrity_failures: self.integrity_failures,
+            downtime_ms_max: round(downtime_max),
+            bytes_ours_over_qemu_max: round(self.ratio_max(mem, |f| &f.hops.bytes)),
+            time_ours_over_qemu_max: round(self.ratio_max(mem, |f| &f.hops.total_ms)),
+            runs: self.runs,
+            failed_runs: self.failures,
+            qemu: qemu_version(&ctx.manifest),
+            ok: self.failures == 0 && self.integrity_failures == 0 && self.runs > 0,
+        }
     }
 
     /// Per-cell medians, for the benchmark file.
-    pub fn rows(&self) -> Vec<Value> {
+    pub fn rows(&self) -> Vec<Row<'_, CellRow>> {
         self.rows
             .iter()
-            .map(|((mem, w, m), f)| {
-                f.hops.row(json!({
-                    "mem_mib": mem, "workload": w, "migrator": m,
-                    "guest_ops_per_s_before_median": median(&f.rate_before),
-                    "guest_ops_per_s_during_median": median(&f.rate_during),
-                }))
+            .map(|(&(mem_mib, workload, migrator), f)| {
+                f.hops.row(CellRow {
+                    mem_mib,
+                    workload,
+                    migrator,
+                    guest_ops_per_s_before_median: median(&f.rate_before),
+                    guest_ops_per_s_during_median: median(&f.rate_during),
+                })
             })
             .collect()
     }
+}
+
+/// The summary of the matrix at one memory size.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Verdicts that failed.
+    pub integrity_failures: usize,
+    /// Largest downtime of ours, ms.
+    pub downtime_ms_max: Option<Value>,
+    /// Largest ours/QEMU ratio of the median bytes over the workloads.
+    pub bytes_ours_over_qemu_max: Option<Value>,
+    /// Largest ours/QEMU ratio of the median total time over the workloads.
+    pub time_ours_over_qemu_max: Option<Value>,
+    /// Runs.
+    pub runs: usize,
+    /// Runs that failed for any reason.
+    pub failed_runs: usize,
+    /// `qemu --version`.
+    pub qemu: String,
+    /// No run failed.
+    pub ok: bool,
+}
+
+/// What a benchmark row says of its cell (before the runs' figures).
+#[derive(Debug, Serialize)]
+pub struct CellRow {
+    /// Guest RAM.
+    pub mem_mib: u64,
+    /// The guest workload.
+    pub workload: &'static str,
+    /// `ours` or `qemu`.
+    pub migrator: &'static str,
+    /// Median guest churn rate before the migration.
+    pub guest_ops_per_s_before_median: Option<f64>,
+    /// Median guest churn rate during the migration.
+    pub guest_ops_per_s_during_median: Option<f64>,
 }
 
 /// The numbers of the comma-separated variable `name`, or `default`.
@@ -211,40 +279,67 @@ pub fn bench(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let small = matrix(ctx, &[4096], &WORKLOADS, reps)?;
     let large = matrix(ctx, &big, &[Workload::Idle, Workload::DirtyFree], reps)?;
     let slow = slowdown(ctx, reps)?;
-    let mut s = small.summary(ctx, 4096);
+    let mut s = BenchSummary {
+        at_4g: small.summary(ctx, 4096),
+        large: Map::new(),
+        slowdown: slow,
+    };
     for &mem in &big {
         let l = large.summary(ctx, mem);
-        for k in [
-            "bytes_ours_over_qemu_max",
-            "time_ours_over_qemu_max",
-            "downtime_ms_max",
+        for (k, v) in [
+            ("bytes_ours_over_qemu_max", l.bytes_ours_over_qemu_max),
+            ("time_ours_over_qemu_max", l.time_ours_over_qemu_max),
+            ("downtime_ms_max", l.downtime_ms_max),
         ] {
-            s.insert(
-                format!("{k}_{}g", mem / 1024),
-                l.get(k).cloned().unwrap_or(Value::Null),
-            );
+            s.large
+                .insert(format!("{k}_{}g", mem / 1024), v.unwrap_or(Value::Null));
         }
     }
-    s.insert("slowdown".into(), slow.clone());
-    let ok = small.failures + large.failures == 0
+    s.at_4g.ok = small.failures + large.failures == 0
         && small.integrity_failures + large.integrity_failures == 0;
-    s.insert("ok".into(), json!(ok));
-    let doc = json!({
-        "benchmark": "own-migrate",
-        "command": "tests/vm/run bench-own-migrate",
-        "reps": reps,
-        "summary": s,
-        "cells": small.rows().into_iter().chain(large.rows()).collect::<Vec<_>>(),
-    });
+    let doc = BenchDoc {
+        benchmark: "own-migrate",
+        command: "tests/vm/run bench-own-migrate",
+        reps,
+        sizes_mib: None,
+        drivers_measured: None,
+        summary: &s,
+        cells: small.rows().into_iter().chain(large.rows()).collect(),
+    };
     crate::scenarios::write_bench(ctx, "own-migrate.json", "own", &doc)?;
-    Ok(s)
+    Ok(fields(&s))
+}
+
+/// The summary of `bench-own-migrate`.
+#[derive(Debug, Serialize)]
+struct BenchSummary {
+    /// The 4 GiB matrix (its `ok` covers every size).
+    #[serde(flatten)]
+    at_4g: Summary,
+    /// The ratios and downtime at each larger size, `<figure>_<N>g`.
+    #[serde(flatten)]
+    large: Map<String, Value>,
+    /// The guest's slowdown per migrator.
+    slowdown: std::collections::BTreeMap<&'static str, Slowdown>,
+}
+
+/// The guest's churn rate before and during a migration, medians.
+#[derive(Debug, Serialize)]
+pub(super) struct Slowdown {
+    guest_ops_per_s_before: Option<Value>,
+    guest_ops_per_s_during: Option<Value>,
+    /// 1 - during / before.
+    slowdown: Option<Value>,
 }
 
 /// The guest's churn rate (64 MiB, no pause) before and during a
 /// migration, per migrator.
-pub(super) fn slowdown(ctx: &mut Ctx, reps: usize) -> Result<Value, HarnessError> {
+pub(super) fn slowdown(
+    ctx: &mut Ctx,
+    reps: usize,
+) -> Result<std::collections::BTreeMap<&'static str, Slowdown>, HarnessError> {
     let tools = build_tools(&ctx.repo)?;
-    let mut out = Map::new();
+    let mut out = std::collections::BTreeMap::new();
     for m in [Migrator::Ours, Migrator::Qemu] {
         if !selected(&format!("{}/slowdown", m.name())) {
             continue;
@@ -266,7 +361,7 @@ pub(super) fn slowdown(ctx: &mut Ctx, reps: usize) -> Result<Value, HarnessError
                 &r,
                 0,
             );
-            line.insert("rep".into(), json!(rep + 1));
+            line.rep = Some(rep + 1);
             ctx.record(line);
             if let Some((b, d)) = r.hops.first().and_then(|h| h.ops_rate) {
                 before.push(b);
@@ -275,19 +370,23 @@ pub(super) fn slowdown(ctx: &mut Ctx, reps: usize) -> Result<Value, HarnessError
         }
         let (b, d) = (median(&before), median(&during));
         out.insert(
-            m.name().into(),
-            json!({
-                "guest_ops_per_s_before": b.map(num), "guest_ops_per_s_during": d.map(num),
-                "slowdown": b.zip(d).map(|(b, d)| num(((1.0 - d / b) * 1000.0).round() / 1000.0)),
-            }),
+            m.name(),
+            Slowdown {
+                guest_ops_per_s_before: b.map(num),
+                guest_ops_per_s_during: d.map(num),
+                slowdown: b
+                    .zip(d)
+                    .map(|(b, d)| num(((1.0 - d / b) * 1000.0).round() / 1000.0)),
+            },
         );
     }
-    Ok(Value::Object(out))
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn hop(bytes: f64, total_ms: f64, downtime_ms: Option<f64>) -> Hop {
         Hop {
@@ -306,7 +405,7 @@ mod tests {
         series.push(&hop(300.0, 30.0, Some(3.0)));
         series.push(&hop(100.0, 10.0, Some(1.0)));
         series.push(&hop(200.0, 20.0, None));
-        let row = series.row(json!({"setup": "ours-freehint", "mem_mib": 4096}));
+        let row = fields(&series.row(json!({"setup": "ours-freehint", "mem_mib": 4096})));
         assert_eq!(row["setup"], "ours-freehint");
         assert_eq!(row["mem_mib"], 4096);
         assert_eq!(row["runs"], 3);
