@@ -625,34 +625,25 @@ fn tell_host<'a>(q: &mut Queue<DmaBuf>, pages: impl Iterator<Item = &'a BalloonP
 /// bytes used.
 fn fill_stats(buf: &mut [u8]) -> usize {
     let m = mm::mem_stats();
-    let mut entries: [(u16, u64); 9] = [(0, 0); 9];
-    let mut n = 0;
-    if let Some(ev) = m.events {
-        for e in [
+    let events = m.events.map(|ev| {
+        [
             (abi::VIRTIO_BALLOON_S_SWAP_IN, ev.swap_in_bytes),
             (abi::VIRTIO_BALLOON_S_SWAP_OUT, ev.swap_out_bytes),
             (abi::VIRTIO_BALLOON_S_MAJFLT, ev.major_faults),
             (abi::VIRTIO_BALLOON_S_MINFLT, ev.minor_faults),
             (abi::VIRTIO_BALLOON_S_OOM_KILL, ev.oom_kills),
-        ] {
-            entries[n] = e;
-            n += 1;
-        }
-    }
-    for e in [
+        ]
+    });
+    let memory = [
         (abi::VIRTIO_BALLOON_S_MEMFREE, m.free_bytes),
         (abi::VIRTIO_BALLOON_S_MEMTOT, m.total_bytes),
         (abi::VIRTIO_BALLOON_S_AVAIL, m.avail_bytes),
         (abi::VIRTIO_BALLOON_S_CACHES, m.caches_bytes),
-    ] {
-        entries[n] = e;
-        n += 1;
-    }
+    ];
+    // `Iterator::chain`: the kernel prelude's `Init` has a `chain` too.
+    let entries = Iterator::chain(events.iter().flatten(), &memory);
     let mut used = 0;
-    for &(tag, val) in &entries[..n] {
-        let Some(dst) = buf.get_mut(used..used + abi::VIRTIO_BALLOON_STAT_SIZE) else {
-            break;
-        };
+    for (dst, &(tag, val)) in buf.chunks_exact_mut(abi::VIRTIO_BALLOON_STAT_SIZE).zip(entries) {
         dst.copy_from_slice(&abi::encode_stat(tag, val));
         used += abi::VIRTIO_BALLOON_STAT_SIZE;
     }
