@@ -40,13 +40,12 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::control::{read_reply, ControlError, Reply, STREAM_SOCKET_BUFFER};
-use super::hotplug::{HotplugError, Unplugged, Unplugging};
+use super::hotplug::{HotplugError, Unplugged};
 use super::tracking::{QemuLog, RemoteTracking, TrackingError, SOCKET_ENV};
 use super::{discover, environment_of, expect_status, host_address, map_ram, QemuError};
 use crate::control_port::ControlPort;
 use crate::device_hints::{DeviceDirtyLog, DeviceHints, RoundPolicy};
-use crate::dirty::HookError;
-use crate::engine::{Engine, MigrateError, VmControl};
+use crate::engine::{Engine, MigrateError};
 use crate::hints::{HintSource, NoHints};
 use crate::layout::RamLayout;
 use crate::pagemap_scan::{PagemapScanError, PagemapScanLog};
@@ -57,6 +56,12 @@ use crate::sparse::FileHoles;
 use crate::stats::{MigrationReport, PassStats};
 use crate::sys::{set_socket_buffer, SocketBuffer};
 use crate::AnyOf;
+
+mod rollback;
+mod stop;
+
+use rollback::{roll_back, Phase, Settings, CAPABILITIES};
+use stop::{BalloonUnplug, Stop, UnplugState};
 
 /// What `send` needs.
 #[derive(Clone, Debug)]
@@ -260,103 +265,6 @@ pub fn send(
                 error,
                 source_state,
             })
-        }
-    }
-}
-
-/// The source's migration settings this program changes, as they were:
-/// a guest that runs on after a failed migration must not keep
-/// `x-ignore-shared` (QEMU's own migration would then skip its RAM) nor
-/// `pause-before-switchover`.
-#[derive(Debug)]
-struct Settings {
-    capabilities: Vec<Value>,
-    max_bandwidth: Option<u64>,
-}
-
-/// The capabilities `send` sets.
-const CAPABILITIES: [&str; 2] = ["x-ignore-shared", "pause-before-switchover"];
-
-impl Settings {
-    fn save(qmp: &mut Qmp) -> Result<Self, SendError> {
-        let all = qmp.execute("query-migrate-capabilities", None)?;
-        let capabilities = all
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|c| CAPABILITIES.iter().any(|n| c["capability"] == *n))
-            .map(|c| json!({"capability": c["capability"], "state": c["state"]}))
-            .collect();
-        let params = qmp.execute("query-migrate-parameters", None)?;
-        Ok(Self {
-            capabilities,
-            max_bandwidth: params["max-bandwidth"].as_u64(),
-        })
-    }
-
-    /// Puts them back (best effort: a failure is logged).
-    fn restore(&self, qmp: &mut Qmp) {
-        let caps = Some(json!({ "capabilities": self.capabilities }));
-        if let Err(e) = qmp.execute("migrate-set-capabilities", caps) {
-            log::warn!("cannot restore the source's migration capabilities: {e}");
-        }
-        if let Some(bw) = self.max_bandwidth {
-            let params = Some(json!({ "max-bandwidth": bw }));
-            if let Err(e) = qmp.execute("migrate-set-parameters", params) {
-                log::warn!("cannot restore the source's max-bandwidth: {e}");
-            }
-        }
-    }
-}
-
-/// How far a migration got, for the roll-back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// The guest was never stopped.
-    Live,
-    /// QEMU's migration was started; it may have stopped the guest.
-    Stopped,
-    /// QEMU moved the device state; the receiver may have resumed it.
-    Handed,
-}
-
-/// Brings the source back to running after a failure in `phase`.
-fn roll_back(qmp: &mut Qmp, phase: Phase) -> SourceState {
-    if phase == Phase::Handed {
-        log::error!(
-            "the device state moved and the receiver did not say whether the destination runs: \
-             the source stays paused; check the destination, then `cont` the source or quit it"
-        );
-        return SourceState::Paused;
-    }
-    if phase == Phase::Stopped {
-        if let Err(e) = qmp.execute("migrate_cancel", None) {
-            log::warn!("migrate_cancel: {e}");
-        }
-        let ended = wait_status(
-            qmp,
-            &["cancelled", "failed", "none", "completed"],
-            Duration::from_secs(30),
-        );
-        if let Err(e) = ended {
-            log::warn!("QEMU's migration did not end after migrate_cancel: {e}");
-        }
-    }
-    match super::status(qmp) {
-        Ok(s) if s == "running" => SourceState::Running,
-        Ok(s) => match qmp.execute("cont", None) {
-            Ok(_) => {
-                log::info!("the source was {s}; resumed");
-                SourceState::Running
-            }
-            Err(e) => {
-                log::error!("cannot resume the source ({s}): {e}");
-                SourceState::Paused
-            }
-        },
-        Err(e) => {
-            log::error!("cannot read the source's state: {e}");
-            SourceState::Paused
         }
     }
 }
@@ -713,168 +621,6 @@ fn wait_status_or_cancel(
     }
 }
 
-/// The engine's view of the source: unplug the balloon when its hints are
-/// used, stop the guest, start QEMU's migration.
-struct Stop<'a> {
-    qmp: &'a mut Qmp,
-    uri: &'a str,
-    cancel: &'a AtomicBool,
-    /// QEMU's `STOP` event time (µs since the epoch, QEMU's clock).
-    stop_us: Option<i64>,
-    /// When the guest stopped, on this program's clock.
-    stopped_at: Option<Instant>,
-    /// `migrate` was issued: a failure must cancel QEMU's migration.
-    migrating: bool,
-    /// How long QEMU may take to set up and stop the guest.
-    timeout: Duration,
-    balloon: Option<BalloonUnplug<'a>>,
-}
-
-/// The balloon device to unplug, and when.
-struct BalloonUnplug<'a> {
-    id: &'a str,
-    /// The last pass that uses hints: the unplug starts after the pass
-    /// that follows it, once the sync in between closed the device's last
-    /// hint epoch (`None`: just before the stop).
-    after_pass: Option<u64>,
-    /// The back end's control socket, to read the target.
-    control: Option<&'a std::path::Path>,
-    timeout: Duration,
-    target: Option<u32>,
-    state: UnplugState,
-}
-
-/// Where the balloon is.
-#[derive(Debug, Default)]
-enum UnplugState {
-    /// In the guest.
-    #[default]
-    Plugged,
-    /// The guest was asked to let go (pre-copy goes on meanwhile).
-    Unplugging(Unplugging),
-    /// Gone from the guest.
-    Unplugged(Unplugged),
-    /// Asking failed.
-    Failed,
-}
-
-impl Stop<'_> {
-    /// Reads the balloon's target and asks the guest to let it go.
-    fn start_unplug(&mut self) -> Result<(), HookError> {
-        let Some(b) = self.balloon.as_mut() else {
-            return Ok(());
-        };
-        if !matches!(b.state, UnplugState::Plugged) {
-            return Ok(());
-        }
-        b.state = UnplugState::Failed;
-        if let Some(path) = b.control {
-            b.target = Some(balloon_target(path, b.timeout)?);
-        }
-        b.state = UnplugState::Unplugging(Unplugged::start(self.qmp, b.id)?);
-        Ok(())
-    }
-
-    /// Notes whether the guest let the balloon go, without waiting.
-    fn poll_unplug(&mut self) -> Result<(), HookError> {
-        let Some(b) = self.balloon.as_mut() else {
-            return Ok(());
-        };
-        if let UnplugState::Unplugging(pending) = &mut b.state {
-            if pending.poll(self.qmp)? {
-                let UnplugState::Unplugging(pending) = std::mem::take(&mut b.state) else {
-                    unreachable!("matched above");
-                };
-                b.state = UnplugState::Unplugged(pending.finish());
-            }
-        }
-        Ok(())
-    }
-
-    /// Unplugs the balloon and waits until the guest let it go.
-    fn finish_unplug(&mut self) -> Result<(), HookError> {
-        self.start_unplug()?;
-        let Some(b) = self.balloon.as_mut() else {
-            return Ok(());
-        };
-        if let UnplugState::Unplugging(pending) = &mut b.state {
-            pending.wait(self.qmp, b.timeout, self.cancel)?;
-            let UnplugState::Unplugging(pending) = std::mem::take(&mut b.state) else {
-                unreachable!("matched above");
-            };
-            b.state = UnplugState::Unplugged(pending.finish());
-        }
-        Ok(())
-    }
-}
-
-/// The balloon target the back end at `path` holds, in 4 KiB pages.
-fn balloon_target(path: &std::path::Path, timeout: Duration) -> Result<u32, HookError> {
-    let mut port = ControlPort::connect(path, timeout)?;
-    let status = port.request("status")?;
-    let target = status["target"]
-        .as_u64()
-        .and_then(|t| u32::try_from(t).ok())
-        .ok_or_else(|| format!("{}: status without a target: {status}", path.display()))?;
-    Ok(target)
-}
-
-impl VmControl for &mut Stop<'_> {
-    fn after_pass(&mut self, pass: &PassStats) -> Result<(), HookError> {
-        let due = self
-            .balloon
-            .as_ref()
-            .and_then(|b| b.after_pass)
-            .is_some_and(|last| u64::from(pass.pass) > last);
-        if due {
-            self.start_unplug()?;
-            self.poll_unplug()?;
-        }
-        Ok(())
-    }
-
-    fn balloon_target(&mut self) -> Option<u32> {
-        self.balloon.as_ref().and_then(|b| b.target)
-    }
-
-    fn pause(&mut self) -> Result<(), HookError> {
-        if self.cancel.load(Ordering::SeqCst) {
-            return Err("cancelled".into());
-        }
-        self.finish_unplug()?;
-        let asked = Instant::now();
-        self.migrating = true;
-        self.qmp
-            .execute("migrate", Some(json!({ "uri": self.uri })))?;
-        wait_status_or_cancel(self.qmp, &["pre-switchover"], self.timeout, self.cancel)?;
-        let stop = self.qmp.wait_event_named("STOP", self.timeout)?;
-        self.stop_us = stop.timestamp_us;
-        self.stopped_at = Some(self.stop_us.map_or_else(Instant::now, instant_of));
-        log::info!(
-            "QEMU's migration to {} stopped the source {:.1} ms after `migrate` \
-             ({:.1} ms ago)",
-            self.uri,
-            ms(self
-                .stopped_at
-                .unwrap_or(asked)
-                .saturating_duration_since(asked)),
-            since(self.stopped_at)
-        );
-        Ok(())
-    }
-}
-
-/// The instant on this program's clock of `micros` since the Unix epoch
-/// (a QMP event's time stamp; QEMU runs on this host).
-fn instant_of(micros: i64) -> Instant {
-    let now = Instant::now();
-    let wall_us = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64);
-    let ago = Duration::from_micros(wall_us.saturating_sub(micros).max(0) as u64);
-    now.checked_sub(ago).unwrap_or(now)
-}
-
 /// A writer that fails once `cancel` is set.
 struct Cancellable<W> {
     inner: W,
@@ -925,6 +671,7 @@ fn device_hints(opts: &SendOptions, ram: &RamLayout) -> Result<DeviceSources, Se
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::VmControl;
     use std::io::{BufRead, Write};
     use std::os::unix::net::UnixListener;
     use std::sync::Mutex;
