@@ -401,4 +401,39 @@ mod tests {
         assert_eq!(stamped(&json!([1]), Some(&v)), json!([1]));
         assert!(stamped(&json!({"a": 1}), None).get("versions").is_none());
     }
+
+    #[test]
+    fn a_boot_line_carries_its_failure_only_when_it_failed() {
+        let spec = BootSpec::new("smoke");
+        let out = GuestOutput::parse("@@DONE rc=0\n");
+        let d = Duration::from_millis(3140);
+        let ok = fields(&boot_result(&spec, &out, d, &[], Path::new("s.log")));
+        let keys: Vec<&str> = ok.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "elapsed_s",
+                "flavour",
+                "machine",
+                "mem_mib",
+                "name",
+                "ok",
+                "rc",
+                "scenario"
+            ]
+        );
+        assert_eq!(
+            (ok["elapsed_s"].clone(), ok["rc"].clone()),
+            (json!(3.1), json!(0))
+        );
+        let problems = vec!["timeout after 3s".to_string()];
+        let bad = fields(&boot_result(&spec, &out, d, &problems, Path::new("s.log")));
+        assert_eq!(bad["ok"], false);
+        assert_eq!(bad["problems"], json!(problems));
+        assert_eq!(
+            (bad["splats"].clone(), bad["log"].clone()),
+            (json!([]), json!("s.log"))
+        );
+        assert!(bad.contains_key("malformed") && !bad.contains_key("server_log"));
+    }
 }

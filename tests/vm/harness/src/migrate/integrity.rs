@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 
 use crate::guest::json_after;
 use crate::vm::{ConsoleLine, ResultLine, Vm, VmError};
@@ -45,11 +45,23 @@ pub fn verify_integrity(
     })?;
     let ResultLine { line, obj, .. } =
         vm.wait_result(from, "integrity", "the guest's integrity verdict", timeout)?;
-    Ok(obj.unwrap_or_else(|| {
-        let mut m = Map::new();
-        m.insert("name".into(), json!("integrity"));
-        m.insert("ok".into(), json!(false));
-        m.insert("error".into(), json!(format!("malformed verdict: {line}")));
-        m
-    }))
+    Ok(obj.unwrap_or_else(|| failed_verdict(format!("malformed verdict: {line}"))))
+}
+
+/// A failed integrity verdict the harness stands in for the guest's (no
+/// verdict came, or it did not parse): `{"name": "integrity", "ok": false,
+/// "error": ...}`.
+pub fn failed_verdict(error: impl Into<String>) -> Map<String, Value> {
+    /// The stand-in verdict.
+    #[derive(serde::Serialize)]
+    struct FailedVerdict {
+        name: &'static str,
+        ok: bool,
+        error: String,
+    }
+    crate::runner::fields(&FailedVerdict {
+        name: "integrity",
+        ok: false,
+        error: error.into(),
+    })
 }

@@ -33,7 +33,7 @@ use serde_json::{json, Map, Value};
 use crate::manifest::Manifest;
 use crate::vm::{Vm, VmError};
 
-pub use integrity::{verify_integrity, wait_ready, Then, READY_MARKER};
+pub use integrity::{failed_verdict, verify_integrity, wait_ready, Then, READY_MARKER};
 pub use matrix::{run_cell, run_cell_with, Cell, CellOutcome, Driver, Workload};
 pub use report::{cell_json, median, CellRecord};
 
@@ -213,12 +213,28 @@ pub fn free_page_vq(vm: &mut Vm) -> Result<Value, VmError> {
         "x-query-virtio-queue-status",
         Some(json!({"path": BALLOON_QOM, "queue": FREE_PAGE_VQ})),
     )?;
-    Ok(json!({
-        "name": q.get("name"),
-        "used_idx": q.get("used-idx"),
-        "last_avail_idx": q.get("last-avail-idx"),
-        "shadow_avail_idx": q.get("shadow-avail-idx"),
-    }))
+    let field = |k: &str| q.get(k).cloned();
+    Ok(serde_json::to_value(VqState {
+        name: field("name"),
+        used_idx: field("used-idx"),
+        last_avail_idx: field("last-avail-idx"),
+        shadow_avail_idx: field("shadow-avail-idx"),
+    })
+    .unwrap_or_default())
+}
+
+/// The indices of a virtqueue as result lines carry them
+/// ([`free_page_vq`]; `null` for what QEMU did not say).
+#[derive(Debug, Clone, Serialize)]
+pub struct VqState {
+    /// The queue's name.
+    pub name: Option<Value>,
+    /// `used-idx`.
+    pub used_idx: Option<Value>,
+    /// `last-avail-idx`.
+    pub last_avail_idx: Option<Value>,
+    /// `shadow-avail-idx`.
+    pub shadow_avail_idx: Option<Value>,
 }
 
 /// The QEMU version string (`tests/vm/qemu --version`, first line).

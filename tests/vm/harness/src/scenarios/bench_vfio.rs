@@ -20,12 +20,13 @@
 
 use std::time::{Duration, Instant};
 
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::errors::io_error;
 use crate::migrate::{median, qemu_version, BALLOON_QOM, FREE_PAGE_VQ, MAX_BANDWIDTH};
 use crate::qemu::{BootSpec, Machine};
-use crate::runner::{emit, Ctx, HarnessError};
+use crate::runner::{emit, fields, Ctx, HarnessError};
 use crate::vfio::{overlay_initramfs, server_binary, RamLayout, Server, VfioBoot};
 use crate::vm::Vm;
 
@@ -38,7 +39,79 @@ fn other(msg: impl Into<String>) -> HarnessError {
     HarnessError::Other(msg.into())
 }
 
-/// One boot on our device: `ROUNDS` hint rounds; returns the cell JSON.
+/// One cell of the benchmark: a device, a driver and a guest size.
+#[derive(Debug, Serialize)]
+struct BenchCell {
+    name: String,
+    device: &'static str,
+    driver: String,
+    /// `bitmap` or `standard`.
+    protocol: &'static str,
+    mem_mib: u64,
+    /// The round's time (ours: the median), ms.
+    round_ms: Option<f64>,
+    /// What only one kind of device measures.
+    #[serde(flatten)]
+    figures: DeviceFigures,
+    ok: bool,
+}
+
+/// The figures of one kind of device.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum DeviceFigures {
+    /// Our device: every round.
+    Ours {
+        /// The fastest round, ms.
+        min_ms: f64,
+        /// Every round, ms.
+        rounds_ms: Vec<f64>,
+        /// Free pages of the last round.
+        free_pages: Option<u64>,
+    },
+    /// QEMU's device: the one migration.
+    Qemu {
+        /// How far the free page vq's used index moved.
+        vq_used_delta: u64,
+        migration_ms: f64,
+        migration_status: String,
+        /// Time per poll of the vq, ms.
+        poll_ms: f64,
+    },
+}
+
+/// The `round_ms_8g` figures: each setup's round at 8 GiB.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Round8g {
+    bitmap: Option<f64>,
+    standard: Option<f64>,
+    standard_stock_driver: Option<f64>,
+    qemu_device_stock_driver: Option<f64>,
+}
+
+/// The benchmark file.
+#[derive(Serialize)]
+struct BenchDoc<'a> {
+    bench: &'static str,
+    qemu: String,
+    rounds_per_boot: usize,
+    loadavg_at_end: String,
+    cells: &'a [BenchCell],
+    round_ms_8g: Round8g,
+    seed_ms_8g: f64,
+}
+
+/// The benchmark's summary.
+#[derive(Serialize)]
+struct Summary {
+    ok: bool,
+    round_ms_8g: Round8g,
+    ratio_to_seed_8g_bitmap: Option<f64>,
+    /// Where the benchmark file went.
+    json: String,
+}
+
+/// One boot on our device: `ROUNDS` hint rounds; returns the cell.
 fn ours(
     ctx: &mut Ctx,
     bin: &std::path::Path,
@@ -47,7 +120,7 @@ fn ours(
     driver: &str,
     server_args: &[&str],
     mem_mib: u64,
-) -> Result<Map<String, Value>, HarnessError> {
+) -> Result<BenchCell, HarnessError> {
     let layout = RamLayout::for_machine(mem_mib, Machine::Pc);
     let dir = ctx.log_dir.join(name);
     std::fs::create_dir_all(&dir).map_err(io_error("cannot create log dir", &dir))?;
@@ -78,31 +151,25 @@ fn ours(
         }
         Ok(())
     })?;
-    let mut m = Map::new();
-    m.insert("name".into(), json!(format!("{name}/{mem_mib}m")));
-    m.insert("device".into(), json!("freehint-vfio-user"));
-    m.insert("driver".into(), json!(driver));
-    m.insert(
-        "protocol".into(),
-        json!(if acked & (1 << 23) != 0 {
+    let ok = out.ok && ms.len() == ROUNDS && free.iter().all(|&f| f > 0);
+    Ok(BenchCell {
+        name: format!("{name}/{mem_mib}m"),
+        device: "freehint-vfio-user",
+        driver: driver.to_string(),
+        protocol: if acked & (1 << 23) != 0 {
             "bitmap"
         } else {
             "standard"
-        }),
-    );
-    m.insert("mem_mib".into(), json!(mem_mib));
-    m.insert("round_ms".into(), json!(median(&ms)));
-    m.insert(
-        "min_ms".into(),
-        json!(ms.iter().copied().fold(f64::INFINITY, f64::min)),
-    );
-    m.insert("rounds_ms".into(), json!(ms));
-    m.insert("free_pages".into(), json!(free.last()));
-    m.insert(
-        "ok".into(),
-        json!(out.ok && ms.len() == ROUNDS && free.iter().all(|&f| f > 0)),
-    );
-    Ok(m)
+        },
+        mem_mib,
+        round_ms: median(&ms),
+        figures: DeviceFigures::Ours {
+            min_ms: ms.iter().copied().fold(f64::INFINITY, f64::min),
+            free_pages: free.last().copied(),
+            rounds_ms: ms,
+        },
+        ok,
+    })
 }
 
 /// QEMU's own device with the stock driver: one migration to
@@ -111,7 +178,7 @@ fn qemu_device(
     ctx: &mut Ctx,
     initramfs: &std::path::Path,
     mem_mib: u64,
-) -> Result<Map<String, Value>, HarnessError> {
+) -> Result<BenchCell, HarnessError> {
     let mut spec = BootSpec::new("vfio-bench");
     spec.mem_mib = mem_mib;
     spec.smp = 1;
@@ -171,25 +238,22 @@ fn qemu_device(
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
     let poll_ms = total_ms / polls.max(1) as f64;
     vm.kill();
-    let mut m = Map::new();
-    m.insert("name".into(), json!(format!("qemu-stock/{mem_mib}m")));
-    m.insert("device".into(), json!("qemu virtio-balloon-pci"));
-    m.insert("driver".into(), json!("virtio_balloon"));
-    m.insert("protocol".into(), json!("standard"));
-    m.insert("mem_mib".into(), json!(mem_mib));
-    m.insert("round_ms".into(), json!(last_change_ms));
-    m.insert(
-        "vq_used_delta".into(),
-        json!(last.wrapping_sub(used0) & 0xffff),
-    );
-    m.insert("migration_ms".into(), json!(total_ms.round()));
-    m.insert("migration_status".into(), json!(status));
-    m.insert("poll_ms".into(), json!((poll_ms * 100.0).round() / 100.0));
-    m.insert(
-        "ok".into(),
-        json!(status == "completed" && last_change_ms.is_some()),
-    );
-    Ok(m)
+    let ok = status == "completed" && last_change_ms.is_some();
+    Ok(BenchCell {
+        name: format!("qemu-stock/{mem_mib}m"),
+        device: "qemu virtio-balloon-pci",
+        driver: "virtio_balloon".into(),
+        protocol: "standard",
+        mem_mib,
+        round_ms: last_change_ms,
+        figures: DeviceFigures::Qemu {
+            vq_used_delta: last.wrapping_sub(used0) & 0xffff,
+            migration_ms: total_ms.round(),
+            migration_status: status,
+            poll_ms: (poll_ms * 100.0).round() / 100.0,
+        },
+        ok,
+    })
 }
 
 /// Runs the benchmark.
@@ -208,51 +272,55 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
             ("ours-stock", "virtio_balloon", &["--no-reporting"][..]),
         ] {
             let c = ours(ctx, &bin, &initramfs, name, driver, args, mem)?;
-            emit(&Value::Object(c.clone()));
+            emit(&c);
             cells.push(c);
         }
         let c = qemu_device(ctx, &initramfs, mem)?;
-        emit(&Value::Object(c.clone()));
+        emit(&c);
         cells.push(c);
     }
     let at8 = |prefix: &str| {
         cells
             .iter()
-            .find(|c| {
-                c["mem_mib"] == 8192 && c["name"].as_str().is_some_and(|n| n.starts_with(prefix))
-            })
-            .and_then(|c| c["round_ms"].as_f64())
+            .find(|c| c.mem_mib == 8192 && c.name.starts_with(prefix))
+            .and_then(|c| c.round_ms)
+            .filter(|v| v.is_finite())
     };
-    let round_8g = json!({
-        "bitmap": at8("ours-freehint-bitmap"),
-        "standard": at8("ours-freehint-standard"),
-        "standard_stock_driver": at8("ours-stock"),
-        "qemu_device_stock_driver": at8("qemu-stock"),
-    });
-    let ok = cells.iter().all(|c| c["ok"] == true);
+    let round_8g = Round8g {
+        bitmap: at8("ours-freehint-bitmap"),
+        standard: at8("ours-freehint-standard"),
+        standard_stock_driver: at8("ours-stock"),
+        qemu_device_stock_driver: at8("qemu-stock"),
+    };
+    let ok = cells.iter().all(|c| c.ok);
     let host = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let doc = json!({
-        "bench": "vfio",
-        "qemu": qemu_version(&ctx.manifest),
-        "rounds_per_boot": ROUNDS,
-        "loadavg_at_end": host.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
-        "cells": cells,
-        "round_ms_8g": round_8g,
-        "seed_ms_8g": SEED_MS_8G,
-    });
+    let doc = BenchDoc {
+        bench: "vfio",
+        qemu: qemu_version(&ctx.manifest),
+        rounds_per_boot: ROUNDS,
+        loadavg_at_end: host
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" "),
+        cells: &cells,
+        round_ms_8g: round_8g,
+        seed_ms_8g: SEED_MS_8G,
+    };
     let out = ctx.repo.join("target/bench/vfio.json");
     if let Some(d) = out.parent() {
         let _ = std::fs::create_dir_all(d);
     }
+    // Through a `Value`: its keys come out sorted, as the file has them.
+    let doc = serde_json::to_value(&doc).unwrap_or_default();
     std::fs::write(&out, serde_json::to_string_pretty(&doc).unwrap_or_default())
         .map_err(io_error("cannot write", &out))?;
-    let mut s = Map::new();
-    s.insert("ok".into(), json!(ok));
-    s.insert("round_ms_8g".into(), round_8g);
-    s.insert(
-        "ratio_to_seed_8g_bitmap".into(),
-        json!(at8("ours-freehint-bitmap").map(|v| (v / SEED_MS_8G * 100.0).round() / 100.0)),
-    );
-    s.insert("json".into(), json!(out.display().to_string()));
-    Ok(s)
+    Ok(fields(&Summary {
+        ok,
+        round_ms_8g: round_8g,
+        ratio_to_seed_8g_bitmap: round_8g
+            .bitmap
+            .map(|v| (v / SEED_MS_8G * 100.0).round() / 100.0),
+        json: out.display().to_string(),
+    }))
 }

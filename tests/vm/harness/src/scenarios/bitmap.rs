@@ -9,11 +9,12 @@
 
 use std::time::Duration;
 
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{Map, Value};
 
 use super::{max_of, num, sum_of, walk_ms};
 use crate::qemu::{BootSpec, Machine};
-use crate::runner::{Ctx, HarnessError};
+use crate::runner::{fields, Ctx, HarnessError};
 
 /// Runs the scenario.
 pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
@@ -33,22 +34,28 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     lockdep.timeout = Duration::from_secs(900);
     reports.push(ctx.boot(lockdep)?);
 
-    let mut s = Map::new();
-    s.insert("ok".into(), json!(reports.iter().all(|r| r.ok)));
-    s.insert(
-        "false_free".into(),
-        sum_of(&reports, "false_free").map_or(Value::Null, num),
-    );
     let walk_6g = reports
         .iter()
         .filter(|r| r.spec.mem_mib == 6144)
         .filter_map(walk_ms)
         .reduce(f64::max);
-    s.insert("walk_ms_6g".into(), walk_6g.map_or(Value::Null, num));
-    s.insert(
-        "max_lock_hold_us".into(),
-        max_of(&reports, "max_lock_hold_us").map_or(Value::Null, num),
-    );
-    s.insert("boots".into(), json!(reports.len()));
-    Ok(s)
+    Ok(fields(&Summary {
+        ok: reports.iter().all(|r| r.ok),
+        false_free: sum_of(&reports, "false_free").map(num),
+        walk_ms_6g: walk_6g.map(num),
+        max_lock_hold_us: max_of(&reports, "max_lock_hold_us").map(num),
+        boots: reports.len(),
+    }))
+}
+
+/// The scenario's summary.
+#[derive(Serialize)]
+struct Summary {
+    ok: bool,
+    /// Held pages the bitmaps called free, over every boot.
+    false_free: Option<Value>,
+    /// The slowest walk of a 6 GiB guest.
+    walk_ms_6g: Option<Value>,
+    max_lock_hold_us: Option<Value>,
+    boots: usize,
 }

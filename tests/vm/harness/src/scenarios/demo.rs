@@ -10,13 +10,16 @@
 //! `target/vm/demo/table.txt` (what `tests/demo` shows) and draws it as
 //! `target/vm/demo/table.png`.
 
-use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
 
 use super::own_migrate::{self, build_tools, Migrator, RunOpts};
 use crate::chart::{draw_png, ChartRow};
 use crate::errors::io_error;
 use crate::migrate::{median, qemu_version, run_cell, Cell, CellOutcome, Driver, Workload};
-use crate::runner::{Ctx, HarnessError};
+use crate::runner::{fields, Ctx, HarnessError};
 
 /// The label of the row our migrator and device make.
 const OURS: &str = "freehint migrator + freehint device + freehint.ko (bitmap)";
@@ -67,6 +70,27 @@ fn table(rows: &[Row], qemu: &str, used: Option<f64>) -> String {
     t
 }
 
+/// The demo's summary.
+#[derive(Serialize)]
+struct Summary {
+    /// `bytes_<setup>` and `total_ms_<setup>`: medians of each setup that
+    /// ran (none for a setup left out).
+    #[serde(flatten)]
+    medians: Medians,
+    /// The text table.
+    table: String,
+    /// The chart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    picture: Option<String>,
+    /// Why there is no chart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    picture_error: Option<String>,
+    ok: bool,
+}
+
+/// Median figures per setup, keyed `<figure>_<setup>`.
+type Medians = BTreeMap<String, Option<f64>>;
+
 /// Runs the demo.
 pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let reps = std::env::var("FREEHINT_DEMO_REPS")
@@ -77,7 +101,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let mut rows = Vec::new();
     let mut ok = true;
     let mut used = Vec::new();
-    let mut s = Map::new();
+    let mut s = Medians::new();
     for (d, label) in [
         (Driver::None, "QEMU migrator, no hints"),
         (
@@ -133,8 +157,8 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
             r.name = format!("demo/{}", d.name());
             ctx.record(r);
         }
-        s.insert(format!("bytes_{}", d.name()), json!(median(&b)));
-        s.insert(format!("total_ms_{}", d.name()), json!(median(&tt)));
+        s.insert(format!("bytes_{}", d.name()), median(&b));
+        s.insert(format!("total_ms_{}", d.name()), median(&tt));
         rows.push(Row {
             label,
             bytes: median(&b),
@@ -157,7 +181,13 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     std::fs::create_dir_all(&dir)
         .and_then(|()| std::fs::write(&path, &text))
         .map_err(io_error("cannot write", &path))?;
-    s.insert("table".into(), json!(path.display().to_string()));
+    let mut summary = Summary {
+        medians: s,
+        table: path.display().to_string(),
+        picture: None,
+        picture_error: None,
+        ok: false,
+    };
     let png = dir.join("table.png");
     let chart: Vec<ChartRow> = rows.iter().map(chart_row).collect();
     let version = qemu_version(&ctx.manifest);
@@ -169,24 +199,20 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let title = format!("freehint demo: 4 GiB TCG guest, 300 MiB dirtied then freed, {short}");
     match draw_png(&chart, &title, &png) {
         Ok(()) => {
-            s.insert("picture".into(), json!(png.display().to_string()));
+            summary.picture = Some(png.display().to_string());
         }
         Err(e) => {
             eprintln!("[demo] cannot draw {}: {e}", png.display());
-            s.insert("picture_error".into(), json!(e.to_string()));
+            summary.picture_error = Some(e.to_string());
             ok = false;
         }
     }
-    s.insert("ok".into(), json!(ok));
-    Ok(s)
+    summary.ok = ok;
+    Ok(fields(&summary))
 }
 
 /// The fourth row: our migrator, our device, freehint.ko.
-fn ours(
-    ctx: &mut Ctx,
-    reps: usize,
-    s: &mut Map<String, Value>,
-) -> Result<(Row, bool), HarnessError> {
+fn ours(ctx: &mut Ctx, reps: usize, s: &mut Medians) -> Result<(Row, bool), HarnessError> {
     if !Driver::Freehint.enabled() {
         let row = Row {
             label: OURS,
@@ -227,8 +253,8 @@ fn ours(
         line.driver = Some("freehint");
         ctx.record(line);
     }
-    s.insert("bytes_ours_freehint".into(), json!(median(&b)));
-    s.insert("total_ms_ours_freehint".into(), json!(median(&tt)));
+    s.insert("bytes_ours_freehint".into(), median(&b));
+    s.insert("total_ms_ours_freehint".into(), median(&tt));
     let row = Row {
         label: OURS,
         bytes: median(&b),

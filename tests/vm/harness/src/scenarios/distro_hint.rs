@@ -25,13 +25,14 @@
 
 use std::path::PathBuf;
 
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use super::qemu_balloon::{
-    boot_spec, check_bind, check_inflate, check_stream, check_unload, checks_summary, with_guest,
-    BalloonBoot, Check, Checked, Guest,
+    boot_spec, check_bind, check_inflate, check_line, check_stream, check_unload, checks_summary,
+    with_guest, BalloonBoot, Check, Checked, ChecksSummary, Guest,
 };
-use crate::runner::{object, Ctx, HarnessError};
+use crate::runner::{fields, Ctx, HarnessError};
 
 /// The flavour of Debian's kernel in the (merged) manifest.
 pub const FLAVOUR: &str = "distro";
@@ -84,20 +85,19 @@ fn check_stock(g: &mut Guest, release: &str) -> Check {
 /// Records one check as `distro-hint/<name>` (an error becomes a failed
 /// line carrying it); returns whether it passed.
 fn record(ctx: &mut Ctx, name: &str, r: Check) -> bool {
-    let mut m = object(json!({"name": format!("distro-hint/{name}")}));
-    let ok = match r {
-        Ok(Checked { ok, fields }) => {
-            m.extend(fields);
-            ok
-        }
-        Err(e) => {
-            m.insert("error".into(), json!(e));
-            false
-        }
-    };
-    m.insert("ok".into(), json!(ok));
-    ctx.record(m);
+    let line = check_line(format!("distro-hint/{name}"), r);
+    let ok = line.ok;
+    ctx.record(line);
     ok
+}
+
+/// The scenario's summary: the balloon checks' and the distro kernel.
+#[derive(Serialize)]
+struct Summary<'a> {
+    #[serde(flatten)]
+    checks: ChecksSummary<'a>,
+    kernel: String,
+    package: String,
 }
 
 /// Runs the scenario.
@@ -118,7 +118,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         oks[4] = record(ctx, "unload", check_unload(g));
     })?;
     let [stock_ok, bind_ok, inflate_ok, hint_ok, unload_ok] = oks;
-    let mut s = checks_summary(
+    let checks = checks_summary(
         ctx,
         started,
         &[
@@ -130,7 +130,9 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
             ("boot_clean", boot_ok),
         ],
     );
-    s.insert("kernel".into(), json!(release));
-    s.insert("package".into(), json!(package));
-    Ok(s)
+    Ok(fields(&Summary {
+        checks,
+        kernel: release,
+        package,
+    }))
 }

@@ -482,7 +482,7 @@ fn pingpong(ctx: &mut Ctx, migrations: usize) -> Result<Map<String, Value>, Harn
     one.migrations = 1;
     eprintln!("[own-hint] abort at resume: the balloon must come back to the source");
     let aborted = abort_check(ctx, &tools, &one, true, "own-hint-pingpong/abort-at-resume");
-    let abort_ok = aborted.get("ok").and_then(Value::as_bool) == Some(true);
+    let abort_ok = aborted.ok;
     ctx.record(aborted);
     let downtimes: Vec<f64> = r.hops.iter().filter_map(|h| h.downtime_ms).collect();
     let balloons_ok = r.hops.iter().all(|h| {

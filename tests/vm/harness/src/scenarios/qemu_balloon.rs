@@ -294,22 +294,30 @@ fn abs_diff_mib(a_bytes: u64, b_bytes: u64) -> u64 {
     a_bytes.abs_diff(b_bytes) / MIB
 }
 
-/// A check's result line `balloon/<name>`: its outcome and fields, or a
-/// failed line carrying the error.
+/// A check's result line: its outcome and fields, or a failed line
+/// carrying the error.
 #[derive(Debug, Clone, Serialize)]
-struct CheckLine {
-    name: String,
-    ok: bool,
+pub(crate) struct CheckLine {
+    /// Result name.
+    pub(crate) name: String,
+    /// Whether the check passed.
+    pub(crate) ok: bool,
+    /// Why it could not run.
     #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
+    pub(crate) error: Option<String>,
+    /// Its fields.
     #[serde(flatten)]
-    fields: Map<String, Value>,
+    pub(crate) fields: Map<String, Value>,
 }
 
 /// A result line `balloon/<name>` from `fields` (an error becomes a failed
 /// line carrying it).
 fn result(name: &str, r: Check) -> CheckLine {
-    let name = format!("balloon/{name}");
+    check_line(format!("balloon/{name}"), r)
+}
+
+/// The result line `name` of a check's outcome.
+pub(crate) fn check_line(name: String, r: Check) -> CheckLine {
     match r {
         Ok(Checked { ok, fields }) => CheckLine {
             name,
@@ -997,7 +1005,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
             }),
         );
     })?;
-    Ok(checks_summary(
+    Ok(fields(&checks_summary(
         ctx,
         started,
         &[
@@ -1009,7 +1017,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
             ("poison_ok", poison_ok),
             ("boots_clean", b1 && b2 && b3),
         ],
-    ))
+    )))
 }
 
 /// The fields of the `poison` check's line: the poison boot's bind and
@@ -1023,7 +1031,7 @@ struct PoisonRecord {
 
 /// A balloon scenario's summary (see [`checks_summary`]).
 #[derive(Serialize)]
-struct ChecksSummary<'a> {
+pub(crate) struct ChecksSummary<'a> {
     /// Each named check's outcome, one key per check.
     #[serde(flatten)]
     checks: std::collections::BTreeMap<&'a str, bool>,
@@ -1034,13 +1042,17 @@ struct ChecksSummary<'a> {
 
 /// A balloon scenario's summary: each named check's outcome, `elapsed_s`
 /// since `started`, the QEMU version and `ok` when every check passed.
-pub fn checks_summary(ctx: &Ctx, started: Instant, checks: &[(&str, bool)]) -> Map<String, Value> {
-    fields(&ChecksSummary {
+pub(crate) fn checks_summary<'a>(
+    ctx: &Ctx,
+    started: Instant,
+    checks: &[(&'a str, bool)],
+) -> ChecksSummary<'a> {
+    ChecksSummary {
         checks: checks.iter().copied().collect(),
         elapsed_s: started.elapsed().as_secs(),
         qemu: qemu_version(&ctx.manifest),
         ok: checks.iter().all(|&(_, ok)| ok),
-    })
+    }
 }
 
 #[cfg(test)]

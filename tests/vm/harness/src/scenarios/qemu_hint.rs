@@ -5,22 +5,27 @@
 //! the free page virtqueue's `used-idx` moved (`x-query-virtio-queue-status`),
 //! and the migration sends fewer bytes than the same guest without hints.
 
-use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
 
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::qemu_migrate::Pending;
 use crate::migrate::{qemu_version, run_cell, Cell, CellOutcome, Driver, Workload};
-use crate::runner::{emit, object, Ctx, HarnessError};
+use crate::runner::{emit, fields, Ctx, HarnessError};
 
 /// Runs the scenario.
 pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
-    let mut s = Map::new();
     let mut ok = true;
-    let mut bytes = Map::new();
+    let mut bytes = BTreeMap::new();
     for d in [Driver::None, Driver::Stock, Driver::Freehint] {
         if !d.enabled() {
-            emit(
-                &json!({"name": format!("hint/{}", d.name()), "ok": null, "pending": true,
-                "note": "left out by FREEHINT_MIGRATE_DRIVERS"}),
-            );
+            emit(&Pending {
+                name: format!("hint/{}", d.name()),
+                ok: None,
+                pending: true,
+                note: "left out by FREEHINT_MIGRATE_DRIVERS",
+            });
             continue;
         }
         let mut cell = Cell::new(2048, d, Workload::DirtyFree);
@@ -48,35 +53,64 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         let r_ok = out.ok() && used.is_some() && hinted == want;
         ok &= r_ok;
         if let Some(b) = sent {
-            bytes.insert(d.name().into(), json!(b));
+            bytes.insert(d.name(), b);
         }
-        let mut r = object(json!({
-            "name": format!("hint/{}", d.name()),
-            "ok": r_ok,
-            "free_page_vq_used_delta": used,
-            "hints_consumed": hinted,
-            "bytes": sent,
-            "integrity_failures": out.integrity_failures(),
-        }));
-        if !out.problems.is_empty() {
-            r.insert("problems".into(), json!(out.problems));
-            r.insert("logs".into(), json!(out.logs));
-        }
-        ctx.record(r);
+        let failed = !out.problems.is_empty();
+        ctx.record(HintRecord {
+            name: format!("hint/{}", d.name()),
+            ok: r_ok,
+            free_page_vq_used_delta: used,
+            hints_consumed: hinted,
+            bytes: sent,
+            integrity_failures: out.integrity_failures(),
+            problems: failed.then_some(&out.problems),
+            logs: failed.then_some(&out.logs),
+        });
     }
-    let b = |k: &str| bytes.get(k).and_then(Value::as_f64);
+    let b = |k: &str| bytes.get(k).map(|&b| b as f64);
     // init_on_alloc=0, 512 MiB freed: every hinting driver must save bytes.
+    let mut ratios = BTreeMap::new();
     for d in ["stock", "freehint"] {
         if let (Some(h), Some(none)) = (b(d), b("none")) {
-            s.insert(
+            ratios.insert(
                 format!("bytes_{d}_over_nohints"),
-                json!((h / none * 1000.0).round() / 1000.0),
+                (h / none * 1000.0).round() / 1000.0,
             );
             ok &= h < none;
         }
     }
-    s.insert("bytes".into(), Value::Object(bytes));
-    s.insert("qemu".into(), json!(qemu_version(&ctx.manifest)));
-    s.insert("ok".into(), json!(ok));
-    Ok(s)
+    Ok(fields(&Summary {
+        ratios,
+        bytes,
+        qemu: qemu_version(&ctx.manifest),
+        ok,
+    }))
+}
+
+/// The line of one driver.
+#[derive(Serialize)]
+struct HintRecord<'a> {
+    name: String,
+    ok: bool,
+    free_page_vq_used_delta: Option<u64>,
+    hints_consumed: bool,
+    /// Bytes the migration sent.
+    bytes: Option<u64>,
+    integrity_failures: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problems: Option<&'a Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logs: Option<&'a Vec<String>>,
+}
+
+/// The scenario's summary.
+#[derive(Serialize)]
+struct Summary {
+    /// `bytes_<driver>_over_nohints` of each hinting driver measured.
+    #[serde(flatten)]
+    ratios: BTreeMap<String, f64>,
+    /// Bytes sent per driver.
+    bytes: BTreeMap<&'static str, u64>,
+    qemu: String,
+    ok: bool,
 }

@@ -277,14 +277,17 @@ pub fn run_matrix(ctx: &mut Ctx, sizes: &[u64], reps: usize, ioas: &[bool]) -> T
     t
 }
 
-/// The line of a driver left out of the matrix.
+/// The line of a driver left out by `FREEHINT_MIGRATE_DRIVERS`.
 #[derive(Serialize)]
-struct Pending {
-    name: String,
+pub(crate) struct Pending {
+    /// Result name.
+    pub(crate) name: String,
     /// Neither passed nor failed: `null`.
-    ok: Option<bool>,
-    pending: bool,
-    note: &'static str,
+    pub(crate) ok: Option<bool>,
+    /// Always true.
+    pub(crate) pending: bool,
+    /// Why.
+    pub(crate) note: &'static str,
 }
 
 /// The summary of a migration matrix ([`summary`]).

@@ -4,10 +4,11 @@
 //! the stock `virtio_balloon`), `init_on_alloc=1`. Every destination verifies
 //! every live page; the guest must be alive and power off cleanly at the end.
 
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{Map, Value};
 
 use crate::migrate::{cell_json, qemu_version, run_cell, Cell, Driver, Workload};
-use crate::runner::{object, Ctx, HarnessError};
+use crate::runner::{fields, Ctx, HarnessError};
 
 fn pingpong(ctx: &mut Ctx, migrations: usize) -> Result<Map<String, Value>, HarnessError> {
     let driver = if Driver::Freehint.enabled() {
@@ -37,27 +38,36 @@ fn pingpong(ctx: &mut Ctx, migrations: usize) -> Result<Map<String, Value>, Harn
         line.free_page_vq = out.hint_vq.get(i).cloned();
         ctx.record(line);
     }
-    let mut s = object(json!({
-        "migrations": out.migrations.len(),
-        "integrity_failures": out.integrity_failures(),
-        "corrupt_pages": out.corrupt_pages(),
-        "driver": driver.name(),
-        "guest_alive_at_end": out.problems.is_empty(),
-        "pages_checked": out
+    Ok(fields(&Summary {
+        migrations: out.migrations.len(),
+        integrity_failures: out.integrity_failures(),
+        corrupt_pages: out.corrupt_pages(),
+        driver: driver.name(),
+        guest_alive_at_end: out.problems.is_empty(),
+        pages_checked: out
             .integrity
             .iter()
             .filter_map(|r| r.get("pages_checked").and_then(Value::as_u64))
-            .sum::<u64>(),
-        "qemu": qemu_version(&ctx.manifest),
-    }));
-    if !out.problems.is_empty() {
-        s.insert("problems".into(), json!(out.problems));
-    }
-    s.insert(
-        "ok".into(),
-        json!(out.ok() && out.migrations.len() == migrations),
-    );
-    Ok(s)
+            .sum(),
+        qemu: qemu_version(&ctx.manifest),
+        problems: (!out.problems.is_empty()).then_some(&out.problems),
+        ok: out.ok() && out.migrations.len() == migrations,
+    }))
+}
+
+/// The scenario's summary.
+#[derive(Serialize)]
+struct Summary<'a> {
+    migrations: usize,
+    integrity_failures: usize,
+    corrupt_pages: u64,
+    driver: &'static str,
+    guest_alive_at_end: bool,
+    pages_checked: u64,
+    qemu: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problems: Option<&'a Vec<String>>,
+    ok: bool,
 }
 
 /// CI: 10 migrations.

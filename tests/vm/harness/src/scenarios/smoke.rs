@@ -3,10 +3,34 @@
 //! and unload cleanly (the guest half is built into `tests/vm/guest/init` as
 //! scenario `smoke`).
 
-use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
 
 use crate::qemu::BootSpec;
-use crate::runner::{Ctx, HarnessError};
+use crate::runner::{fields, Ctx, HarnessError};
+
+/// The `smp` line of one boot: every vCPU online.
+#[derive(Serialize)]
+struct Smp<'a> {
+    name: &'static str,
+    ok: bool,
+    /// vCPUs the guest saw.
+    cpus: Option<u64>,
+    expected: u32,
+    flavour: &'a str,
+}
+
+/// The scenario's summary.
+#[derive(Serialize)]
+struct Summary {
+    ok: bool,
+    boots: usize,
+    /// `boot_s_<flavour>`: each boot's wall time, to a tenth.
+    #[serde(flatten)]
+    boot_s: BTreeMap<String, Value>,
+}
 
 /// Runs the scenario.
 pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
@@ -25,23 +49,26 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
             .and_then(Value::as_u64);
         let ok = cpus == Some(u64::from(report.spec.smp));
         smp_ok &= ok;
-        let mut r = Map::new();
-        r.insert("name".into(), json!("smp"));
-        r.insert("ok".into(), json!(ok));
-        r.insert("cpus".into(), json!(cpus));
-        r.insert("expected".into(), json!(report.spec.smp));
-        r.insert("flavour".into(), json!(report.spec.flavour));
-        ctx.record(r);
+        ctx.record(Smp {
+            name: "smp",
+            ok,
+            cpus,
+            expected: report.spec.smp,
+            flavour: &report.spec.flavour,
+        });
         reports.push(report);
     }
-    let mut s = Map::new();
-    s.insert("ok".into(), json!(smp_ok && reports.iter().all(|r| r.ok)));
-    s.insert("boots".into(), json!(reports.len()));
-    for r in &reports {
-        s.insert(
-            format!("boot_s_{}", r.spec.flavour),
-            super::num((r.elapsed_s * 10.0).round() / 10.0),
-        );
-    }
-    Ok(s)
+    Ok(fields(&Summary {
+        ok: smp_ok && reports.iter().all(|r| r.ok),
+        boots: reports.len(),
+        boot_s: reports
+            .iter()
+            .map(|r| {
+                (
+                    format!("boot_s_{}", r.spec.flavour),
+                    super::num((r.elapsed_s * 10.0).round() / 10.0),
+                )
+            })
+            .collect(),
+    }))
 }

@@ -12,11 +12,14 @@
 //! (the standard round walks with the same builder and sends its runs); the
 //! summary reports both summed over the boots.
 
-use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
 
 use super::vfio_stock::{boot_round, Round};
 use crate::qemu::Machine;
-use crate::runner::{object, Ctx, HarnessError};
+use crate::runner::{fields, Ctx, HarnessError};
 use crate::vfio::{overlay_initramfs, server_binary};
 
 /// Runs the scenario.
@@ -43,7 +46,7 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     ];
     let mut ok = true;
     let (mut mismatch, mut false_free, mut boots) = (0u64, 0u64, 0u64);
-    let mut per = Map::new();
+    let mut per = BTreeMap::new();
     for (proto, machine, mem, args) in cells {
         let tag = format!("freehint-{proto}");
         let r = boot_round(
@@ -76,17 +79,45 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
         false_free += n("false_free").unwrap_or(u64::MAX / 16);
         per.insert(
             format!("{proto}-{}-{}m", machine.name(), mem),
-            json!({"ok": cell_ok, "bitmap_mismatch_bits": mm, "host_not_in_guest": extra,
-                   "guest_not_in_host": missed, "host_free_pages": host_free,
-                   "round_ms": r.get("round_ms"), "bitmap_acked": bitmap_acked}),
+            CellSummary {
+                ok: cell_ok,
+                bitmap_mismatch_bits: mm,
+                host_not_in_guest: extra,
+                guest_not_in_host: missed,
+                host_free_pages: host_free,
+                round_ms: r.get("round_ms").cloned(),
+                bitmap_acked,
+            },
         );
     }
-    let s = object(json!({
-        "ok": ok,
-        "bitmap_mismatch_bits": mismatch,
-        "false_free": false_free,
-        "boots": boots,
-        "cells": Value::Object(per),
-    }));
-    Ok(s)
+    Ok(fields(&Summary {
+        ok,
+        bitmap_mismatch_bits: mismatch,
+        false_free,
+        boots,
+        cells: per,
+    }))
+}
+
+/// A cell's entry in the scenario's summary.
+#[derive(Serialize)]
+struct CellSummary {
+    ok: bool,
+    bitmap_mismatch_bits: Option<u64>,
+    host_not_in_guest: Option<u64>,
+    guest_not_in_host: Option<u64>,
+    host_free_pages: u64,
+    round_ms: Option<Value>,
+    /// Whether the driver acked the bitmap protocol.
+    bitmap_acked: bool,
+}
+
+/// The scenario's summary: totals over the cells and every cell's entry.
+#[derive(Serialize)]
+struct Summary {
+    ok: bool,
+    bitmap_mismatch_bits: u64,
+    false_free: u64,
+    boots: u64,
+    cells: BTreeMap<String, CellSummary>,
 }

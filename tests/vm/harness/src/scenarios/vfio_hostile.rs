@@ -10,10 +10,11 @@
 //! anonymous memory must stay bounded (reported before the boot and after
 //! the hostile run, at most 64 MiB).
 
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{Map, Value};
 
 use super::vfio_stock::balloon_round;
-use crate::runner::{Ctx, HarnessError};
+use crate::runner::{fields, Ctx, HarnessError};
 
 /// Bound on the server's anonymous memory after the hostile run, kB.
 const MAX_ANON_KB: u64 = 64 * 1024;
@@ -29,18 +30,28 @@ pub fn run(ctx: &mut Ctx) -> Result<Map<String, Value>, HarnessError> {
     let ok = r.get("ok") == Some(&Value::Bool(true))
         && anon_after.is_some_and(|a| a <= MAX_ANON_KB)
         && warnings > 0;
-    let mut s = Map::new();
-    s.insert("ok".into(), json!(ok));
-    for k in [
-        "server_anon_kb_before",
-        "server_anon_kb_guest_ready",
-        "server_warnings",
-        "false_free",
-        "inflate_freed_kb",
-        "host_free_pages",
-        "round_ms",
-    ] {
-        s.insert(k.into(), r.get(k).cloned().unwrap_or(Value::Null));
-    }
-    Ok(s)
+    let pick = |k: &str| r.get(k).cloned().unwrap_or(Value::Null);
+    Ok(fields(&Summary {
+        ok,
+        server_anon_kb_before: pick("server_anon_kb_before"),
+        server_anon_kb_guest_ready: pick("server_anon_kb_guest_ready"),
+        server_warnings: pick("server_warnings"),
+        false_free: pick("false_free"),
+        inflate_freed_kb: pick("inflate_freed_kb"),
+        host_free_pages: pick("host_free_pages"),
+        round_ms: pick("round_ms"),
+    }))
+}
+
+/// The scenario's summary: figures of the round's line.
+#[derive(Serialize)]
+struct Summary {
+    ok: bool,
+    server_anon_kb_before: Value,
+    server_anon_kb_guest_ready: Value,
+    server_warnings: Value,
+    false_free: Value,
+    inflate_freed_kb: Value,
+    host_free_pages: Value,
+    round_ms: Value,
 }

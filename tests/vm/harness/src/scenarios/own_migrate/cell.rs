@@ -8,8 +8,8 @@ use serde_json::{json, Map, Value};
 
 use super::program::{migrate_ours, Hop, Migrated};
 use super::tools::{qemu_ram_args, start_own, Side, Tools};
-use crate::migrate::{migrate, verify_integrity, wait_ready, Cell, Then};
-use crate::runner::{object, Ctx};
+use crate::migrate::{failed_verdict, migrate, verify_integrity, wait_ready, Cell, Then};
+use crate::runner::Ctx;
 use crate::scenarios::num;
 use crate::vm::{free_port, splat_problems, Incoming, Vm, VmError, VmOptions};
 
@@ -41,7 +41,7 @@ pub(super) fn verdict_at(
     let crate::vm::ResultLine { line, obj, .. } = vm
         .wait_result(from, "integrity", "the destination's verdict", timeout)
         .map_err(|e| e.to_string())?;
-    Ok(obj.unwrap_or_else(|| object(json!({"name": "integrity", "ok": false, "error": line}))))
+    Ok(obj.unwrap_or_else(|| failed_verdict(line)))
 }
 
 /// The guest's churn steps (`ops`) at a moment of host time.
@@ -256,10 +256,7 @@ pub(super) fn run_ours(job: CellJob, tools: &Tools, run: &mut Run) -> Result<(),
         src.vm.kill();
         let verdict = verdict_at(&mut dst.vm, from, scale(300));
         let at = Instant::now();
-        hop.verdict = Some(
-            verdict
-                .unwrap_or_else(|e| object(json!({"name": "integrity", "ok": false, "error": e}))),
-        );
+        hop.verdict = Some(verdict.unwrap_or_else(failed_verdict));
         end_rate(&mut hop, before, at);
         if job.opts.balloon {
             let check = crate::scenarios::own_hint::destination_balloon(
@@ -334,9 +331,7 @@ pub(super) fn run_qemu(job: CellJob, run: &mut Run) -> Result<(), String> {
             bytes: Some(stats.transferred as f64),
             total_ms: Some(stats.total_ms as f64),
             downtime_ms: Some(stats.downtime_ms as f64),
-            verdict: Some(verdict.unwrap_or_else(|err| {
-                object(json!({"name": "integrity", "ok": false, "error": err.to_string()}))
-            })),
+            verdict: Some(verdict.unwrap_or_else(|err| failed_verdict(err.to_string()))),
             detail: stats.to_json(),
             ops_rate: None,
         };

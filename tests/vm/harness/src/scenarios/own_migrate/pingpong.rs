@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use super::cell::{finish, hop_json, run_cell, AtResume, Migrator, Run, RunOpts};
@@ -10,7 +11,7 @@ use super::program::migrate_ours;
 use super::table::cell_for;
 use super::tools::{build_tools, start_own, sweep_stale_ram_files, Side, Tools};
 use crate::migrate::{median, qemu_version, wait_ready, Cell, Workload};
-use crate::runner::{object, Ctx, HarnessError};
+use crate::runner::{fields, Ctx, HarnessError};
 use crate::scenarios::num;
 use crate::vm::VmError;
 
@@ -40,7 +41,7 @@ pub(super) fn pingpong(
     control.migrations = 1;
     eprintln!("[own] abort at resume: the source must run on, intact");
     let aborted = abort_check(ctx, &tools, &control, false, "own-pingpong/abort-at-resume");
-    let abort_ok = aborted.get("ok").and_then(Value::as_bool) == Some(true);
+    let abort_ok = aborted.ok;
     ctx.record(aborted);
     eprintln!("[own] negative control: the final pass dropped; the destination must see damage");
     let c = run_cell(
@@ -69,38 +70,81 @@ pub(super) fn pingpong(
         .and_then(|h| h.verdict.as_ref())
         .and_then(|v| v.get("corrupt_pages"))
         .cloned();
-    ctx.record(object(json!({
-        "name": "own-pingpong/negative-control",
-        "ok": caught,
-        "note": "final pass dropped on purpose: ok means the destination did not verify clean (damaged pages, or a guest that died at resume)",
-        "caught_by": caught.then(|| if corrupt.as_ref().and_then(Value::as_u64).unwrap_or(0) > 0 {
+    let corrupt_seen = corrupt.as_ref().and_then(Value::as_u64).unwrap_or(0) > 0;
+    ctx.record(NegativeControl {
+        name: "own-pingpong/negative-control",
+        ok: caught,
+        note: "final pass dropped on purpose: ok means the destination did not verify clean \
+               (damaged pages, or a guest that died at resume)",
+        caught_by: caught.then_some(if corrupt_seen {
             "corrupt pages"
         } else if verdict_failed {
             "guest died"
         } else {
             "destination kernel splat at resume"
         }),
-        "corrupt_pages": corrupt,
-        "problems": c.problems,
-    })));
+        corrupt_pages: corrupt,
+        problems: &c.problems,
+    });
     let downtimes: Vec<f64> = r.hops.iter().filter_map(|h| h.downtime_ms).collect();
-    let mut s = object(json!({
-        "migrations": r.hops.len(),
-        "integrity_failures": r.integrity_failures(),
-        "negative_control_caught": caught,
-        "abort_leaves_source_running": abort_ok,
-        "downtime_ms_median": median(&downtimes).map(num),
-        "pages_checked": r.hops.iter().filter_map(|h| h.verdict.as_ref()?.get("pages_checked")?.as_u64()).sum::<u64>(),
-        "qemu": qemu_version(&ctx.manifest),
-    }));
-    if !r.problems.is_empty() {
-        s.insert("problems".into(), json!(r.problems));
-    }
-    s.insert(
-        "ok".into(),
-        json!(r.ok() && r.hops.len() == migrations && caught && abort_ok),
-    );
-    Ok(s)
+    Ok(fields(&Summary {
+        migrations: r.hops.len(),
+        integrity_failures: r.integrity_failures(),
+        negative_control_caught: caught,
+        abort_leaves_source_running: abort_ok,
+        downtime_ms_median: median(&downtimes).map(num),
+        pages_checked: r
+            .hops
+            .iter()
+            .filter_map(|h| h.verdict.as_ref()?.get("pages_checked")?.as_u64())
+            .sum(),
+        qemu: qemu_version(&ctx.manifest),
+        problems: (!r.problems.is_empty()).then_some(&r.problems),
+        ok: r.ok() && r.hops.len() == migrations && caught && abort_ok,
+    }))
+}
+
+/// The negative control's line.
+#[derive(Serialize)]
+struct NegativeControl<'a> {
+    name: &'static str,
+    ok: bool,
+    note: &'static str,
+    /// How the destination showed the damage.
+    caught_by: Option<&'static str>,
+    corrupt_pages: Option<Value>,
+    problems: &'a [String],
+}
+
+/// The summary of `own-pingpong`.
+#[derive(Serialize)]
+struct Summary<'a> {
+    migrations: usize,
+    integrity_failures: usize,
+    /// The negative control's damage was seen.
+    negative_control_caught: bool,
+    abort_leaves_source_running: bool,
+    downtime_ms_median: Option<Value>,
+    pages_checked: u64,
+    qemu: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problems: Option<&'a Vec<String>>,
+    ok: bool,
+}
+
+/// The line of an abort check ([`abort_check`]).
+#[derive(Debug, Serialize)]
+pub(crate) struct AbortRecord {
+    /// Result name.
+    pub(crate) name: String,
+    /// The source ran on, intact.
+    pub(crate) ok: bool,
+    /// What the check does.
+    pub(crate) note: &'static str,
+    /// The sender's summary of the refused migration.
+    pub(crate) sender: Value,
+    /// What went wrong.
+    pub(crate) problems: Vec<String>,
 }
 
 /// A migration refused at the last moment (the destination loaded, the
@@ -112,7 +156,7 @@ pub(crate) fn abort_check(
     cell: &Cell,
     balloon: bool,
     name: &str,
-) -> Map<String, Value> {
+) -> AbortRecord {
     let scale = |s: u64| Duration::from_secs(s).mul_f64(ctx.timeout_scale.max(0.1));
     let mut problems = Vec::new();
     let mut summary = Value::Null;
@@ -186,13 +230,13 @@ pub(crate) fn abort_check(
     if let Err(e) = result {
         problems.push(e);
     }
-    object(json!({
-        "name": name,
-        "ok": problems.is_empty(),
-        "note": "the destination is refused at the last moment: the source must run on, intact",
-        "sender": summary,
-        "problems": problems,
-    }))
+    AbortRecord {
+        name: name.to_string(),
+        ok: problems.is_empty(),
+        note: "the destination is refused at the last moment: the source must run on, intact",
+        sender: summary,
+        problems,
+    }
 }
 
 /// CI: 10 migrations.
