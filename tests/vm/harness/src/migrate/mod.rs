@@ -35,7 +35,7 @@ use crate::vm::{Vm, VmError};
 
 pub use integrity::{failed_verdict, verify_integrity, wait_ready, Then, READY_MARKER};
 pub use matrix::{run_cell, run_cell_with, Cell, CellOutcome, Driver, Workload};
-pub use report::{cell_json, median, CellRecord};
+pub use report::{cell_json, median, CellRecord, VerdictFields};
 
 /// Bandwidth cap set before every migration (bytes/s): 10 GB/s, i.e. never
 /// the bottleneck on 127.0.0.1.

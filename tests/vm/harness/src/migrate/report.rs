@@ -1,7 +1,7 @@
 //! JSON output of the migration matrix and its summary statistics.
 
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use super::matrix::{Cell, CellOutcome};
 use super::StatsRecord;
@@ -31,17 +31,9 @@ pub struct CellRecord {
     /// Guest RAM less its free memory when it was ready.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_nonfree_mib: Option<u64>,
-    /// `ok` or `CORRUPT` (none without a verdict).
-    pub integrity: Option<&'static str>,
-    /// The verdict's page count.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pages_checked: Option<Value>,
-    /// The verdict's corrupt page count.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub corrupt_pages: Option<Value>,
-    /// The verdict's first corrupt pages.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub first_corrupt: Option<Value>,
+    /// The integrity verdict.
+    #[serde(flatten)]
+    pub verdict: VerdictFields,
     /// Migrated, intact, and (on the last migration) no problem.
     pub ok: bool,
     /// What went wrong in the cell.
@@ -70,10 +62,44 @@ pub struct CellRecord {
     pub note: Option<&'static str>,
 }
 
+/// What a result line says of a migration's integrity verdict.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerdictFields {
+    /// `ok` or `CORRUPT` (none without a verdict).
+    pub integrity: Option<&'static str>,
+    /// The verdict's page count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pages_checked: Option<Value>,
+    /// The verdict's corrupt page count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub corrupt_pages: Option<Value>,
+    /// The verdict's first corrupt pages.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_corrupt: Option<Value>,
+}
+
+impl VerdictFields {
+    /// The fields of `verdict` (the guest's, if one came).
+    pub fn of(verdict: Option<&Map<String, Value>>) -> VerdictFields {
+        let field = |k: &str| verdict.and_then(|v| v.get(k)).cloned();
+        VerdictFields {
+            integrity: verdict.map(|v| {
+                if crate::guest::result_ok(v) {
+                    "ok"
+                } else {
+                    "CORRUPT"
+                }
+            }),
+            pages_checked: field("pages_checked"),
+            corrupt_pages: field("corrupt_pages"),
+            first_corrupt: field("first_corrupt"),
+        }
+    }
+}
+
 /// The result line of one migration of a cell.
 pub fn cell_json(cell: &Cell, out: &CellOutcome, index: usize) -> CellRecord {
     let verdict = out.integrity.get(index);
-    let from_verdict = |k: &str| verdict.and_then(|v| v.get(k)).cloned();
     let ok = out.migrations.get(index).is_some()
         && verdict.is_some_and(crate::guest::result_ok)
         && (index + 1 < out.migrations.len() || out.problems.is_empty());
@@ -92,16 +118,7 @@ pub fn cell_json(cell: &Cell, out: &CellOutcome, index: usize) -> CellRecord {
             .get("mem_free_mib")
             .and_then(Value::as_u64)
             .map(|f| cell.mem_mib.saturating_sub(f)),
-        integrity: verdict.map(|v| {
-            if crate::guest::result_ok(v) {
-                "ok"
-            } else {
-                "CORRUPT"
-            }
-        }),
-        pages_checked: from_verdict("pages_checked"),
-        corrupt_pages: from_verdict("corrupt_pages"),
-        first_corrupt: from_verdict("first_corrupt"),
+        verdict: VerdictFields::of(verdict),
         ok,
         problems: failed.then(|| out.problems.clone()),
         logs: failed.then(|| out.logs.clone()),

@@ -8,7 +8,9 @@ use serde_json::{json, Map, Value};
 
 use super::program::{migrate_ours, Hop, Migrated};
 use super::tools::{qemu_ram_args, start_own, Side, Tools};
-use crate::migrate::{failed_verdict, migrate, verify_integrity, wait_ready, Cell, Then};
+use crate::migrate::{
+    failed_verdict, migrate, verify_integrity, wait_ready, Cell, Then, VerdictFields,
+};
 use crate::runner::Ctx;
 use crate::scenarios::num;
 use crate::vm::{free_port, splat_problems, Incoming, Vm, VmError, VmOptions};
@@ -406,17 +408,9 @@ pub struct HopRecord {
     pub total_ms: Option<Value>,
     /// Downtime, ms.
     pub downtime_ms: Option<Value>,
-    /// `ok` or `CORRUPT` (none without a verdict).
-    pub integrity: Option<&'static str>,
-    /// The verdict's page count.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pages_checked: Option<Value>,
-    /// The verdict's corrupt page count.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub corrupt_pages: Option<Value>,
-    /// The verdict's first corrupt pages.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub first_corrupt: Option<Value>,
+    /// The integrity verdict.
+    #[serde(flatten)]
+    pub verdict: VerdictFields,
     /// Guest churn steps per second before the migration.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_ops_per_s_before: Option<Value>,
@@ -440,7 +434,6 @@ pub struct HopRecord {
 pub fn hop_json(name: &str, cell: &Cell, migrator: Migrator, run: &Run, i: usize) -> HopRecord {
     let hop = run.hops.get(i);
     let verdict = hop.and_then(|h| h.verdict.as_ref());
-    let from_verdict = |k: &str| verdict.and_then(|v| v.get(k)).cloned();
     let last = i + 1 == run.hops.len();
     let ok = verdict.is_some_and(crate::guest::result_ok) && (!last || run.problems.is_empty());
     HopRecord {
@@ -457,16 +450,7 @@ pub fn hop_json(name: &str, cell: &Cell, migrator: Migrator, run: &Run, i: usize
             .map(|b| num((b / 1e5).round() / 10.0)),
         total_ms: hop.and_then(|h| h.total_ms).map(num),
         downtime_ms: hop.and_then(|h| h.downtime_ms).map(num),
-        integrity: verdict.map(|v| {
-            if crate::guest::result_ok(v) {
-                "ok"
-            } else {
-                "CORRUPT"
-            }
-        }),
-        pages_checked: from_verdict("pages_checked"),
-        corrupt_pages: from_verdict("corrupt_pages"),
-        first_corrupt: from_verdict("first_corrupt"),
+        verdict: VerdictFields::of(verdict),
         guest_ops_per_s_before: hop.and_then(|h| h.ops_rate).map(|(b, _)| num(b)),
         guest_ops_per_s_during: hop.and_then(|h| h.ops_rate).map(|(_, d)| num(d)),
         detail: hop.map(|h| h.detail.clone()),
