@@ -57,7 +57,9 @@ fn validate(v: &Validator<'_>) {
     } else if p.page_poisoning && !v.has(abi::VIRTIO_BALLOON_F_PAGE_POISON) {
         // Pages the host skips because they were hinted arrive as zeroes on
         // the destination, and the poison check would report them corrupt.
-        pr_warn!("page poisoning is on and the device lacks PAGE_POISON: free page hinting refused\n");
+        pr_warn!(
+            "page poisoning is on and the device lacks PAGE_POISON: free page hinting refused\n"
+        );
         v.clear(abi::VIRTIO_BALLOON_F_FREE_PAGE_HINT);
         // The bitmap extension is only valid together with FREE_PAGE_HINT.
         v.clear(abi::VIRTIO_BALLOON_F_FREE_PAGE_BITMAP);
@@ -185,7 +187,8 @@ impl Balloon {
     fn new(mut dev: Bound) -> Result<Pin<KBox<Self>>> {
         let feat = Features::read(&dev);
         let layout = abi::QueueLayout::for_features(feat.bits);
-        let mut specs: KVec<(&'static CStr, Option<Callback>)> = KVec::with_capacity(abi::MAX_QUEUES, GFP_KERNEL)?;
+        let mut specs: KVec<(&'static CStr, Option<Callback>)> =
+            KVec::with_capacity(abi::MAX_QUEUES, GFP_KERNEL)?;
         for kind in layout.kinds() {
             let spec = match kind {
                 abi::QueueKind::Inflate => (c_str!("inflate"), Some(Callback::Ack)),
@@ -385,7 +388,12 @@ impl Balloon {
         self.set_actual(clamp_u32(now));
         if done == 0 && diff > 0 {
             if !self.puff_logged.swap(true, Ordering::Relaxed) {
-                pr_info!("out of puff: cannot inflate to {} pages (at {}); retrying every {} ms\n", target, now, OUT_OF_PUFF_MS);
+                pr_info!(
+                    "out of puff: cannot inflate to {} pages (at {}); retrying every {} ms\n",
+                    target,
+                    now,
+                    OUT_OF_PUFF_MS
+                );
             }
             crate::clock::sleep_ms(OUT_OF_PUFF_MS);
         } else if done > 0 {
@@ -477,7 +485,9 @@ impl Balloon {
     /// The host took the stats buffer back: refill and lend it again.
     fn stats_work(&self) {
         let mut s = self.stats.lock();
-        let Some(q) = Option::as_mut(&mut s) else { return };
+        let Some(q) = Option::as_mut(&mut s) else {
+            return;
+        };
         if !q.take_back() {
             return;
         }
@@ -490,7 +500,9 @@ impl Balloon {
     /// the command id is new.
     fn hint_work(&self) {
         let mut guard = self.hint.lock();
-        let Some(h) = Option::as_mut(&mut guard) else { return };
+        let Some(h) = Option::as_mut(&mut guard) else {
+            return;
+        };
         let id = self.cmd_id_received();
         if id == abi::FREE_PAGE_HINT_CMD_ID_DONE {
             // Nothing to give back: this driver never allocates to hint.
@@ -614,7 +626,9 @@ fn tell_host<'a>(q: &mut Queue<DmaBuf>, pages: impl Iterator<Item = &'a BalloonP
     let buf = q.bufs_mut()?.bytes_mut();
     let mut len = 0;
     for p in pages {
-        let Some(dst) = buf.get_mut(len..len + 4) else { break };
+        let Some(dst) = buf.get_mut(len..len + 4) else {
+            break;
+        };
         dst.copy_from_slice(&p.pfn32().unwrap_or(0).to_le_bytes());
         len += 4;
     }
@@ -643,7 +657,10 @@ fn fill_stats(buf: &mut [u8]) -> usize {
     // `Iterator::chain`: the kernel prelude's `Init` has a `chain` too.
     let entries = Iterator::chain(events.iter().flatten(), &memory);
     let mut used = 0;
-    for (dst, &(tag, val)) in buf.chunks_exact_mut(abi::VIRTIO_BALLOON_STAT_SIZE).zip(entries) {
+    for (dst, &(tag, val)) in buf
+        .chunks_exact_mut(abi::VIRTIO_BALLOON_STAT_SIZE)
+        .zip(entries)
+    {
         dst.copy_from_slice(&abi::encode_stat(tag, val));
         used += abi::VIRTIO_BALLOON_STAT_SIZE;
     }

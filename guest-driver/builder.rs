@@ -55,7 +55,10 @@ fn layout_from_iomem() -> Result<Layout> {
     let mut ranges = [(0u64, 0u64); MAX_LAYOUT_RANGES];
     let n = zone::system_ram_ranges(&mut ranges)?;
     Layout::from_ram_pfn_ranges(&ranges[..n]).map_err(|e| {
-        pr_err!("freehint: cannot build a layout from System RAM: {}\n", format_args!("{e}"));
+        pr_err!(
+            "freehint: cannot build a layout from System RAM: {}\n",
+            format_args!("{e}")
+        );
         EINVAL
     })
 }

@@ -101,7 +101,10 @@ pub(crate) fn init() {
 
 /// TSC rate in kHz and whether it was calibrated by this module.
 pub(crate) fn tsc_khz() -> (u64, bool) {
-    (TSC_KHZ.load(Ordering::Relaxed), CALIBRATED.load(Ordering::Relaxed) != 0)
+    (
+        TSC_KHZ.load(Ordering::Relaxed),
+        CALIBRATED.load(Ordering::Relaxed) != 0,
+    )
 }
 
 /// Monotonic time in nanoseconds (TSC based; see the module docs).

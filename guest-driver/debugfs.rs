@@ -98,11 +98,11 @@ fn store(kind: FileKind, builder: &mut Builder, input: &[u8]) -> Result {
 }
 
 /// The builder behind the debugfs files, and the files.
-#[cfg(freehint_kernel_7_3)]
-pub(crate) use v7_3::Diag;
-/// The builder behind the debugfs files, and the files.
 #[cfg(not(freehint_kernel_7_3))]
 pub(crate) use v6_12::Diag;
+/// The builder behind the debugfs files, and the files.
+#[cfg(freehint_kernel_7_3)]
+pub(crate) use v7_3::Diag;
 
 /// The files with 7.3's `kernel::debugfs`.
 #[cfg(freehint_kernel_7_3)]
@@ -183,8 +183,12 @@ mod v6_12 {
 
     extern "C" {
         fn freehint_debugfs_dir(name: *const c_char) -> *mut c_void;
-        fn freehint_debugfs_file(name: *const c_char, mode: u16, dir: *mut c_void, ctx: *mut c_void)
-            -> *mut c_void;
+        fn freehint_debugfs_file(
+            name: *const c_char,
+            mode: u16,
+            dir: *mut c_void,
+            ctx: *mut c_void,
+        ) -> *mut c_void;
         fn freehint_debugfs_remove(dir: *mut c_void);
         fn freehint_is_err_or_null(ptr: *const c_void) -> bool;
         fn simple_read_from_buffer(
@@ -340,7 +344,9 @@ mod v6_12 {
 
     impl fmt::Write for Text {
         fn write_str(&mut self, s: &str) -> fmt::Result {
-            self.0.extend_from_slice(s.as_bytes(), GFP_KERNEL).map_err(|_| fmt::Error)
+            self.0
+                .extend_from_slice(s.as_bytes(), GFP_KERNEL)
+                .map_err(|_| fmt::Error)
         }
     }
 
@@ -352,7 +358,9 @@ mod v6_12 {
     /// file position, as handed to a `read` file operation.
     unsafe fn read_from(data: &[u8], buf: *mut c_char, count: usize, ppos: *mut i64) -> isize {
         // SAFETY: the caller's guarantee; `data` is a valid kernel buffer.
-        unsafe { simple_read_from_buffer(buf.cast(), count, ppos, data.as_ptr().cast(), data.len()) }
+        unsafe {
+            simple_read_from_buffer(buf.cast(), count, ppos, data.as_ptr().cast(), data.len())
+        }
     }
 
     fn errno(e: Error) -> isize {

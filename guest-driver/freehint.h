@@ -8,6 +8,7 @@
 #define FREEHINT_H
 
 #include <linux/fs.h>
+#include <linux/spinlock_types.h>
 #include <linux/types.h>
 #include <linux/version.h>
 
@@ -59,6 +60,15 @@ unsigned int freehint_tsc_khz(void);
 unsigned long freehint_jiffies(void);
 unsigned int freehint_hz(void);
 void freehint_cond_resched(void);
+unsigned long freehint_spin_lock_irqsave(spinlock_t *lock);
+void freehint_spin_unlock_irqrestore(spinlock_t *lock, unsigned long flags);
+/* helpers.c, for mm.rs: balloon page list, poisoning, memory figures. */
+void freehint_page_list_add(struct list_head *head, struct page *page);
+struct page *freehint_page_list_pop(struct list_head *head);
+bool freehint_page_poisoning_enabled(void);
+bool freehint_want_init_on_free(void);
+unsigned long freehint_file_pages(void);
+bool freehint_vm_events(u64 *out, unsigned int n);
 #if LINUX_VERSION_CODE < KERNEL_VERSION(7, 3, 0)
 /* helpers.c: debugfs plumbing (7.3 on: kernel::debugfs in debugfs.rs). */
 struct dentry *freehint_debugfs_dir(const char *name);

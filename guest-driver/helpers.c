@@ -24,6 +24,7 @@
 #include <linux/sched.h>
 #include <linux/spinlock.h>
 #include <linux/version.h>
+#include <linux/vmstat.h>
 #include <asm/msr.h>
 #include <asm/tsc.h>
 
@@ -47,6 +48,24 @@ void freehint_zone_unlock_irqrestore(struct zone *zone, unsigned long flags)
 	spin_unlock_irqrestore(&zone->lock, flags);
 }
 #endif
+
+/*
+ * A spinlock taken with interrupts saved and disabled (the stop lock of
+ * virtio/objects.rs: the stats queue's callback takes it in interrupt
+ * context).
+ */
+unsigned long freehint_spin_lock_irqsave(spinlock_t *lock)
+{
+	unsigned long flags;
+
+	spin_lock_irqsave(lock, flags);
+	return flags;
+}
+
+void freehint_spin_unlock_irqrestore(spinlock_t *lock, unsigned long flags)
+{
+	spin_unlock_irqrestore(lock, flags);
+}
 
 /* Nodes and zones (for_each_online_node / NODE_DATA are macros). */
 int freehint_nr_node_ids(void)
@@ -300,3 +319,57 @@ bool freehint_is_err_or_null(const void *ptr)
 	return IS_ERR_OR_NULL(ptr);
 }
 #endif
+
+/* mm.rs: the balloon page list, poisoning, memory figures. */
+void freehint_page_list_add(struct list_head *head, struct page *page)
+{
+	list_add(&page->lru, head);
+}
+
+struct page *freehint_page_list_pop(struct list_head *head)
+{
+	struct page *page = list_first_entry_or_null(head, struct page, lru);
+
+	if (page)
+		list_del(&page->lru);
+	return page;
+}
+
+bool freehint_page_poisoning_enabled(void)
+{
+	return page_poisoning_enabled_static();
+}
+
+bool freehint_want_init_on_free(void)
+{
+	return want_init_on_free();
+}
+
+unsigned long freehint_file_pages(void)
+{
+	return global_node_page_state(NR_FILE_PAGES);
+}
+
+/*
+ * The VM event counters the stats queue reports, in the order of mm.rs
+ * (major faults, minor faults, pages swapped in, out, OOM kills); false
+ * without CONFIG_VM_EVENT_COUNTERS.
+ */
+bool freehint_vm_events(u64 *out, unsigned int n)
+{
+#ifdef CONFIG_VM_EVENT_COUNTERS
+	unsigned long events[NR_VM_EVENT_ITEMS];
+
+	if (n != 5)
+		return false;
+	all_vm_events(events);
+	out[0] = events[PGMAJFAULT];
+	out[1] = events[PGFAULT];
+	out[2] = events[PSWPIN];
+	out[3] = events[PSWPOUT];
+	out[4] = events[OOM_KILL];
+	return true;
+#else
+	return false;
+#endif
+}

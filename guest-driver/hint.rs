@@ -152,7 +152,11 @@ impl HintQueue {
     /// Sends `id` (le32 outbuf): the start of a hint round. Only while the
     /// device holds no buffer (`EBUSY` otherwise).
     fn send_cmd_id(&mut self, id: u32) -> Result {
-        self.q.bufs_mut()?.cmd.bytes_mut().copy_from_slice(&id.to_le_bytes());
+        self.q
+            .bufs_mut()?
+            .cmd
+            .bytes_mut()
+            .copy_from_slice(&id.to_le_bytes());
         self.q.add(|b| Chain::read(&b.cmd, 4))?;
         self.q.kick();
         Ok(())
@@ -331,7 +335,9 @@ impl<C: Control> Round<'_, C> {
                 }
             }
         }
-        self.q.add_range(pfn, pages).map_err(|e| End::Error(e.to_errno()))?;
+        self.q
+            .add_range(pfn, pages)
+            .map_err(|e| End::Error(e.to_errno()))?;
         self.st.descs += 1;
         self.st.pages += pages;
         Ok(())
@@ -392,7 +398,12 @@ fn timed_build(builder: &mut Builder) -> u64 {
 
 /// Runs one hint round for `cmd_id`, walking the free lists with `builder`
 /// (which must hold the kernel's own RAM layout).
-pub(crate) fn run_round(q: &mut HintQueue, builder: &mut Builder, cmd_id: u32, ctl: &impl Control) -> RoundStats {
+pub(crate) fn run_round(
+    q: &mut HintQueue,
+    builder: &mut Builder,
+    cmd_id: u32,
+    ctl: &impl Control,
+) -> RoundStats {
     let t0 = zone::now_ns();
     let mut r = Round {
         q,
@@ -419,7 +430,11 @@ pub(crate) fn run_round(q: &mut HintQueue, builder: &mut Builder, cmd_id: u32, c
         return r.st;
     }
     if let Err(e) = r.q.send_cmd_id(cmd_id) {
-        r.st.end = if e == EBUSY { End::Busy } else { End::Error(e.to_errno()) };
+        r.st.end = if e == EBUSY {
+            End::Busy
+        } else {
+            End::Error(e.to_errno())
+        };
         return r.st;
     }
     r.st.build_ns = timed_build(builder);
@@ -512,23 +527,34 @@ pub(crate) fn run_bitmap_round(
         end: End::Complete,
     };
     let mut hdr = [0u8; MSG_HEADER_SIZE];
-    let encode = |m: Message, hdr: &mut [u8; MSG_HEADER_SIZE]| m.encode(hdr).map_err(|_| End::Error(EINVAL.to_errno()));
+    let encode = |m: Message, hdr: &mut [u8; MSG_HEADER_SIZE]| {
+        m.encode(hdr).map_err(|_| End::Error(EINVAL.to_errno()))
+    };
     let body = (|| -> core::result::Result<(), End> {
         wait_idle(q, ctl).map_err(|e| if e == End::Timeout { End::Busy } else { e })?;
         encode(Message::LayoutQuery { cmd_id }, &mut hdr)?;
-        q.send_layout_query(&hdr).map_err(|e| End::Error(e.to_errno()))?;
+        q.send_layout_query(&hdr)
+            .map_err(|e| End::Error(e.to_errno()))?;
         wait_idle(q, ctl)?;
         let reply = match LayoutReply::parse(q.layout_reply()) {
             Ok(r) if r.cmd_id == cmd_id => r,
             Ok(r) => {
-                pr_warn!("bitmap round {:#x}: layout reply for {:#x}; round abandoned\n", cmd_id, r.cmd_id);
+                pr_warn!(
+                    "bitmap round {:#x}: layout reply for {:#x}; round abandoned\n",
+                    cmd_id,
+                    r.cmd_id
+                );
                 return Err(End::Error(EINVAL.to_errno()));
             }
             Err(e) => {
                 // Used length 0: the id is no longer current (or the reply
                 // is malformed): abandon the round.
                 if !q.layout_reply().is_empty() {
-                    pr_warn!("bitmap round {:#x}: bad layout reply ({:?}); round abandoned\n", cmd_id, e);
+                    pr_warn!(
+                        "bitmap round {:#x}: bad layout reply ({:?}); round abandoned\n",
+                        cmd_id,
+                        e
+                    );
                 }
                 return Err(ctl.should_stop().unwrap_or(End::Error(EINVAL.to_errno())));
             }
@@ -545,7 +571,9 @@ pub(crate) fn run_bitmap_round(
             );
             return Err(End::Error(EINVAL.to_errno()));
         }
-        builder.set_layout(Some(reply.layout)).map_err(|e| End::Error(e.to_errno()))?;
+        builder
+            .set_layout(Some(reply.layout))
+            .map_err(|e| End::Error(e.to_errno()))?;
         if let Some(e) = ctl.should_stop() {
             return Err(e);
         }
@@ -564,8 +592,16 @@ pub(crate) fn run_bitmap_round(
             if payload.iter().all(|b| *b == 0) {
                 continue;
             }
-            encode(Message::Chunk(ChunkHeader { cmd_id, first_bit, nr_bits }), &mut hdr)?;
-            q.send_message(&hdr, payload).map_err(|e| End::Error(e.to_errno()))?;
+            encode(
+                Message::Chunk(ChunkHeader {
+                    cmd_id,
+                    first_bit,
+                    nr_bits,
+                }),
+                &mut hdr,
+            )?;
+            q.send_message(&hdr, payload)
+                .map_err(|e| End::Error(e.to_errno()))?;
             st.chunks += 1;
             wait_idle(q, ctl)?;
         }
@@ -578,7 +614,12 @@ pub(crate) fn run_bitmap_round(
     // bitmap protocol's STOP; a device ignores it for a stale id).
     if st.end != End::Removing && st.end != End::Busy && st.end != End::Timeout {
         let free = u32::try_from(st.free_pages).unwrap_or(u32::MAX);
-        if let Ok(n) = (Message::RoundEnd { cmd_id, free_pages: free }).encode(&mut hdr) {
+        if let Ok(n) = (Message::RoundEnd {
+            cmd_id,
+            free_pages: free,
+        })
+        .encode(&mut hdr)
+        {
             if q.send_message(&hdr[..n], &[]).is_ok() {
                 if let Err(e) = wait_idle(q, ctl) {
                     if st.end == End::Complete {

@@ -17,8 +17,8 @@
 //! Structure: `zone.rs` is the only module with raw access to zones, free
 //! lists and pages; `walk.rs` is the walk; `builder.rs` owns layout, bitmap
 //! and statistics; `clock.rs` times the walk; `debugfs.rs` is the diagnostic
-//! interface; `virtio.rs` is a small virtio abstraction (with
-//! `virtio_shim.c`); `mm.rs` holds balloon pages and memory figures;
+//! interface; `virtio.rs` and `virtio/` are a small virtio abstraction
+//! (with `virtio_shim.c`); `mm.rs` holds balloon pages and memory figures;
 //! `balloon.rs` is the driver logic and `hint.rs` its hint rounds. `layout`,
 //! `bitmap`, `balloon` (as `abi`) and `bitmap_hint` are included unchanged
 //! from the protocol crate.

@@ -18,7 +18,7 @@ use kernel::prelude::*;
 extern "C" {
     // helpers.c (shared with zone.rs).
     fn freehint_page_to_pfn(page: *const c_void) -> c_ulong;
-    // virtio_shim.c.
+    // helpers.c.
     // `struct page *` as `void *`: `bindings::page` is not FFI-safe for
     // rustc's `improper_ctypes` (a field type without members).
     fn freehint_page_list_add(head: *mut bindings::list_head, page: *mut c_void);
@@ -210,13 +210,14 @@ pub(crate) fn mem_stats() -> MemStats {
     let file = unsafe { freehint_file_pages() };
     let mut ev = [0u64; 5];
     // SAFETY: `ev` holds the 5 counters the function writes.
-    let events = unsafe { freehint_vm_events(ev.as_mut_ptr(), ev.len() as c_uint) }.then(|| VmEvents {
-        major_faults: ev[0],
-        minor_faults: ev[1],
-        swap_in_bytes: pages(ev[2]),
-        swap_out_bytes: pages(ev[3]),
-        oom_kills: ev[4],
-    });
+    let events =
+        unsafe { freehint_vm_events(ev.as_mut_ptr(), ev.len() as c_uint) }.then(|| VmEvents {
+            major_faults: ev[0],
+            minor_faults: ev[1],
+            swap_in_bytes: pages(ev[2]),
+            swap_out_bytes: pages(ev[3]),
+            oom_kills: ev[4],
+        });
     MemStats {
         free_bytes: pages(i.freeram as u64),
         total_bytes: pages(i.totalram as u64),

@@ -2,13 +2,18 @@
 
 //! A small virtio abstraction (6.12's `kernel` crate has none).
 //!
-//! C side: `virtio_shim.c` (the `struct virtio_driver`, the per-device C
-//! objects and one-line wrappers of static inlines). This module wraps it
-//! once, after the pattern of `rust/kernel/net/phy.rs`:
+//! C side: `virtio_shim.c`, for what the bindings lack (they have no virtio
+//! types at all): the `struct virtio_driver` with its id table, callbacks
+//! that pass the device (or its `priv` pointer) on to Rust, and one-line
+//! wrappers of static inlines and config ops. This module wraps it once,
+//! after the pattern of `rust/kernel/net/phy.rs`:
 //!
 //! - [`Driver`]: what a virtio driver implements; [`Registration`] registers
 //!   it, and `Adapter<T>` holds the `extern "C"` trampolines the C callbacks
 //!   call (the only place where a driver state pointer is cast back);
+//! - `DeviceObjects`: the kernel objects of one bound device (work items,
+//!   hint workqueue, wait queue, stop lock, OOM notifier, page list),
+//!   allocated by the adapter and kept as the device's `priv` pointer;
 //! - [`Device`] and [`Virtqueue`]: `#[repr(transparent)]` wrappers around the
 //!   opaque C types, reached only through references, so a device cannot be
 //!   passed where a queue is expected; [`Bound`] is the driver's handle on
@@ -46,15 +51,15 @@ mod ffi {
 
 use ffi::{virtio_device, virtqueue};
 
-/// `struct freehint_virtio_ops` (virtio_shim.h): the driver's callbacks.
+/// `struct freehint_virtio_ops` (virtio_shim.h): what the C callbacks call.
+/// `objs` is the device's `priv` pointer (its `DeviceObjects`).
 #[repr(C)]
 struct Ops {
     validate: unsafe extern "C" fn(*mut virtio_device) -> c_int,
     probe: unsafe extern "C" fn(*mut virtio_device) -> c_int,
-    remove: unsafe extern "C" fn(*mut virtio_device, *mut c_void),
-    config_changed: unsafe extern "C" fn(*mut c_void),
-    work: unsafe extern "C" fn(*mut c_void, c_uint),
-    oom: unsafe extern "C" fn(*mut c_void) -> c_ulong,
+    remove: unsafe extern "C" fn(*mut virtio_device),
+    config_changed: unsafe extern "C" fn(objs: *mut c_void),
+    vq_callback: unsafe extern "C" fn(objs: *mut c_void, which: c_uint),
 }
 
 /// `struct freehint_buf` (virtio_shim.h): one buffer of a chain.
@@ -69,13 +74,12 @@ struct RawBuf {
 const _: () = {
     use core::mem::{offset_of, size_of};
     const WORD: usize = size_of::<*const c_void>();
-    assert!(size_of::<Ops>() == 6 * WORD);
+    assert!(size_of::<Ops>() == 5 * WORD);
     assert!(offset_of!(Ops, validate) == 0);
     assert!(offset_of!(Ops, probe) == WORD);
     assert!(offset_of!(Ops, remove) == 2 * WORD);
     assert!(offset_of!(Ops, config_changed) == 3 * WORD);
-    assert!(offset_of!(Ops, work) == 4 * WORD);
-    assert!(offset_of!(Ops, oom) == 5 * WORD);
+    assert!(offset_of!(Ops, vq_callback) == 4 * WORD);
     assert!(size_of::<RawBuf>() == 3 * size_of::<c_ulong>());
     assert!(offset_of!(RawBuf, addr) == 0);
     assert!(offset_of!(RawBuf, pfn) == size_of::<c_ulong>());
@@ -85,21 +89,20 @@ const _: () = {
 extern "C" {
     fn freehint_virtio_register(ops: *const Ops, features: *const c_uint, nr: c_uint) -> c_int;
     fn freehint_virtio_unregister();
-    fn freehint_set_drvdata(vdev: *mut virtio_device, rust: *mut c_void);
-    fn freehint_queue_work(vdev: *mut virtio_device, which: c_uint) -> bool;
-    fn freehint_alloc_hint_wq(vdev: *mut virtio_device) -> c_int;
-    fn freehint_stop_and_cancel(vdev: *mut virtio_device);
-    fn freehint_register_oom(vdev: *mut virtio_device) -> c_int;
-    fn freehint_unregister_oom(vdev: *mut virtio_device);
-    fn freehint_vdev_pages(vdev: *mut virtio_device) -> *mut kernel::bindings::list_head;
-    fn freehint_vq_wait_buf(vq: *mut virtqueue, len: *mut c_uint, ms: c_uint) -> *mut c_void;
+    fn freehint_set_priv(vdev: *mut virtio_device, objs: *mut c_void);
+    fn freehint_priv(vdev: *const virtio_device) -> *mut c_void;
+    fn freehint_vq_wait_buf(
+        wq: *mut kernel::bindings::wait_queue_head,
+        vq: *mut virtqueue,
+        len: *mut c_uint,
+        ms: c_uint,
+    ) -> *mut c_void;
     fn freehint_has_feature(vdev: *const virtio_device, bit: c_uint) -> bool;
     fn freehint_clear_feature(vdev: *mut virtio_device, bit: c_uint);
     fn freehint_config_read_le32(vdev: *mut virtio_device, offset: c_uint) -> u32;
     fn freehint_config_write_le32(vdev: *mut virtio_device, offset: c_uint, v: u32);
     fn freehint_device_ready(vdev: *mut virtio_device);
-    fn freehint_reset_and_del_vqs(vdev: *mut virtio_device);
-    fn freehint_vqs_deleted(vdev: *const virtio_device) -> bool;
+    fn freehint_del_vqs(vdev: *mut virtio_device);
     fn freehint_find_vqs(
         vdev: *mut virtio_device,
         nvqs: c_uint,
@@ -113,10 +116,15 @@ extern "C" {
         out: c_uint,
         inb: c_uint,
     ) -> c_int;
-    fn freehint_vq_kick(vq: *mut virtqueue) -> bool;
-    fn freehint_vq_get_buf(vq: *mut virtqueue, len: *mut c_uint) -> *mut c_void;
     fn freehint_vq_num_free(vq: *const virtqueue) -> c_uint;
-    fn freehint_vq_size(vq: *const virtqueue) -> c_uint;
+}
+
+// Exported by the virtio core; the bindings do not declare them.
+extern "C" {
+    fn virtio_reset_device(vdev: *mut virtio_device);
+    fn virtqueue_kick(vq: *mut virtqueue) -> bool;
+    fn virtqueue_get_buf(vq: *mut virtqueue, len: *mut c_uint) -> *mut c_void;
+    fn virtqueue_get_vring_size(vq: *const virtqueue) -> c_uint;
 }
 
 /// Transport feature: indirect descriptors.
@@ -124,7 +132,7 @@ pub(crate) const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
 /// Transport feature: the device sits behind an IOMMU / platform DMA.
 pub(crate) const VIRTIO_F_ACCESS_PLATFORM: u32 = 33;
 
-/// Work items of a device (same numbering as `enum freehint_work` in C).
+/// Work items of a device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Work {
     /// Inflate/deflate towards the host's target.
@@ -157,6 +165,7 @@ pub(crate) enum Callback {
 
 mod device;
 mod driver;
+mod objects;
 mod queue;
 
 pub(crate) use device::{Bound, Validator};

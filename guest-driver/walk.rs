@@ -148,7 +148,9 @@ impl<'a> Walker<'a> {
         // A list cannot hold more blocks than fit in the zone; visiting twice
         // that many means churn keeps moving the kept block back up the list.
         // Stop there, so the walk always ends (the rest is a lost hint).
-        let max_visits = (z.spanned_pages() >> order).saturating_mul(2).saturating_add(u64::from(self.budget));
+        let max_visits = (z.spanned_pages() >> order)
+            .saturating_mul(2)
+            .saturating_add(u64::from(self.budget));
         let mut visits = 0u64;
         loop {
             let guard = z.lock();
@@ -227,7 +229,8 @@ impl<'a> Walker<'a> {
             loop {
                 let guard = pcp.lock();
                 self.stats.pcp_holds += 1;
-                let limit = *pass_limit.get_or_insert_with(|| (guard.count() >> order) + u64::from(self.budget));
+                let limit = *pass_limit
+                    .get_or_insert_with(|| (guard.count() >> order) + u64::from(self.budget));
                 // CAST: at most `self.budget`, a u32.
                 let budget = limit.saturating_sub(visits).min(u64::from(self.budget)) as u32;
                 let (n, done) = guard.rotate_front(pindex, budget, &mut pass, |pfn| {

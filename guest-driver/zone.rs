@@ -173,7 +173,8 @@ impl Zone {
         // SAFETY: the zone is valid (type invariant); `spanned_pages` only
         // changes on memory hotplug, which this kernel does not do. A plain
         // read of an aligned word.
-        let pages = unsafe { core::ptr::addr_of!((*self.ptr.as_ptr()).spanned_pages).read_volatile() };
+        let pages =
+            unsafe { core::ptr::addr_of!((*self.ptr.as_ptr()).spanned_pages).read_volatile() };
         // CAST: `unsigned long` is 64 bits on x86-64.
         pages as u64
     }
@@ -501,11 +502,19 @@ impl PcpLockGuard<'_> {
     /// visit limit then ends the pass. The kernel takes pages from, and
     /// adds pages to, both ends of these lists and relies on no order for
     /// correctness (order only decides which pages are reused first).
-    pub(crate) fn rotate_front(&self, pindex: u32, budget: u32, pass: &mut PcpPass, mut f: impl FnMut(Pfn)) -> (u32, bool) {
+    pub(crate) fn rotate_front(
+        &self,
+        pindex: u32,
+        budget: u32,
+        pass: &mut PcpPass,
+        mut f: impl FnMut(Pfn),
+    ) -> (u32, bool) {
         let Some((head, heads)) = self.head(pindex) else {
             return (0, true);
         };
-        let ends = |pos: *mut c_void| pos.is_null() || heads.contains(&(pos as usize)) || pass.mark == Some(pos as usize);
+        let ends = |pos: *mut c_void| {
+            pos.is_null() || heads.contains(&(pos as usize)) || pass.mark == Some(pos as usize)
+        };
         // SAFETY: the lock is held (type invariant): the head and the
         // entries linked from it are valid while `self` lives.
         let first = unsafe { (*head.cast::<bindings::list_head>()).next }.cast::<c_void>();

@@ -8,34 +8,34 @@ use kernel::ffi::{c_char, c_uint};
 use kernel::prelude::*;
 use kernel::types::Opaque;
 
+use super::objects::DeviceObjects;
 use super::queue::{Virtqueue, VqHandle};
 use super::{
     ffi::{virtio_device, virtqueue},
     Callback, Work,
 };
 use super::{
-    freehint_alloc_hint_wq, freehint_clear_feature, freehint_config_read_le32,
-    freehint_config_write_le32, freehint_device_ready, freehint_find_vqs, freehint_has_feature,
-    freehint_queue_work, freehint_register_oom, freehint_reset_and_del_vqs,
-    freehint_stop_and_cancel, freehint_unregister_oom, freehint_vdev_pages, freehint_vqs_deleted,
+    freehint_clear_feature, freehint_config_read_le32, freehint_config_write_le32,
+    freehint_del_vqs, freehint_device_ready, freehint_find_vqs, freehint_has_feature,
+    freehint_priv, virtio_reset_device,
 };
 
 /// A virtio device.
 ///
 /// # Invariants
 ///
-/// A `&Device` is only made from a `struct virtio_device` that freehint's C
-/// probe set up (its per-device C objects exist) and that is valid for the
-/// reference's lifetime.
+/// A `&Device` is only made from a `struct virtio_device` that is valid for
+/// the reference's lifetime and, outside `validate`, whose `priv` pointer
+/// holds the [`DeviceObjects`] the adapter's probe allocated.
 #[repr(transparent)]
 pub(crate) struct Device(Opaque<virtio_device>);
 
 impl Device {
     /// # Safety
     ///
-    /// For `'a`, `ptr` must be a valid `struct virtio_device` that went
-    /// through freehint's C probe (or is in `validate`, where only the
-    /// feature calls are made).
+    /// For `'a`, `ptr` must be a valid `struct virtio_device` whose objects
+    /// the adapter set (or one in `validate`, where only the feature calls
+    /// are made).
     pub(super) unsafe fn from_raw<'a>(ptr: *mut virtio_device) -> &'a Self {
         // CAST: `Self` is a `repr(transparent)` wrapper around `virtio_device`.
         // SAFETY: by the function's safety contract.
@@ -44,6 +44,15 @@ impl Device {
 
     fn as_raw(&self) -> *mut virtio_device {
         self.0.get()
+    }
+
+    /// The device's kernel objects.
+    pub(super) fn objects(&self) -> &DeviceObjects {
+        // SAFETY: the device is valid and its `priv` holds its objects, which
+        // outlive the reference (type invariant). The one `&Device` without
+        // objects, a device in `validate`, stays inside its `Validator`,
+        // which makes feature calls only.
+        unsafe { &*freehint_priv(self.as_raw()).cast::<DeviceObjects>() }
     }
 
     /// Whether feature `bit` was negotiated (offered, during `validate`).
@@ -73,37 +82,29 @@ impl Device {
 
     /// Queues a work item; `false` if it was already queued or removal began.
     pub(crate) fn queue_work(&self, w: Work) -> bool {
-        // SAFETY: the device is valid and its work items were initialised
-        // in the C probe (type invariant).
-        unsafe { freehint_queue_work(self.as_raw(), w as c_uint) }
+        self.objects().queue_work(w)
     }
 
     /// Creates the workqueue [`Work::Hint`] runs on.
     pub(crate) fn alloc_hint_wq(&self) -> Result {
-        // SAFETY: the device is valid (type invariant).
-        kernel::error::to_result(unsafe { freehint_alloc_hint_wq(self.as_raw()) })
+        self.objects().alloc_hint_wq()
     }
 
     /// Stops queueing work and waits until no work item runs or is queued;
     /// destroys the hint workqueue. Idempotent.
     pub(crate) fn stop_and_cancel(&self) {
-        // SAFETY: the device is valid (type invariant).
-        unsafe { freehint_stop_and_cancel(self.as_raw()) };
+        self.objects().stop_and_cancel();
     }
 
     /// Registers the OOM notifier ([`Driver::oom`]).
     pub(crate) fn register_oom(&self) -> Result {
-        // SAFETY: the device is valid (type invariant); the notifier calls
-        // the driver only while its driver data is set.
-        kernel::error::to_result(unsafe { freehint_register_oom(self.as_raw()) })
+        self.objects().register_oom()
     }
 
     /// Unregisters the OOM notifier; waits for running notifications. Only
     /// after a successful [`Device::register_oom`].
     pub(crate) fn unregister_oom(&self) {
-        // SAFETY: the device is valid (type invariant); the caller
-        // registered the notifier.
-        unsafe { freehint_unregister_oom(self.as_raw()) };
+        self.objects().unregister_oom();
     }
 
     /// Finds the virtqueues `specs` (name, callback) in this order: the index
@@ -161,13 +162,16 @@ impl Device {
         // SAFETY: the device is valid (type invariant). Queues check
         // `vqs_deleted` before every virtqueue call, and the adapter calls
         // this only when no queue operation runs.
-        unsafe { freehint_reset_and_del_vqs(self.as_raw()) };
+        unsafe {
+            virtio_reset_device(self.as_raw());
+            freehint_del_vqs(self.as_raw());
+        }
+        self.objects().set_vqs_deleted();
     }
 
     /// Whether [`Device::reset_and_del_vqs`] ran.
     pub(super) fn vqs_deleted(&self) -> bool {
-        // SAFETY: the device is valid (type invariant).
-        unsafe { freehint_vqs_deleted(self.as_raw()) }
+        self.objects().vqs_deleted()
     }
 }
 
@@ -194,7 +198,7 @@ impl Validator<'_> {
 ///
 /// # Invariants
 ///
-/// `dev` went through freehint's C probe and stays valid until the C remove
+/// `dev` has its objects set and stays valid until the adapter's remove
 /// returns; the adapter drops the driver state, which owns this handle, in
 /// remove (or in probe, on failure). `pages_taken` is set once the device's
 /// page list has an owner.
@@ -210,9 +214,8 @@ impl Bound {
         if core::mem::replace(&mut self.pages_taken, true) {
             return None;
         }
-        // SAFETY: the device is valid (type invariant) and went through the
-        // C probe, which initialised the list head.
-        let head = NonNull::new(unsafe { freehint_vdev_pages(self.as_raw()) })?;
+        // The objects initialised the list head.
+        let head = NonNull::new(self.objects().pages())?;
         // SAFETY: the head is initialised and empty, outlives the driver
         // state that owns this handle (and so the list), and this is its
         // first and only owner (`pages_taken`).

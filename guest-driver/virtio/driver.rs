@@ -7,13 +7,15 @@ use core::ffi::c_void;
 use core::marker::PhantomData;
 use core::pin::Pin;
 use core::ptr::NonNull;
-use kernel::ffi::{c_int, c_uint, c_ulong};
+use kernel::ffi::{c_int, c_uint};
 use kernel::prelude::*;
 
 use super::device::{Bound, Device, Validator};
 use super::ffi::virtio_device;
+use super::objects::{DeviceObjects, DriverCalls};
 use super::{
-    freehint_set_drvdata, freehint_virtio_register, freehint_virtio_unregister, Ops, Work,
+    freehint_priv, freehint_set_priv, freehint_virtio_register, freehint_virtio_unregister, Ops,
+    Work,
 };
 
 /// A virtio driver.
@@ -94,15 +96,19 @@ impl<T: Driver> Adapter<T> {
         probe: Self::probe_callback,
         remove: Self::remove_callback,
         config_changed: Self::config_changed_callback,
-        work: Self::work_callback,
-        oom: Self::oom_callback,
+        vq_callback: DeviceObjects::vq_callback,
+    };
+
+    const CALLS: DriverCalls = DriverCalls {
+        work: Self::work_call,
+        oom: Self::oom_call,
     };
 
     /// Borrows the state behind a driver data pointer.
     ///
     /// # Safety
     ///
-    /// `rust` must be the driver data `probe_callback` set (a leaked
+    /// `rust` must be the driver state `probe_callback` leaked (a
     /// `Pin<KBox<T>>`), and `remove_callback` must not have dropped it yet.
     unsafe fn state<'a>(rust: *mut c_void) -> &'a T {
         // SAFETY: by the function's safety contract.
@@ -113,18 +119,50 @@ impl<T: Driver> Adapter<T> {
     ///
     /// Called by the virtio core's `validate` with its device.
     unsafe extern "C" fn validate_callback(vdev: *mut virtio_device) -> c_int {
-        // SAFETY: the virtio core passes a valid device for the call.
+        // SAFETY: the virtio core passes a valid device for the call; only
+        // feature calls are made on it.
         let dev = unsafe { Device::from_raw(vdev) };
         T::validate(&Validator { dev });
         0
     }
 
+    /// Allocates the device's objects, sets them as its `priv` pointer,
+    /// then probes and starts the driver; undoes all of it on failure.
+    ///
     /// # Safety
     ///
-    /// Called by the C probe with a device whose per-device C objects are
-    /// initialised; they stay valid until `remove_callback` returned (or
-    /// until this returns an error).
+    /// Called by the virtio core's `probe` with its device, which stays
+    /// valid until `remove_callback` returned (or until this returns an
+    /// error).
     unsafe extern "C" fn probe_callback(vdev: *mut virtio_device) -> c_int {
+        let objs = match KBox::pin_init(DeviceObjects::new(&Self::CALLS), GFP_KERNEL) {
+            Ok(objs) => objs,
+            Err(e) => return e.to_errno(),
+        };
+        // SAFETY: the objects are never moved out of their box: they are
+        // only borrowed through the raw pointer until it is rebuilt below
+        // or in `remove_callback`.
+        let objs = KBox::into_raw(unsafe { Pin::into_inner_unchecked(objs) });
+        // SAFETY: `vdev` is valid; the objects live until they are freed
+        // below or in `remove_callback`, after the pointer is cleared.
+        unsafe { freehint_set_priv(vdev, objs.cast()) };
+        // SAFETY: `vdev` is valid and its objects are set (as above).
+        let err = unsafe { Self::probe_and_start(vdev, &*objs) };
+        if err != 0 {
+            // SAFETY: as above; nothing uses the objects any more (the
+            // failure paths stopped the work and deleted the queues).
+            unsafe {
+                freehint_set_priv(vdev, core::ptr::null_mut());
+                drop(KBox::from_raw(objs));
+            }
+        }
+        err
+    }
+
+    /// # Safety
+    ///
+    /// `vdev` is valid and `objs` are its objects, set as its `priv`.
+    unsafe fn probe_and_start(vdev: *mut virtio_device, objs: &DeviceObjects) -> c_int {
         let Some(ptr) = NonNull::new(vdev.cast::<Device>()) else {
             return EINVAL.to_errno();
         };
@@ -140,7 +178,7 @@ impl<T: Driver> Adapter<T> {
             Ok(s) => s,
             Err(e) => {
                 // Nothing was lent to the device: stop the work items the
-                // driver may have created, drop its queues.
+                // driver may have queued, drop its queues.
                 dev.stop_and_cancel();
                 dev.reset_and_del_vqs();
                 return e.to_errno();
@@ -150,9 +188,9 @@ impl<T: Driver> Adapter<T> {
         // borrowed through the raw pointer until `remove_callback` (or the
         // error path below) rebuilds the box.
         let raw = KBox::into_raw(unsafe { Pin::into_inner_unchecked(state) });
-        // SAFETY: `vdev` is valid; from here work items and callbacks may
-        // borrow the state, which lives until `remove_callback`.
-        unsafe { freehint_set_drvdata(vdev, raw.cast()) };
+        // From here work items and the notifier may borrow the state, which
+        // lives until `remove_callback`.
+        objs.set_state(raw.cast());
         // SAFETY: `raw` is the state just leaked.
         let st = unsafe { &*raw };
         match st.start() {
@@ -160,9 +198,8 @@ impl<T: Driver> Adapter<T> {
             Err(e) => {
                 st.teardown();
                 dev.reset_and_del_vqs();
-                // SAFETY: `vdev` is valid; no work can run any more
-                // (teardown stopped all of it).
-                unsafe { freehint_set_drvdata(vdev, core::ptr::null_mut()) };
+                // No work can run any more (teardown stopped all of it).
+                objs.set_state(core::ptr::null_mut());
                 // SAFETY: `raw` came from `KBox::into_raw` above and nothing
                 // borrows it any more.
                 drop(unsafe { KBox::from_raw(raw) });
@@ -173,50 +210,72 @@ impl<T: Driver> Adapter<T> {
 
     /// # Safety
     ///
-    /// Called by the C remove with the device and its driver data, once.
-    unsafe extern "C" fn remove_callback(vdev: *mut virtio_device, rust: *mut c_void) {
+    /// Called by the virtio core's `remove` with its device, once, after a
+    /// successful probe.
+    unsafe extern "C" fn remove_callback(vdev: *mut virtio_device) {
+        // SAFETY: the device is valid during remove.
+        let objs_ptr = unsafe { freehint_priv(vdev) };
+        // SAFETY: probe set the pointer to live objects; only this function
+        // frees them.
+        let Some(objs) = (unsafe { DeviceObjects::from_priv(objs_ptr) }) else {
+            return;
+        };
         // SAFETY: the device is valid during remove.
         let dev = unsafe { Device::from_raw(vdev) };
-        if rust.is_null() {
-            return;
+        let rust = objs.state();
+        if let Some(rust) = rust {
+            // SAFETY: `rust` is the state from probe; the virtio core
+            // disabled config-change callbacks before calling remove.
+            unsafe { Self::state(rust) }.teardown();
         }
-        // SAFETY: `rust` is the state from probe; the virtio core disabled
-        // config-change callbacks before calling remove.
-        unsafe { Self::state(rust) }.teardown();
         // After teardown nothing uses the queues: reset (the device lets go
-        // of every buffer) and delete them, then free the state.
+        // of every buffer) and delete them, then free the state and the
+        // objects.
         dev.reset_and_del_vqs();
+        objs.set_state(core::ptr::null_mut());
         // SAFETY: teardown stopped every work item, the OOM notifier and
-        // every queue user; nothing borrows the state any more. It was
-        // leaked in probe.
-        drop(unsafe { KBox::from_raw(rust.cast::<T>()) });
-    }
-
-    /// # Safety
-    ///
-    /// Called with the driver data set, between probe and remove.
-    unsafe extern "C" fn config_changed_callback(rust: *mut c_void) {
-        // SAFETY: by the function's safety contract.
-        unsafe { Self::state(rust) }.config_changed();
-    }
-
-    /// # Safety
-    ///
-    /// Called by a work item with the driver data set; removal cancels every
-    /// work item before the state is freed.
-    unsafe extern "C" fn work_callback(rust: *mut c_void, which: c_uint) {
-        if let Some(w) = Work::from_raw(which) {
-            // SAFETY: by the function's safety contract.
-            unsafe { Self::state(rust) }.work(w);
+        // every queue user, and the queues are gone: nothing borrows the
+        // state or the objects any more. Both were leaked in probe.
+        unsafe {
+            if let Some(rust) = rust {
+                drop(KBox::from_raw(rust.cast::<T>()));
+            }
+            freehint_set_priv(vdev, core::ptr::null_mut());
+            drop(KBox::from_raw(objs_ptr.cast::<DeviceObjects>()));
         }
     }
 
     /// # Safety
     ///
-    /// Called by the OOM notifier with the driver data set; teardown
-    /// unregisters it (waiting for running calls) before the state is freed.
-    unsafe extern "C" fn oom_callback(rust: *mut c_void) -> c_ulong {
+    /// Called by the virtio core's `config_changed` with the device's
+    /// `priv` pointer, between probe and remove.
+    unsafe extern "C" fn config_changed_callback(objs: *mut c_void) {
         // SAFETY: by the function's safety contract.
-        unsafe { Self::state(rust) }.oom() as c_ulong
+        let Some(objs) = (unsafe { DeviceObjects::from_priv(objs) }) else {
+            return;
+        };
+        if let Some(rust) = objs.state() {
+            // SAFETY: the state is valid while set (invariant of
+            // `DeviceObjects`).
+            unsafe { Self::state(rust) }.config_changed();
+        }
+    }
+
+    /// # Safety
+    ///
+    /// `rust` is the driver state, valid for the call (work items run only
+    /// while it is set; removal cancels them before freeing it).
+    unsafe fn work_call(rust: *mut c_void, w: Work) {
+        // SAFETY: by the function's safety contract.
+        unsafe { Self::state(rust) }.work(w);
+    }
+
+    /// # Safety
+    ///
+    /// As [`Self::work_call`]; teardown unregisters the notifier (waiting
+    /// for running calls) before the state is freed.
+    unsafe fn oom_call(rust: *mut c_void) -> usize {
+        // SAFETY: by the function's safety contract.
+        unsafe { Self::state(rust) }.oom()
     }
 }

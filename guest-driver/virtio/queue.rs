@@ -12,8 +12,8 @@ use kernel::types::Opaque;
 use super::device::Device;
 use super::ffi::virtqueue;
 use super::{
-    freehint_vq_add_bufs, freehint_vq_get_buf, freehint_vq_kick, freehint_vq_num_free,
-    freehint_vq_size, freehint_vq_wait_buf, RawBuf,
+    freehint_vq_add_bufs, freehint_vq_num_free, freehint_vq_wait_buf, virtqueue_get_buf,
+    virtqueue_get_vring_size, virtqueue_kick, RawBuf,
 };
 use crate::layout::Pfn;
 
@@ -34,7 +34,7 @@ impl Virtqueue {
     /// Ring size.
     fn size(&self) -> u32 {
         // SAFETY: the queue is live (type invariant).
-        unsafe { freehint_vq_size(self.as_raw()) }
+        unsafe { virtqueue_get_vring_size(self.as_raw()) }
     }
 
     /// Free descriptors.
@@ -47,23 +47,26 @@ impl Virtqueue {
     fn kick(&self) {
         // SAFETY: the queue is live (type invariant); callers serialise
         // operations on it (`Queue` methods take `&mut`).
-        unsafe { freehint_vq_kick(self.as_raw()) };
+        unsafe { virtqueue_kick(self.as_raw()) };
     }
 
     /// Takes one used buffer back; its used length, `None` if there is none.
     fn get_buf(&self) -> Option<u32> {
         let mut len = 0;
         // SAFETY: as `kick`.
-        let token = unsafe { freehint_vq_get_buf(self.as_raw(), &mut len) };
+        let token = unsafe { virtqueue_get_buf(self.as_raw(), &mut len) };
         (!token.is_null()).then_some(len)
     }
 
-    /// Sleeps until the device returns a buffer, at most `ms` milliseconds
-    /// (`u32::MAX`: no limit); its used length, `None` on timeout.
-    fn wait_buf(&self, ms: u32) -> Option<u32> {
+    /// Sleeps on `dev`'s wait queue until the device returns a buffer, at
+    /// most `ms` milliseconds (`u32::MAX`: no limit); its used length,
+    /// `None` on timeout.
+    fn wait_buf(&self, dev: &Device, ms: u32) -> Option<u32> {
         let mut len = 0;
-        // SAFETY: as `kick`; the wait queue belongs to the queue's device.
-        let token = unsafe { freehint_vq_wait_buf(self.as_raw(), &mut len, ms) };
+        // SAFETY: as `kick`; the wait queue belongs to the queue's device,
+        // whose callbacks wake it.
+        let token =
+            unsafe { freehint_vq_wait_buf(dev.objects().acked(), self.as_raw(), &mut len, ms) };
         (!token.is_null()).then_some(len)
     }
 }
@@ -336,7 +339,9 @@ impl<B> Queue<B> {
         if self.in_flight == 0 {
             return None;
         }
-        let len = self.vq()?.wait_buf(ms)?;
+        // SAFETY: the device outlives the queue (invariant of `VqHandle`).
+        let dev = unsafe { self.vq.dev.as_ref() };
+        let len = self.vq()?.wait_buf(dev, ms)?;
         self.in_flight = self.in_flight.saturating_sub(1);
         self.reclaim();
         Some(len)
