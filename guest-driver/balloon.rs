@@ -83,14 +83,7 @@ struct Features {
 impl Features {
     fn read(dev: &Bound) -> Self {
         let mut bits = 0u64;
-        for bit in [
-            abi::VIRTIO_BALLOON_F_MUST_TELL_HOST,
-            abi::VIRTIO_BALLOON_F_STATS_VQ,
-            abi::VIRTIO_BALLOON_F_DEFLATE_ON_OOM,
-            abi::VIRTIO_BALLOON_F_FREE_PAGE_HINT,
-            abi::VIRTIO_BALLOON_F_PAGE_POISON,
-            abi::VIRTIO_BALLOON_F_FREE_PAGE_BITMAP,
-        ] {
+        for &bit in <Balloon as virtio::Driver>::FEATURES {
             if dev.has_feature(bit) {
                 bits |= abi::feature(bit);
             }
