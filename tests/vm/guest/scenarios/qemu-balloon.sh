@@ -1,6 +1,6 @@
 #!/bin/sh
 # Guest half of `qemu-balloon` (host half:
-# tests/vm/harness/src/scenarios/qemu_balloon.rs): freehint.ko as a full
+# tests/vm/harness/src/scenarios/qemu_balloon/): freehint.ko as a full
 # virtio-balloon driver against QEMU's own virtio-balloon-pci.
 #
 # The host drives: this script prints `@@BALLOON ready`, then reads one
