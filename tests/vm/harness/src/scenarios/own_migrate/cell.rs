@@ -276,14 +276,16 @@ pub(super) fn run_ours(job: CellJob, tools: &Tools, run: &mut Run) -> Result<(),
             hop.detail
                 .insert("destination_balloon".into(), Value::Object(check));
         }
+        let ms = |v: Option<f64>| v.map_or_else(|| "?".to_string(), |v| format!("{v:.0}"));
+        let integrity = hop.verdict.as_ref().is_some_and(crate::guest::result_ok);
         eprintln!(
-            "[own]   {label}: migration {}/{}: {:.1} MB, {:?} ms total, {:?} ms downtime, integrity {}",
+            "[own]   {label}: migration {}/{}: {:.1} MB, {} ms total, {} ms downtime, integrity {}",
             i + 1,
             job.cell.migrations,
             hop.bytes.unwrap_or(0.0) / 1e6,
-            hop.total_ms,
-            hop.downtime_ms,
-            hop.verdict.as_ref().is_some_and(crate::guest::result_ok)
+            ms(hop.total_ms),
+            ms(hop.downtime_ms),
+            if integrity { "ok" } else { "FAILED" }
         );
         run.hops.push(hop);
         src = dst;
