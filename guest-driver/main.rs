@@ -44,10 +44,10 @@ mod zone;
 #[allow(dead_code, unreachable_pub, missing_docs)]
 #[path = "protocol/balloon.rs"]
 mod abi;
+mod balloon;
 #[allow(dead_code, unreachable_pub, missing_docs)]
 #[path = "protocol/bitmap_hint.rs"]
 mod bitmap_hint;
-mod balloon;
 mod hint;
 mod mm;
 mod virtio;
@@ -110,6 +110,9 @@ impl kernel::Module for FreeHint {
 
 impl Drop for FreeHint {
     fn drop(&mut self) {
-        pr_info!("freehint: unloaded after {} builds\n", self.diag.builder().lock().builds());
+        pr_info!(
+            "freehint: unloaded after {} builds\n",
+            self.diag.builder().lock().builds()
+        );
     }
 }
