@@ -22,8 +22,6 @@ struct zone;
 /* helpers.c: shims around static inlines and macros. */
 #if LINUX_VERSION_CODE < KERNEL_VERSION(7, 3, 0)
 /* Only where the kernel crate has no abstraction for them (6.12). */
-unsigned long freehint_zone_lock_irqsave(struct zone *zone);
-void freehint_zone_unlock_irqrestore(struct zone *zone, unsigned long flags);
 unsigned int freehint_nr_cpu_ids(void);
 unsigned long freehint_pcp_lock(struct per_cpu_pages *pcp);
 void freehint_pcp_unlock(struct per_cpu_pages *pcp, unsigned long flags);

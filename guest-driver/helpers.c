@@ -30,29 +30,11 @@
 
 #include "freehint.h"
 
-#if LINUX_VERSION_CODE < KERNEL_VERSION(7, 3, 0)
 /*
- * zone->lock, always with interrupts saved and disabled (as mm/page_alloc.c).
- * 7.3 on: zone.rs uses kernel::sync::SpinLockIrq on it instead.
- */
-unsigned long freehint_zone_lock_irqsave(struct zone *zone)
-{
-	unsigned long flags;
-
-	spin_lock_irqsave(&zone->lock, flags);
-	return flags;
-}
-
-void freehint_zone_unlock_irqrestore(struct zone *zone, unsigned long flags)
-{
-	spin_unlock_irqrestore(&zone->lock, flags);
-}
-#endif
-
-/*
- * A spinlock taken with interrupts saved and disabled (the stop lock of
- * virtio/objects.rs: the stats queue's callback takes it in interrupt
- * context).
+ * A spinlock taken with interrupts saved and disabled: zone->lock (as
+ * mm/page_alloc.c; 7.3 on, zone.rs uses kernel::sync::SpinLockIrq on it
+ * instead) and the stop lock of virtio/objects.rs (the stats queue's
+ * callback takes it in interrupt context).
  */
 unsigned long freehint_spin_lock_irqsave(spinlock_t *lock)
 {

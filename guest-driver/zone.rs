@@ -39,9 +39,9 @@ use kernel::ffi::{c_int, c_uint, c_ulong};
 // boundary as `*mut c_void`; they are cast back only in this module.
 extern "C" {
     #[cfg(not(freehint_kernel_7_3))]
-    fn freehint_zone_lock_irqsave(zone: *mut c_void) -> c_ulong;
+    fn freehint_spin_lock_irqsave(lock: *mut bindings::spinlock_t) -> c_ulong;
     #[cfg(not(freehint_kernel_7_3))]
-    fn freehint_zone_unlock_irqrestore(zone: *mut c_void, flags: c_ulong);
+    fn freehint_spin_unlock_irqrestore(lock: *mut bindings::spinlock_t, flags: c_ulong);
     fn freehint_nr_node_ids() -> c_int;
     fn freehint_node_online(nid: c_int) -> bool;
     fn freehint_node_data(nid: c_int) -> *mut c_void;
@@ -167,6 +167,14 @@ impl Zone {
         self.ptr.as_ptr().cast()
     }
 
+    /// `zone->lock`.
+    #[cfg(not(freehint_kernel_7_3))]
+    fn lock_ptr(&self) -> *mut bindings::spinlock_t {
+        // SAFETY: the zone is valid (type invariant); this computes a field
+        // address only.
+        unsafe { core::ptr::addr_of_mut!((*self.ptr.as_ptr()).lock) }
+    }
+
     /// Pages the zone spans (holes included): an upper bound on the pages
     /// any of its lists can describe.
     pub(crate) fn spanned_pages(&self) -> u64 {
@@ -197,7 +205,7 @@ impl Zone {
         #[cfg(not(freehint_kernel_7_3))]
         // SAFETY: by the type invariant the zone is valid; its lock was
         // initialised at boot. The matching unlock is in the guard's Drop.
-        let held = unsafe { freehint_zone_lock_irqsave(self.raw()) };
+        let held = unsafe { freehint_spin_lock_irqsave(self.lock_ptr()) };
         // INVARIANT: the lock is held and `held` releases it.
         ZoneLockGuard {
             zone: self,
@@ -316,7 +324,7 @@ impl Drop for ZoneLockGuard<'_> {
         #[cfg(not(freehint_kernel_7_3))]
         // SAFETY: by the type invariant the lock is held by us with `held`.
         unsafe {
-            freehint_zone_unlock_irqrestore(self.zone.raw(), self.held)
+            freehint_spin_unlock_irqrestore(self.zone.lock_ptr(), self.held)
         };
     }
 }

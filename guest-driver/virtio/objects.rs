@@ -17,7 +17,7 @@ use core::ptr::null_mut;
 use core::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use kernel::bindings;
 use kernel::c_str;
-use kernel::ffi::{c_int, c_uint, c_ulong};
+use kernel::ffi::{c_char, c_int, c_uint, c_ulong};
 use kernel::prelude::*;
 use kernel::types::Opaque;
 
@@ -126,6 +126,20 @@ fn work_item(
     })
 }
 
+/// Initialises a kernel object with its C init function, which takes the
+/// lockdep name and class (`__init_waitqueue_head`, `__spin_lock_init`).
+fn with_class<T>(
+    init: unsafe extern "C" fn(*mut T, *const c_char, *mut bindings::lock_class_key),
+    name: &'static CStr,
+    key: *mut bindings::lock_class_key,
+) -> impl PinInit<Opaque<T>> {
+    Opaque::ffi_init(move |slot| {
+        // SAFETY: `slot` is valid, pinned memory for the object `init` sets
+        // up; the name and the lock class key are static.
+        unsafe { init(slot, name.as_char_ptr(), key) }
+    })
+}
+
 impl DeviceObjects {
     /// Objects whose work items and notifier call into `calls`.
     pub(super) fn new(calls: &'static DriverCalls) -> impl PinInit<Self> {
@@ -148,27 +162,16 @@ impl DeviceObjects {
                 static_key!(),
             ),
             hint_wq: AtomicPtr::new(null_mut()),
-            acked <- Opaque::ffi_init(|slot| {
-                // SAFETY: `slot` is valid, pinned memory for a wait queue
-                // head; the name and the lock class key are static.
-                unsafe {
-                    bindings::__init_waitqueue_head(
-                        slot,
-                        c_str!("freehint::acked").as_char_ptr(),
-                        static_key!(),
-                    )
-                }
-            }),
-            stop_lock <- Opaque::ffi_init(|slot| {
-                // SAFETY: as for `acked`, for a spinlock.
-                unsafe {
-                    bindings::__spin_lock_init(
-                        slot,
-                        c_str!("freehint::stop_lock").as_char_ptr(),
-                        static_key!(),
-                    )
-                }
-            }),
+            acked <- with_class(
+                bindings::__init_waitqueue_head,
+                c_str!("freehint::acked"),
+                static_key!(),
+            ),
+            stop_lock <- with_class(
+                bindings::__spin_lock_init,
+                c_str!("freehint::stop_lock"),
+                static_key!(),
+            ),
             stopping: AtomicBool::new(false),
             vqs_deleted: AtomicBool::new(false),
             oom_nb: Opaque::new(bindings::notifier_block {
@@ -247,18 +250,20 @@ impl DeviceObjects {
         unsafe { bindings::queue_work_on(cpu, wq, self.work_ptr(w)) }
     }
 
-    /// Creates the workqueue [`Work::Hint`] runs on.
+    /// Creates the workqueue [`Work::Hint`] runs on; keeps the first one
+    /// if called again.
     pub(super) fn alloc_hint_wq(&self) -> Result {
         // SAFETY: no precondition.
         let wq = unsafe { freehint_alloc_hint_wq() };
         if wq.is_null() {
             return Err(ENOMEM);
         }
-        let old = self.hint_wq.swap(wq, Ordering::AcqRel);
-        if !old.is_null() {
-            // SAFETY: `old` came from `freehint_alloc_hint_wq` and nothing
-            // was queued on it yet (the driver allocates it once, in probe).
-            unsafe { bindings::destroy_workqueue(old) };
+        let set =
+            self.hint_wq
+                .compare_exchange(null_mut(), wq, Ordering::AcqRel, Ordering::Acquire);
+        if set.is_err() {
+            // SAFETY: `wq` was just allocated and nothing knows it.
+            unsafe { bindings::destroy_workqueue(wq) };
         }
         Ok(())
     }
