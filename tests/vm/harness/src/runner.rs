@@ -124,23 +124,23 @@ pub fn set_versions(versions: &BTreeMap<String, String>) {
 /// Emits one JSON line on stdout (`record` serialized, keys sorted); an
 /// object gets the run's `versions`.
 pub fn emit<T: Serialize + ?Sized>(record: &T) {
-    let obj = serde_json::to_value(record).unwrap_or(Value::Null);
-    let line = stamped(&obj, VERSIONS.get());
+    emit_value(serde_json::to_value(record).unwrap_or(Value::Null));
+}
+
+/// [`emit`] of a value already serialized.
+fn emit_value(obj: Value) {
+    let line = stamped(obj, VERSIONS.get());
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
 
 /// `obj` with `"versions": versions` added when it is an object without one.
-fn stamped(obj: &Value, versions: Option<&Value>) -> Value {
-    match (obj, versions) {
-        (Value::Object(m), Some(v)) if !m.contains_key("versions") => {
-            let mut m = m.clone();
-            m.insert("versions".into(), v.clone());
-            Value::Object(m)
-        }
-        _ => obj.clone(),
+fn stamped(mut obj: Value, versions: Option<&Value>) -> Value {
+    if let (Value::Object(m), Some(v)) = (&mut obj, versions) {
+        m.entry("versions").or_insert_with(|| v.clone());
     }
+    obj
 }
 
 /// The fields of a result record: `record` serialized to a JSON object
@@ -276,7 +276,7 @@ impl Ctx {
         } else {
             self.failed += 1;
         }
-        emit(&Value::Object(result));
+        emit_value(Value::Object(result));
     }
 
     /// Applies the command line's flavour override to `spec`.
@@ -393,13 +393,13 @@ mod tests {
     #[test]
     fn results_carry_the_versions_once() {
         let v = json!({"qemu": "1:11.1.3+ds-2~bpo13+1", "rustc": "1.96.0"});
-        let r = stamped(&json!({"name": "boot", "ok": true}), Some(&v));
+        let r = stamped(json!({"name": "boot", "ok": true}), Some(&v));
         assert_eq!(r["versions"], v);
         assert_eq!(r["name"], "boot");
         let own = json!({"name": "x", "versions": "kept"});
-        assert_eq!(stamped(&own, Some(&v))["versions"], "kept");
-        assert_eq!(stamped(&json!([1]), Some(&v)), json!([1]));
-        assert!(stamped(&json!({"a": 1}), None).get("versions").is_none());
+        assert_eq!(stamped(own, Some(&v))["versions"], "kept");
+        assert_eq!(stamped(json!([1]), Some(&v)), json!([1]));
+        assert!(stamped(json!({"a": 1}), None).get("versions").is_none());
     }
 
     #[test]
